@@ -1,0 +1,33 @@
+"""ipcbus: one message bus for the processes of a Python application.
+
+Broadcast, peer-to-peer messages, requests with timeouts, remote services and the transfer of
+live pipes and sockets, between a main process, its spawned workers, pool workers and
+independent processes, through one thread-safe, synchronous, EventEmitter-like API.
+"""
+from __future__ import annotations
+
+from .broker import DEFAULT_TIMEOUT, IpcBusBroker
+from .client import (IpcBusClient, IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
+                     IpcBusRequestResponse)
+from .errors import (IpcBusConnectionError, IpcBusError, IpcBusProtocolError, IpcBusRequestError,
+                     IpcBusRequestTimeoutError, IpcBusTimeoutError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "IpcBusBroker",
+    "IpcBusClient",
+    "IpcBusConnectionError",
+    "IpcBusError",
+    "IpcBusEvent",
+    "IpcBusPeer",
+    "IpcBusProcess",
+    "IpcBusProtocolError",
+    "IpcBusRequest",
+    "IpcBusRequestError",
+    "IpcBusRequestResponse",
+    "IpcBusRequestTimeoutError",
+    "IpcBusTimeoutError",
+    "__version__",
+]

@@ -1,0 +1,382 @@
+"""The ipcbus wire protocol: frames, headers, payloads and the handshake.
+
+Pure code: bytes in, frames out. Nothing here touches a socket, a thread or a clock, so every
+rule can be tested by feeding bytes to a :class:`FrameDecoder`.
+
+Frame layout (integers big-endian)::
+
+    offset  size  field
+    0       2     H: header length (uint16, 1 .. MAX_HEADER)
+    2       4     B: body length (uint32, 0 .. the connection's max message size)
+    6       H     header: msgpack array [kind, channel, sender, target, rid, nfds]
+    6+H     B     body: msgpack, opaque to the broker (it forwards the frame's bytes as they came)
+
+Header fields:
+
+    kind     int, one of :class:`Kind`
+    channel  str, UTF-8, at most MAX_CHANNEL bytes ("" for control frames)
+    sender   [id, name, type, pid] of the sending peer, or None for frames made by a router
+    target   peer id (str) for peer-to-peer frames and answers, else None
+    rid      request id for REQUEST / RESPONSE / REQUEST_FAIL / CANCEL / PEER_ADD,
+             the reference count for SUBSCRIBE / UNSUBSCRIBE, else 0
+    nfds     number of file descriptors that travel with this frame (0 .. MAX_FDS)
+
+Descriptors travel as SCM_RIGHTS ancillary data on the same stream. A writer attaches a frame's
+descriptors to a ``sendmsg`` whose data starts at or before the frame's first byte, so a reader
+that queues every descriptor it receives, in order, can pop ``nfds`` of them for each frame it
+decodes: descriptors never arrive after their frame.
+
+Handshake: the first frame a client sends is HELLO with body ``{"magic": MAGIC, "version":
+VERSION, "pid": int}``; the server answers WELCOME with ``{"version": VERSION, "pid": int,
+"fds": bool, "max_message": int}`` or NOTICE with ``{"error": reason}`` and closes. A server
+speaking a newer version answers with the highest version both sides know.
+
+Payloads are msgpack with ``use_bin_type=True``: ``None``, ``bool``, ``int`` (-2**63 ..
+2**64-1), ``float``, ``str``, ``bytes``, ``list``, ``dict``. Tuples come back as lists,
+``bytearray`` and ``memoryview`` come back as ``bytes``; dict keys must be hashable after the
+round trip (str, bytes, int, float, bool, None).
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any, Iterator, Sequence
+
+import msgpack
+
+from .errors import IpcBusProtocolError
+
+MAGIC = "ipcbus"
+VERSION = 1
+
+PREFIX = struct.Struct("!HI")
+PREFIX_SIZE = PREFIX.size
+MAX_HEADER = 8192
+MAX_CHANNEL = 1024
+MAX_FDS = 253  # the kernel's SCM_MAX_FD
+DEFAULT_MAX_MESSAGE = 128 * 1024 * 1024
+DEFAULT_MAX_FDS = 64
+MAX_CONTROL_BODY = 64 * 1024
+
+
+class Kind(enum.IntEnum):
+    """Frame kinds. Values are part of the wire format: never renumber."""
+
+    HELLO = 1  # client -> server, first frame
+    WELCOME = 2  # server -> client, answer to HELLO
+    PEER_ADD = 3  # sender joins through this connection; answered by RESPONSE(rid)
+    PEER_REMOVE = 4  # sender leaves
+    SUBSCRIBE = 5  # sender listens to channel; rid = count to add
+    UNSUBSCRIBE = 6  # rid = count to remove, 0 = all
+    SEND = 7  # broadcast to channel
+    SEND_TO = 8  # to target's listeners of channel
+    REQUEST = 9  # to every listener of channel (or target's only); answered by RESPONSE
+    RESPONSE = 10  # to target, answers rid; body [resolved: bool, payload]
+    REQUEST_FAIL = 11  # a router's failure of request rid of target; body reason (str)
+    CANCEL = 12  # the requester gave up on rid
+    NOTICE = 13  # router -> peer: body {"error": str} or {"closing": reason}
+
+
+KINDS = frozenset(int(k) for k in Kind)
+_K_SEND = int(Kind.SEND)
+
+# Special channels answered by the broker and the bridge themselves.
+QUERY_STATE_CHANNEL = "/ipcbus/queryState"
+SERVICE_AVAILABLE_CHANNEL = "/ipcbus/serviceAvailable"
+
+PeerTuple = list  # [id, name, type, pid] as it travels
+
+
+def check_channel(channel: object) -> str:
+    """Validate a channel name given by a user; raise TypeError/ValueError at the call."""
+    if not isinstance(channel, str):
+        raise TypeError(f"channel must be a str, not {type(channel).__name__}")
+    try:
+        size = len(channel.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"channel is not encodable as UTF-8: {exc}") from None
+    if not 1 <= size <= MAX_CHANNEL:
+        raise ValueError(f"channel must be 1 to {MAX_CHANNEL} bytes of UTF-8, got {size}")
+    return channel
+
+
+def pack_payload(value: Any) -> bytes:
+    """Encode user data; TypeError/ValueError (nothing sent) if it is not serializable."""
+    try:
+        return msgpack.packb(value, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+    except TypeError as exc:
+        raise TypeError(f"cannot send this value on the bus: {exc}") from None
+    except (OverflowError, ValueError) as exc:
+        raise ValueError(f"cannot send this value on the bus: {exc}") from None
+
+
+def unpack_payload(data: bytes | bytearray | memoryview) -> Any:
+    """Decode a body; IpcBusProtocolError if the bytes are not one msgpack value."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise IpcBusProtocolError(f"malformed message body: {type(exc).__name__}: {exc}") from None
+
+
+def unpack_control(data: bytes | bytearray | memoryview) -> Any:
+    """Decode a small control body (handshake, notices) with tight limits."""
+    if len(data) > MAX_CONTROL_BODY:
+        raise IpcBusProtocolError(f"control body of {len(data)} bytes is too large")
+    try:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True,
+            max_str_len=MAX_CONTROL_BODY, max_bin_len=MAX_CONTROL_BODY,
+            max_array_len=4096, max_map_len=4096,
+        )
+    except Exception as exc:
+        raise IpcBusProtocolError(f"malformed control body: {type(exc).__name__}: {exc}") from None
+
+
+def encode_header(kind: int, channel: str, sender: PeerTuple | None, target: str | None,
+                  rid: int = 0, nfds: int = 0) -> bytes:
+    """The msgpack header of a frame."""
+    header: bytes = msgpack.packb([kind, channel, sender, target, rid, nfds], use_bin_type=True)
+    if len(header) > MAX_HEADER:
+        raise ValueError(f"frame header of {len(header)} bytes exceeds {MAX_HEADER}"
+                         " (is the peer name too long?)")
+    return header
+
+
+def encode_frame(kind: int, channel: str = "", sender: PeerTuple | None = None,
+                 target: str | None = None, rid: int = 0, body: bytes = b"",
+                 nfds: int = 0) -> bytes:
+    """A whole frame as one bytes object."""
+    header = encode_header(kind, channel, sender, target, rid, nfds)
+    return PREFIX.pack(len(header), len(body)) + header + body
+
+
+def frame_parts(kind: int, channel: str, sender: PeerTuple | None, target: str | None,
+                rid: int, body: bytes, nfds: int = 0) -> tuple[bytes, bytes]:
+    """A frame as (prefix + header, body), for a vectored write without concatenating bodies."""
+    header = encode_header(kind, channel, sender, target, rid, nfds)
+    return PREFIX.pack(len(header), len(body)) + header, body
+
+
+class Frame:
+    """One decoded frame. ``raw`` holds its exact bytes, so a router can forward it unchanged."""
+
+    __slots__ = ("kind", "channel", "sender", "target", "rid", "nfds", "raw", "body_offset", "fds")
+
+    def __init__(self, kind: int, channel: str, sender: PeerTuple | None, target: str | None,
+                 rid: int, nfds: int, raw: bytes | bytearray, body_offset: int) -> None:
+        self.kind = kind
+        self.channel = channel
+        self.sender = sender
+        self.target = target
+        self.rid = rid
+        self.nfds = nfds
+        self.raw = raw
+        self.body_offset = body_offset
+        self.fds: list[int] = []
+
+    @property
+    def body(self) -> memoryview:
+        return memoryview(self.raw)[self.body_offset:]
+
+    @property
+    def sender_id(self) -> str | None:
+        return self.sender[0] if self.sender is not None else None
+
+    def __repr__(self) -> str:
+        return (f"Frame({Kind(self.kind).name}, channel={self.channel!r}, sender={self.sender_id!r},"
+                f" target={self.target!r}, rid={self.rid}, nfds={self.nfds},"
+                f" body={len(self.raw) - self.body_offset}B)")
+
+
+def _bad(reason: str) -> IpcBusProtocolError:
+    return IpcBusProtocolError(f"malformed frame header: {reason}")
+
+
+def decode_header(data: bytes | bytearray | memoryview) -> tuple[int, str, Any, Any, int, int]:
+    """Decode and validate a header; IpcBusProtocolError on anything unexpected."""
+    try:
+        fields = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True,
+                                 max_str_len=MAX_HEADER, max_bin_len=0, max_array_len=16,
+                                 max_map_len=0)
+    except Exception as exc:
+        raise _bad(f"{type(exc).__name__}: {exc}") from None
+    if type(fields) is not list or len(fields) < 6:
+        raise _bad("not an array of at least 6 fields")
+    kind, channel, sender, target, rid, nfds = fields[:6]
+    if type(kind) is not int or kind not in KINDS:
+        raise _bad(f"unknown kind {kind!r}")
+    if type(channel) is not str:
+        raise _bad("channel is not a str")
+    if len(channel) > MAX_CHANNEL and len(channel.encode("utf-8")) > MAX_CHANNEL:
+        raise _bad(f"channel longer than {MAX_CHANNEL} bytes")
+    if sender is not None:
+        if (type(sender) is not list or len(sender) != 4 or type(sender[0]) is not str
+                or not sender[0] or type(sender[1]) is not str or type(sender[2]) is not str
+                or type(sender[3]) is not int):
+            raise _bad("sender is not [id, name, type, pid]")
+    if target is not None and type(target) is not str:
+        raise _bad("target is not a str")
+    if type(rid) is not int or not 0 <= rid < 2**63:
+        raise _bad("rid is not a non-negative int")
+    if type(nfds) is not int or not 0 <= nfds <= MAX_FDS:
+        raise _bad(f"nfds is not an int in 0..{MAX_FDS}")
+    return kind, channel, sender, target, rid, nfds
+
+
+class FrameDecoder:
+    """Turns a byte stream into frames, enforcing the size limits before allocating.
+
+    Use :meth:`get_buffer` / :meth:`buffer_updated` to read straight into the decoder's memory
+    (a frame larger than the chunk gets a buffer of its own and is handed over without a copy),
+    or :meth:`feed` with bytes. Decoded frames are taken with :meth:`frames` or iteration.
+    After an :class:`IpcBusProtocolError` the stream is unusable: close the connection.
+    """
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, chunk: int = CHUNK) -> None:
+        self.max_message = max_message
+        self._chunk = chunk
+        self._buf = bytearray(chunk)
+        self._start = 0  # first unconsumed byte in _buf
+        self._end = 0  # end of valid data in _buf
+        self._big: bytearray | None = None  # dedicated buffer of a frame larger than the chunk
+        self._big_fill = 0
+        self._big_body_offset = 0
+        self._ready: list[Frame] = []
+
+    # -- feeding ---------------------------------------------------------------------------
+    def get_buffer(self) -> memoryview:
+        """A writable view to receive the next bytes into (never empty)."""
+        if self._big is not None:
+            return memoryview(self._big)[self._big_fill:]
+        avail = self._end - self._start
+        if avail >= PREFIX_SIZE:
+            hlen, blen = PREFIX.unpack_from(self._buf, self._start)
+            self._check_prefix(hlen, blen)
+            total = PREFIX_SIZE + hlen + blen
+            if total > self._chunk:
+                # Give this frame its own buffer, so a large body is received in place.
+                big = bytearray(total)
+                big[:avail] = self._buf[self._start:self._end]
+                self._start = self._end = 0
+                self._big, self._big_fill = big, avail
+                self._big_body_offset = PREFIX_SIZE + hlen
+                return memoryview(big)[avail:]
+        if self._start and (self._chunk - self._end) < PREFIX_SIZE + 4096:
+            self._buf[:avail] = self._buf[self._start:self._end]
+            self._start, self._end = 0, avail
+        return memoryview(self._buf)[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Account for ``nbytes`` written into the last :meth:`get_buffer` view and decode."""
+        if self._big is not None:
+            self._big_fill += nbytes
+            if self._big_fill == len(self._big):
+                big, self._big = self._big, None
+                self._finish(big, 0, len(big))
+            return
+        self._end += nbytes
+        self._parse()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes read elsewhere."""
+        view = memoryview(data).cast("B")
+        while len(view):
+            buf = self.get_buffer()
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
+
+    # -- decoding --------------------------------------------------------------------------
+    def _check_prefix(self, hlen: int, blen: int) -> None:
+        if not 1 <= hlen <= MAX_HEADER:
+            raise IpcBusProtocolError(f"frame header length {hlen} is outside 1..{MAX_HEADER}")
+        if blen > self.max_message:
+            raise IpcBusProtocolError(
+                f"frame announces a body of {blen} bytes, over the limit of {self.max_message}")
+
+    def _parse(self) -> None:
+        buf, start, end = self._buf, self._start, self._end
+        while end - start >= PREFIX_SIZE:
+            hlen, blen = PREFIX.unpack_from(buf, start)
+            self._check_prefix(hlen, blen)
+            total = PREFIX_SIZE + hlen + blen
+            if end - start < total:
+                break
+            raw = bytes(buf[start:start + total])
+            start += total
+            self._finish(raw, 0, total)
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
+
+    def _finish(self, raw: bytes | bytearray, offset: int, total: int) -> None:
+        hlen, blen = PREFIX.unpack_from(raw, offset)
+        kind, channel, sender, target, rid, nfds = decode_header(
+            memoryview(raw)[offset + PREFIX_SIZE:offset + PREFIX_SIZE + hlen])
+        self._ready.append(Frame(kind, channel, sender, target, rid, nfds, raw,
+                                 PREFIX_SIZE + hlen))
+
+    def frames(self) -> list[Frame]:
+        """Take the frames decoded so far."""
+        ready, self._ready = self._ready, []
+        return ready
+
+    def __iter__(self) -> Iterator[Frame]:
+        return iter(self.frames())
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes received that do not form a whole frame yet."""
+        if self._big is not None:
+            return self._big_fill
+        return self._end - self._start
+
+
+def hello_body(pid: int) -> bytes:
+    return pack_payload({"magic": MAGIC, "version": VERSION, "pid": pid})
+
+
+def check_hello(frame: Frame) -> dict[str, Any]:
+    """Validate a client's HELLO frame; return its body."""
+    if frame.kind != Kind.HELLO:
+        raise IpcBusProtocolError(f"expected HELLO as the first frame, got kind {frame.kind}")
+    body = unpack_control(frame.body)
+    if type(body) is not dict or body.get("magic") != MAGIC:
+        raise IpcBusProtocolError("HELLO without the ipcbus magic: not an ipcbus client")
+    version = body.get("version")
+    if type(version) is not int or version < 1:
+        raise IpcBusProtocolError(f"HELLO with an invalid version {version!r}")
+    return body
+
+
+def welcome_frame(pid: int, fds: bool, max_message: int, version: int = VERSION) -> bytes:
+    body = pack_payload({"version": min(version, VERSION), "pid": pid, "fds": fds,
+                         "max_message": max_message})
+    return encode_frame(Kind.WELCOME, body=body)
+
+
+def check_welcome(frame: Frame) -> dict[str, Any]:
+    """Validate the server's answer to HELLO; raise IpcBusProtocolError or return the body."""
+    if frame.kind == Kind.NOTICE:
+        body = unpack_control(frame.body)
+        reason = body.get("error") if isinstance(body, dict) else None
+        raise IpcBusProtocolError(f"the server refused the connection: {reason}")
+    if frame.kind != Kind.WELCOME:
+        raise IpcBusProtocolError(f"expected WELCOME, got kind {frame.kind}")
+    body = unpack_control(frame.body)
+    if (type(body) is not dict or type(body.get("version")) is not int
+            or type(body.get("max_message")) is not int):
+        raise IpcBusProtocolError("malformed WELCOME")
+    return body
+
+
+def notice_frame(target: str | None, **fields: Any) -> bytes:
+    return encode_frame(Kind.NOTICE, target=target, body=pack_payload(fields))
+
+
+def split_frames(frames: Sequence[bytes]) -> bytes:
+    """Concatenate encoded frames (a helper for tests and batched writes)."""
+    return b"".join(frames)

@@ -1,0 +1,367 @@
+"""Stream endpoints behind one small interface: Unix sockets, TCP, and pipe Connections.
+
+Everything ipcbus carries travels over a stream socket: a Unix socket path, TCP, or a
+``multiprocessing`` duplex Connection (which is a Unix socketpair on POSIX). This module owns
+the bytes-and-descriptors I/O of such a socket (:class:`StreamTransport`), the address syntax,
+and the handshake; the broker, the bridge and the client share it.
+
+Descriptor rules: a descriptor handed to :meth:`StreamTransport.send` stays owned by the
+caller (the kernel duplicates it into the message); a descriptor returned by
+:meth:`StreamTransport.recv_into` is owned by the caller, who must close it. A truncated
+control message (``MSG_CTRUNC``) closes whatever did arrive and fails the connection.
+"""
+from __future__ import annotations
+
+import array
+import errno
+import hmac
+import multiprocessing
+import multiprocessing.connection
+import os
+import socket
+import stat
+import struct
+from typing import Any, Iterable, Sequence, Tuple, Union
+
+from . import _protocol as P
+from .errors import IpcBusConnectionError, IpcBusProtocolError
+
+Address = Union[str, Tuple[str, int]]  # a Unix path, or (host, port)
+
+_IOV_MAX = 1024
+_FD_SIZE = array.array("i").itemsize
+_ANC_SIZE = socket.CMSG_SPACE(P.MAX_FDS * _FD_SIZE)
+HANDSHAKE_TIMEOUT = 5.0
+ENV_ADDRESS = "IPCBUS_ADDRESS"
+
+
+def parse_address(address: Any = None, *, path: str | None = None, port: int | None = None,
+                  host: str | None = None) -> Address:
+    """Turn the ``connect()`` arguments into a Unix path or a (host, port) pair.
+
+    ``str`` -> Unix path (a string "HOST:PORT" or "PORT" is accepted from IPCBUS_ADDRESS only);
+    ``int`` -> TCP port on 127.0.0.1; ``(host, port)`` -> TCP.
+    """
+    given = [a for a in (address, path, port) if a is not None]
+    if len(given) > 1:
+        raise ValueError("give one of address, path= or port=")
+    if path is not None:
+        address = path
+    elif port is not None:
+        address = (host or "127.0.0.1", port)
+    elif address is None:
+        env = os.environ.get(ENV_ADDRESS)
+        if not env:
+            raise IpcBusConnectionError(
+                f"no bus address: pass one, create an IpcBusBridge, or set {ENV_ADDRESS}")
+        address = parse_env_address(env)
+    if isinstance(address, bool):
+        raise TypeError("address must be a path, a port or (host, port), not a bool")
+    if isinstance(address, int):
+        address = (host or "127.0.0.1", address)
+    if isinstance(address, os.PathLike):
+        address = os.fspath(address)
+    if isinstance(address, str):
+        if not address:
+            raise ValueError("empty socket path")
+        if len(os.fsencode(address)) > 107:
+            raise ValueError(f"Unix socket path is longer than 107 bytes: {address!r}")
+        return address
+    if (isinstance(address, (tuple, list)) and len(address) == 2
+            and isinstance(address[0], str) and isinstance(address[1], int)
+            and not isinstance(address[1], bool)):
+        if not 0 <= address[1] <= 65535:
+            raise ValueError(f"port out of range: {address[1]}")
+        return (address[0], address[1])
+    raise TypeError(f"address must be a str path, an int port or (host, port), not {address!r}")
+
+
+def parse_env_address(text: str) -> Address:
+    """IPCBUS_ADDRESS syntax: a path, ``PORT``, or ``HOST:PORT``."""
+    if text.isdigit():
+        return ("127.0.0.1", int(text))
+    host, sep, port = text.rpartition(":")
+    if sep and port.isdigit() and "/" not in text:
+        return (host.strip("[]") or "127.0.0.1", int(port))
+    return text
+
+
+def format_address(address: Address) -> str:
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+
+
+def is_tcp(address: Address) -> bool:
+    return not isinstance(address, str)
+
+
+# -- the decision functions of the security checks (pure, tested directly) ------------------
+def peer_uid_allowed(peer_uid: int, own_uid: int, allowed_uids: Iterable[int] | None) -> bool:
+    """May a Unix socket peer with ``peer_uid`` join a broker run by ``own_uid``?
+
+    ``allowed_uids`` None: only the same uid. Otherwise also the uids listed. Root (uid 0) is
+    not let in implicitly: a broker that wants it says so.
+    """
+    if peer_uid == own_uid:
+        return True
+    return allowed_uids is not None and peer_uid in set(allowed_uids)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    fmt = "3i"
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
+    pid, uid, gid = struct.unpack(fmt, data)
+    return pid, uid, gid
+
+
+def default_authkey() -> bytes:
+    return bytes(multiprocessing.current_process().authkey)
+
+
+def _as_connection(sock: socket.socket) -> multiprocessing.connection.Connection:
+    return multiprocessing.connection.Connection(os.dup(sock.fileno()))
+
+
+def authenticate_server(sock: socket.socket, authkey: bytes) -> None:
+    """Broker side of the TCP challenge (mutual, as multiprocessing.connection does)."""
+    conn = _as_connection(sock)
+    try:
+        multiprocessing.connection.deliver_challenge(conn, authkey)
+        multiprocessing.connection.answer_challenge(conn, authkey)
+    finally:
+        conn.close()
+
+
+def authenticate_client(sock: socket.socket, authkey: bytes) -> None:
+    conn = _as_connection(sock)
+    try:
+        multiprocessing.connection.answer_challenge(conn, authkey)
+        multiprocessing.connection.deliver_challenge(conn, authkey)
+    except multiprocessing.AuthenticationError as exc:
+        raise IpcBusConnectionError(f"authentication with the broker failed (wrong authkey?):"
+                                    f" {exc}") from None
+    except (EOFError, OSError) as exc:
+        raise IpcBusConnectionError(f"the broker closed the connection during authentication"
+                                    f" (wrong authkey?): {exc}") from None
+    finally:
+        conn.close()
+
+
+assert hmac  # the challenge is multiprocessing's own HMAC code; nothing hand-rolled here
+
+
+# -- sockets -------------------------------------------------------------------------------------
+def set_timeouts(sock: socket.socket, seconds: float | None) -> None:
+    """Bound blocking reads and writes with SO_RCVTIMEO/SO_SNDTIMEO (keeps the fd blocking,
+    so it works for code that reads the fd directly, like multiprocessing's challenge)."""
+    secs = 0.0 if seconds is None else max(seconds, 0.001)
+    tv = struct.pack("ll", int(secs), int((secs - int(secs)) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def stale_unix_socket(path: str) -> bool:
+    """True if ``path`` is a Unix socket that nobody listens on (left by a dead broker)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise IpcBusConnectionError(f"{path!r} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
+
+
+def listen(address: Address, backlog: int = 1024) -> socket.socket:
+    """Bind and listen; a Unix socket is created owner-only (0600), replacing a stale one."""
+    if isinstance(address, str):
+        if os.path.lexists(address):
+            if not stale_unix_socket(address):
+                raise IpcBusConnectionError(f"a bus is already listening on {address!r}")
+            os.unlink(address)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise IpcBusConnectionError(f"cannot listen on {address!r}: {exc}") from None
+        finally:
+            os.umask(old)
+        os.chmod(address, 0o600)
+    else:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise IpcBusConnectionError(f"cannot listen on {format_address(address)}: {exc}") \
+                from None
+    sock.listen(backlog)
+    return sock
+
+
+def connect_socket(address: Address, timeout: float) -> socket.socket:
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except OSError as exc:
+        sock.close()
+        raise IpcBusConnectionError(
+            f"cannot connect to the bus at {format_address(address)}: {exc}") from None
+    if not isinstance(address, str):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class StreamTransport:
+    """Bytes and descriptors over one stream socket."""
+
+    __slots__ = ("sock", "can_pass_fds", "_fileno")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.can_pass_fds = sock.family == socket.AF_UNIX
+        self._fileno = sock.fileno()
+
+    def fileno(self) -> int:
+        return self._fileno
+
+    def recv_into(self, buf: memoryview) -> tuple[int, list[int]]:
+        """Read what is there (blocking or not, as the socket is); return (nbytes, fds).
+
+        0 bytes means the other side has closed. Raises BlockingIOError when a non-blocking
+        socket has nothing, IpcBusProtocolError on a truncated control message.
+        """
+        if not self.can_pass_fds:
+            return self.sock.recv_into(buf), []
+        nbytes, ancdata, flags, _ = self.sock.recvmsg_into([buf], _ANC_SIZE)
+        fds: list[int] = []
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(data[:len(data) - (len(data) % _FD_SIZE)])
+                fds.extend(arr)
+        if flags & socket.MSG_CTRUNC:
+            close_fds(fds)
+            raise IpcBusProtocolError("descriptors were truncated in transit (MSG_CTRUNC)")
+        return nbytes, fds
+
+    def send(self, buffers: Sequence[bytes | bytearray | memoryview], fds: Sequence[int] = ()
+             ) -> int:
+        """One ``sendmsg`` of up to IOV_MAX buffers; the descriptors go with its first byte."""
+        if len(buffers) > _IOV_MAX:
+            buffers = buffers[:_IOV_MAX]
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            return self.sock.sendmsg(buffers, anc)
+        return self.sock.sendmsg(buffers)
+
+    def sendall(self, buffers: Sequence[bytes | bytearray | memoryview],
+                fds: Sequence[int] = ()) -> None:
+        """Write everything on a blocking socket (the descriptors with the first chunk)."""
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        first = True
+        while views or (first and fds):
+            sent = self.send(views, fds if first else ())
+            first = False
+            while sent and views:
+                head = views[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    views.pop(0)
+                else:
+                    views[0] = head[sent:]
+                    sent = 0
+
+    def shutdown_write(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def shutdown(self) -> None:
+        """Wake any thread blocked in recv on this socket (close() alone does not)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def recv_frame_blocking(transport: StreamTransport, decoder: P.FrameDecoder,
+                        fd_queue: list[int]) -> P.Frame:
+    """Read until one frame is decoded (socket blocking with a timeout); for handshakes."""
+    while True:
+        frames = decoder.frames()
+        if frames:
+            # A handshake is one frame: anything after it is handed back for the normal loop.
+            decoder._ready[:0] = frames[1:]
+            return frames[0]
+        try:
+            n, fds = transport.recv_into(decoder.get_buffer())
+        except (socket.timeout, BlockingIOError):
+            raise IpcBusConnectionError("handshake timed out") from None
+        fd_queue.extend(fds)
+        if n == 0:
+            raise IpcBusConnectionError("the other side closed the connection during the handshake")
+        decoder.buffer_updated(n)
+
+
+def client_handshake(sock: socket.socket, *, tcp: bool, authkey: bytes | None, timeout: float,
+                     relay: bool = False) -> tuple[StreamTransport, P.FrameDecoder, dict[str, Any]]:
+    """Authenticate (TCP), send HELLO, and wait for WELCOME. Returns the ready transport."""
+    transport = StreamTransport(sock)
+    sock.settimeout(timeout)
+    try:
+        if tcp:
+            set_timeouts(sock, timeout)
+            sock.setblocking(True)
+            authenticate_client(sock, authkey if authkey is not None else default_authkey())
+            set_timeouts(sock, None)
+            sock.settimeout(timeout)
+        body = {"magic": P.MAGIC, "version": P.VERSION, "pid": os.getpid(), "relay": relay}
+        transport.sendall([P.encode_frame(P.Kind.HELLO, body=P.pack_payload(body))])
+        decoder = P.FrameDecoder()
+        fd_queue: list[int] = []
+        welcome = P.check_welcome(recv_frame_blocking(transport, decoder, fd_queue))
+        close_fds(fd_queue)
+        decoder.max_message = welcome["max_message"]
+    except IpcBusProtocolError as exc:
+        raise IpcBusConnectionError(str(exc)) from None
+    except OSError as exc:
+        if isinstance(exc, IpcBusConnectionError):
+            raise
+        raise IpcBusConnectionError(f"handshake with the bus failed: {exc}") from None
+    return transport, decoder, welcome
+
+
+def errno_is_disconnect(exc: OSError) -> bool:
+    return exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.EBADF,
+                         errno.ESHUTDOWN)

@@ -1,0 +1,735 @@
+"""IpcBusBroker: the router behind a selectors loop, run in a child process.
+
+:class:`Hub` is the loop: it owns the listening socket, every connected endpoint, their
+output queues and the back-pressure policy, and hands each decoded frame to the shared
+:class:`~ipcbus._router.Router`. One thread runs it; nothing else touches its state.
+:class:`IpcBusBroker` is the handle the parent keeps: it starts the hub in a
+``multiprocessing`` child (``spawn`` by default) and talks to it over a Connection pipe.
+
+Back-pressure (SPEC "Limits and policies"): when an endpoint's queue exceeds ``queue_limit``,
+the hub stops reading from the endpoint whose frame overflowed it, until the queue drains
+below half the limit; an endpoint that stays over the limit for ``slow_consumer_timeout``
+seconds is disconnected with the reason "slow consumer". Nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import weakref
+from typing import Any, Callable
+
+import msgpack
+from typing_extensions import Self
+
+from . import _protocol as P
+from . import _transport as T
+from ._protocol import Kind
+from ._router import Peer, Router
+from .errors import IpcBusConnectionError, IpcBusProtocolError, IpcBusTimeoutError
+
+log = logging.getLogger("ipcbus")
+
+DEFAULT_TIMEOUT = 2.0
+DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024
+DEFAULT_SLOW_CONSUMER_TIMEOUT = 10.0
+_TICK = 0.25
+_BATCH = 512
+
+
+def resolve_timeout(timeout: float | None) -> float | None:
+    """SPEC timeouts: None or 0 -> DEFAULT_TIMEOUT; negative -> forever (None); else seconds."""
+    if timeout is None or timeout == 0:
+        return DEFAULT_TIMEOUT
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if timeout != timeout:  # NaN
+        raise ValueError("timeout is NaN")
+    return None if timeout < 0 else float(timeout)
+
+
+class HubOptions:
+    """The limits a hub enforces (broker and bridge share them)."""
+
+    def __init__(self, *, max_message: int = P.DEFAULT_MAX_MESSAGE,
+                 max_fds: int = P.DEFAULT_MAX_FDS, queue_limit: int = DEFAULT_QUEUE_LIMIT,
+                 slow_consumer_timeout: float = DEFAULT_SLOW_CONSUMER_TIMEOUT,
+                 handshake_timeout: float = T.HANDSHAKE_TIMEOUT,
+                 allowed_uids: list[int] | None = None) -> None:
+        for name, value in (("max_message", max_message), ("queue_limit", queue_limit)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(max_fds, bool) or not isinstance(max_fds, int) or \
+                not 0 <= max_fds <= P.MAX_FDS:
+            raise ValueError(f"max_fds must be an int in 0..{P.MAX_FDS}, got {max_fds!r}")
+        self.max_message = max_message
+        self.max_fds = max_fds
+        self.queue_limit = queue_limit
+        self.slow_consumer_timeout = float(slow_consumer_timeout)
+        self.handshake_timeout = float(handshake_timeout)
+        self.allowed_uids = list(allowed_uids) if allowed_uids is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+class _Endpoint:
+    """One connection of a hub: its socket, decoder, peers and output queue."""
+
+    __slots__ = ("hub", "transport", "decoder", "fd_queue", "peers", "relay", "label", "out",
+                 "out_bytes", "out_fds", "blocked", "paused", "full_since", "ready", "deadline",
+                 "closing", "events", "__weakref__")
+
+    def __init__(self, hub: Hub, transport: T.StreamTransport, label: str) -> None:
+        self.hub = hub
+        self.transport = transport
+        self.decoder = P.FrameDecoder(hub.options.max_message)
+        self.fd_queue: collections.deque[int] = collections.deque()
+        self.peers: dict[str, Peer] = {}
+        self.relay = False
+        self.label = label
+        self.out: collections.deque[list[Any]] = collections.deque()  # [view, fds]
+        self.out_bytes = 0
+        self.out_fds = 0
+        self.blocked: set[_Endpoint] = set()  # endpoints paused because this one is full
+        self.paused = False
+        self.full_since: float | None = None
+        self.ready = False  # handshake done
+        self.deadline = time.monotonic() + hub.options.handshake_timeout
+        self.closing: str | None = None
+        self.events = 0
+
+    def deliver(self, raw: bytes | bytearray, fds: list[int]) -> None:
+        if self.closing is not None:
+            return
+        own = [os.dup(fd) for fd in fds] if fds else []
+        self.out.append([memoryview(raw), own])
+        self.out_bytes += len(raw)
+        self.out_fds += len(own)
+        hub = self.hub
+        hub.dirty.add(self)
+        if self.out_bytes > hub.options.queue_limit:
+            if self.full_since is None:
+                self.full_since = time.monotonic()
+            source = hub.current
+            if source is not None and source is not self and not source.paused:
+                hub.pause(source)
+                self.blocked.add(source)
+
+    def __repr__(self) -> str:
+        return f"<endpoint {self.label}>"
+
+
+class Hub:
+    """A router behind a selectors loop: accepts, reads, routes, writes. Single-threaded."""
+
+    def __init__(self, options: HubOptions, *, authkey: bytes | None = None) -> None:
+        self.options = options
+        self.authkey = authkey if authkey is not None else T.default_authkey()
+        self.router = Router(os.getpid(), state_extra=self._state_extra)
+        self.selector = selectors.DefaultSelector()
+        self.endpoints: set[_Endpoint] = set()
+        self.dirty: set[_Endpoint] = set()
+        self.current: _Endpoint | None = None
+        self.listener: socket.socket | None = None
+        self.address: T.Address | None = None
+        self._stop = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._inbox: collections.deque[Callable[[], None]] = collections.deque()
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self._next_endpoint = 0
+        self._buf = bytearray(P.FrameDecoder.CHUNK)
+
+    # -- setup -----------------------------------------------------------------------------------
+    def listen(self, address: T.Address) -> T.Address:
+        sock = T.listen(address)
+        sock.setblocking(False)
+        self.listener = sock
+        self.address = address if isinstance(address, str) else sock.getsockname()[:2]
+        self.selector.register(sock, selectors.EVENT_READ, self._on_accept)
+        return self.address
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread (thread-safe)."""
+        self._inbox.append(fn)
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass
+
+    def stop(self) -> None:
+        self._stop = True
+
+    # -- the loop -------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        try:
+            while not self._stop:
+                for key, mask in self.selector.select(_TICK):
+                    data = key.data
+                    if data.__class__ is _Endpoint:
+                        self._on_io(data, mask)
+                    else:
+                        data(key, mask)
+                    if self.dirty:
+                        self._flush_dirty()
+                self._check_deadlines()
+        finally:
+            self._shutdown()
+
+    def _on_wake(self, key: selectors.SelectorKey, mask: int) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+        while self._inbox:
+            self._inbox.popleft()()
+
+    def _on_accept(self, key: selectors.SelectorKey, mask: int) -> None:
+        assert self.listener is not None
+        for _ in range(64):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: log, keep serving the others
+                log.error("accept failed: %s", exc)
+                return
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        if sock.family == socket.AF_UNIX:
+            try:
+                pid, uid, _ = T.peer_credentials(sock)
+            except OSError as exc:
+                log.warning("refused a connection: no peer credentials (%s)", exc)
+                sock.close()
+                return
+            if not T.peer_uid_allowed(uid, os.getuid(), self.options.allowed_uids):
+                log.warning("refused a connection from pid %d: uid %d is not allowed", pid, uid)
+                sock.close()
+                return
+            self.add_endpoint(sock, f"pid {pid}")
+        else:
+            threading.Thread(target=self._authenticate, args=(sock,), daemon=True,
+                             name="ipcbus-auth").start()
+
+    def _authenticate(self, sock: socket.socket) -> None:
+        """TCP challenge, on a short-lived thread so a slow peer never stalls the loop."""
+        try:
+            peer = sock.getpeername()
+            sock.setblocking(True)
+            T.set_timeouts(sock, self.options.handshake_timeout)
+            T.authenticate_server(sock, self.authkey)
+            T.set_timeouts(sock, None)
+        except (OSError, EOFError, multiprocessing.AuthenticationError) as exc:
+            log.warning("refused a TCP connection: authentication failed (%s)", exc)
+            sock.close()
+            return
+        self.call_soon(lambda: self.add_endpoint(sock, f"tcp {peer[0]}:{peer[1]}"))
+
+    def add_endpoint(self, sock: socket.socket, label: str, *, relay: bool = False,
+                     ready: bool = False) -> _Endpoint:
+        sock.setblocking(False)
+        self._next_endpoint += 1
+        ep = _Endpoint(self, T.StreamTransport(sock), f"#{self._next_endpoint} ({label})")
+        ep.relay = relay
+        ep.ready = ready
+        self.endpoints.add(ep)
+        ep.events = selectors.EVENT_READ
+        self.selector.register(sock, selectors.EVENT_READ, ep)
+        return ep
+
+    def _on_io(self, ep: _Endpoint, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(ep)
+        if mask & selectors.EVENT_READ and ep in self.endpoints and not ep.paused:
+            self._read(ep)
+
+    def _read(self, ep: _Endpoint) -> None:
+        try:
+            nbytes, fds = ep.transport.recv_into(ep.decoder.get_buffer())
+        except (BlockingIOError, InterruptedError):
+            return
+        except IpcBusProtocolError as exc:
+            self.drop(ep, f"protocol error: {exc}")
+            return
+        except OSError as exc:
+            self.drop(ep, f"read failed: {exc}", quiet=T.errno_is_disconnect(exc))
+            return
+        if fds:
+            ep.fd_queue.extend(fds)
+        if nbytes == 0:
+            self.drop(ep, "closed by peer", quiet=True)
+            return
+        try:
+            ep.decoder.buffer_updated(nbytes)
+            frames = ep.decoder.frames()
+            self.current = ep
+            for frame in frames:
+                if frame.nfds:
+                    self._take_fds(ep, frame)
+                try:
+                    if ep.ready:
+                        self.router.handle(ep, frame)
+                    else:
+                        self._hello(ep, frame)
+                finally:
+                    if frame.fds:
+                        T.close_fds(frame.fds)
+                if ep not in self.endpoints:
+                    return
+        except IpcBusProtocolError as exc:
+            self.drop(ep, f"protocol error: {exc}")
+        finally:
+            self.current = None
+
+    def _take_fds(self, ep: _Endpoint, frame: P.Frame) -> None:
+        if frame.nfds > self.options.max_fds:
+            raise IpcBusProtocolError(
+                f"frame carries {frame.nfds} descriptors, over the limit of {self.options.max_fds}")
+        if len(ep.fd_queue) < frame.nfds:
+            raise IpcBusProtocolError(
+                f"frame announces {frame.nfds} descriptors, {len(ep.fd_queue)} arrived")
+        frame.fds = [ep.fd_queue.popleft() for _ in range(frame.nfds)]
+
+    def _hello(self, ep: _Endpoint, frame: P.Frame) -> None:
+        try:
+            body = P.check_hello(frame)
+        except IpcBusProtocolError as exc:
+            self._refuse(ep, str(exc))
+            return
+        ep.ready = True
+        ep.relay = bool(body.get("relay", False))
+        ep.label = f"{ep.label} pid {body.get('pid')}"
+        ep.deliver(P.welcome_frame(os.getpid(), ep.transport.can_pass_fds,
+                                   self.options.max_message, body["version"]), [])
+
+    def _refuse(self, ep: _Endpoint, reason: str) -> None:
+        try:
+            ep.transport.send([P.notice_frame(None, error=reason)])
+        except OSError:
+            pass
+        self.drop(ep, f"handshake refused: {reason}")
+
+    # -- output ---------------------------------------------------------------------------------
+    def _flush_dirty(self) -> None:
+        dirty, self.dirty = self.dirty, set()
+        for ep in dirty:
+            if ep in self.endpoints:
+                self._flush(ep)
+
+    def _flush(self, ep: _Endpoint) -> None:
+        out = ep.out
+        send = ep.transport.send
+        while out:
+            views: list[memoryview] = []
+            fds: list[int] = []
+            total = 0
+            for entry in out:
+                if entry[1]:
+                    if len(fds) + len(entry[1]) > P.MAX_FDS:
+                        break
+                    fds.extend(entry[1])
+                views.append(entry[0])
+                total += len(entry[0])
+                if len(views) >= _BATCH:
+                    break
+            try:
+                sent = send(views, fds)
+            except (BlockingIOError, InterruptedError):
+                self._want_write(ep, True)
+                return
+            except OSError as exc:
+                self.drop(ep, f"write failed: {exc}", quiet=T.errno_is_disconnect(exc))
+                return
+            if fds:  # the kernel took them with the first byte of this write
+                T.close_fds(fds)
+                ep.out_fds -= len(fds)
+                for i in range(len(views)):
+                    out[i][1] = []
+            ep.out_bytes -= sent
+            left = sent
+            while left:
+                head = out[0][0]
+                if left >= len(head):
+                    left -= len(head)
+                    out.popleft()
+                else:
+                    out[0][0] = head[left:]
+                    left = 0
+            if sent < total:
+                self._want_write(ep, True)
+                self._drained(ep)
+                return
+        self._want_write(ep, False)
+        self._drained(ep)
+        if ep.closing is not None:
+            self._finish_close(ep)
+
+    def _drained(self, ep: _Endpoint) -> None:
+        if ep.full_since is not None and ep.out_bytes <= self.options.queue_limit // 2:
+            ep.full_since = None
+            blocked, ep.blocked = ep.blocked, set()
+            for source in blocked:
+                if source in self.endpoints and not self._still_blocked(source):
+                    self.resume(source)
+
+    def _still_blocked(self, source: _Endpoint) -> bool:
+        return any(source in other.blocked for other in self.endpoints)
+
+    def _want_write(self, ep: _Endpoint, on: bool) -> None:
+        events = selectors.EVENT_READ if not ep.paused else 0
+        if on:
+            events |= selectors.EVENT_WRITE
+        self._set_events(ep, events)
+
+    def _set_events(self, ep: _Endpoint, events: int) -> None:
+        if events == ep.events:
+            return
+        sock = ep.transport.sock
+        if ep.events and events:
+            self.selector.modify(sock, events, ep)
+        elif events:
+            self.selector.register(sock, events, ep)
+        else:
+            self.selector.unregister(sock)
+        ep.events = events
+
+    def pause(self, ep: _Endpoint) -> None:
+        ep.paused = True
+        self._set_events(ep, ep.events & ~selectors.EVENT_READ)
+
+    def resume(self, ep: _Endpoint) -> None:
+        ep.paused = False
+        self._set_events(ep, ep.events | selectors.EVENT_READ)
+        if ep.decoder.pending_bytes or ep.decoder._ready:
+            self.call_soon(lambda: self._read(ep) if ep in self.endpoints else None)
+
+    # -- ending -----------------------------------------------------------------------------------
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for ep in list(self.endpoints):
+            if not ep.ready and now > ep.deadline:
+                self.drop(ep, "handshake not completed in time")
+            elif ep.full_since is not None and \
+                    now - ep.full_since > self.options.slow_consumer_timeout:
+                self.disconnect(ep, "slow consumer")
+            elif ep.closing is not None and now > ep.deadline:
+                self._finish_close(ep)
+
+    def disconnect(self, ep: _Endpoint, reason: str) -> None:
+        """Tell the endpoint why it is dropped, then drop it once that is written (or in 1 s)."""
+        log.warning("disconnecting %s: %s", ep.label, reason)
+        # Keep a partly written head (the stream must stay frame-aligned); drop the rest.
+        keep = 1 if ep.out and ep.out_bytes and len(ep.out[0][0]) else 0
+        while len(ep.out) > keep:
+            T.close_fds(ep.out.pop()[1])
+        ep.out_bytes = sum(len(e[0]) for e in ep.out)
+        ep.full_since = None
+        self.router.remove_endpoint(ep)
+        self._release_blocked(ep)
+        ep.deliver(P.notice_frame(None, closing=reason), [])
+        ep.closing = reason
+        ep.deadline = time.monotonic() + 1.0
+        self._set_events(ep, selectors.EVENT_WRITE)
+        self._flush(ep)
+
+    def _finish_close(self, ep: _Endpoint) -> None:
+        self.drop(ep, ep.closing or "closed", quiet=True)
+
+    def _release_blocked(self, ep: _Endpoint) -> None:
+        blocked, ep.blocked = ep.blocked, set()
+        for source in blocked:
+            if source in self.endpoints and source.paused and not self._still_blocked(source):
+                self.resume(source)
+
+    def drop(self, ep: _Endpoint, reason: str, *, quiet: bool = False) -> None:
+        """Close an endpoint now and forget everything it owned."""
+        if ep not in self.endpoints:
+            return
+        (log.debug if quiet else log.warning)("dropping %s: %s", ep.label, reason)
+        self.endpoints.discard(ep)
+        self.dirty.discard(ep)
+        self.router.remove_endpoint(ep)
+        self._release_blocked(ep)
+        for other in self.endpoints:
+            other.blocked.discard(ep)
+        if ep.events:
+            try:
+                self.selector.unregister(ep.transport.sock)
+            except (KeyError, ValueError):
+                pass
+            ep.events = 0
+        for entry in ep.out:
+            T.close_fds(entry[1])
+        ep.out.clear()
+        T.close_fds(ep.fd_queue)
+        ep.fd_queue.clear()
+        ep.transport.shutdown()
+        ep.transport.close()
+        if self.dirty:
+            self._flush_dirty()
+
+    def _shutdown(self) -> None:
+        # Give queued output a moment to drain, then close everything.
+        deadline = time.monotonic() + 1.0
+        while any(ep.out for ep in self.endpoints) and time.monotonic() < deadline:
+            for ep in list(self.endpoints):
+                if ep.out:
+                    self._flush(ep)
+            if any(ep.out for ep in self.endpoints):
+                time.sleep(0.005)
+        for ep in list(self.endpoints):
+            self.drop(ep, "the bus is closing", quiet=True)
+        if self.listener is not None:
+            try:
+                self.selector.unregister(self.listener)
+            except (KeyError, ValueError):
+                pass
+            self.listener.close()
+            if isinstance(self.address, str):
+                try:
+                    os.unlink(self.address)
+                except OSError:
+                    pass
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _state_extra(self) -> dict[str, Any]:
+        return {
+            "address": None if self.address is None else T.format_address(self.address),
+            "connections": len(self.endpoints),
+            "queued_bytes": sum(ep.out_bytes for ep in self.endpoints),
+        }
+
+
+# -- the broker process -------------------------------------------------------------------------
+def _child_logging() -> None:
+    logger = logging.getLogger("ipcbus")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"ipcbus broker[{os.getpid()}] %(levelname)s:"
+                                               " %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+
+
+def _ctl_send(ctl: multiprocessing.connection.Connection, *msg: Any) -> None:
+    ctl.send_bytes(msgpack.packb(list(msg), use_bin_type=True))
+
+
+def _ctl_recv(ctl: multiprocessing.connection.Connection) -> list[Any]:
+    msg = msgpack.unpackb(ctl.recv_bytes(), raw=False, strict_map_key=False)
+    assert isinstance(msg, list)
+    return msg
+
+
+def run_broker_child(address: Any, options: dict[str, Any], authkey: bytes,
+                     ctl: multiprocessing.connection.Connection) -> None:
+    """Entry point of the broker process (module level, so ``spawn`` can import it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _child_logging()
+    address = tuple(address) if isinstance(address, list) else address
+    hub = Hub(HubOptions(**options), authkey=authkey)
+    try:
+        bound = hub.listen(address)
+    except Exception as exc:
+        _ctl_send(ctl, "error", str(exc))
+        return
+
+    def on_ctl(key: selectors.SelectorKey, mask: int) -> None:
+        try:
+            msg = _ctl_recv(ctl)
+        except (EOFError, OSError):
+            hub.stop()  # the parent is gone: so is its bus
+            return
+        if msg[0] == "state":
+            _ctl_send(ctl, "state", hub.router.state())
+        elif msg[0] == "close":
+            hub.stop()
+
+    hub.selector.register(ctl.fileno(), selectors.EVENT_READ, on_ctl)
+    _ctl_send(ctl, "ready", T.format_address(bound), list(bound) if not isinstance(bound, str)
+              else bound)
+    try:
+        hub.serve_forever()
+    finally:
+        try:
+            _ctl_send(ctl, "closed")
+        except OSError:
+            pass
+
+
+def run_broker_foreground(address: T.Address, options: HubOptions,
+                          authkey: bytes | None = None,
+                          ready: Callable[[T.Address], None] | None = None) -> None:
+    """Run a broker in this process until SIGINT/SIGTERM (``python -m ipcbus broker``)."""
+    hub = Hub(options, authkey=authkey)
+    bound = hub.listen(address)
+
+    def stop(signum: int, frame: Any) -> None:
+        hub.call_soon(hub.stop)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    if ready is not None:
+        ready(bound)
+    hub.serve_forever()
+
+
+class IpcBusBroker:
+    """A bus broker running in a child process; this object is the parent's handle on it.
+
+    Options (keyword arguments of the constructor / :meth:`create`): ``max_message`` (bytes,
+    128 MiB), ``max_fds`` (per message, 64), ``queue_limit`` (per receiver, 64 MiB),
+    ``slow_consumer_timeout`` (s, 10), ``handshake_timeout`` (s, 5), ``allowed_uids`` (extra
+    uids let in on a Unix socket), and ``context`` (a multiprocessing context or start method
+    name; ``"spawn"`` by default, since a process with threads must not fork).
+    """
+
+    def __init__(self, *, context: Any = None, **options: Any) -> None:
+        self._options = HubOptions(**options)
+        if context is None or isinstance(context, str):
+            context = multiprocessing.get_context(context or "spawn")
+        self._context = context
+        self._process: Any = None
+        self._ctl: multiprocessing.connection.Connection | None = None
+        self._lock = threading.Lock()
+        self._address: T.Address | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    @classmethod
+    def create(cls, **options: Any) -> IpcBusBroker:
+        return cls(**options)
+
+    @property
+    def process(self) -> Any:
+        """The ``multiprocessing.Process`` running the broker (None before connect)."""
+        return self._process
+
+    @property
+    def address(self) -> T.Address | None:
+        """Where the broker listens (with the real port if port 0 was asked)."""
+        return self._address
+
+    @property
+    def closed(self) -> bool:
+        return self._ctl is None
+
+    def connect(self, address: Any = None, *, path: str | None = None, port: int | None = None,
+                host: str | None = None, timeout: float | None = None,
+                authkey: bytes | None = None) -> Self:
+        """Start the broker process listening on ``address``; return once it accepts peers."""
+        addr = T.parse_address(address, path=path, port=port, host=host)
+        wait = resolve_timeout(timeout)
+        if wait is not None:
+            wait = max(wait, 10.0)  # starting a spawn child takes a while on a busy machine
+        with self._lock:
+            if self._ctl is not None:
+                raise IpcBusConnectionError("this broker is already running")
+            parent, child = self._context.Pipe(duplex=True)
+            key = bytes(authkey) if authkey is not None else T.default_authkey()
+            proc = self._context.Process(
+                target=run_broker_child, name=f"ipcbus-broker {T.format_address(addr)}",
+                args=(addr, self._options.to_dict(), key, child), daemon=True)
+            proc.start()
+            child.close()
+            try:
+                if not parent.poll(wait):
+                    raise IpcBusTimeoutError("the broker process did not start in time")
+                msg = _ctl_recv(parent)
+            except (EOFError, OSError) as exc:
+                proc.join(1.0)
+                parent.close()
+                raise IpcBusConnectionError(f"the broker process died while starting"
+                                            f" (exit code {proc.exitcode}): {exc}") from None
+            except BaseException:
+                proc.kill()
+                parent.close()
+                raise
+            if msg[0] != "ready":
+                proc.join(5.0)
+                parent.close()
+                raise IpcBusConnectionError(f"the broker could not start: {msg[1]}")
+            bound = msg[2]
+            self._address = bound if isinstance(bound, str) else (bound[0], bound[1])
+            self._process, self._ctl = proc, parent
+            self._finalizer = weakref.finalize(self, _stop_child, proc, parent)
+        return self
+
+    def _ask(self, timeout: float | None, *msg: Any) -> list[Any]:
+        wait = resolve_timeout(timeout)
+        with self._lock:
+            ctl = self._ctl
+            if ctl is None:
+                raise IpcBusConnectionError("the broker is not running")
+            try:
+                _ctl_send(ctl, *msg)
+                if not ctl.poll(wait):
+                    raise IpcBusTimeoutError(f"the broker did not answer {msg[0]!r} in time")
+                return _ctl_recv(ctl)
+            except (EOFError, OSError) as exc:
+                if isinstance(exc, IpcBusTimeoutError):
+                    raise
+                raise IpcBusConnectionError(f"the broker process has gone: {exc}") from None
+
+    def query_state(self, timeout: float | None = None) -> dict[str, Any]:
+        """The broker's view of the bus: pid, peers, channels with subscriber counts, services."""
+        reply = self._ask(timeout, "state")
+        state: dict[str, Any] = reply[1]
+        return state
+
+    def is_service_available(self, name: str, timeout: float | None = None) -> bool:
+        if not isinstance(name, str):
+            raise TypeError("service name must be a str")
+        return name in self.query_state(timeout)["services"]
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the broker process and remove its socket file. Idempotent."""
+        with self._lock:
+            ctl, self._ctl = self._ctl, None
+            if ctl is None:
+                return
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            _stop_child(self._process, ctl, resolve_timeout(timeout))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = T.format_address(self._address) if self._address is not None else "-"
+        state = "closed" if self._ctl is None else f"pid {self._process.pid}"
+        return f"<IpcBusBroker {where} {state}>"
+
+
+def _stop_child(proc: Any, ctl: multiprocessing.connection.Connection,
+                timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    try:
+        _ctl_send(ctl, "close")
+        if ctl.poll(timeout if timeout is not None else None):
+            try:
+                _ctl_recv(ctl)
+            except (EOFError, OSError):
+                pass
+    except (OSError, ValueError):
+        pass
+    proc.join(timeout if timeout is not None else None)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(1.0)
+    ctl.close()

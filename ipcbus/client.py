@@ -1,0 +1,820 @@
+"""IpcBusClient and the per-process connection its instances share.
+
+Threads and ownership:
+
+* One :class:`_Connection` per (process, bus address), shared by every client of the process
+  that connects there. Its *reader* thread decodes frames; it resolves request futures itself,
+  so an answer never waits behind a slow listener.
+* Its *dispatch* thread runs listeners and ``on_closed`` handlers, in arrival order, never on
+  a caller's thread. A request made *on* the dispatch thread keeps dispatching while it waits
+  (nested dispatch), so a listener may request what a listener of the same process answers.
+* A *timer* thread fails requests whose timeout has passed (started on first use).
+* Any thread may send: frames are written whole under the connection's send lock, so frames of
+  one sender reach the bus in the order of their ``send`` calls.
+* A connection is bound to the process that made it. After ``fork`` the child's copy is
+  closed (so the bus still sees the parent's disconnect) and using it raises
+  :class:`IpcBusConnectionError`.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import itertools
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from typing_extensions import Self
+
+from . import _protocol as P
+from . import _transport as T
+from ._protocol import Kind
+from .broker import resolve_timeout
+from .emitter import Callbacks, Emitter
+from .errors import (IpcBusConnectionError, IpcBusError, IpcBusProtocolError, IpcBusRequestError,
+                     IpcBusRequestTimeoutError)
+
+log = logging.getLogger("ipcbus")
+
+__all__ = ["IpcBusClient", "IpcBusPeer", "IpcBusProcess", "IpcBusEvent", "IpcBusRequest",
+           "IpcBusRequestResponse"]
+
+
+@dataclass(frozen=True)
+class IpcBusProcess:
+    """Where a peer runs: ``type`` is "main", "pipe" or "socket"; ``pid`` its process id."""
+
+    type: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class IpcBusPeer:
+    """A client on the bus. ``id`` is unique on the bus; ``name`` is free text."""
+
+    id: str
+    name: str
+    process: IpcBusProcess
+
+
+@dataclass
+class IpcBusEvent:
+    """What a listener receives first: where the message came from and how to answer it."""
+
+    channel: str
+    sender: Optional[IpcBusPeer]
+    request: Optional[IpcBusRequest] = None
+    ports: Optional[list[Any]] = None
+
+
+@dataclass
+class IpcBusRequestResponse:
+    """The outcome of a request: ``payload`` if resolved, ``err`` if rejected or failed."""
+
+    event: IpcBusEvent
+    payload: Any = None
+    err: Any = None
+
+
+class _Answered:
+    """Shared by the local receivers of one request: the first answer wins."""
+
+    __slots__ = ("lock", "done")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = False
+
+
+class IpcBusRequest:
+    """Attached to ``event.request`` of a request; answer with :meth:`resolve` or :meth:`reject`.
+
+    Only the first answer (from any listener anywhere on the bus) reaches the requester; later
+    calls are ignored and return False.
+    """
+
+    __slots__ = ("_client", "_requester", "_rid", "_channel", "_answered")
+
+    def __init__(self, client: IpcBusClient, requester: str, rid: int, channel: str,
+                 answered: _Answered) -> None:
+        self._client = client
+        self._requester = requester
+        self._rid = rid
+        self._channel = channel
+        self._answered = answered
+
+    @property
+    def answered(self) -> bool:
+        return self._answered.done
+
+    def resolve(self, payload: Any = None) -> bool:
+        """Answer with ``payload``; False if the request was answered already."""
+        return self._answer(True, payload)
+
+    def reject(self, err: Any = None) -> bool:
+        """Fail the request with ``err`` (an exception is sent as "TypeName: message")."""
+        if isinstance(err, BaseException):
+            err = f"{type(err).__name__}: {err}"
+        return self._answer(False, err)
+
+    def _answer(self, resolved: bool, value: Any) -> bool:
+        body = P.pack_payload([resolved, value])  # raises before anything is marked or sent
+        with self._answered.lock:
+            if self._answered.done:
+                return False
+            self._answered.done = True
+        self._client._send_frame(Kind.RESPONSE, self._channel, self._requester, self._rid, body)
+        return True
+
+
+# -- timer ----------------------------------------------------------------------------------
+class _Timer:
+    """Calls ``fn()`` at deadlines, on one lazily started daemon thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def call_at(self, deadline: float, fn: Callable[[], None]) -> None:
+        with self._cond:
+            if self._stopped:
+                return
+            notify = not self._heap or deadline < self._heap[0][0]
+            heapq.heappush(self._heap, (deadline, next(self._seq), fn))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ipcbus-timer",
+                                                daemon=True)
+                self._thread.start()
+            elif notify:
+                self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._heap.clear()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now:
+                        break
+                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                if self._stopped:
+                    return
+                _, _, fn = heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:  # pragma: no cover - a bug, but never kill the timer
+                log.exception("ipcbus timer callback failed")
+
+
+# -- the shared connection -------------------------------------------------------------------
+_STOP = object()
+_WAKE = object()
+_registry_lock = threading.Lock()
+_connections: dict[Any, _Connection] = {}
+
+
+class _Pending:
+    __slots__ = ("future", "client", "channel")
+
+    def __init__(self, client: IpcBusClient, channel: str) -> None:
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.client = client
+        self.channel = channel
+
+
+class _Connection:
+    """One process's connection to one bus, shared by its clients."""
+
+    def __init__(self, key: Any, transport: T.StreamTransport, decoder: P.FrameDecoder,
+                 welcome: dict[str, Any], ptype: str) -> None:
+        self.key = key
+        self.pid = os.getpid()
+        self.transport = transport
+        self.decoder = decoder
+        self.welcome = welcome
+        self.ptype = ptype
+        self.max_message: int = welcome["max_message"]
+        self.can_pass_fds = bool(welcome.get("fds")) and transport.can_pass_fds
+        self.fd_queue: list[int] = []
+        self.send_lock = threading.Lock()
+        self.lock = threading.Lock()  # clients, pending, closed
+        self.clients: dict[str, IpcBusClient] = {}
+        self.pending: dict[tuple[str, int], _Pending] = {}
+        self.closed = False
+        self.close_reason = ""
+        self.forked = False
+        self.peers: dict[str, IpcBusPeer] = {}
+        self.timer = _Timer()
+        self.dispatch_q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.dispatch_ident: int | None = None
+        self.dispatch_done = threading.Event()
+        self.reader = threading.Thread(target=self._read_loop, daemon=True,
+                                       name=f"ipcbus-reader {key}")
+        self.dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
+                                           name=f"ipcbus-dispatch {key}")
+        self.reader_done = threading.Event()
+
+    def start(self) -> None:
+        self.reader.start()
+        self.dispatcher.start()
+
+    # -- writing --------------------------------------------------------------------------
+    def check_usable(self) -> None:
+        if self.pid != os.getpid() or self.forked:
+            raise IpcBusConnectionError(
+                f"this client was connected in process {self.pid} and inherited through fork;"
+                " connect a new client in this process")
+        if self.closed:
+            raise IpcBusConnectionError(f"the bus connection has closed: {self.close_reason}")
+
+    def write(self, buffers: list[bytes], fds: list[int] = ()) -> None:  # type: ignore[assignment]
+        self.check_usable()
+        try:
+            with self.send_lock:
+                self.transport.sendall(buffers, fds)
+        except OSError as exc:
+            self.check_usable()
+            raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
+
+    # -- reading ---------------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        reason = "the bus closed the connection"
+        transport, decoder = self.transport, self.decoder
+        try:
+            self._handle_frames(decoder.frames())
+            while True:
+                nbytes, fds = transport.recv_into(decoder.get_buffer())
+                if fds:
+                    self.fd_queue.extend(fds)
+                if nbytes == 0:
+                    break
+                decoder.buffer_updated(nbytes)
+                self._handle_frames(decoder.frames())
+        except IpcBusProtocolError as exc:
+            reason = f"protocol error from the bus: {exc}"
+            log.error("%s", reason)
+        except OSError as exc:
+            if not self.closed:
+                reason = f"connection to the bus lost: {exc}"
+        except Exception as exc:  # pragma: no cover - a bug: report it, fail everything
+            reason = f"internal error in the reader: {exc!r}"
+            log.exception("ipcbus reader failed")
+        finally:
+            self._on_lost(reason)
+
+    def _handle_frames(self, frames: list[P.Frame]) -> None:
+        for frame in frames:
+            if frame.nfds:
+                if len(self.fd_queue) < frame.nfds:
+                    raise IpcBusProtocolError("a frame arrived without its descriptors")
+                frame.fds = self.fd_queue[:frame.nfds]
+                del self.fd_queue[:frame.nfds]
+            kind = frame.kind
+            if kind == Kind.RESPONSE or kind == Kind.REQUEST_FAIL:
+                self._on_answer(frame)
+            elif kind == Kind.NOTICE:
+                self._on_notice(frame)
+            else:
+                self.dispatch_q.put(frame)
+
+    def _on_answer(self, frame: P.Frame) -> None:
+        key = (frame.target, frame.rid)
+        with self.lock:
+            pending = self.pending.pop(key, None)  # type: ignore[arg-type]
+        T.close_fds(frame.fds)
+        if pending is None or pending.future.done():
+            return
+        sender = self.peer_of(frame.sender)
+        event = IpcBusEvent(pending.channel, sender)
+        try:
+            body = P.unpack_payload(frame.body)
+            if frame.kind == Kind.REQUEST_FAIL:
+                response = IpcBusRequestResponse(event, err=str(body))
+                _set(pending.future, exc=IpcBusRequestError(
+                    f"request on {pending.channel!r} failed: {body}", response))
+            elif not (isinstance(body, list) and len(body) == 2):
+                raise IpcBusProtocolError("malformed answer")
+            elif body[0]:
+                _set(pending.future, result=IpcBusRequestResponse(event, payload=body[1]))
+            else:
+                response = IpcBusRequestResponse(event, err=body[1])
+                _set(pending.future, exc=IpcBusRequestError(
+                    f"request on {pending.channel!r} was rejected: {body[1]}", response))
+        except IpcBusProtocolError as exc:
+            _set(pending.future, exc=IpcBusRequestError(
+                f"request on {pending.channel!r}: undecodable answer: {exc}",
+                IpcBusRequestResponse(event, err=str(exc))))
+
+    def _on_notice(self, frame: P.Frame) -> None:
+        T.close_fds(frame.fds)
+        try:
+            body = P.unpack_control(frame.body)
+        except IpcBusProtocolError:
+            return
+        if not isinstance(body, dict):
+            return
+        if "closing" in body:
+            self.close_reason = f"disconnected by the bus: {body['closing']}"
+            log.warning("%s", self.close_reason)
+        elif "error" in body:
+            log.warning("bus: %s", body["error"])
+
+    def peer_of(self, info: Any) -> IpcBusPeer | None:
+        if info is None:
+            return None
+        peer = self.peers.get(info[0])
+        if peer is None:
+            if len(self.peers) > 4096:
+                self.peers.clear()
+            peer = IpcBusPeer(info[0], info[1], IpcBusProcess(info[2], info[3]))
+            self.peers[info[0]] = peer
+        return peer
+
+    def _on_lost(self, reason: str) -> None:
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.close_reason = self.close_reason or reason
+            pending = list(self.pending.values())
+            self.pending.clear()
+        self.timer.stop()
+        for p in pending:
+            _set(p.future, exc=IpcBusConnectionError(
+                f"request on {p.channel!r} failed: {self.close_reason}"))
+        T.close_fds(self.fd_queue)
+        self.fd_queue.clear()
+        with _registry_lock:
+            if _connections.get(self.key) is self:
+                del _connections[self.key]
+        self.reader_done.set()
+        self.dispatch_q.put(_STOP)
+
+    # -- dispatching ---------------------------------------------------------------------------
+    def _dispatch_loop(self) -> None:
+        self.dispatch_ident = threading.get_ident()
+        self.run_dispatch(None)
+
+    def run_dispatch(self, until: concurrent.futures.Future[Any] | None) -> None:
+        """Dispatch queued items until ``until`` is done (None: until the connection ends)."""
+        q = self.dispatch_q
+        while not self.dispatch_done.is_set():
+            if until is not None and until.done():
+                return
+            item = q.get()
+            if item is _WAKE:
+                continue
+            if item is _STOP:
+                self._finish_dispatch()
+                return
+            try:
+                if isinstance(item, P.Frame):
+                    self._dispatch_frame(item)
+                else:
+                    item()
+            except Exception:
+                log.exception("ipcbus: error while dispatching")
+
+    def _finish_dispatch(self) -> None:
+        with self.lock:
+            clients = list(self.clients.values())
+            self.clients.clear()
+        for client in clients:
+            client._connection_ended(self)
+        self.dispatch_done.set()
+
+    def _dispatch_frame(self, frame: P.Frame) -> None:
+        kind, channel = frame.kind, frame.channel
+        with self.lock:
+            if kind == Kind.SEND:
+                receivers = [c for c in self.clients.values() if c._has(channel)]
+            else:
+                target = frame.target
+                if target is not None:
+                    c = self.clients.get(target)
+                    receivers = [c] if c is not None and c._has(channel) else []
+                else:
+                    receivers = [c for c in self.clients.values() if c._has(channel)]
+        if not receivers:
+            T.close_fds(frame.fds)
+            if kind == Kind.REQUEST:
+                # Our listeners went away after the router sent it: say so at once.
+                self._refuse_request(frame)
+            return
+        try:
+            args = P.unpack_payload(frame.body)
+        except IpcBusProtocolError as exc:
+            log.error("dropped a message on %r from %s: %s", channel, frame.sender_id, exc)
+            T.close_fds(frame.fds)
+            return
+        if not isinstance(args, list):
+            args = [args]
+        sender = self.peer_of(frame.sender)
+        answered = _Answered() if kind == Kind.REQUEST else None
+        for client in receivers:
+            listeners = client._take(channel)
+            if not listeners:
+                continue
+            request = None
+            if answered is not None and sender is not None:
+                request = IpcBusRequest(client, sender.id, frame.rid, channel, answered)
+            event = IpcBusEvent(channel, sender, request)
+            for listener in listeners:
+                try:
+                    listener(event, *args)
+                except Exception:
+                    log.exception("listener %r of channel %r raised", listener, channel)
+        T.close_fds(frame.fds)
+
+    def _refuse_request(self, frame: P.Frame) -> None:
+        with self.lock:
+            any_client = next(iter(self.clients.values()), None)
+        if any_client is None or frame.sender_id is None:
+            return
+        try:
+            any_client._send_frame(Kind.REQUEST_FAIL, frame.channel, frame.sender_id, frame.rid,
+                                   P.pack_payload(f"no listener for {frame.channel!r}"))
+        except IpcBusError:
+            pass
+
+    def on_dispatch_thread(self) -> bool:
+        return threading.get_ident() == self.dispatch_ident
+
+    # -- requests --------------------------------------------------------------------------
+    def add_pending(self, key: tuple[str, int], pending: _Pending) -> None:
+        with self.lock:
+            if self.closed:
+                raise IpcBusConnectionError(
+                    f"the bus connection has closed: {self.close_reason}")
+            self.pending[key] = pending
+
+    def expire(self, key: tuple[str, int], timeout: float) -> None:
+        with self.lock:
+            pending = self.pending.pop(key, None)
+        if pending is None or pending.future.done():
+            return
+        response = IpcBusRequestResponse(IpcBusEvent(pending.channel, None),
+                                         err=f"timed out after {timeout:g} s")
+        _set(pending.future, exc=IpcBusRequestTimeoutError(
+            f"request on {pending.channel!r} timed out after {timeout:g} s", response))
+        try:
+            pending.client._send_frame(Kind.CANCEL, pending.channel, None, key[1], b"")
+        except IpcBusError:
+            pass
+
+    def wait(self, future: concurrent.futures.Future[Any]) -> Any:
+        """Wait for a future; on the dispatch thread, keep dispatching meanwhile."""
+        if self.on_dispatch_thread() and not future.done():
+            future.add_done_callback(lambda f: self.dispatch_q.put(_WAKE))
+            self.run_dispatch(future)
+        return future.result()
+
+    # -- closing -----------------------------------------------------------------------------
+    def close(self, timeout: float | None) -> None:
+        """Graceful end: no more writes, let the bus read everything, wait for its EOF."""
+        with self.send_lock:
+            self.transport.shutdown_write()
+        if threading.current_thread() is not self.reader:
+            if not self.reader_done.wait(timeout):
+                self.transport.shutdown()
+                self.reader_done.wait(1.0)
+        if not self.on_dispatch_thread():
+            self.dispatch_done.wait(timeout)
+        self.transport.close()
+
+    def after_fork_in_child(self) -> None:
+        self.forked = True
+        self.closed = True
+        self.close_reason = "inherited through fork"
+        try:
+            fd = self.transport.sock.detach()
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _set(future: concurrent.futures.Future[Any], *, result: Any = None,
+         exc: BaseException | None = None) -> None:
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled by the user meanwhile
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for conn in list(_connections.values()):
+        conn.after_fork_in_child()
+    _connections.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _open_connection(address: T.Address, timeout: float, authkey: bytes | None,
+                     socket_buffer: int | None) -> _Connection:
+    key = address
+    with _registry_lock:
+        conn = _connections.get(key)
+        if conn is not None and not conn.closed:
+            return conn
+        sock = T.connect_socket(address, timeout)
+        if socket_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_buffer)
+        try:
+            transport, decoder, welcome = T.client_handshake(
+                sock, tcp=T.is_tcp(address), authkey=authkey, timeout=timeout)
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        conn = _Connection(key, transport, decoder, welcome, "socket")
+        _connections[key] = conn
+        conn.start()
+        return conn
+
+
+# -- the client ------------------------------------------------------------------------------
+_rids = itertools.count(1)
+
+
+class IpcBusClient(Emitter[str]):
+    """A peer on the bus: an EventEmitter of channels whose events come from other processes.
+
+    Every method may be called from any thread. Listeners are called as
+    ``listener(event, *args)`` on the connection's dispatch thread.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._conn: _Connection | None = None
+        self._peer: IpcBusPeer | None = None
+        self._info: list[Any] | None = None
+        self._closed_handlers = Callbacks()
+        self._closed_fired = False
+        self._fire_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # connect/close; never taken by the dispatch thread
+
+    @classmethod
+    def create(cls) -> IpcBusClient:
+        return cls()
+
+    # -- connection ------------------------------------------------------------------------
+    @property
+    def peer(self) -> IpcBusPeer:
+        if self._peer is None:
+            raise IpcBusConnectionError("the client is not connected")
+        return self._peer
+
+    @property
+    def connected(self) -> bool:
+        conn = self._conn
+        return conn is not None and not conn.closed and conn.pid == os.getpid()
+
+    def connect(self, address: Any = None, *, path: str | None = None, port: int | None = None,
+                host: str | None = None, peer_name: str | None = None,
+                timeout: float | None = None, socket_buffer: int | None = None,
+                authkey: bytes | None = None) -> Self:
+        """Join the bus at ``address`` (see the README for the syntax); return self.
+
+        ``socket_buffer`` sets the kernel socket buffer sizes (bytes) of a new connection.
+        """
+        if peer_name is not None and not isinstance(peer_name, str):
+            raise TypeError("peer_name must be a str")
+        if socket_buffer is not None and (isinstance(socket_buffer, bool)
+                                          or not isinstance(socket_buffer, int)
+                                          or socket_buffer <= 0):
+            raise ValueError("socket_buffer must be a positive int")
+        if authkey is not None and not isinstance(authkey, (bytes, bytearray)):
+            raise TypeError("authkey must be bytes")
+        wait = resolve_timeout(timeout)
+        with self._state_lock:
+            if self._conn is not None and not self._conn.closed:
+                raise IpcBusConnectionError("this client is already connected")
+            addr = T.parse_address(address, path=path, port=port, host=host)
+            conn = _open_connection(addr, wait if wait is not None else 3600.0,
+                                    bytes(authkey) if authkey is not None else None,
+                                    socket_buffer)
+            name = peer_name if peer_name is not None else \
+                f"{_process_name()}-{os.getpid()}"
+            peer_id = f"{os.getpid()}.{uuid.uuid4().hex[:12]}"
+            info = [peer_id, name, conn.ptype, os.getpid()]
+            P.encode_header(Kind.PEER_ADD, "", info, None)  # a name too long fails here
+            with conn.lock:
+                conn.clients[peer_id] = self
+            self._conn, self._info = conn, info
+            self._peer = IpcBusPeer(peer_id, name, IpcBusProcess(conn.ptype, os.getpid()))
+            self._closed_fired = False
+            try:
+                with self._lock:  # listeners added before connect() are subscribed now
+                    future = self._start_request(Kind.PEER_ADD, "", None, wait, b"")
+                    for channel in self._listeners:
+                        self._send_frame(Kind.SUBSCRIBE, channel, None, 1, b"")
+                conn.wait(future)
+            except BaseException as exc:
+                with conn.lock:
+                    conn.clients.pop(peer_id, None)
+                self._conn = None
+                self._peer = None
+                if isinstance(exc, IpcBusRequestError):
+                    raise IpcBusConnectionError(f"the bus refused this peer: {exc}") from None
+                raise
+        return self
+
+    def close(self, timeout: float | None = None) -> None:
+        """Leave the bus: what was sent is delivered, pending requests fail. Idempotent."""
+        wait = resolve_timeout(timeout)
+        with self._state_lock:
+            conn = self._conn
+            if conn is None:
+                return
+            self._conn = None
+            if conn.pid != os.getpid() or conn.forked:
+                return
+            with conn.lock:
+                conn.clients.pop(self.peer.id, None)
+                last = not conn.clients
+                mine = [k for k, p in conn.pending.items() if p.client is self]
+                pending = [conn.pending.pop(k) for k in mine]
+            for p in pending:
+                _set(p.future, exc=IpcBusConnectionError(
+                    f"request on {p.channel!r} failed: the client was closed"))
+            if not conn.closed:
+                try:
+                    self._write(conn, Kind.PEER_REMOVE, "", None, 0, b"")
+                except IpcBusError:
+                    pass
+            if last:
+                with _registry_lock:
+                    if _connections.get(conn.key) is conn:
+                        del _connections[conn.key]
+                conn.close(wait)
+        self._connection_ended(conn)
+
+    def on_closed(self, handler: Callable[[], None]) -> Self:
+        """Call ``handler()`` (on the dispatch thread) when this client's connection ends."""
+        self._closed_handlers.add(handler)
+        return self
+
+    def _connection_ended(self, conn: _Connection) -> None:
+        with self._fire_lock:  # never held while waiting: safe from the dispatch thread
+            if self._closed_fired:
+                return
+            self._closed_fired = True
+        if self._conn is conn:
+            self._conn = None
+
+        def fire() -> None:
+            for handler in self._closed_handlers.snapshot():
+                try:
+                    handler()
+                except Exception:
+                    log.exception("on_closed handler %r raised", handler)
+
+        if conn.on_dispatch_thread() or conn.dispatch_done.is_set():
+            fire()
+        else:
+            conn.dispatch_q.put(fire)
+
+    # -- emitter hooks: keep the bus's subscriptions in step with our listeners --------------
+    def _check_key(self, key: object) -> str:
+        return P.check_channel(key)
+
+    def _first_listener(self, key: str) -> None:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            try:
+                self._write(conn, Kind.SUBSCRIBE, key, None, 1, b"")
+            except IpcBusError as exc:
+                log.debug("subscribe to %r not sent: %s", key, exc)
+
+    def _last_listener(self, key: str) -> None:
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            try:
+                self._write(conn, Kind.UNSUBSCRIBE, key, None, 0, b"")
+            except IpcBusError as exc:
+                log.debug("unsubscribe from %r not sent: %s", key, exc)
+
+    # -- sending -----------------------------------------------------------------------------
+    def _connection(self) -> _Connection:
+        conn = self._conn
+        if conn is None:
+            raise IpcBusConnectionError("the client is not connected")
+        conn.check_usable()
+        return conn
+
+    def _write(self, conn: _Connection, kind: int, channel: str, target: str | None, rid: int,
+               body: bytes) -> None:
+        if len(body) > conn.max_message:
+            raise ValueError(f"message of {len(body)} bytes exceeds the bus limit of"
+                             f" {conn.max_message} bytes")
+        head, body = P.frame_parts(kind, channel, self._info, target, rid, body)
+        conn.write([head, body] if body else [head])
+
+    def _send_frame(self, kind: int, channel: str, target: str | None, rid: int,
+                    body: bytes) -> None:
+        self._write(self._connection(), kind, channel, target, rid, body)
+
+    def send(self, channel: str, *args: Any) -> None:
+        """Broadcast ``args`` to every listener of ``channel`` on the bus (ours included)."""
+        P.check_channel(channel)
+        self._send_frame(Kind.SEND, channel, None, 0, P.pack_payload(args))
+
+    def send_to(self, target: IpcBusPeer | str, channel: str, *args: Any) -> None:
+        """Send ``args`` to the listeners of ``channel`` of one peer only."""
+        target_id = _target_id(target)
+        P.check_channel(channel)
+        self._send_frame(Kind.SEND_TO, channel, target_id, 0, P.pack_payload(args))
+
+    def request(self, channel: str, timeout: float | None, *args: Any) -> IpcBusRequestResponse:
+        """Ask every listener of ``channel``; return the first answer, or raise
+        :class:`IpcBusRequestError` (rejected, no listener, timed out)."""
+        return self._wait(self.request_async(channel, timeout, *args))
+
+    def request_to(self, target: IpcBusPeer | str, channel: str, timeout: float | None,
+                   *args: Any) -> IpcBusRequestResponse:
+        """Like :meth:`request`, to the listeners of one peer only."""
+        target_id = _target_id(target)
+        P.check_channel(channel)
+        return self._wait(self._start_request(Kind.REQUEST, channel, target_id,
+                                              resolve_timeout(timeout), P.pack_payload(args)))
+
+    def _wait(self, future: concurrent.futures.Future[Any]) -> IpcBusRequestResponse:
+        conn = self._conn
+        result = conn.wait(future) if conn is not None else future.result()
+        return result  # type: ignore[no-any-return]
+
+    def request_async(self, channel: str, timeout: float | None, *args: Any
+                      ) -> concurrent.futures.Future[IpcBusRequestResponse]:
+        """Start a request; the Future gets the response or the IpcBusRequestError."""
+        P.check_channel(channel)
+        return self._start_request(Kind.REQUEST, channel, None, resolve_timeout(timeout),
+                                   P.pack_payload(args))
+
+    def _start_request(self, kind: int, channel: str, target: str | None,
+                       timeout: float | None, body: bytes) -> concurrent.futures.Future[Any]:
+        conn = self._connection()
+        assert self._peer is not None
+        rid = next(_rids)
+        key = (self._peer.id, rid)
+        pending = _Pending(self, channel)
+        conn.add_pending(key, pending)
+        try:
+            self._write(conn, kind, channel, target, rid, body)
+        except BaseException:
+            with conn.lock:
+                conn.pending.pop(key, None)
+            raise
+        if timeout is not None:
+            conn.timer.call_at(time.monotonic() + timeout,
+                               lambda: conn.expire(key, timeout))  # type: ignore[arg-type]
+        return pending.future
+
+    def create_direct_channel(self) -> str:
+        """A channel name that only this client listens to, for private replies."""
+        return f"/ipcbus/direct/{self.peer.id}/{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._peer is None:
+            return "<IpcBusClient (not connected)>"
+        return f"<IpcBusClient {self._peer.name!r} id={self._peer.id}>"
+
+
+def _target_id(target: object) -> str:
+    if isinstance(target, IpcBusPeer):
+        return target.id
+    if isinstance(target, str) and target:
+        return target
+    raise TypeError(f"target must be an IpcBusPeer or a peer id, not {target!r}")
+
+
+def _process_name() -> str:
+    import multiprocessing
+
+    return multiprocessing.current_process().name
+
