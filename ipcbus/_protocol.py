@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, List
 
 import msgpack
 
@@ -78,13 +78,12 @@ class Kind(enum.IntEnum):
 
 
 KINDS = frozenset(int(k) for k in Kind)
-_K_SEND = int(Kind.SEND)
 
 # Special channels answered by the broker and the bridge themselves.
 QUERY_STATE_CHANNEL = "/ipcbus/queryState"
 SERVICE_AVAILABLE_CHANNEL = "/ipcbus/serviceAvailable"
 
-PeerTuple = list  # [id, name, type, pid] as it travels
+PeerTuple = List[Any]  # [id, name, type, pid] as it travels
 
 
 def check_channel(channel: object) -> str:
@@ -376,7 +375,3 @@ def check_welcome(frame: Frame) -> dict[str, Any]:
 def notice_frame(target: str | None, **fields: Any) -> bytes:
     return encode_frame(Kind.NOTICE, target=target, body=pack_payload(fields))
 
-
-def split_frames(frames: Sequence[bytes]) -> bytes:
-    """Concatenate encoded frames (a helper for tests and batched writes)."""
-    return b"".join(frames)

@@ -235,7 +235,11 @@ class Hub:
             log.warning("refused a TCP connection: authentication failed (%s)", exc)
             sock.close()
             return
-        self.call_soon(lambda: self.add_endpoint(sock, f"tcp {peer[0]}:{peer[1]}"))
+        label = f"tcp {peer[0]}:{peer[1]}"
+        self.call_soon(lambda: self._admit_authenticated(sock, label))
+
+    def _admit_authenticated(self, sock: socket.socket, label: str) -> None:
+        self.add_endpoint(sock, label)
 
     def add_endpoint(self, sock: socket.socket, label: str, *, relay: bool = False,
                      ready: bool = False) -> _Endpoint:
@@ -607,7 +611,7 @@ class IpcBusBroker:
         self._ctl: multiprocessing.connection.Connection | None = None
         self._lock = threading.Lock()
         self._address: T.Address | None = None
-        self._finalizer: weakref.finalize | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     @classmethod
     def create(cls, **options: Any) -> IpcBusBroker:

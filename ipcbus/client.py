@@ -786,7 +786,7 @@ class IpcBusClient(Emitter[str]):
             raise
         if timeout is not None:
             conn.timer.call_at(time.monotonic() + timeout,
-                               lambda: conn.expire(key, timeout))  # type: ignore[arg-type]
+                               lambda: conn.expire(key, timeout))
         return pending.future
 
     def create_direct_channel(self) -> str:

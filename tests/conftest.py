@@ -1,0 +1,99 @@
+"""Shared fixtures: short socket paths, a broker per test, both start methods, bounded waits."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from ipcbus import IpcBusBroker, IpcBusClient
+
+START_METHODS = ["spawn", "fork"]
+
+
+@pytest.fixture
+def sock_path() -> Iterator[str]:
+    """A short Unix socket path (the limit is ~107 bytes) in a private temp dir."""
+    d = tempfile.mkdtemp(prefix="ipcb-", dir="/tmp")
+    try:
+        yield os.path.join(d, "bus")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def broker(sock_path: str) -> Iterator[IpcBusBroker]:
+    b = IpcBusBroker.create().connect(sock_path)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture(params=START_METHODS)
+def ctx(request: pytest.FixtureRequest) -> Any:
+    """A multiprocessing context, once per start method (spawn and fork)."""
+    return multiprocessing.get_context(request.param)
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., IpcBusClient]]:
+    """Factory of connected clients that are all closed at the end of the test."""
+    made: list[IpcBusClient] = []
+
+    def make(address: Any, **kw: Any) -> IpcBusClient:
+        c = IpcBusClient.create().connect(address, **kw)
+        made.append(c)
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in reversed(made):
+            c.close()
+
+
+def sync(client: IpcBusClient) -> None:
+    """Round trip to the broker: every frame this client sent before has been routed."""
+    client.request("/ipcbus/queryState", 5.0)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+class Collector:
+    """A listener that records (event, args) and lets a test wait for a count."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Any, tuple[Any, ...]]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, event: Any, *args: Any) -> None:
+        with self._cond:
+            self.items.append((event, args))
+            self._cond.notify_all()
+
+    @property
+    def args(self) -> list[tuple[Any, ...]]:
+        with self._cond:
+            return [a for _, a in self.items]
+
+    def wait(self, count: int = 1, timeout: float = 5.0) -> list[tuple[Any, tuple[Any, ...]]]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.items) >= count, timeout):
+                raise AssertionError(f"got {len(self.items)} of {count} messages in {timeout} s")
+            return list(self.items)
