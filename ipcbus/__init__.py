@@ -6,6 +6,7 @@ independent processes, through one thread-safe, synchronous, EventEmitter-like A
 """
 from __future__ import annotations
 
+from .bridge import IpcBusBridge
 from .broker import DEFAULT_TIMEOUT, IpcBusBroker
 from .client import (IpcBusClient, IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
                      IpcBusRequestResponse)
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "IpcBusBridge",
     "IpcBusBroker",
     "IpcBusClient",
     "IpcBusConnectionError",

@@ -86,7 +86,7 @@ class _Endpoint:
 
     __slots__ = ("hub", "transport", "decoder", "fd_queue", "peers", "relay", "label", "out",
                  "out_bytes", "out_fds", "blocked", "paused", "full_since", "ready", "deadline",
-                 "closing", "events", "__weakref__")
+                 "closing", "events", "on_ready", "__weakref__")
 
     def __init__(self, hub: Hub, transport: T.StreamTransport, label: str) -> None:
         self.hub = hub
@@ -106,6 +106,7 @@ class _Endpoint:
         self.deadline = time.monotonic() + hub.options.handshake_timeout
         self.closing: str | None = None
         self.events = 0
+        self.on_ready: Callable[[], None] | None = None
 
     def deliver(self, raw: bytes | bytearray, fds: list[int]) -> None:
         if self.closing is not None:
@@ -148,12 +149,15 @@ class Hub:
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self._next_endpoint = 0
-        self._buf = bytearray(P.FrameDecoder.CHUNK)
+        self.owned: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # closed after fork
+        self.on_drop: Callable[[str, str, bool], None] | None = None  # (label, reason, upstream)
+        self.thread: threading.Thread | None = None
 
     # -- setup -----------------------------------------------------------------------------------
     def listen(self, address: T.Address) -> T.Address:
         sock = T.listen(address)
         sock.setblocking(False)
+        self.owned.add(sock)
         self.listener = sock
         self.address = address if isinstance(address, str) else sock.getsockname()[:2]
         self.selector.register(sock, selectors.EVENT_READ, self._on_accept)
@@ -169,6 +173,31 @@ class Hub:
 
     def stop(self) -> None:
         self._stop = True
+
+    def start_thread(self, name: str) -> None:
+        """Run the loop on a daemon thread of this process (the bridge does)."""
+        self.thread = threading.Thread(target=self.serve_forever, name=name, daemon=True)
+        _in_process_hubs.add(self)
+        self.thread.start()
+
+    def close_after_fork(self) -> None:
+        """In a forked child: close the inherited copies of every descriptor of this hub, so
+        the parent's peers still see EOF when the parent goes. The loop thread does not exist
+        here, so nothing else touches them."""
+        for sock in list(self.owned):
+            try:
+                os.close(sock.detach())
+            except OSError:
+                pass
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            self.selector.close()
+        except Exception:
+            pass
 
     # -- the loop -------------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -242,12 +271,19 @@ class Hub:
         self.add_endpoint(sock, label)
 
     def add_endpoint(self, sock: socket.socket, label: str, *, relay: bool = False,
-                     ready: bool = False) -> _Endpoint:
+                     ready: bool = False, decoder: P.FrameDecoder | None = None) -> _Endpoint:
+        """Serve a connected socket (on the loop thread). ``ready``: handshake already done;
+        ``decoder``: the one that read the handshake, with any bytes that followed it."""
         sock.setblocking(False)
+        self.owned.add(sock)
         self._next_endpoint += 1
         ep = _Endpoint(self, T.StreamTransport(sock), f"#{self._next_endpoint} ({label})")
         ep.relay = relay
         ep.ready = ready
+        if decoder is not None:
+            ep.decoder = decoder
+            if decoder.pending_bytes or decoder._ready:
+                self.call_soon(lambda: self._read(ep) if ep in self.endpoints else None)
         self.endpoints.add(ep)
         ep.events = selectors.EVENT_READ
         self.selector.register(sock, selectors.EVENT_READ, ep)
@@ -317,6 +353,8 @@ class Hub:
         ep.label = f"{ep.label} pid {body.get('pid')}"
         ep.deliver(P.welcome_frame(os.getpid(), ep.transport.can_pass_fds,
                                    self.options.max_message, body["version"]), [])
+        if ep.on_ready is not None:
+            ep.on_ready()
 
     def _refuse(self, ep: _Endpoint, reason: str) -> None:
         try:
@@ -462,6 +500,7 @@ class Hub:
         if ep not in self.endpoints:
             return
         (log.debug if quiet else log.warning)("dropping %s: %s", ep.label, reason)
+        was_upstream = ep is self.router.upstream
         self.endpoints.discard(ep)
         self.dirty.discard(ep)
         self.router.remove_endpoint(ep)
@@ -481,6 +520,8 @@ class Hub:
         ep.fd_queue.clear()
         ep.transport.shutdown()
         ep.transport.close()
+        if self.on_drop is not None:
+            self.on_drop(ep.label, reason, was_upstream)
         if self.dirty:
             self._flush_dirty()
 
@@ -509,6 +550,7 @@ class Hub:
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        _in_process_hubs.discard(self)
 
     def _state_extra(self) -> dict[str, Any]:
         return {
@@ -516,6 +558,18 @@ class Hub:
             "connections": len(self.endpoints),
             "queued_bytes": sum(ep.out_bytes for ep in self.endpoints),
         }
+
+
+_in_process_hubs: weakref.WeakSet[Hub] = weakref.WeakSet()
+
+
+def _close_hubs_after_fork() -> None:
+    for hub in list(_in_process_hubs):
+        hub.close_after_fork()
+    _in_process_hubs.clear()
+
+
+os.register_at_fork(after_in_child=_close_hubs_after_fork)
 
 
 # -- the broker process -------------------------------------------------------------------------

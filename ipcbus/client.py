@@ -21,6 +21,8 @@ import concurrent.futures
 import heapq
 import itertools
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import socket
@@ -35,6 +37,7 @@ from typing_extensions import Self
 from . import _protocol as P
 from . import _transport as T
 from ._protocol import Kind
+from .bridge import bridge_of_this_process
 from .broker import resolve_timeout
 from .emitter import Callbacks, Emitter
 from .errors import (IpcBusConnectionError, IpcBusError, IpcBusProtocolError, IpcBusRequestError,
@@ -528,28 +531,65 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _open_connection(address: T.Address, timeout: float, authkey: bytes | None,
+def _open_connection(key: Any, make_socket: Callable[[], socket.socket], *, tcp: bool,
+                     ptype: str, timeout: float, authkey: bytes | None,
                      socket_buffer: int | None) -> _Connection:
-    key = address
+    """The process's connection for ``key``: the existing one, or a new one (handshake done)."""
     with _registry_lock:
         conn = _connections.get(key)
         if conn is not None and not conn.closed:
             return conn
-        sock = T.connect_socket(address, timeout)
-        if socket_buffer:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_buffer)
+        sock = make_socket()
         try:
+            if socket_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_buffer)
             transport, decoder, welcome = T.client_handshake(
-                sock, tcp=T.is_tcp(address), authkey=authkey, timeout=timeout)
+                sock, tcp=tcp, authkey=authkey, timeout=timeout)
             sock.settimeout(None)
         except BaseException:
             sock.close()
             raise
-        conn = _Connection(key, transport, decoder, welcome, "socket")
+        conn = _Connection(key, transport, decoder, welcome, ptype)
         _connections[key] = conn
         conn.start()
         return conn
+
+
+def _pipe_socket(pipe: multiprocessing.connection.Connection) -> Callable[[], socket.socket]:
+    def make() -> socket.socket:
+        if pipe.closed:
+            raise IpcBusConnectionError("this Connection is closed (a client that connected"
+                                        " with it took it over; connect() with no address"
+                                        " joins the same bus)")
+        sock = socket.socket(fileno=os.dup(pipe.fileno()))
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.close()
+            raise IpcBusConnectionError("not a bridge pipe: use IpcBusBridge.open_pipe()")
+        pipe.close()  # the client owns the pipe from now on
+        return sock
+    return make
+
+
+def _resolve(address: Any, path: str | None, port: int | None, host: str | None,
+             timeout: float) -> tuple[Any, Callable[[], socket.socket], bool, str]:
+    """(registry key, socket maker, tcp, peer type) for the arguments of ``connect()``."""
+    if isinstance(address, multiprocessing.connection.Connection):
+        return ("pipe", address), _pipe_socket(address), False, "pipe"
+    if address is None and path is None and port is None:
+        bridge = bridge_of_this_process()
+        if bridge is not None:
+            return ("bridge", bridge), bridge.attach_local, False, "main"
+        with _registry_lock:
+            for key, conn in _connections.items():
+                if conn.ptype == "pipe" and not conn.closed:
+                    return key, _no_socket, False, "pipe"  # the pipe this process joined with
+    addr = T.parse_address(address, path=path, port=port, host=host)
+    return addr, lambda: T.connect_socket(addr, timeout), T.is_tcp(addr), "socket"
+
+
+def _no_socket() -> socket.socket:
+    raise IpcBusConnectionError("the pipe connection of this process has closed")
 
 
 # -- the client ------------------------------------------------------------------------------
@@ -609,10 +649,11 @@ class IpcBusClient(Emitter[str]):
         with self._state_lock:
             if self._conn is not None and not self._conn.closed:
                 raise IpcBusConnectionError("this client is already connected")
-            addr = T.parse_address(address, path=path, port=port, host=host)
-            conn = _open_connection(addr, wait if wait is not None else 3600.0,
-                                    bytes(authkey) if authkey is not None else None,
-                                    socket_buffer)
+            limit = wait if wait is not None else 3600.0
+            key, make_socket, tcp, ptype = _resolve(address, path, port, host, limit)
+            conn = _open_connection(key, make_socket, tcp=tcp, ptype=ptype, timeout=limit,
+                                    authkey=bytes(authkey) if authkey is not None else None,
+                                    socket_buffer=socket_buffer)
             name = peer_name if peer_name is not None else \
                 f"{_process_name()}-{os.getpid()}"
             peer_id = f"{os.getpid()}.{uuid.uuid4().hex[:12]}"
@@ -814,7 +855,5 @@ def _target_id(target: object) -> str:
 
 
 def _process_name() -> str:
-    import multiprocessing
-
     return multiprocessing.current_process().name
 

@@ -1,0 +1,203 @@
+"""IpcBusBridge: the hub of one process for its pipe children and its own clients.
+
+The bridge runs the broker's :class:`~ipcbus.broker.Hub` (the same router, the same limits)
+on a daemon thread of the process that creates it. Its endpoints are:
+
+* pipe children: ``open_pipe()`` returns one end of a duplex ``multiprocessing`` Pipe (a Unix
+  socketpair); the child joins with ``IpcBusClient.create().connect(conn)`` and is a peer of
+  type ``"pipe"``;
+* clients of this process: ``IpcBusClient.create().connect()`` with no address joins the bridge
+  of this process through an in-process socketpair, as a peer of type ``"main"``;
+* optionally a *link* to a broker (``connect(address)``): the router's upstream. Local peers
+  and their subscriptions are announced on the broker as peers of the link, so the broker
+  sends a message across once per bridge however many local listeners it has, and only for
+  channels someone on this side listens to; broadcasts and requests from this side cross to
+  the broker, which serves its side and never echoes them back.
+
+When the parent's copy of a pipe end is still open after the child has joined, the bridge
+closes it, so that a child killed with SIGKILL is noticed at once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import multiprocessing
+import multiprocessing.connection
+import socket
+import threading
+import weakref
+from typing import Any
+
+from typing_extensions import Self
+
+from . import _transport as T
+from .broker import Hub, HubOptions, resolve_timeout
+from .errors import IpcBusConnectionError
+
+log = logging.getLogger("ipcbus")
+
+_current: IpcBusBridge | None = None  # the bridge of this process, if one is connected
+_current_lock = threading.Lock()
+
+
+def bridge_of_this_process() -> IpcBusBridge | None:
+    bridge = _current
+    return bridge if bridge is not None and bridge._hub is not None else None
+
+
+class IpcBusBridge:
+    """The hub of this process: pipe children and local clients, optionally linked to a broker.
+
+    Options are the broker's limits (``max_message``, ``max_fds``, ``queue_limit``,
+    ``slow_consumer_timeout``, ``handshake_timeout``). One bridge per process at a time.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self._options = HubOptions(**options)
+        self._hub: Hub | None = None
+        self._lock = threading.Lock()
+        self._link_address: T.Address | None = None
+        self._handed_out: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+    @classmethod
+    def create(cls, **options: Any) -> IpcBusBridge:
+        return cls(**options)
+
+    @property
+    def closed(self) -> bool:
+        return self._hub is None
+
+    @property
+    def address(self) -> T.Address | None:
+        """The address of the broker this bridge is linked to, if any."""
+        return self._link_address
+
+    def connect(self, address: Any = None, *, path: str | None = None, port: int | None = None,
+                host: str | None = None, timeout: float | None = None,
+                authkey: bytes | None = None) -> Self:
+        """Start the hub; with an address, also link it to the broker there. Returns self."""
+        global _current
+        linked = any(a is not None for a in (address, path, port))
+        addr = T.parse_address(address, path=path, port=port, host=host) if linked else None
+        wait = resolve_timeout(timeout)
+        with self._lock, _current_lock:
+            if self._hub is not None:
+                raise IpcBusConnectionError("this bridge is already connected")
+            if bridge_of_this_process() is not None:
+                raise IpcBusConnectionError("a bridge is already connected in this process")
+            hub = Hub(self._options, authkey=authkey)
+            if addr is not None:
+                sock = T.connect_socket(addr, wait if wait is not None else 3600.0)
+                try:
+                    _, decoder, _ = T.client_handshake(
+                        sock, tcp=T.is_tcp(addr), authkey=authkey,
+                        timeout=wait if wait is not None else 3600.0, relay=True)
+                except BaseException:
+                    sock.close()
+                    raise
+                hub.router.upstream = hub.add_endpoint(
+                    sock, f"link to {T.format_address(addr)}", relay=True, ready=True,
+                    decoder=decoder)
+                self._link_address = addr
+            hub.on_drop = self._on_drop
+            hub.start_thread(f"ipcbus-bridge {T.format_address(addr) if addr else 'local'}")
+            self._hub = hub
+            _current = self
+        return self
+
+    def _on_drop(self, label: str, reason: str, was_upstream: bool) -> None:
+        if was_upstream and self._hub is not None:  # not when the bridge itself is closing
+            log.warning("bridge: the link to the broker has closed (%s); this process and its"
+                        " pipe children go on as a bus of their own", reason)
+
+    def open_pipe(self) -> multiprocessing.connection.Connection:
+        """A Connection for one child: pass it in ``Process`` args (or through another pipe);
+        the child joins with ``IpcBusClient.create().connect(conn)``."""
+        hub = self._require_hub()
+        mine, theirs = multiprocessing.Pipe(duplex=True)
+        sock = socket.socket(fileno=os.dup(mine.fileno()))
+        mine.close()
+        hub.owned.add(sock)
+        self._handed_out[sock.fileno()] = theirs
+        hub.call_soon(lambda: self._admit_pipe(hub, sock))
+        return theirs
+
+    def _admit_pipe(self, hub: Hub, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        theirs = self._handed_out.get(fd)
+        ep = hub.add_endpoint(sock, "pipe")
+        if theirs is not None:
+            # Once the child has said HELLO it holds its own copy: close ours, or a child
+            # killed with SIGKILL would never look closed.
+            ep.on_ready = lambda: _close_quietly(theirs)
+
+    def attach_local(self) -> socket.socket:
+        """A socket for a client of this process (``IpcBusClient.connect()``)."""
+        hub = self._require_hub()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        hub.owned.add(mine)
+
+        def admit() -> None:
+            hub.add_endpoint(mine, "main")
+
+        hub.call_soon(admit)
+        return theirs
+
+    def query_state(self, timeout: float | None = None) -> dict[str, Any]:
+        """This bridge's view of the bus (its own peers, channels and services)."""
+        hub = self._require_hub()
+        done = threading.Event()
+        result: dict[str, Any] = {}
+
+        def read() -> None:
+            result.update(hub.router.state())
+            done.set()
+
+        hub.call_soon(read)
+        if not done.wait(resolve_timeout(timeout)):
+            raise IpcBusConnectionError("the bridge did not answer in time")
+        return result
+
+    def is_service_available(self, name: str, timeout: float | None = None) -> bool:
+        if not isinstance(name, str):
+            raise TypeError("service name must be a str")
+        return name in self.query_state(timeout)["services"]
+
+    def _require_hub(self) -> Hub:
+        hub = self._hub
+        if hub is None:
+            raise IpcBusConnectionError("the bridge is not connected")
+        return hub
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close every pipe, every local client connection and the link. Idempotent."""
+        global _current
+        with self._lock:
+            hub, self._hub = self._hub, None
+            if hub is None:
+                return
+            with _current_lock:
+                if _current is self:
+                    _current = None
+            hub.call_soon(hub.stop)
+            if hub.thread is not None and hub.thread is not threading.current_thread():
+                hub.thread.join(resolve_timeout(timeout))
+            for conn in list(self._handed_out.values()):
+                _close_quietly(conn)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        link = f" linked to {T.format_address(self._link_address)}" if self._link_address else ""
+        return f"<IpcBusBridge{link} {'closed' if self._hub is None else 'running'}>"
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except OSError:
+        pass
