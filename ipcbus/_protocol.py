@@ -75,6 +75,8 @@ class Kind(enum.IntEnum):
     REQUEST_FAIL = 11  # a router's failure of request rid of target; body reason (str)
     CANCEL = 12  # the requester gave up on rid
     NOTICE = 13  # router -> peer: body {"error": str} or {"closing": reason}
+    SERVICE_ADD = 14  # sender hosts the service named by channel; answered like a request (rid)
+    SERVICE_REMOVE = 15  # sender no longer hosts the service named by channel
 
 
 KINDS = frozenset(int(k) for k in Kind)
@@ -82,6 +84,21 @@ KINDS = frozenset(int(k) for k in Kind)
 # Special channels answered by the broker and the bridge themselves.
 QUERY_STATE_CHANNEL = "/ipcbus/queryState"
 SERVICE_AVAILABLE_CHANNEL = "/ipcbus/serviceAvailable"
+
+# Services: calls are requests on the call channel; the service's events, and its "start" and
+# "stop" notices, are broadcasts on the event channel whose first argument is the notice kind.
+# When a service's host leaves the bus without stopping it, the router itself broadcasts
+# ["stop", reason] there (with no sender), so proxies learn it at once.
+SERVICE_CALL_PREFIX = "/ipcbus/service/call/"
+SERVICE_EVENT_PREFIX = "/ipcbus/service/event/"
+
+
+def service_call_channel(name: str) -> str:
+    return SERVICE_CALL_PREFIX + name
+
+
+def service_event_channel(name: str) -> str:
+    return SERVICE_EVENT_PREFIX + name
 
 PeerTuple = List[Any]  # [id, name, type, pid] as it travels
 

@@ -107,6 +107,8 @@ class Router:
             Kind.REQUEST_FAIL: self._on_request_fail,
             Kind.CANCEL: self._on_cancel,
             Kind.NOTICE: self._on_notice,
+            Kind.SERVICE_ADD: self._on_service_add,
+            Kind.SERVICE_REMOVE: self._on_service_remove,
         }
 
     # -- entry points ---------------------------------------------------------------------
@@ -173,6 +175,8 @@ class Router:
         for name, host in list(self.services.items()):
             if host == peer_id:
                 del self.services[name]
+                self._broadcast(P.service_event_channel(name), P.pack_payload(
+                    ["stop", f"the host of service {name!r} ({peer.name}) has left the bus"]))
         for key in list(self._receiving.get(peer_id, ())):
             self._drop_receiver(key, peer_id, f"peer {peer.name!r} ({peer_id}) has left the bus")
         self._receiving.pop(peer_id, None)
@@ -398,6 +402,44 @@ class Router:
                     if not keys:
                         del self._receiving[receiver]
         return pending
+
+    # -- services -------------------------------------------------------------------------------
+    def _on_service_add(self, endpoint: Endpoint, frame: Frame) -> None:
+        peer = self._sender(endpoint, frame)
+        name = frame.channel
+        if not name:
+            raise IpcBusProtocolError("SERVICE_ADD without a name")
+        if self.upstream is not None:
+            # The broker keeps the bus's services: ask it, as a request it answers.
+            key = (peer.id, frame.rid)
+            self.pending[key] = Pending(peer.id, endpoint, name, {UPSTREAM})
+            self._receiving.setdefault(UPSTREAM, set()).add(key)
+            self.upstream.deliver(frame.raw, frame.fds)
+            return
+        host = self.services.get(name)
+        if host is not None and host != peer.id:
+            owner = self.peers.get(host)
+            endpoint.deliver(_fail_frame(peer.id, frame.rid, (
+                f"a service named {name!r} is already started by"
+                f" {owner.name if owner else host!r} ({host})")), [])
+            return
+        self.services[name] = peer.id
+        endpoint.deliver(_answer_frame(peer.id, frame.rid, None), [])
+
+    def _on_service_remove(self, endpoint: Endpoint, frame: Frame) -> None:
+        peer = self._sender(endpoint, frame)
+        if self.upstream is not None:
+            self.upstream.deliver(frame.raw, frame.fds)
+        elif self.services.get(frame.channel) == peer.id:
+            del self.services[frame.channel]
+
+    def _broadcast(self, channel: str, body: bytes) -> None:
+        """A SEND made by the router itself (no sender), to the subscribers of ``channel``."""
+        eps = self.channel_endpoints.get(channel)
+        if eps:
+            raw = P.encode_frame(Kind.SEND, channel, None, None, 0, body)
+            for ep in eps:
+                ep.deliver(raw, [])
 
     # -- state ----------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

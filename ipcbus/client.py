@@ -830,6 +830,15 @@ class IpcBusClient(Emitter[str]):
                                lambda: conn.expire(key, timeout))
         return pending.future
 
+    # -- for IpcBusService --------------------------------------------------------------------
+    def _register_service(self, name: str, timeout: float | None) -> None:
+        """Claim ``name`` on the bus; IpcBusRequestError if another peer has started it."""
+        self._wait(self._start_request(Kind.SERVICE_ADD, P.check_channel(name), None,
+                                       resolve_timeout(timeout), b""))
+
+    def _unregister_service(self, name: str) -> None:
+        self._send_frame(Kind.SERVICE_REMOVE, P.check_channel(name), None, 0, b"")
+
     def create_direct_channel(self) -> str:
         """A channel name that only this client listens to, for private replies."""
         return f"/ipcbus/direct/{self.peer.id}/{uuid.uuid4().hex[:8]}"
