@@ -10,6 +10,7 @@ from .bridge import IpcBusBridge
 from .broker import DEFAULT_TIMEOUT, IpcBusBroker
 from .client import (IpcBusClient, IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
                      IpcBusRequestResponse)
+from ._transport import create_channel
 from .errors import (IpcBusConnectionError, IpcBusError, IpcBusProtocolError, IpcBusRequestError,
                      IpcBusRequestTimeoutError, IpcBusTimeoutError)
 
@@ -32,4 +33,5 @@ __all__ = [
     "IpcBusRequestTimeoutError",
     "IpcBusTimeoutError",
     "__version__",
+    "create_channel",
 ]

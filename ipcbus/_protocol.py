@@ -28,8 +28,12 @@ decodes: descriptors never arrive after their frame.
 
 Handshake: the first frame a client sends is HELLO with body ``{"magic": MAGIC, "version":
 VERSION, "pid": int}``; the server answers WELCOME with ``{"version": VERSION, "pid": int,
-"fds": bool, "max_message": int}`` or NOTICE with ``{"error": reason}`` and closes. A server
+"fds": bool, "max_message": int, "max_fds": int}`` or NOTICE with ``{"error": reason}`` and closes. A server
 speaking a newer version answers with the highest version both sides know.
+
+A frame with descriptors (nfds > 0) has the body ``[args, kinds]``: ``kinds`` says what each
+descriptor was on the sender's side ("fd", "socket", "connection:r", "connection:w",
+"connection:rw"), so the receiver gets the same kind of object back.
 
 Payloads are msgpack with ``use_bin_type=True``: ``None``, ``bool``, ``int`` (-2**63 ..
 2**64-1), ``float``, ``str``, ``bytes``, ``list``, ``dict``. Tuples come back as lists,
@@ -368,9 +372,10 @@ def check_hello(frame: Frame) -> dict[str, Any]:
     return body
 
 
-def welcome_frame(pid: int, fds: bool, max_message: int, version: int = VERSION) -> bytes:
+def welcome_frame(pid: int, fds: bool, max_message: int, version: int = VERSION,
+                  max_fds: int = DEFAULT_MAX_FDS) -> bytes:
     body = pack_payload({"version": min(version, VERSION), "pid": pid, "fds": fds,
-                         "max_message": max_message})
+                         "max_message": max_message, "max_fds": max_fds})
     return encode_frame(Kind.WELCOME, body=body)
 
 

@@ -40,6 +40,7 @@ class Endpoint(Protocol):
     """What the router needs of a connection."""
 
     relay: bool  # True for a bridge's link: never echo its own broadcasts back to it
+    can_pass_fds: bool  # a Unix socket (or pipe); False for TCP
     peers: dict[str, Peer]
     label: str  # for logs
 
@@ -240,23 +241,62 @@ class Router:
     # -- messages ---------------------------------------------------------------------------
     def _on_send(self, endpoint: Endpoint, frame: Frame) -> None:
         eps = self.channel_endpoints.get(frame.channel)
+        upstream = self.upstream
+        if frame.nfds:
+            targets = [ep for ep in eps or () if ep is not endpoint or not ep.relay]
+            self._post(endpoint, frame, targets, upstream is not None and endpoint is not upstream)
+            return
         if eps:
             for ep in eps:
                 if ep is not endpoint or not ep.relay:
                     ep.deliver(frame.raw, frame.fds)
-        upstream = self.upstream
-        if upstream is not None and endpoint is not upstream and (not eps or upstream not in eps):
+        if upstream is not None and endpoint is not upstream:
             upstream.deliver(frame.raw, frame.fds)
 
     def _on_send_to(self, endpoint: Endpoint, frame: Frame) -> None:
         target = frame.target
         peer = self.peers.get(target) if target is not None else None
-        if peer is not None:
+        via_upstream = peer is None and self.upstream is not None and endpoint is not self.upstream
+        if frame.nfds and (peer is not None or via_upstream):
+            self._post(endpoint, frame, [peer.endpoint] if peer is not None else [], via_upstream)
+        elif peer is not None:
             peer.endpoint.deliver(frame.raw, frame.fds)
-        elif self.upstream is not None and endpoint is not self.upstream:
+        elif via_upstream:
+            assert self.upstream is not None
             self.upstream.deliver(frame.raw, frame.fds)
+        elif frame.nfds and frame.rid and frame.sender_id is not None:
+            endpoint.deliver(_fail_frame(frame.sender_id, frame.rid,
+                                         f"no peer {frame.target!r} on the bus"), [])
         else:
             self._notice_unknown(endpoint, frame)
+
+    def _post(self, endpoint: Endpoint, frame: Frame, targets: list[Endpoint],
+              via_upstream: bool) -> None:
+        """Deliver a frame that carries descriptors: to every target, or (if one of them cannot
+        receive descriptors) to none. ``rid`` > 0 asks for an answer: RESPONSE with the number
+        of connections reached, or REQUEST_FAIL; through a link the broker gives it."""
+        sender, rid = frame.sender_id, frame.rid
+        unable = [ep for ep in targets if not ep.can_pass_fds]
+        if via_upstream and self.upstream is not None and not self.upstream.can_pass_fds:
+            unable.append(self.upstream)
+        if unable:
+            if rid and sender is not None:
+                names = ", ".join(sorted({p.name for ep in unable for p in ep.peers.values()}
+                                         or {ep.label for ep in unable}))
+                endpoint.deliver(_fail_frame(sender, rid, (
+                    f"cannot pass descriptors to {names}: not connected by a Unix socket or"
+                    " pipe; nothing was sent")), [])
+            return
+        for ep in targets:
+            ep.deliver(frame.raw, frame.fds)
+        if via_upstream and self.upstream is not None:
+            if rid and sender is not None:
+                key = (sender, rid)
+                self.pending[key] = Pending(sender, endpoint, frame.channel, {UPSTREAM})
+                self._receiving.setdefault(UPSTREAM, set()).add(key)
+            self.upstream.deliver(frame.raw, frame.fds)
+        elif rid and sender is not None:
+            endpoint.deliver(_answer_frame(sender, rid, len(targets)), [])
 
     def _notice_unknown(self, endpoint: Endpoint, frame: Frame) -> None:
         log.warning("%s: dropped %s to unknown peer %r on channel %r", endpoint.label,

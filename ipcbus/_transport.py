@@ -312,6 +312,59 @@ class StreamTransport:
         self.sock.close()
 
 
+# -- handles: what a descriptor was on the sender's side, and the same kind on the receiver's --
+PORT_KINDS = frozenset({"fd", "socket", "connection:r", "connection:w", "connection:rw"})
+
+
+def create_channel() -> tuple[multiprocessing.connection.Connection,
+                              multiprocessing.connection.Connection]:
+    """A connected duplex Connection pair (the MessageChannel analog): keep one end, post the
+    other to a peer with ``post_message``, and talk directly, without the broker."""
+    return multiprocessing.Pipe(duplex=True)
+
+
+def port_descriptor(port: object) -> tuple[int, str]:
+    """(fd, kind) of a handle given to ``post_message``; TypeError/ValueError if unusable.
+
+    The caller keeps ownership of ``port``: the kernel duplicates the descriptor into the
+    message, so the sender may close its handle as soon as the call returns.
+    """
+    if isinstance(port, bool):
+        raise TypeError("a port must be a Connection, a socket or an int descriptor, not a bool")
+    if isinstance(port, int):
+        try:
+            os.fstat(port)
+        except OSError:
+            raise ValueError(f"{port} is not an open file descriptor") from None
+        return port, "fd"
+    if isinstance(port, socket.socket):
+        fd = port.fileno()
+        if fd < 0:
+            raise ValueError("cannot send a closed socket")
+        return fd, "socket"
+    if isinstance(port, multiprocessing.connection.Connection):
+        if port.closed:
+            raise ValueError("cannot send a closed Connection")
+        flags = ("r" if port.readable else "") + ("w" if port.writable else "")
+        return port.fileno(), f"connection:{flags}"
+    raise TypeError(f"a port must be a multiprocessing Connection, a socket.socket or an int"
+                    f" descriptor, not {type(port).__name__}")
+
+
+def port_from_descriptor(fd: int, kind: str) -> Any:
+    """Wrap a received descriptor (owned by the caller from now on) as the sender's kind."""
+    if kind == "fd":
+        return fd
+    if kind == "socket":
+        return socket.socket(fileno=fd)
+    if kind in PORT_KINDS:
+        flags = kind.partition(":")[2]
+        return multiprocessing.connection.Connection(fd, readable="r" in flags,
+                                                     writable="w" in flags)
+    close_fds([fd])
+    raise IpcBusProtocolError(f"unknown port kind {kind!r}")
+
+
 def recv_frame_blocking(transport: StreamTransport, decoder: P.FrameDecoder,
                         fd_queue: list[int]) -> P.Frame:
     """Read until one frame is decoded (socket blocking with a timeout); for handshakes."""

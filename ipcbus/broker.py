@@ -86,7 +86,7 @@ class _Endpoint:
 
     __slots__ = ("hub", "transport", "decoder", "fd_queue", "peers", "relay", "label", "out",
                  "out_bytes", "out_fds", "blocked", "paused", "full_since", "ready", "deadline",
-                 "closing", "events", "on_ready", "__weakref__")
+                 "closing", "events", "on_ready", "can_pass_fds", "__weakref__")
 
     def __init__(self, hub: Hub, transport: T.StreamTransport, label: str) -> None:
         self.hub = hub
@@ -107,6 +107,7 @@ class _Endpoint:
         self.closing: str | None = None
         self.events = 0
         self.on_ready: Callable[[], None] | None = None
+        self.can_pass_fds = transport.can_pass_fds
 
     def deliver(self, raw: bytes | bytearray, fds: list[int]) -> None:
         if self.closing is not None:
@@ -352,7 +353,8 @@ class Hub:
         ep.relay = bool(body.get("relay", False))
         ep.label = f"{ep.label} pid {body.get('pid')}"
         ep.deliver(P.welcome_frame(os.getpid(), ep.transport.can_pass_fds,
-                                   self.options.max_message, body["version"]), [])
+                                   self.options.max_message, body["version"],
+                                   self.options.max_fds), [])
         if ep.on_ready is not None:
             ep.on_ready()
 

@@ -418,29 +418,38 @@ class _Connection:
                 self._refuse_request(frame)
             return
         try:
-            args = P.unpack_payload(frame.body)
+            body = P.unpack_payload(frame.body)
+            kinds: list[str] | None = None
+            if frame.nfds:
+                if not (isinstance(body, list) and len(body) == 2 and isinstance(body[0], list)
+                        and isinstance(body[1], list) and len(body[1]) == frame.nfds
+                        and all(k in T.PORT_KINDS for k in body[1])):
+                    raise IpcBusProtocolError("malformed list of port kinds")
+                body, kinds = body
         except IpcBusProtocolError as exc:
             log.error("dropped a message on %r from %s: %s", channel, frame.sender_id, exc)
             T.close_fds(frame.fds)
             return
-        if not isinstance(args, list):
-            args = [args]
+        args = body if isinstance(body, list) else [body]
         sender = self.peer_of(frame.sender)
         answered = _Answered() if kind == Kind.REQUEST else None
-        for client in receivers:
-            listeners = client._take(channel)
-            if not listeners:
-                continue
-            request = None
-            if answered is not None and sender is not None:
-                request = IpcBusRequest(client, sender.id, frame.rid, channel, answered)
-            event = IpcBusEvent(channel, sender, request)
-            for listener in listeners:
-                try:
-                    listener(event, *args)
-                except Exception:
-                    log.exception("listener %r of channel %r raised", listener, channel)
-        T.close_fds(frame.fds)
+        try:
+            for client in receivers:
+                listeners = client._take(channel)
+                if not listeners:
+                    continue
+                request = None
+                if answered is not None and sender is not None:
+                    request = IpcBusRequest(client, sender.id, frame.rid, channel, answered)
+                ports = _ports(frame.fds, kinds) if kinds is not None else None
+                event = IpcBusEvent(channel, sender, request, ports)
+                for listener in listeners:
+                    try:
+                        listener(event, *args)
+                    except Exception:
+                        log.exception("listener %r of channel %r raised", listener, channel)
+        finally:
+            T.close_fds(frame.fds)  # every receiving client got its own duplicates
 
     def _refuse_request(self, frame: P.Frame) -> None:
         with self.lock:
@@ -507,6 +516,18 @@ class _Connection:
             os.close(fd)
         except OSError:
             pass
+
+
+def _ports(fds: list[int], kinds: list[str]) -> list[Any]:
+    """Duplicates of received descriptors, as the kinds of handle the sender posted."""
+    made: list[int] = []
+    try:
+        for fd in fds:
+            made.append(os.dup(fd))
+        return [T.port_from_descriptor(fd, kind) for fd, kind in zip(made, kinds)]
+    except BaseException:
+        T.close_fds(made)
+        raise
 
 
 def _set(future: concurrent.futures.Future[Any], *, result: Any = None,
@@ -764,12 +785,13 @@ class IpcBusClient(Emitter[str]):
         return conn
 
     def _write(self, conn: _Connection, kind: int, channel: str, target: str | None, rid: int,
-               body: bytes) -> None:
+               body: bytes, fds: list[int] | None = None) -> None:
         if len(body) > conn.max_message:
             raise ValueError(f"message of {len(body)} bytes exceeds the bus limit of"
                              f" {conn.max_message} bytes")
-        head, body = P.frame_parts(kind, channel, self._info, target, rid, body)
-        conn.write([head, body] if body else [head])
+        head, body = P.frame_parts(kind, channel, self._info, target, rid, body,
+                                   len(fds) if fds else 0)
+        conn.write([head, body] if body else [head], fds or [])
 
     def _send_frame(self, kind: int, channel: str, target: str | None, rid: int,
                     body: bytes) -> None:
@@ -812,7 +834,8 @@ class IpcBusClient(Emitter[str]):
                                    P.pack_payload(args))
 
     def _start_request(self, kind: int, channel: str, target: str | None,
-                       timeout: float | None, body: bytes) -> concurrent.futures.Future[Any]:
+                       timeout: float | None, body: bytes, fds: list[int] | None = None
+                       ) -> concurrent.futures.Future[Any]:
         conn = self._connection()
         assert self._peer is not None
         rid = next(_rids)
@@ -820,7 +843,7 @@ class IpcBusClient(Emitter[str]):
         pending = _Pending(self, channel)
         conn.add_pending(key, pending)
         try:
-            self._write(conn, kind, channel, target, rid, body)
+            self._write(conn, kind, channel, target, rid, body, fds)
         except BaseException:
             with conn.lock:
                 conn.pending.pop(key, None)
@@ -829,6 +852,54 @@ class IpcBusClient(Emitter[str]):
             conn.timer.call_at(time.monotonic() + timeout,
                                lambda: conn.expire(key, timeout))
         return pending.future
+
+    # -- handles ---------------------------------------------------------------------------------
+    def post_message(self, channel: str, message: Any, ports: list[Any] | None = None) -> None:
+        """Broadcast ``message`` with live handles to every listener of ``channel``.
+
+        ``ports`` holds ``multiprocessing.connection.Connection``, ``socket.socket`` or ``int``
+        descriptors. Each receiving client finds its own duplicates, of the same kinds, in
+        ``event.ports``, and owns them (close them). Your handles stay yours: close them when
+        you no longer need them. Returns once the bus has routed the message; raises
+        :class:`IpcBusConnectionError` on a TCP connection and :class:`IpcBusRequestError` if a
+        receiver cannot take descriptors; in both cases nothing is sent.
+        """
+        P.check_channel(channel)
+        self._post(Kind.SEND, channel, None, message, ports)
+
+    def post_message_to(self, target: IpcBusPeer | str, channel: str, message: Any,
+                        ports: list[Any] | None = None) -> None:
+        """Like :meth:`post_message`, to one peer's listeners (an unknown peer raises)."""
+        target_id = _target_id(target)
+        P.check_channel(channel)
+        self._post(Kind.SEND_TO, channel, target_id, message, ports)
+
+    def _post(self, kind: int, channel: str, target: str | None, message: Any,
+              ports: list[Any] | None) -> None:
+        if ports is None or (isinstance(ports, (list, tuple)) and not ports):
+            self._send_frame(kind, channel, target, 0, P.pack_payload([message]))
+            return
+        if not isinstance(ports, (list, tuple)):
+            raise TypeError(f"ports must be a list, not {type(ports).__name__}")
+        conn = self._connection()
+        limit = min(int(conn.welcome.get("max_fds", P.DEFAULT_MAX_FDS)), P.MAX_FDS)
+        if len(ports) > limit:
+            raise ValueError(f"{len(ports)} ports in one message; the bus takes at most {limit}")
+        described = [T.port_descriptor(port) for port in ports]
+        body = P.pack_payload([[message], [kind_ for _, kind_ in described]])
+        if not conn.can_pass_fds:
+            raise IpcBusConnectionError("this bus connection (TCP) cannot carry descriptors;"
+                                        " nothing was sent")
+        future = self._start_request(kind, channel, target, resolve_timeout(None), body,
+                                     [fd for fd, _ in described])
+        try:
+            self._wait(future)
+        except IpcBusRequestError as exc:
+            if isinstance(exc, IpcBusRequestTimeoutError):
+                raise
+            err = exc.response.err if exc.response is not None else str(exc)
+            raise IpcBusRequestError(f"post_message on {channel!r} failed: {err}",
+                                     exc.response) from None
 
     # -- for IpcBusService --------------------------------------------------------------------
     def _register_service(self, name: str, timeout: float | None) -> None:
