@@ -593,7 +593,8 @@ def _pipe_socket(pipe: multiprocessing.connection.Connection) -> Callable[[], so
 
 
 def _resolve(address: Any, path: str | None, port: int | None, host: str | None,
-             timeout: float) -> tuple[Any, Callable[[], socket.socket], bool, str]:
+             timeout: float, authkey: bytes | None
+             ) -> tuple[Any, Callable[[], socket.socket], bool, str]:
     """(registry key, socket maker, tcp, peer type) for the arguments of ``connect()``."""
     if isinstance(address, multiprocessing.connection.Connection):
         return ("pipe", address), _pipe_socket(address), False, "pipe"
@@ -606,7 +607,10 @@ def _resolve(address: Any, path: str | None, port: int | None, host: str | None,
                 if conn.ptype == "pipe" and not conn.closed:
                     return key, _no_socket, False, "pipe"  # the pipe this process joined with
     addr = T.parse_address(address, path=path, port=port, host=host)
-    return addr, lambda: T.connect_socket(addr, timeout), T.is_tcp(addr), "socket"
+    tcp = T.is_tcp(addr)
+    # A TCP connection is shared only by clients that proved the same key.
+    key = (addr, authkey if authkey is not None else T.default_authkey()) if tcp else addr
+    return key, lambda: T.connect_socket(addr, timeout), tcp, "socket"
 
 
 def _no_socket() -> socket.socket:
@@ -671,7 +675,9 @@ class IpcBusClient(Emitter[str]):
             if self._conn is not None and not self._conn.closed:
                 raise IpcBusConnectionError("this client is already connected")
             limit = wait if wait is not None else 3600.0
-            key, make_socket, tcp, ptype = _resolve(address, path, port, host, limit)
+            key, make_socket, tcp, ptype = _resolve(
+                address, path, port, host, limit,
+                bytes(authkey) if authkey is not None else None)
             conn = _open_connection(key, make_socket, tcp=tcp, ptype=ptype, timeout=limit,
                                     authkey=bytes(authkey) if authkey is not None else None,
                                     socket_buffer=socket_buffer)

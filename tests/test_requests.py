@@ -1,0 +1,477 @@
+"""Requests across real processes: answers, rejections, races, timeouts, dead responders,
+nested requests, slow listeners and argument checking.
+
+Every cross-process test runs under ``spawn`` and ``fork`` (the ``ctx`` fixture). Children are
+module-level functions; they report through multiprocessing queues and events, and are always
+joined with a bound and killed in a ``finally``.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+import pytest
+
+import ipcbus
+from ipcbus import (IpcBusClient, IpcBusPeer, IpcBusRequestError,
+                    IpcBusRequestResponse)
+
+from conftest import Collector, sync, wait_until
+
+READY_TIMEOUT = 30.0  # a spawn child on a busy machine can take a while to import
+
+
+# -- children (module level, so that spawn can import them) -----------------------------------
+def _serve(path: str, name: str, channels: dict[str, str], ready_q: Any, stop: Any,
+           extra: dict[str, Any]) -> None:
+    """Connect as ``name``, answer ``channels`` (channel -> mode), report, wait for ``stop``.
+
+    Modes: "echo" resolves {name, pid, args, n}; "reject" rejects with "nope" (args[0] ==
+    "str") or ValueError("bad"); "never" receives and never answers; "hang" sets
+    extra["got"] then blocks its dispatch thread forever; "late" waits for extra["release"],
+    resolves, and reports resolve()'s result on extra["done_q"]; "nested" answers with the
+    answer of its own request on "inner".
+    """
+    client = IpcBusClient.create().connect(path, peer_name=name)
+    count = {"n": 0}
+
+    def make(mode: str) -> Any:
+        def listener(event: Any, *args: Any) -> None:
+            count["n"] += 1
+            req = event.request
+            if mode == "echo":
+                req.resolve({"name": name, "pid": os.getpid(), "args": list(args),
+                             "n": count["n"]})
+            elif mode == "reject":
+                req.reject("nope" if args and args[0] == "str" else ValueError("bad"))
+            elif mode == "never":
+                if "got" in extra:
+                    extra["got"].set()
+            elif mode == "hang":
+                extra["got"].set()
+                threading.Event().wait()  # blocks until SIGKILL
+            elif mode == "late":
+                extra["release"].wait(10)
+                ok = req.resolve({"name": name, "pid": os.getpid(), "args": list(args)})
+                sync(client)  # the late answer has been routed (and dropped) by the broker
+                extra["done_q"].put(ok)
+            elif mode == "nested":
+                inner = client.request("inner", 5, *args)
+                req.resolve({"outer": name, "inner": inner.payload})
+            else:  # pragma: no cover
+                raise AssertionError(mode)
+        return listener
+
+    for channel, mode in channels.items():
+        client.on(channel, make(mode))
+    sync(client)  # every SUBSCRIBE above has been routed
+    ready_q.put({"id": client.peer.id, "name": name, "pid": os.getpid()})
+    stop.poll(60)
+    client.close()
+
+
+# -- helpers -----------------------------------------------------------------------------------
+class Children:
+    """Start module-level targets in ``ctx``; always stop, join (bounded) and kill them."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        # A pipe, not an Event: setting an Event that a SIGKILLed child was waiting on blocks.
+        self.stop, self._stop_w = ctx.Pipe(duplex=False)
+        self.procs: list[Any] = []
+
+    def start(self, target: Any, *args: Any) -> Any:
+        p = self.ctx.Process(target=target, args=args, daemon=True)
+        p.start()
+        self.procs.append(p)
+        return p
+
+    def serve(self, path: str, name: str, channels: dict[str, str],
+              **extra: Any) -> tuple[Any, dict[str, Any]]:
+        """A ``_serve`` child; returns (process, {"id", "name", "pid"}) once it is subscribed."""
+        q = self.ctx.Queue()
+        p = self.start(_serve, path, name, channels, q, self.stop, extra)
+        info = q.get(timeout=READY_TIMEOUT)
+        assert info["pid"] == p.pid
+        return p, info
+
+    def close(self) -> None:
+        self._stop_w.send_bytes(b"stop")  # readable for every child; nobody consumes it
+        for p in self.procs:
+            p.join(5)
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(2)
+
+
+@pytest.fixture
+def children(ctx: Any) -> Iterator[Children]:
+    kids = Children(ctx)
+    try:
+        yield kids
+    finally:
+        kids.close()
+
+
+@contextlib.contextmanager
+def elapsed() -> Iterator[list[float]]:
+    """``with elapsed() as t:`` ... then ``t[0]`` is the duration of the block."""
+    out: list[float] = []
+    t0 = time.monotonic()
+    try:
+        yield out
+    finally:
+        out.append(time.monotonic() - t0)
+
+
+# -- answers -----------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_request_answered_by_child(broker, children, clients):
+    p, info = children.serve(broker.address, "responder", {"ask": "echo"})
+    c = clients(broker.address)
+    r = c.request("ask", 5, 1, "a", b"\x00")
+    assert isinstance(r, IpcBusRequestResponse)
+    assert r.err is None
+    assert r.payload == {"name": "responder", "pid": p.pid, "args": [1, "a", b"\x00"], "n": 1}
+    sender = r.event.sender
+    assert isinstance(sender, IpcBusPeer)
+    assert sender.id == info["id"]
+    assert sender.name == "responder"
+    assert sender.process.pid == p.pid
+    assert sender.process.type == "socket"
+    assert r.event.channel == "ask"
+
+
+@pytest.mark.timeout(60)
+def test_request_rejected(broker, children, clients):
+    children.serve(broker.address, "rejecter", {"ask": "reject"})
+    c = clients(broker.address)
+    with pytest.raises(IpcBusRequestError) as ei:
+        c.request("ask", 5, "str")
+    assert not isinstance(ei.value, TimeoutError)
+    assert ei.value.response is not None
+    assert ei.value.response.err == "nope"
+
+    with pytest.raises(IpcBusRequestError) as ei:
+        c.request("ask", 5, "exc")
+    err = ei.value.response.err
+    assert isinstance(err, str) and "ValueError" in err and "bad" in err
+
+
+@pytest.mark.timeout(60)
+def test_first_answer_wins(broker, children, clients):
+    release = children.ctx.Event()
+    done_q = children.ctx.Queue()
+    children.serve(broker.address, "fast", {"race": "echo"})
+    children.serve(broker.address, "slow", {"race": "late"}, release=release, done_q=done_q)
+    c = clients(broker.address)
+
+    fut = c.request_async("race", 5, 1)
+    r = fut.result(timeout=5)
+    assert r.err is None and r.payload["name"] == "fast" and r.payload["args"] == [1]
+
+    release.set()  # now the slow responder answers too: its answer must be ignored
+    assert done_q.get(timeout=10) is True  # it did answer (first in its own process)
+    assert fut.result() is r and fut.exception() is None
+    assert broker.query_state()["pending_requests"] == 0
+
+    r2 = c.request("race", 5, 2)
+    assert r2.err is None and r2.payload["name"] in ("fast", "slow")
+    assert r2.payload["args"] == [2]
+    wait_until(lambda: broker.query_state()["pending_requests"] == 0)
+
+
+# -- failures at once or at the timeout ----------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_request_timeout_is_cancelled(broker, children, clients):
+    got = children.ctx.Event()
+    children.serve(broker.address, "mute", {"mute": "never"}, got=got)
+    c = clients(broker.address)
+
+    t0 = time.monotonic()
+    fut = c.request_async("mute", 0.5)
+    assert got.wait(5)
+    assert broker.query_state()["pending_requests"] == 1
+    exc = fut.exception(timeout=5)
+    took = time.monotonic() - t0
+    assert isinstance(exc, IpcBusRequestError)
+    assert isinstance(exc, TimeoutError)
+    assert isinstance(exc, ipcbus.IpcBusRequestTimeoutError)
+    assert isinstance(exc, ipcbus.IpcBusTimeoutError)
+    assert 0.3 <= took <= 1.5, took
+    # the client told the broker it gave up
+    wait_until(lambda: broker.query_state()["pending_requests"] == 0)
+
+    # the blocking form raises the same way
+    with elapsed() as t, pytest.raises(ipcbus.IpcBusRequestTimeoutError):
+        c.request("mute", 0.5)
+    assert 0.3 <= t[0] <= 1.5, t[0]
+    wait_until(lambda: broker.query_state()["pending_requests"] == 0)
+
+
+@pytest.mark.timeout(30)
+def test_request_without_listener_fails_at_once(broker, clients):
+    c = clients(broker.address)
+    with elapsed() as t, pytest.raises(IpcBusRequestError) as ei:
+        c.request("nobody-listens", 5)
+    assert t[0] < 0.5, t[0]
+    assert not isinstance(ei.value, TimeoutError)
+    assert broker.query_state()["pending_requests"] == 0
+
+    # a listener that went away counts as none
+    other = clients(broker.address)
+    listener = Collector()
+    other.on("gone", listener)
+    sync(other)
+    other.off("gone", listener)
+    sync(other)
+    with elapsed() as t, pytest.raises(IpcBusRequestError):
+        c.request("gone", 5)
+    assert t[0] < 0.5, t[0]
+
+
+@pytest.mark.timeout(60)
+def test_request_to_reaches_only_the_target(broker, children, clients):
+    _, a = children.serve(broker.address, "A", {"ask": "echo"})
+    pb, b = children.serve(broker.address, "B", {"ask": "echo"})
+    c = clients(broker.address)
+
+    for i in range(5):
+        r = c.request_to(b["id"], "ask", 5, i)  # by id string
+        assert r.payload["name"] == "B" and r.payload["args"] == [i]
+        assert r.payload["n"] == i + 1
+    peer_b = r.event.sender
+    assert isinstance(peer_b, IpcBusPeer) and peer_b.id == b["id"] and peer_b.process.pid == pb.pid
+    r = c.request_to(peer_b, "ask", 5, "peer")  # by IpcBusPeer
+    assert r.payload["name"] == "B" and r.payload["n"] == 6
+
+    r = c.request_to(a["id"], "ask", 5, "a")
+    assert r.payload["name"] == "A"
+    assert r.payload["n"] == 1  # A saw none of the requests sent to B
+
+    with elapsed() as t, pytest.raises(IpcBusRequestError) as ei:
+        c.request_to("no-such-peer", "ask", 5)
+    assert t[0] < 0.5, t[0]
+    assert not isinstance(ei.value, TimeoutError)
+
+    with elapsed() as t, pytest.raises(IpcBusRequestError):
+        c.request_to(b["id"], "not-listened", 5)  # a known peer without that listener
+    assert t[0] < 0.5, t[0]
+
+
+@pytest.mark.timeout(60)
+def test_request_async_many_threads(broker, children, clients):
+    children.serve(broker.address, "echo", {"echo": "echo"})
+    c = clients(broker.address)
+
+    fut = c.request_async("echo", 5, "one")
+    assert isinstance(fut, concurrent.futures.Future)
+    assert fut.result(timeout=5).payload["args"] == ["one"]
+
+    nthreads, per = 4, 50
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(nthreads)
+
+    def worker(k: int) -> None:
+        try:
+            start.wait(5)
+            futs = {i: c.request_async("echo", 10, i)
+                    for i in range(k * per, (k + 1) * per)}
+            for i, f in futs.items():
+                value = f.result(timeout=20)
+                with lock:
+                    results[i] = value
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert sorted(results) == list(range(nthreads * per))
+    for i, r in results.items():
+        assert r.err is None and r.payload["args"] == [i]
+
+
+@pytest.mark.timeout(60)
+def test_responder_killed_mid_request(broker, children, clients):
+    got = children.ctx.Event()
+    p, _ = children.serve(broker.address, "doomed", {"doom": "hang"}, got=got)
+    c = clients(broker.address)
+
+    fut = c.request_async("doom", 10)
+    assert got.wait(10), "the responder never received the request"
+    t_kill = time.monotonic()
+    os.kill(p.pid, signal.SIGKILL)
+    exc = fut.exception(timeout=5)  # bounded: a hang would show as TimeoutError here
+    took = time.monotonic() - t_kill
+    assert isinstance(exc, IpcBusRequestError), exc
+    assert not isinstance(exc, TimeoutError), exc
+    assert took < 1.0, took
+    p.join(5)
+    wait_until(lambda: broker.query_state()["pending_requests"] == 0)
+
+
+# -- listeners that request -----------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_nested_request_same_client(broker, children, clients):
+    # the child's "outer" listener requests "inner", answered by the same client in that child
+    _, info = children.serve(broker.address, "nest", {"outer": "nested", "inner": "echo"})
+    c = clients(broker.address)
+    r = c.request("outer", 5, 7)
+    assert r.payload["outer"] == "nest"
+    assert r.payload["inner"]["name"] == "nest" and r.payload["inner"]["args"] == [7]
+
+
+@pytest.mark.timeout(60)
+def test_nested_request_other_process(broker, children, clients):
+    _, info = children.serve(broker.address, "inner-child", {"inner": "echo"})
+    a = clients(broker.address, peer_name="A")
+    b = clients(broker.address, peer_name="B")
+
+    def outer(event: Any, x: Any) -> None:
+        inner = a.request("inner", 5, x)
+        event.request.resolve(["outer", inner.payload["name"], inner.payload["args"]])
+
+    a.on("outer", outer)
+    sync(a)
+    r = b.request("outer", 5, 3)
+    assert r.payload == ["outer", "inner-child", [3]]
+    assert r.event.sender.id == a.peer.id
+
+
+@pytest.mark.timeout(30)
+def test_nested_request_same_client_in_this_process(broker, clients):
+    a = clients(broker.address)
+    a.on("inner", lambda e, x: e.request.resolve(x * 2))
+    a.on("outer", lambda e, x: e.request.resolve(a.request("inner", 5, x).payload + 1))
+    sync(a)
+    assert a.request("outer", 5, 20).payload == 41  # requester is the listening client itself
+    b = clients(broker.address)
+    assert b.request("outer", 5, 1).payload == 3
+
+
+@pytest.mark.timeout(60)
+def test_slow_listener_does_not_delay_answers(broker, children, clients):
+    children.serve(broker.address, "quick", {"fast": "echo"})
+    a = clients(broker.address)
+    started, release = threading.Event(), threading.Event()
+
+    def slow(event: Any, *args: Any) -> None:
+        started.set()
+        release.wait(1.0)  # holds the dispatch thread of this process for up to 1 s
+
+    a.on("slow", slow)
+    sync(a)
+    try:
+        a.send("slow")
+        assert started.wait(5)
+        with elapsed() as t:
+            r = a.request("fast", 5, "x")  # answered by the child while the listener blocks
+        assert r.payload["args"] == ["x"]
+        assert not release.is_set()
+        assert t[0] < 0.5, t[0]
+    finally:
+        release.set()
+
+
+# -- arguments -------------------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_bad_arguments_send_nothing(broker, clients):
+    receiver = clients(broker.address, peer_name="receiver")
+    got = Collector()
+    receiver.on("ch", got)
+    sync(receiver)
+    s = clients(broker.address, peer_name="sender")
+
+    bad_calls = [
+        lambda: s.send("ch", object()),
+        lambda: s.send("ch", {1, 2}),
+        lambda: s.send("ch", "ok", [object()]),
+        lambda: s.request("ch", 1, object()),
+        lambda: s.request("ch", 1, {1, 2}),
+        lambda: s.request_async("ch", 1, object()),
+        lambda: s.request_to(receiver.peer, "ch", 1, {1}),
+        lambda: s.send_to(receiver.peer, "ch", object()),
+        lambda: s.send(123, "x"),
+        lambda: s.request(123, 1),
+        lambda: s.request_async(123, 1),
+        lambda: s.send_to(receiver.peer, 123, "x"),
+        lambda: s.request("ch", "x"),
+        lambda: s.request_async("ch", "x"),
+        lambda: s.request_to(receiver.peer, "ch", "x"),
+        lambda: s.send_to(42, "ch", "x"),
+        lambda: s.request_to(42, "ch", 1),
+    ]
+    for i, call in enumerate(bad_calls):
+        with pytest.raises(TypeError):
+            call()
+            pytest.fail(f"bad call #{i} did not raise")
+
+    s.send("ch", "marker")
+    got.wait(1)
+    sync(s)
+    sync(receiver)
+    assert got.args == [("marker",)]
+    assert broker.query_state()["pending_requests"] == 0
+    # the sender is still fine
+    receiver.once("echo", lambda e, x: e.request.resolve(x))
+    sync(receiver)
+    assert s.request("echo", 5, "fine").payload == "fine"
+
+
+# -- timeout values ----------------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_default_timeout_for_none_and_zero(broker, clients):
+    assert ipcbus.DEFAULT_TIMEOUT == 2.0
+    mute = clients(broker.address)
+    mute.on("mute", lambda e, *a: None)
+    sync(mute)
+    c = clients(broker.address)
+
+    t0 = time.monotonic()
+    fut_none = c.request_async("mute", None)
+    with pytest.raises(ipcbus.IpcBusRequestTimeoutError):
+        c.request("mute", 0)
+    took_zero = time.monotonic() - t0
+    exc = fut_none.exception(timeout=5)
+    took_none = time.monotonic() - t0
+    assert isinstance(exc, ipcbus.IpcBusRequestTimeoutError)
+    assert 1.8 <= took_zero <= 3.5, took_zero
+    assert 1.8 <= took_none <= 3.5, took_none
+
+
+@pytest.mark.timeout(30)
+def test_negative_timeout_waits_forever(broker, clients):
+    responder = clients(broker.address)
+    timers: list[threading.Timer] = []
+
+    def late(event: Any, x: Any) -> None:
+        t = threading.Timer(2.5, event.request.resolve, args=(x,))
+        timers.append(t)
+        t.start()
+
+    responder.on("late", late)
+    sync(responder)
+    c = clients(broker.address)
+    try:
+        fut = c.request_async("late", -0.5, "again")  # runs alongside the blocking one
+        with elapsed() as t:
+            r = c.request("late", -1, "answer")
+        assert r.payload == "answer"
+        assert t[0] >= 2.4, t[0]
+        assert fut.result(timeout=10).payload == "again"
+    finally:
+        for tm in timers:
+            tm.cancel()
