@@ -33,7 +33,7 @@ def test_readme_snippet_runs(tmp_path: pathlib.Path, index: int) -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("example", ["pool_workers.py"])
+@pytest.mark.parametrize("example", ["pool_workers.py", "direct_channel.py"])
 def test_examples_run_as_is(example: str) -> None:
     path = README.parent / "examples" / example
     out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=80)
