@@ -227,7 +227,8 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[int, str, Any, 
         raise _bad(f"unknown kind {kind!r}")
     if type(channel) is not str:
         raise _bad("channel is not a str")
-    if len(channel) > MAX_CHANNEL and len(channel.encode("utf-8")) > MAX_CHANNEL:
+    # UTF-8 takes at most 4 bytes a character: only long names need encoding to be measured.
+    if len(channel) * 4 > MAX_CHANNEL and len(channel.encode("utf-8")) > MAX_CHANNEL:
         raise _bad(f"channel longer than {MAX_CHANNEL} bytes")
     if sender is not None:
         if (type(sender) is not list or len(sender) != 4 or type(sender[0]) is not str
