@@ -130,10 +130,28 @@ def pack_payload(value: Any) -> bytes:
         raise ValueError(f"cannot send this value on the bus: {exc}") from None
 
 
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if type(key) is list else key
+
+
+def _map_with_tuple_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    return {_hashable(k): v for k, v in pairs}
+
+
 def unpack_payload(data: bytes | bytearray | memoryview) -> Any:
-    """Decode a body; IpcBusProtocolError if the bytes are not one msgpack value."""
+    """Decode a body; IpcBusProtocolError if the bytes are not one msgpack value.
+
+    A dict whose keys were tuples comes back with tuple keys (decoded on a slower path, taken
+    only when the fast one meets such a key)."""
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except TypeError:  # an array used as a map key: unhashable as a list
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                                   object_pairs_hook=_map_with_tuple_keys)
+        except Exception as exc:
+            raise IpcBusProtocolError(
+                f"malformed message body: {type(exc).__name__}: {exc}") from None
     except Exception as exc:  # msgpack raises several unrelated types
         raise IpcBusProtocolError(f"malformed message body: {type(exc).__name__}: {exc}") from None
 
@@ -265,6 +283,9 @@ class FrameDecoder:
         self._big_fill = 0
         self._big_body_offset = 0
         self._ready: list[Frame] = []
+        # Header bytes -> validated fields: a sender's frames on one channel repeat their
+        # header exactly, so most frames skip msgpack decoding and validation.
+        self._headers: dict[bytes, tuple[int, str, Any, Any, int, int]] = {}
 
     # -- feeding ---------------------------------------------------------------------------
     def get_buffer(self) -> memoryview:
@@ -320,15 +341,25 @@ class FrameDecoder:
 
     def _parse(self) -> None:
         buf, start, end = self._buf, self._start, self._end
+        unpack_prefix = PREFIX.unpack_from
+        ready, cache = self._ready, self._headers
         while end - start >= PREFIX_SIZE:
-            hlen, blen = PREFIX.unpack_from(buf, start)
-            self._check_prefix(hlen, blen)
+            hlen, blen = unpack_prefix(buf, start)
+            if not 1 <= hlen <= MAX_HEADER or blen > self.max_message:
+                self._check_prefix(hlen, blen)
             total = PREFIX_SIZE + hlen + blen
             if end - start < total:
                 break
             raw = bytes(buf[start:start + total])
             start += total
-            self._finish(raw, 0, total)
+            key = raw[PREFIX_SIZE:PREFIX_SIZE + hlen]
+            fields = cache.get(key)
+            if fields is None:
+                fields = decode_header(key)
+                if len(cache) >= 512:
+                    cache.clear()
+                cache[key] = fields
+            ready.append(Frame(*fields, raw, PREFIX_SIZE + hlen))
         if start == end:
             start = end = 0
         self._start, self._end = start, end

@@ -242,15 +242,20 @@ class Router:
     def _on_send(self, endpoint: Endpoint, frame: Frame) -> None:
         eps = self.channel_endpoints.get(frame.channel)
         upstream = self.upstream
+        to_upstream = upstream is not None and endpoint is not upstream
+        # upstream is served once, by the default route, even if it announced subscribers
+        skip = upstream if to_upstream else None
         if frame.nfds:
-            targets = [ep for ep in eps or () if ep is not endpoint or not ep.relay]
-            self._post(endpoint, frame, targets, upstream is not None and endpoint is not upstream)
+            targets = [ep for ep in eps or ()
+                       if (ep is not endpoint or not ep.relay) and ep is not skip]
+            self._post(endpoint, frame, targets, to_upstream)
             return
         if eps:
             for ep in eps:
-                if ep is not endpoint or not ep.relay:
+                if (ep is not endpoint or not ep.relay) and ep is not skip:
                     ep.deliver(frame.raw, frame.fds)
-        if upstream is not None and endpoint is not upstream:
+        if to_upstream:
+            assert upstream is not None
             upstream.deliver(frame.raw, frame.fds)
 
     def _on_send_to(self, endpoint: Endpoint, frame: Frame) -> None:
