@@ -10,6 +10,7 @@ from .bridge import IpcBusBridge
 from .broker import DEFAULT_TIMEOUT, IpcBusBroker
 from .client import (IpcBusClient, IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
                      IpcBusRequestResponse)
+from .service import IpcBusService, IpcBusServiceProxy
 from ._transport import create_channel
 from .errors import (IpcBusConnectionError, IpcBusError, IpcBusProtocolError, IpcBusRequestError,
                      IpcBusRequestTimeoutError, IpcBusTimeoutError)
@@ -31,6 +32,8 @@ __all__ = [
     "IpcBusRequestError",
     "IpcBusRequestResponse",
     "IpcBusRequestTimeoutError",
+    "IpcBusService",
+    "IpcBusServiceProxy",
     "IpcBusTimeoutError",
     "__version__",
     "create_channel",

@@ -186,6 +186,9 @@ class _Timer:
 # -- the shared connection -------------------------------------------------------------------
 _STOP = object()
 _WAKE = object()
+BURST_GAP = 50e-6  # seconds between two sends that makes them one burst
+DEFAULT_SOCKET_BUFFER = 64 * 1024  # bytes of a burst written at once
+_COALESCE_FRAME = 16 * 1024  # larger frames are written on their own, without a copy
 _registry_lock = threading.Lock()
 _connections: dict[Any, _Connection] = {}
 
@@ -203,7 +206,7 @@ class _Connection:
     """One process's connection to one bus, shared by its clients."""
 
     def __init__(self, key: Any, transport: T.StreamTransport, decoder: P.FrameDecoder,
-                 welcome: dict[str, Any], ptype: str) -> None:
+                 welcome: dict[str, Any], ptype: str, coalesce: int = 0) -> None:
         self.key = key
         self.pid = os.getpid()
         self.transport = transport
@@ -214,6 +217,12 @@ class _Connection:
         self.can_pass_fds = bool(welcome.get("fds")) and transport.can_pass_fds
         self.fd_queue: list[int] = []
         self.send_lock = threading.Lock()
+        self.coalesce = coalesce  # bytes of a burst buffered before an inline write; 0: off
+        self.out: list[bytes] = []  # a burst's frames, not written yet (under send_lock)
+        self.out_size = 0
+        self.last_write = 0.0
+        self.flusher: threading.Thread | None = None
+        self.flush_wanted = threading.Event()
         self.lock = threading.Lock()  # clients, pending, closed
         self.clients: dict[str, IpcBusClient] = {}
         self.pending: dict[tuple[str, int], _Pending] = {}
@@ -237,21 +246,82 @@ class _Connection:
 
     # -- writing --------------------------------------------------------------------------
     def check_usable(self) -> None:
-        if self.pid != os.getpid() or self.forked:
+        if self.forked:  # set in the child by the at-fork hook: no getpid() per call
             raise IpcBusConnectionError(
                 f"this client was connected in process {self.pid} and inherited through fork;"
                 " connect a new client in this process")
         if self.closed:
             raise IpcBusConnectionError(f"the bus connection has closed: {self.close_reason}")
 
-    def write(self, buffers: list[bytes], fds: list[int] = ()) -> None:  # type: ignore[assignment]
-        self.check_usable()
+    def write(self, buffers: list[bytes], fds: list[int] | None = None,
+              urgent: bool = True) -> None:
+        """Write one frame. ``urgent=False`` (broadcasts, peer-to-peer sends) lets it join a
+        burst: a send that follows the previous one within BURST_GAP seconds is buffered and
+        written with its neighbours (inline every ``coalesce`` bytes, else by the flusher
+        thread right after the burst); a lone send is written at once. Urgent frames flush
+        what is buffered first, so order is kept."""
+        if self.forked or self.closed:
+            self.check_usable()
         try:
             with self.send_lock:
-                self.transport.sendall(buffers, fds)
+                if urgent or fds or not self.coalesce or len(buffers) > 1 \
+                        or len(buffers[0]) > _COALESCE_FRAME:
+                    if self.out:
+                        self._flush_locked()
+                    self.transport.sendall(buffers, fds or ())
+                    return
+                data = buffers[0]
+                now = time.monotonic()
+                if self.out:
+                    self.out.append(data)
+                    self.out_size += len(data)
+                    if self.out_size >= self.coalesce:
+                        self._flush_locked()
+                elif now - self.last_write < BURST_GAP:
+                    self.out.append(data)
+                    self.out_size = len(data)
+                    self._wake_flusher()
+                else:
+                    self.transport.sendall(buffers)
+                self.last_write = now
         except OSError as exc:
             self.check_usable()
             raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
+
+    def _flush_locked(self) -> None:
+        out, self.out, self.out_size = self.out, [], 0
+        self.transport.sendall([b"".join(out)])
+
+    def flush(self) -> None:
+        """Write whatever a burst left buffered (the flusher does it on its own too)."""
+        with self.send_lock:
+            if self.out and not self.closed:
+                self._flush_locked()
+
+    def _wake_flusher(self) -> None:
+        if self.flusher is None:
+            self.flusher = threading.Thread(target=self._flush_loop, daemon=True,
+                                            name="ipcbus-flusher")
+            self.flusher.start()
+        self.flush_wanted.set()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self.flush_wanted.wait()
+            self.flush_wanted.clear()
+            while not self.closed:
+                time.sleep(BURST_GAP)  # let the burst go on; its sender flushes full buffers
+                with self.send_lock:
+                    if not self.out or self.closed:
+                        break
+                    if time.monotonic() - self.last_write >= BURST_GAP:
+                        try:
+                            self._flush_locked()
+                        except OSError as exc:
+                            log.debug("flush failed: %s", exc)
+                        break
+            if self.closed:
+                return
 
     # -- reading ---------------------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -280,6 +350,7 @@ class _Connection:
             self._on_lost(reason)
 
     def _handle_frames(self, frames: list[P.Frame]) -> None:
+        batch: list[P.Frame] = []
         for frame in frames:
             if frame.nfds:
                 if len(self.fd_queue) < frame.nfds:
@@ -292,7 +363,9 @@ class _Connection:
             elif kind == Kind.NOTICE:
                 self._on_notice(frame)
             else:
-                self.dispatch_q.put(frame)
+                batch.append(frame)
+        if batch:
+            self.dispatch_q.put(batch)  # one hand-off per read, not per frame
 
     def _on_answer(self, frame: P.Frame) -> None:
         key = (frame.target, frame.rid)
@@ -383,11 +456,15 @@ class _Connection:
             if item is _STOP:
                 self._finish_dispatch()
                 return
+            if item.__class__ is list:
+                for frame in item:
+                    try:
+                        self._dispatch_frame(frame)
+                    except Exception:
+                        log.exception("ipcbus: error while dispatching")
+                continue
             try:
-                if isinstance(item, P.Frame):
-                    self._dispatch_frame(item)
-                else:
-                    item()
+                item()
             except Exception:
                 log.exception("ipcbus: error while dispatching")
 
@@ -498,7 +575,13 @@ class _Connection:
     def close(self, timeout: float | None) -> None:
         """Graceful end: no more writes, let the bus read everything, wait for its EOF."""
         with self.send_lock:
+            if self.out:
+                try:
+                    self._flush_locked()
+                except OSError:
+                    pass
             self.transport.shutdown_write()
+        self.flush_wanted.set()  # let the flusher see the end
         if threading.current_thread() is not self.reader:
             if not self.reader_done.wait(timeout):
                 self.transport.shutdown()
@@ -562,16 +645,14 @@ def _open_connection(key: Any, make_socket: Callable[[], socket.socket], *, tcp:
             return conn
         sock = make_socket()
         try:
-            if socket_buffer:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_buffer)
             transport, decoder, welcome = T.client_handshake(
                 sock, tcp=tcp, authkey=authkey, timeout=timeout)
             sock.settimeout(None)
         except BaseException:
             sock.close()
             raise
-        conn = _Connection(key, transport, decoder, welcome, ptype)
+        coalesce = DEFAULT_SOCKET_BUFFER if socket_buffer is None else socket_buffer
+        conn = _Connection(key, transport, decoder, welcome, ptype, coalesce)
         _connections[key] = conn
         conn.start()
         return conn
@@ -633,6 +714,7 @@ class IpcBusClient(Emitter[str]):
         self._conn: _Connection | None = None
         self._peer: IpcBusPeer | None = None
         self._info: list[Any] | None = None
+        self._headers: dict[tuple[int, str, str | None], bytes] = {}  # for rid 0 frames
         self._closed_handlers = Callbacks()
         self._closed_fired = False
         self._fire_lock = threading.Lock()
@@ -660,14 +742,17 @@ class IpcBusClient(Emitter[str]):
                 authkey: bytes | None = None) -> Self:
         """Join the bus at ``address`` (see the README for the syntax); return self.
 
-        ``socket_buffer`` sets the kernel socket buffer sizes (bytes) of a new connection.
+        ``socket_buffer`` is the size in bytes of the write-coalescing buffer of a new
+        connection (default 64 KiB; 0 writes every message on its own): sends that follow
+        each other within 50 µs are written together; a lone send is written at once, and
+        requests, answers and control frames are never held back.
         """
         if peer_name is not None and not isinstance(peer_name, str):
             raise TypeError("peer_name must be a str")
         if socket_buffer is not None and (isinstance(socket_buffer, bool)
                                           or not isinstance(socket_buffer, int)
-                                          or socket_buffer <= 0):
-            raise ValueError("socket_buffer must be a positive int")
+                                          or socket_buffer < 0):
+            raise ValueError("socket_buffer must be an int >= 0 (bytes; 0 = no coalescing)")
         if authkey is not None and not isinstance(authkey, (bytes, bytearray)):
             raise TypeError("authkey must be bytes")
         wait = resolve_timeout(timeout)
@@ -795,9 +880,23 @@ class IpcBusClient(Emitter[str]):
         if len(body) > conn.max_message:
             raise ValueError(f"message of {len(body)} bytes exceeds the bus limit of"
                              f" {conn.max_message} bytes")
-        head, body = P.frame_parts(kind, channel, self._info, target, rid, body,
-                                   len(fds) if fds else 0)
-        conn.write([head, body] if body else [head], fds or [])
+        if rid or fds:
+            header = P.encode_header(kind, channel, self._info, target, rid,
+                                     len(fds) if fds else 0)
+        else:
+            key = (kind, channel, target)
+            header = self._headers.get(key)  # type: ignore[assignment]
+            if header is None:
+                header = P.encode_header(kind, channel, self._info, target)
+                if len(self._headers) >= 1024:
+                    self._headers.clear()
+                self._headers[key] = header
+        prefix = P.PREFIX.pack(len(header), len(body))
+        if len(body) > _COALESCE_FRAME:
+            conn.write([prefix + header, body], fds, True)  # no copy of a large body
+        else:
+            conn.write([prefix + header + body], fds,
+                       kind != Kind.SEND and kind != Kind.SEND_TO)
 
     def _send_frame(self, kind: int, channel: str, target: str | None, rid: int,
                     body: bytes) -> None:
@@ -805,7 +904,8 @@ class IpcBusClient(Emitter[str]):
 
     def send(self, channel: str, *args: Any) -> None:
         """Broadcast ``args`` to every listener of ``channel`` on the bus (ours included)."""
-        P.check_channel(channel)
+        if channel not in _valid_channels:
+            _remember_channel(channel)
         self._send_frame(Kind.SEND, channel, None, 0, P.pack_payload(args))
 
     def send_to(self, target: IpcBusPeer | str, channel: str, *args: Any) -> None:
@@ -930,6 +1030,17 @@ class IpcBusClient(Emitter[str]):
         if self._peer is None:
             return "<IpcBusClient (not connected)>"
         return f"<IpcBusClient {self._peer.name!r} id={self._peer.id}>"
+
+
+_valid_channels: set[str] = set()
+
+
+def _remember_channel(channel: object) -> None:
+    """Validate a channel name once; later sends on it skip the check."""
+    P.check_channel(channel)
+    if len(_valid_channels) >= 4096:
+        _valid_channels.clear()
+    _valid_channels.add(channel)  # type: ignore[arg-type]
 
 
 def _target_id(target: object) -> str:
