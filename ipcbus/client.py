@@ -66,7 +66,7 @@ class IpcBusPeer:
     process: IpcBusProcess
 
 
-@dataclass
+@dataclass(slots=True)
 class IpcBusEvent:
     """What a listener receives first: where the message came from and how to answer it."""
 
@@ -225,6 +225,7 @@ class _Connection:
         self.flush_wanted = threading.Event()
         self.lock = threading.Lock()  # clients, pending, closed
         self.clients: dict[str, IpcBusClient] = {}
+        self.client_list: tuple[IpcBusClient, ...] = ()  # snapshot of clients, for dispatch
         self.pending: dict[tuple[str, int], _Pending] = {}
         self.closed = False
         self.close_reason = ""
@@ -472,30 +473,28 @@ class _Connection:
         with self.lock:
             clients = list(self.clients.values())
             self.clients.clear()
+            self.client_list = ()
         for client in clients:
             client._connection_ended(self)
         self.dispatch_done.set()
 
     def _dispatch_frame(self, frame: P.Frame) -> None:
         kind, channel = frame.kind, frame.channel
-        with self.lock:
-            if kind == Kind.SEND:
-                receivers = [c for c in self.clients.values() if c._has(channel)]
-            else:
-                target = frame.target
-                if target is not None:
-                    c = self.clients.get(target)
-                    receivers = [c] if c is not None and c._has(channel) else []
-                else:
-                    receivers = [c for c in self.clients.values() if c._has(channel)]
+        clients = self.client_list  # a snapshot, replaced (never mutated) under self.lock
+        if kind == Kind.SEND or frame.target is None:
+            receivers = [c for c in clients if channel in c._listeners]
+        else:
+            receivers = [c for c in clients if c._peer_id == frame.target
+                         and channel in c._listeners]
         if not receivers:
-            T.close_fds(frame.fds)
+            if frame.fds:
+                T.close_fds(frame.fds)
             if kind == Kind.REQUEST:
                 # Our listeners went away after the router sent it: say so at once.
                 self._refuse_request(frame)
             return
         try:
-            body = P.unpack_payload(frame.body)
+            body = P.unpack_payload(memoryview(frame.raw)[frame.body_offset:])
             kinds: list[str] | None = None
             if frame.nfds:
                 if not (isinstance(body, list) and len(body) == 2 and isinstance(body[0], list)
@@ -507,8 +506,22 @@ class _Connection:
             log.error("dropped a message on %r from %s: %s", channel, frame.sender_id, exc)
             T.close_fds(frame.fds)
             return
-        args = body if isinstance(body, list) else [body]
-        sender = self.peer_of(frame.sender)
+        args = body if body.__class__ is list else [body]
+        info = frame.sender
+        sender = self.peers.get(info[0]) if info is not None else None
+        if sender is None:
+            sender = self.peer_of(info)
+        if kind != Kind.REQUEST and not frame.fds:  # the common case
+            for client in receivers:
+                listeners = client._take(channel)
+                if listeners:
+                    event = IpcBusEvent(channel, sender, None, None)
+                    for listener in listeners:
+                        try:
+                            listener(event, *args)
+                        except Exception:
+                            log.exception("listener %r of channel %r raised", listener, channel)
+            return
         answered = _Answered() if kind == Kind.REQUEST else None
         try:
             for client in receivers:
@@ -713,6 +726,7 @@ class IpcBusClient(Emitter[str]):
         super().__init__()
         self._conn: _Connection | None = None
         self._peer: IpcBusPeer | None = None
+        self._peer_id: str | None = None
         self._info: list[Any] | None = None
         self._headers: dict[tuple[int, str, str | None], bytes] = {}  # for rid 0 frames
         self._closed_handlers = Callbacks()
@@ -771,8 +785,10 @@ class IpcBusClient(Emitter[str]):
             peer_id = f"{os.getpid()}.{uuid.uuid4().hex[:12]}"
             info = [peer_id, name, conn.ptype, os.getpid()]
             P.encode_header(Kind.PEER_ADD, "", info, None)  # a name too long fails here
+            self._peer_id = peer_id
             with conn.lock:
                 conn.clients[peer_id] = self
+                conn.client_list = tuple(conn.clients.values())
             self._conn, self._info = conn, info
             self._peer = IpcBusPeer(peer_id, name, IpcBusProcess(conn.ptype, os.getpid()))
             self._closed_fired = False
@@ -785,6 +801,7 @@ class IpcBusClient(Emitter[str]):
             except BaseException as exc:
                 with conn.lock:
                     conn.clients.pop(peer_id, None)
+                    conn.client_list = tuple(conn.clients.values())
                 self._conn = None
                 self._peer = None
                 if isinstance(exc, IpcBusRequestError):
@@ -804,6 +821,7 @@ class IpcBusClient(Emitter[str]):
                 return
             with conn.lock:
                 conn.clients.pop(self.peer.id, None)
+                conn.client_list = tuple(conn.clients.values())
                 last = not conn.clients
                 mine = [k for k, p in conn.pending.items() if p.client is self]
                 pending = [conn.pending.pop(k) for k in mine]

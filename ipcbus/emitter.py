@@ -40,6 +40,8 @@ class Emitter(Generic[K]):
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._listeners: dict[K, list[_Entry]] = {}
+        # key -> listeners, for keys without ``once`` listeners: read without the lock
+        self._plain: dict[K, list[Listener]] = {}
 
     # hooks --------------------------------------------------------------------------------
     def _check_key(self, key: object) -> K:
@@ -59,13 +61,20 @@ class Emitter(Generic[K]):
         with self._lock:
             entries = self._listeners.get(k)
             if entries is None:
-                self._listeners[k] = [entry]
+                self._set(k, [entry])
                 self._first_listener(k)
             elif prepend:
-                self._listeners[k] = [entry, *entries]
+                self._set(k, [entry, *entries])
             else:
-                self._listeners[k] = [*entries, entry]
+                self._set(k, [*entries, entry])
         return self
+
+    def _set(self, key: K, entries: list[_Entry]) -> None:
+        self._listeners[key] = entries
+        if any(e.once for e in entries):
+            self._plain.pop(key, None)
+        else:
+            self._plain[key] = [e.listener for e in entries]
 
     def on(self, channel: K, listener: Listener) -> Self:
         """Call ``listener`` for every event of ``channel``."""
@@ -110,9 +119,11 @@ class Emitter(Generic[K]):
 
     def _replace(self, key: K, entries: list[_Entry]) -> None:
         if entries:
-            self._listeners[key] = entries
-        elif self._listeners.pop(key, None) is not None:
-            self._last_listener(key)
+            self._set(key, entries)
+        else:
+            self._plain.pop(key, None)
+            if self._listeners.pop(key, None) is not None:
+                self._last_listener(key)
 
     # reading ------------------------------------------------------------------------------
     def listeners(self, channel: K) -> list[Listener]:
@@ -129,6 +140,9 @@ class Emitter(Generic[K]):
 
     def _take(self, key: K) -> list[Listener]:
         """The listeners to call for one event, removing the ``once`` ones atomically."""
+        plain = self._plain.get(key)  # the common case: no once listeners, no lock
+        if plain is not None:
+            return plain
         with self._lock:
             entries = self._listeners.get(key)
             if not entries:
