@@ -54,6 +54,7 @@ MAGIC = "ipcbus"
 VERSION = 1
 
 PREFIX = struct.Struct("!HI")
+_SEND, _SEND_TO = 7, 8  # Kind.SEND, Kind.SEND_TO, for the decoder's hot loop
 PREFIX_SIZE = PREFIX.size
 MAX_HEADER = 8192
 MAX_CHANNEL = 1024
@@ -198,7 +199,8 @@ def frame_parts(kind: int, channel: str, sender: PeerTuple | None, target: str |
 class Frame:
     """One decoded frame. ``raw`` holds its exact bytes, so a router can forward it unchanged."""
 
-    __slots__ = ("kind", "channel", "sender", "target", "rid", "nfds", "raw", "body_offset", "fds")
+    __slots__ = ("kind", "channel", "sender", "target", "rid", "nfds", "raw", "body_offset", "fds",
+                 "count")
 
     def __init__(self, kind: int, channel: str, sender: PeerTuple | None, target: str | None,
                  rid: int, nfds: int, raw: bytes | bytearray, body_offset: int) -> None:
@@ -211,10 +213,30 @@ class Frame:
         self.raw = raw
         self.body_offset = body_offset
         self.fds: list[int] = []
+        self.count = 1  # > 1: ``raw`` holds a run of frames with this same header
 
     @property
     def body(self) -> memoryview:
-        return memoryview(self.raw)[self.body_offset:]
+        """The body (of the first frame, for a run: see :meth:`bodies`)."""
+        if self.count == 1:
+            return memoryview(self.raw)[self.body_offset:]
+        hlen, blen = PREFIX.unpack_from(self.raw, 0)
+        return memoryview(self.raw)[self.body_offset:self.body_offset + blen]
+
+    def bodies(self) -> list[memoryview]:
+        """Every body of a run, in order (one for a single frame)."""
+        view = memoryview(self.raw)
+        if self.count == 1:
+            return [view[self.body_offset:]]
+        out = []
+        offset, size = 0, len(view)
+        unpack = PREFIX.unpack_from
+        while offset < size:
+            hlen, blen = unpack(view, offset)
+            start = offset + PREFIX_SIZE + hlen
+            out.append(view[start:start + blen])
+            offset = start + blen
+        return out
 
     @property
     def sender_id(self) -> str | None:
@@ -273,8 +295,13 @@ class FrameDecoder:
 
     CHUNK = 256 * 1024
 
-    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, chunk: int = CHUNK) -> None:
+    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, chunk: int = CHUNK,
+                 merge_runs: bool = False) -> None:
         self.max_message = max_message
+        # Merge consecutive SEND / SEND_TO frames with identical header bytes (one sender,
+        # one channel, no descriptors) into one Frame whose ``raw`` spans them all, with
+        # ``count`` > 1: a router forwards the run at once, a client decodes it in a loop.
+        self.merge_runs = merge_runs
         self._chunk = chunk
         self._buf = bytearray(chunk)
         self._start = 0  # first unconsumed byte in _buf
@@ -342,7 +369,10 @@ class FrameDecoder:
     def _parse(self) -> None:
         buf, start, end = self._buf, self._start, self._end
         unpack_prefix = PREFIX.unpack_from
-        ready, cache = self._ready, self._headers
+        ready, cache, runs = self._ready, self._headers, self.merge_runs
+        run: Frame | None = None  # the run being extended, and where its bytes start
+        run_key = b""
+        run_start = 0
         while end - start >= PREFIX_SIZE:
             hlen, blen = unpack_prefix(buf, start)
             if not 1 <= hlen <= MAX_HEADER or blen > self.max_message:
@@ -350,16 +380,29 @@ class FrameDecoder:
             total = PREFIX_SIZE + hlen + blen
             if end - start < total:
                 break
-            raw = bytes(buf[start:start + total])
-            start += total
-            key = raw[PREFIX_SIZE:PREFIX_SIZE + hlen]
+            key = bytes(buf[start + PREFIX_SIZE:start + PREFIX_SIZE + hlen])
+            if run is not None:
+                if key == run_key:
+                    run.count += 1
+                    start += total
+                    continue
+                run.raw = bytes(buf[run_start:start])
+                run = None
             fields = cache.get(key)
             if fields is None:
                 fields = decode_header(key)
                 if len(cache) >= 512:
                     cache.clear()
                 cache[key] = fields
-            ready.append(Frame(*fields, raw, PREFIX_SIZE + hlen))
+            frame = Frame(*fields, b"", PREFIX_SIZE + hlen)
+            ready.append(frame)
+            if runs and fields[5] == 0 and (fields[0] == _SEND or fields[0] == _SEND_TO):
+                run, run_key, run_start = frame, key, start
+            else:
+                frame.raw = bytes(buf[start:start + total])
+            start += total
+        if run is not None:
+            run.raw = bytes(buf[run_start:start])
         if start == end:
             start = end = 0
         self._start, self._end = start, end

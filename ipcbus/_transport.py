@@ -356,7 +356,11 @@ def port_from_descriptor(fd: int, kind: str) -> Any:
     if kind == "fd":
         return fd
     if kind == "socket":
-        return socket.socket(fileno=fd)
+        try:
+            return socket.socket(fileno=fd)
+        except OSError:
+            close_fds([fd])
+            raise IpcBusProtocolError("a descriptor announced as a socket is not one") from None
     if kind in PORT_KINDS:
         flags = kind.partition(":")[2]
         return multiprocessing.connection.Connection(fd, readable="r" in flags,

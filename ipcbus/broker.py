@@ -91,7 +91,7 @@ class _Endpoint:
     def __init__(self, hub: Hub, transport: T.StreamTransport, label: str) -> None:
         self.hub = hub
         self.transport = transport
-        self.decoder = P.FrameDecoder(hub.options.max_message)
+        self.decoder = P.FrameDecoder(hub.options.max_message, merge_runs=True)
         self.fd_queue: collections.deque[int] = collections.deque()
         self.peers: dict[str, Peer] = {}
         self.relay = False
@@ -282,6 +282,7 @@ class Hub:
         ep.relay = relay
         ep.ready = ready
         if decoder is not None:
+            decoder.merge_runs = True
             ep.decoder = decoder
             if decoder.pending_bytes or decoder._ready:
                 self.call_soon(lambda: self._read(ep) if ep in self.endpoints else None)

@@ -493,6 +493,33 @@ class _Connection:
                 # Our listeners went away after the router sent it: say so at once.
                 self._refuse_request(frame)
             return
+        info = frame.sender
+        sender = self.peers.get(info[0]) if info is not None else None
+        if sender is None:
+            sender = self.peer_of(info)
+        if kind != Kind.REQUEST and not frame.nfds:  # the common case, perhaps a run of frames
+            bodies = frame.bodies() if frame.count > 1 else \
+                (memoryview(frame.raw)[frame.body_offset:],)
+            for body in bodies:
+                try:
+                    args = P.unpack_payload(body)
+                except IpcBusProtocolError as exc:
+                    log.error("dropped a message on %r from %s: %s", channel, frame.sender_id,
+                              exc)
+                    continue
+                if args.__class__ is not list:
+                    args = [args]
+                for client in receivers:
+                    listeners = client._take(channel)
+                    if listeners:
+                        event = IpcBusEvent(channel, sender, None, None)
+                        for listener in listeners:
+                            try:
+                                listener(event, *args)
+                            except Exception:
+                                log.exception("listener %r of channel %r raised", listener,
+                                              channel)
+            return
         try:
             body = P.unpack_payload(memoryview(frame.raw)[frame.body_offset:])
             kinds: list[str] | None = None
@@ -507,31 +534,22 @@ class _Connection:
             T.close_fds(frame.fds)
             return
         args = body if body.__class__ is list else [body]
-        info = frame.sender
-        sender = self.peers.get(info[0]) if info is not None else None
-        if sender is None:
-            sender = self.peer_of(info)
-        if kind != Kind.REQUEST and not frame.fds:  # the common case
-            for client in receivers:
-                listeners = client._take(channel)
-                if listeners:
-                    event = IpcBusEvent(channel, sender, None, None)
-                    for listener in listeners:
-                        try:
-                            listener(event, *args)
-                        except Exception:
-                            log.exception("listener %r of channel %r raised", listener, channel)
-            return
         answered = _Answered() if kind == Kind.REQUEST else None
+        takers = [(client, listeners) for client in receivers
+                  if (listeners := client._take(channel))]
+        fds = frame.fds
         try:
-            for client in receivers:
-                listeners = client._take(channel)
-                if not listeners:
-                    continue
+            for i, (client, listeners) in enumerate(takers):
                 request = None
                 if answered is not None and sender is not None:
                     request = IpcBusRequest(client, sender.id, frame.rid, channel, answered)
-                ports = _ports(frame.fds, kinds) if kinds is not None else None
+                ports = None
+                if kinds is not None:  # duplicates for all but the last taker, who gets ours
+                    if i == len(takers) - 1:
+                        given, fds = fds, []
+                        ports = _ports(given, kinds, dup=False)
+                    else:
+                        ports = _ports(fds, kinds, dup=True)
                 event = IpcBusEvent(channel, sender, request, ports)
                 for listener in listeners:
                     try:
@@ -539,7 +557,7 @@ class _Connection:
                     except Exception:
                         log.exception("listener %r of channel %r raised", listener, channel)
         finally:
-            T.close_fds(frame.fds)  # every receiving client got its own duplicates
+            T.close_fds(fds)  # descriptors no listener took
 
     def _refuse_request(self, frame: P.Frame) -> None:
         with self.lock:
@@ -614,15 +632,22 @@ class _Connection:
             pass
 
 
-def _ports(fds: list[int], kinds: list[str]) -> list[Any]:
-    """Duplicates of received descriptors, as the kinds of handle the sender posted."""
-    made: list[int] = []
+def _ports(fds: list[int], kinds: list[str], dup: bool) -> list[Any]:
+    """Received descriptors as the kinds of handle the sender posted: duplicates of ``fds``
+    (``dup``), or ``fds`` themselves, which this call then owns (closed if it fails)."""
+    own = [os.dup(fd) for fd in fds] if dup else list(fds)
+    ports: list[Any] = []
     try:
-        for fd in fds:
-            made.append(os.dup(fd))
-        return [T.port_from_descriptor(fd, kind) for fd, kind in zip(made, kinds)]
+        for fd, kind in zip(own, kinds):
+            ports.append(T.port_from_descriptor(fd, kind))
+        return ports
     except BaseException:
-        T.close_fds(made)
+        for port in ports:
+            if isinstance(port, int):
+                T.close_fds([port])
+            else:
+                port.close()
+        T.close_fds(own[len(ports) + 1:])  # port_from_descriptor closed the failing one
         raise
 
 
@@ -665,6 +690,7 @@ def _open_connection(key: Any, make_socket: Callable[[], socket.socket], *, tcp:
             sock.close()
             raise
         coalesce = DEFAULT_SOCKET_BUFFER if socket_buffer is None else socket_buffer
+        decoder.merge_runs = True
         conn = _Connection(key, transport, decoder, welcome, ptype, coalesce)
         _connections[key] = conn
         conn.start()

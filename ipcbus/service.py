@@ -12,7 +12,9 @@ The protocol is made of ordinary bus messages on two channels per service name `
 * **Status**: the call named ``"__getServiceStatus"`` (the name electron-common-ipc uses) returns
   ``{"started": bool, "calls": [names...], "host": {"id", "name", "pid"}}``. Only a *started*
   service listens on its call channel, so while none is started the status request fails at
-  once (no listener): "not started".
+  once (no listener): "not started". Called with the extra argument ``True``, the host also
+  sends the requesting peer a ``["start", status]`` notice (``send_to`` on the event channel)
+  before answering.
 * **Notices** are broadcasts on ``/ipcbus/service/event/N`` whose first argument is their kind:
   ``["start", status]``, ``["stop", reason]``, ``["status", status]`` (the calls changed while
   started) and ``["event", event_name, *args]`` (``send_event``). When a host leaves the bus
@@ -21,10 +23,12 @@ The protocol is made of ordinary bus messages on two channels per service name `
   second ``start()`` of the same name anywhere on the bus fails with
   :class:`IpcBusServiceError` naming the host that has it.
 
-A proxy subscribes to the notices *first*, then asks the status: whatever the order in which
-the service and the proxy came, the proxy cannot miss a start. The status answer is applied on
-the proxy client's dispatch thread in the order it arrived relative to the notices, so the
-proxy's view is always the latest the bus told it.
+A proxy subscribes to the notices *first*, then asks the status with ``True``: whatever the
+order in which the service and the proxy came, the proxy cannot miss a start. It learns the
+state from notices only (a proxy starts "not started"; the answer itself is not used): the
+notices from one host reach it in the order they were sent, through the same dispatch path,
+while answers take a faster path that would overtake them. So the proxy's view is always the
+latest the bus told it, never an older notice applied over a newer answer.
 
 Proxy notifications: besides the service's own events, a proxy (and its wrapper) emits
 ``"service-event-start"`` with the status dict when the service becomes available, and
@@ -148,16 +152,6 @@ def _wait(client: IpcBusClient, future: concurrent.futures.Future[Any]) -> Any:
     return future.result()
 
 
-def _call_soon(client: IpcBusClient, fn: Callable[[], None]) -> None:
-    """Run ``fn`` on the client's dispatch thread, after what its reader has queued so far.
-
-    Called from the reader thread (a request's done callback), this keeps an answer in its
-    place among the broadcasts that arrived with it."""
-    conn = client._conn
-    if conn is not None and not conn.dispatch_done.is_set():
-        conn.dispatch_q.put(fn)
-
-
 def _on_closed_weak(client: IpcBusClient, obj: Any, method: str) -> None:
     """``client.on_closed`` without keeping ``obj`` alive."""
     ref = weakref.ref(obj)
@@ -234,7 +228,7 @@ class IpcBusService:
         with self._lock:
             return sorted(self._handlers)
 
-    def status(self) -> dict[str, Any]:
+    def get_status(self) -> dict[str, Any]:
         """What the status call answers: ``{"started", "calls", "host"}``."""
         peer = self._client._peer
         host = None if peer is None else {"id": peer.id, "name": peer.name,
@@ -268,7 +262,7 @@ class IpcBusService:
         """Tell proxies the new list of calls (their wrappers list them)."""
         if self._started:
             try:
-                self._client.send(self._event_channel, "status", self.status())
+                self._client.send(self._event_channel, "status", self.get_status())
             except IpcBusError as exc:
                 log.debug("service %r: status update not sent: %s", self._name, exc)
 
@@ -313,7 +307,7 @@ class IpcBusService:
             self._started = True
             try:
                 client.on(self._call_channel, self._on_call)
-                client.send(self._event_channel, "start", self.status())
+                client.send(self._event_channel, "start", self.get_status())
             except BaseException:
                 self._started = False
                 client.off(self._call_channel, self._on_call)
@@ -383,8 +377,15 @@ class IpcBusService:
             return
         call_name, call_args = args[0], args[1:]
         if call_name == STATUS_CALL:
+            status = self.get_status()
+            if call_args[:1] == (True,) and status["started"] and event.sender is not None:
+                # A new proxy: tell it in the notices' order (see the module's docstring).
+                try:
+                    self._client.send_to(event.sender, self._event_channel, "start", status)
+                except IpcBusError as exc:
+                    log.debug("service %r: start notice not sent: %s", self._name, exc)
             if request is not None:
-                request.resolve(self.status())
+                request.resolve(status)
             return
         with self._lock:
             handler = self._handlers.get(call_name)
@@ -506,15 +507,14 @@ class IpcBusServiceProxy(Emitter[str]):
         if not client.connected:
             raise IpcBusConnectionError("the proxy's client is not connected")
         _on_closed_weak(client, self, "_on_client_closed")
-        # Notices first, then the status: a start can never fall in between.
+        # Notices first, then the status: a start can never fall in between. A started host
+        # answers with a "start" notice to this peer; with none, the request fails at once.
         client.on(self._event_channel, self._on_notice)
         try:
-            status = client.request_async(self._call_channel, -1, STATUS_CALL)
+            client.request_async(self._call_channel, -1, STATUS_CALL, True)
         except BaseException:
             client.off(self._event_channel, self._on_notice)
             raise
-        status.add_done_callback(
-            lambda f: _call_soon(client, functools.partial(self._on_status_reply, f)))
 
     @classmethod
     def create(cls, client: IpcBusClient, name: str, call_timeout: float | None = None
@@ -600,6 +600,9 @@ class IpcBusServiceProxy(Emitter[str]):
 
     def apply(self, call_name: str, args: Iterable[Any] = ()) -> Any:
         """Like :meth:`call`, with the arguments as one sequence."""
+        if isinstance(args, (str, bytes, bytearray, dict)):
+            raise TypeError(f"apply() takes the arguments as a list or tuple, not"
+                            f" {type(args).__name__}")
         return _wait(self._client, self._submit(call_name, tuple(args), False).future)
 
     def call_async(self, call_name: str, *args: Any) -> concurrent.futures.Future[Any]:
@@ -716,21 +719,6 @@ class IpcBusServiceProxy(Emitter[str]):
                 with self._lock:
                     if self._started:
                         self._status = {**args[1], "started": True}
-
-    def _on_status_reply(self, future: concurrent.futures.Future[Any]) -> None:
-        """The answer to the status request made at creation, in its place among notices."""
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is None:
-            status = future.result().payload
-            if isinstance(status, dict) and status.get("started"):
-                self._set_started(status)
-            else:
-                self._set_stopped(f"service {self._name!r} is not started")
-        elif isinstance(exc, IpcBusRequestError) and not isinstance(exc, IpcBusTimeoutError):
-            self._set_stopped(f"service {self._name!r} is not started")  # no listener
-        # a connection error: _on_client_closed does the rest
 
     def _set_started(self, status: dict[str, Any]) -> None:
         with self._lock:
