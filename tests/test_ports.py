@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import signal
@@ -19,6 +20,8 @@ from conftest import Collector, sync, wait_until
 
 
 def fd_count(pid: int | None = None) -> int:
+    if pid is None:
+        gc.collect()  # garbage of earlier tests may hold descriptors until collected
     return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
 
 
