@@ -10,10 +10,10 @@ from .bridge import IpcBusBridge
 from .broker import DEFAULT_TIMEOUT, IpcBusBroker
 from .client import (IpcBusClient, IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
                      IpcBusRequestResponse)
-from .service import IpcBusService, IpcBusServiceProxy
+from .service import IpcBusService, IpcBusServiceProxy, IpcBusServiceWrapper
 from ._transport import create_channel
 from .errors import (IpcBusConnectionError, IpcBusError, IpcBusProtocolError, IpcBusRequestError,
-                     IpcBusRequestTimeoutError, IpcBusTimeoutError)
+                     IpcBusRequestTimeoutError, IpcBusServiceError, IpcBusTimeoutError)
 
 __version__ = "0.1.0"
 
@@ -33,7 +33,9 @@ __all__ = [
     "IpcBusRequestResponse",
     "IpcBusRequestTimeoutError",
     "IpcBusService",
+    "IpcBusServiceError",
     "IpcBusServiceProxy",
+    "IpcBusServiceWrapper",
     "IpcBusTimeoutError",
     "__version__",
     "create_channel",

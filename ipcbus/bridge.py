@@ -58,6 +58,7 @@ class IpcBusBridge:
         self._lock = threading.Lock()
         self._link_address: T.Address | None = None
         self._handed_out: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self._probe_client: Any = None
 
     @classmethod
     def create(cls, **options: Any) -> IpcBusBridge:
@@ -144,8 +145,14 @@ class IpcBusBridge:
         return theirs
 
     def query_state(self, timeout: float | None = None) -> dict[str, Any]:
-        """This bridge's view of the bus (its own peers, channels and services)."""
+        """The bus as this bridge knows it: its own router's state, or, when linked to a
+        broker, the broker's view of the whole bus (the same answer as
+        ``/ipcbus/queryState`` from any client)."""
         hub = self._require_hub()
+        if hub.router.upstream is not None:
+            state: dict[str, Any] = self._probe().request(
+                "/ipcbus/queryState", timeout).payload
+            return state
         done = threading.Event()
         result: dict[str, Any] = {}
 
@@ -159,9 +166,20 @@ class IpcBusBridge:
         return result
 
     def is_service_available(self, name: str, timeout: float | None = None) -> bool:
+        """Is a service of this name started anywhere on the bus?"""
         if not isinstance(name, str):
             raise TypeError("service name must be a str")
         return name in self.query_state(timeout)["services"]
+
+    def _probe(self) -> Any:
+        """A client of this bridge for asking the broker (a "main" peer named ipcbus-bridge)."""
+        with self._lock:
+            if self._probe_client is None:
+                from .client import IpcBusClient  # the client module imports this one
+
+                self._probe_client = IpcBusClient.create().connect(
+                    peer_name=f"ipcbus-bridge-{os.getpid()}")
+            return self._probe_client
 
     def _require_hub(self) -> Hub:
         hub = self._hub
@@ -172,6 +190,10 @@ class IpcBusBridge:
     def close(self, timeout: float | None = None) -> None:
         """Close every pipe, every local client connection and the link. Idempotent."""
         global _current
+        with self._lock:
+            probe, self._probe_client = self._probe_client, None
+        if probe is not None:
+            probe.close()
         with self._lock:
             hub, self._hub = self._hub, None
             if hub is None:

@@ -871,6 +871,11 @@ class IpcBusClient(Emitter[str]):
         self._closed_handlers.add(handler)
         return self
 
+    def off_closed(self, handler: Callable[[], None]) -> Self:
+        """Forget a handler given to :meth:`on_closed`."""
+        self._closed_handlers.remove(handler)
+        return self
+
     def _connection_ended(self, conn: _Connection) -> None:
         with self._fire_lock:  # never held while waiting: safe from the dispatch thread
             if self._closed_fired:

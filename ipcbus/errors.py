@@ -18,6 +18,7 @@ __all__ = [
     "IpcBusRequestError",
     "IpcBusRequestTimeoutError",
     "IpcBusProtocolError",
+    "IpcBusServiceError",
 ]
 
 
@@ -51,3 +52,7 @@ class IpcBusRequestTimeoutError(IpcBusRequestError, IpcBusTimeoutError):
 
 class IpcBusProtocolError(IpcBusError, ValueError):
     """Bytes on the wire do not form a valid ipcbus frame or handshake."""
+
+
+class IpcBusServiceError(IpcBusError):
+    """A service could not be started (its name is taken on the bus), or is used wrongly."""

@@ -72,9 +72,10 @@ from typing_extensions import Self
 
 from . import _protocol as P
 from .broker import resolve_timeout
-from .client import IpcBusClient, IpcBusEvent, IpcBusRequest, IpcBusRequestResponse, _Timer
+from .client import (IpcBusClient, IpcBusEvent, IpcBusRequest, IpcBusRequestResponse, _set,
+                     _Timer)
 from .emitter import Emitter, Listener
-from .errors import (IpcBusConnectionError, IpcBusError, IpcBusRequestError,
+from .errors import (IpcBusConnectionError, IpcBusError, IpcBusRequestError, IpcBusServiceError,
                      IpcBusRequestTimeoutError, IpcBusTimeoutError)
 
 log = logging.getLogger("ipcbus")
@@ -89,10 +90,6 @@ SERVICE_EVENT_START = "service-event-start"
 SERVICE_EVENT_STOP = "service-event-stop"
 """Proxy event: the service has stopped (or left the bus); handlers get ``(reason,)``."""
 _RESERVED_EVENTS = frozenset({SERVICE_EVENT_START, SERVICE_EVENT_STOP})
-
-
-class IpcBusServiceError(IpcBusError):
-    """A service could not be started (its name is taken on the bus), or is used wrongly."""
 
 
 # -- shared helpers ------------------------------------------------------------------------------
@@ -131,29 +128,15 @@ def _check_name(name: object, what: str) -> str:
     return name
 
 
-def _set(future: concurrent.futures.Future[Any], *, result: Any = None,
-         exc: BaseException | None = None) -> None:
-    """Complete ``future`` unless it is done already (answered, failed or cancelled)."""
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass
-
-
 def _wait(client: IpcBusClient, future: concurrent.futures.Future[Any]) -> Any:
     """``future.result()``; on the client's dispatch thread, keep dispatching meanwhile (a call
     made by a listener or a call handler must not stop the notices it may be waiting for)."""
-    conn = client._conn
-    if conn is not None:
-        return conn.wait(future)
-    return future.result()
+    return client._wait(future)
 
 
-def _on_closed_weak(client: IpcBusClient, obj: Any, method: str) -> None:
-    """``client.on_closed`` without keeping ``obj`` alive."""
+def _on_closed_weak(client: IpcBusClient, obj: Any, method: str) -> Callable[[], None]:
+    """``client.on_closed`` without keeping ``obj`` alive; returns the handler (for
+    ``client.off_closed``)."""
     ref = weakref.ref(obj)
 
     def handler() -> None:
@@ -162,6 +145,7 @@ def _on_closed_weak(client: IpcBusClient, obj: Any, method: str) -> None:
             getattr(target, method)()
 
     client.on_closed(handler)
+    return handler
 
 
 def _public_methods(impl: object) -> Iterable[tuple[str, Callable[..., Any]]]:
@@ -506,7 +490,7 @@ class IpcBusServiceProxy(Emitter[str]):
         self._wrapper = IpcBusServiceWrapper(self)
         if not client.connected:
             raise IpcBusConnectionError("the proxy's client is not connected")
-        _on_closed_weak(client, self, "_on_client_closed")
+        self._closed_handler = _on_closed_weak(client, self, "_on_client_closed")
         # Notices first, then the status: a start can never fall in between. A started host
         # answers with a "start" notice to this peer; with none, the request fails at once.
         client.on(self._event_channel, self._on_notice)
@@ -802,6 +786,7 @@ class IpcBusServiceProxy(Emitter[str]):
         :class:`~ipcbus.IpcBusConnectionError`, later calls raise it. Idempotent."""
         if self._shutdown("the proxy was closed"):
             self._client.off(self._event_channel, self._on_notice)
+            self._client.off_closed(self._closed_handler)
             self.remove_all_listeners()
 
     def __enter__(self) -> Self:

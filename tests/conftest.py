@@ -1,6 +1,7 @@
 """Shared fixtures: short socket paths, a broker per test, both start methods, bounded waits."""
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -97,3 +98,66 @@ class Collector:
             if not self._cond.wait_for(lambda: len(self.items) >= count, timeout):
                 raise AssertionError(f"got {len(self.items)} of {count} messages in {timeout} s")
             return list(self.items)
+
+
+class Children:
+    """Start module-level targets in ``ctx``; always stop, join (bounded) and kill them.
+
+    ``self.stop`` is the read end of a pipe the children may wait on; ``close()`` writes to it.
+    A pipe, not an Event: setting an Event that a SIGKILLed child was waiting on blocks.
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.stop, self._stop_w = ctx.Pipe(duplex=False)
+        self.procs: list[Any] = []
+
+    def start(self, target: Any, *args: Any) -> Any:
+        p = self.ctx.Process(target=target, args=args, daemon=True)
+        p.start()
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        self._stop_w.send_bytes(b"stop")  # readable for every child; nobody consumes it
+        for p in self.procs:
+            p.join(5)
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(2)
+
+
+@pytest.fixture
+def children(ctx: Any) -> Iterator[Children]:
+    kids = Children(ctx)
+    try:
+        yield kids
+    finally:
+        kids.close()
+
+
+@contextlib.contextmanager
+def elapsed() -> Iterator[list[float]]:
+    """``with elapsed() as t:`` ... then ``t[0]`` is the duration of the block."""
+    out: list[float] = []
+    t0 = time.monotonic()
+    try:
+        yield out
+    finally:
+        out.append(time.monotonic() - t0)
+
+
+@contextlib.contextmanager
+def running(procs: list[Any]) -> Iterator[list[Any]]:
+    """Start processes; at the end join them (bounded) and kill what is left."""
+    for p in procs:
+        p.start()
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join(5)

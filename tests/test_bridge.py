@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import multiprocessing
 import os
 import signal
@@ -15,22 +14,7 @@ import pytest
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionError,
                     IpcBusEvent, IpcBusRequestError)
 
-from conftest import Collector, sync, wait_until
-
-
-@contextlib.contextmanager
-def running(procs: list[Any]) -> Iterator[list[Any]]:
-    """Start processes; at the end join them (bounded) and kill what is left."""
-    for p in procs:
-        p.start()
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+from conftest import Collector, running, sync, wait_until
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ that clock (CLOCK_MONOTONIC) is system-wide.
 """
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import random
@@ -20,7 +19,7 @@ import socket
 import stat
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -29,7 +28,7 @@ from ipcbus import _protocol as P
 from ipcbus import _transport as T
 from ipcbus._protocol import Kind
 
-from conftest import Collector, sync, wait_until
+from conftest import Collector, elapsed, sync, wait_until
 
 READY_TIMEOUT = 30.0
 
@@ -127,49 +126,6 @@ def _use_inherited_client(client: IpcBusClient, result_q: Any) -> None:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-class Children:
-    """Start module-level targets in ``ctx``; always stop, join (bounded) and kill them."""
-
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-        self.stop, self._stop_w = ctx.Pipe(duplex=False)
-        self.procs: list[Any] = []
-
-    def start(self, target: Any, *args: Any) -> Any:
-        p = self.ctx.Process(target=target, args=args, daemon=True)
-        p.start()
-        self.procs.append(p)
-        return p
-
-    def close(self) -> None:
-        self._stop_w.send_bytes(b"stop")
-        for p in self.procs:
-            p.join(5)
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-                p.join(2)
-
-
-@pytest.fixture
-def children(ctx: Any) -> Iterator[Children]:
-    kids = Children(ctx)
-    try:
-        yield kids
-    finally:
-        kids.close()
-
-
-@contextlib.contextmanager
-def elapsed() -> Iterator[list[float]]:
-    out: list[float] = []
-    t0 = time.monotonic()
-    try:
-        yield out
-    finally:
-        out.append(time.monotonic() - t0)
-
-
 def wait_eof(sock: socket.socket, timeout: float) -> float | None:
     """Read until the other side closes; the seconds it took, or None if it did not."""
     t0 = time.monotonic()

@@ -1,7 +1,6 @@
 """Handle transfer: pipes, sockets and Connections passed between processes, without leaks."""
 from __future__ import annotations
 
-import contextlib
 import gc
 import multiprocessing
 import os
@@ -16,27 +15,13 @@ import pytest
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionError,
                     IpcBusEvent, IpcBusRequestError, create_channel)
 
-from conftest import Collector, sync, wait_until
+from conftest import Collector, running, sync, wait_until
 
 
 def fd_count(pid: int | None = None) -> int:
     if pid is None:
         gc.collect()  # garbage of earlier tests may hold descriptors until collected
     return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
-
-
-@contextlib.contextmanager
-def running(procs: list[Any]) -> Iterator[list[Any]]:
-    for p in procs:
-        p.start()
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
 
 
 # -- children ------------------------------------------------------------------------------------

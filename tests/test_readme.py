@@ -13,7 +13,8 @@ README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 RUNNABLE = [block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
             if 'if __name__ == "__main__":' in block]
-EXPECTED = {0: ["alice says 'hello' 1", "5"], 1: ["5"]}
+EXPECTED = {0: ["alice says 'hello' 1", "5"], 1: ["5"],
+            2: ["5 2 ['add', 'div']", "calc.div() failed: ZeroDivisionError: division by zero"]}
 
 
 def test_readme_has_runnable_snippets() -> None:

@@ -8,7 +8,6 @@ joined with a bound and killed in a ``finally``.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import signal
 import threading
@@ -21,7 +20,8 @@ import ipcbus
 from ipcbus import (IpcBusClient, IpcBusPeer, IpcBusRequestError,
                     IpcBusRequestResponse)
 
-from conftest import Collector, sync, wait_until
+import conftest
+from conftest import Collector, elapsed, sync, wait_until
 
 READY_TIMEOUT = 30.0  # a spawn child on a busy machine can take a while to import
 
@@ -76,20 +76,11 @@ def _serve(path: str, name: str, channels: dict[str, str], ready_q: Any, stop: A
 
 
 # -- helpers -----------------------------------------------------------------------------------
-class Children:
-    """Start module-level targets in ``ctx``; always stop, join (bounded) and kill them."""
 
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-        # A pipe, not an Event: setting an Event that a SIGKILLed child was waiting on blocks.
-        self.stop, self._stop_w = ctx.Pipe(duplex=False)
-        self.procs: list[Any] = []
 
-    def start(self, target: Any, *args: Any) -> Any:
-        p = self.ctx.Process(target=target, args=args, daemon=True)
-        p.start()
-        self.procs.append(p)
-        return p
+# -- answers -----------------------------------------------------------------------------------
+class Children(conftest.Children):
+    """conftest.Children with the ``_serve`` responder of this module."""
 
     def serve(self, path: str, name: str, channels: dict[str, str],
               **extra: Any) -> tuple[Any, dict[str, Any]]:
@@ -100,14 +91,6 @@ class Children:
         assert info["pid"] == p.pid
         return p, info
 
-    def close(self) -> None:
-        self._stop_w.send_bytes(b"stop")  # readable for every child; nobody consumes it
-        for p in self.procs:
-            p.join(5)
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-                p.join(2)
 
 
 @pytest.fixture
@@ -119,18 +102,6 @@ def children(ctx: Any) -> Iterator[Children]:
         kids.close()
 
 
-@contextlib.contextmanager
-def elapsed() -> Iterator[list[float]]:
-    """``with elapsed() as t:`` ... then ``t[0]`` is the duration of the block."""
-    out: list[float] = []
-    t0 = time.monotonic()
-    try:
-        yield out
-    finally:
-        out.append(time.monotonic() - t0)
-
-
-# -- answers -----------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_request_answered_by_child(broker, children, clients):
     p, info = children.serve(broker.address, "responder", {"ask": "echo"})
