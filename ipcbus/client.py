@@ -23,6 +23,7 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import queue
 import socket
@@ -223,6 +224,7 @@ class _Connection:
         self.last_write = 0.0
         self.flusher: threading.Thread | None = None
         self.flush_wanted = threading.Event()
+        self.exit_flush: Any = None  # a multiprocessing.util.Finalize, cancelled at the end
         self.lock = threading.Lock()  # clients, pending, closed
         self.clients: dict[str, IpcBusClient] = {}
         self.client_list: tuple[IpcBusClient, ...] = ()  # snapshot of clients, for dispatch
@@ -298,6 +300,20 @@ class _Connection:
         with self.send_lock:
             if self.out and not self.closed:
                 self._flush_locked()
+
+    def flush_at_exit(self) -> None:
+        """The process is ending (normal exit, or a multiprocessing child returning): write
+        the tail of a burst, within a bound, so that nothing sent is lost."""
+        if self.forked or self.closed or not self.send_lock.acquire(timeout=1.0):
+            return
+        try:
+            if self.out:
+                self.transport.sock.settimeout(2.0)
+                self._flush_locked()
+        except OSError as exc:
+            log.warning("could not write the last messages at exit: %s", exc)
+        finally:
+            self.send_lock.release()
 
     def _wake_flusher(self) -> None:
         if self.flusher is None:
@@ -429,6 +445,8 @@ class _Connection:
             pending = list(self.pending.values())
             self.pending.clear()
         self.timer.stop()
+        if self.exit_flush is not None:
+            self.exit_flush.cancel()
         for p in pending:
             _set(p.future, exc=IpcBusConnectionError(
                 f"request on {p.channel!r} failed: {self.close_reason}"))
@@ -692,6 +710,10 @@ def _open_connection(key: Any, make_socket: Callable[[], socket.socket], *, tcp:
         coalesce = DEFAULT_SOCKET_BUFFER if socket_buffer is None else socket_buffer
         decoder.merge_runs = True
         conn = _Connection(key, transport, decoder, welcome, ptype, coalesce)
+        # Run at interpreter exit and by multiprocessing's own exit path in its children
+        # (which skips atexit): a burst sent just before the end still goes out.
+        conn.exit_flush = multiprocessing.util.Finalize(conn, conn.flush_at_exit,
+                                                        exitpriority=10)
         _connections[key] = conn
         conn.start()
         return conn

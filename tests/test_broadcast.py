@@ -122,3 +122,26 @@ def test_send_to_reaches_only_the_target(broker: IpcBusBroker, clients: Any) -> 
     assert got_c.wait(1)[0][1] == ("to c",)
     sync(a)
     assert len(got_b.items) == len(got_c.items) == 1
+
+
+def burst_then_exit(address: str, count: int) -> None:
+    """Sends a burst and returns without close(): the process exits with data buffered."""
+    client = IpcBusClient.create().connect(address, peer_name="leaver")
+    for i in range(count):
+        client.send("burst", i)
+
+
+@pytest.mark.timeout(60)
+def test_a_burst_sent_just_before_exit_is_delivered(broker: IpcBusBroker, ctx: Any,
+                                                    clients: Any) -> None:
+    count = 3000
+    main = clients(broker.address, peer_name="main")
+    got = Collector()
+    main.on("burst", got)
+    sync(main)
+    child = ctx.Process(target=burst_then_exit, args=(broker.address, count))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    items = got.wait(count, timeout=10)
+    assert [args[0] for _, args in items] == list(range(count))

@@ -92,7 +92,6 @@ class Children(conftest.Children):
         return p, info
 
 
-
 @pytest.fixture
 def children(ctx: Any) -> Iterator[Children]:
     kids = Children(ctx)
