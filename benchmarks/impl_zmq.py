@@ -25,10 +25,11 @@ import msgpack
 
 from harness import BenchFailure, Notify, Round, RoleSpec, Topology
 
+zmq: Any
 try:
-    import zmq
+    import zmq  # type: ignore[no-redef,unused-ignore]
 except ImportError:  # the suite reports pyzmq as skipped
-    zmq = None  # type: ignore[assignment]
+    zmq = None
 
 AVAILABLE = zmq is not None
 VERSION = f"{zmq.pyzmq_version()} (libzmq {zmq.zmq_version()})" if AVAILABLE else None
