@@ -332,6 +332,9 @@ class Hub:
                     return
         except IpcBusProtocolError as exc:
             self.drop(ep, f"protocol error: {exc}")
+        except Exception as exc:  # e.g. EMFILE duplicating descriptors: never stop the bus
+            log.exception("error while routing a frame from %s", ep.label)
+            self.drop(ep, f"internal error while routing its frame: {exc!r}")
         finally:
             self.current = None
 
