@@ -55,6 +55,8 @@ VERSION = 1
 
 PREFIX = struct.Struct("!HI")
 _SEND, _SEND_TO = 7, 8  # Kind.SEND, Kind.SEND_TO, for the decoder's hot loop
+# the kinds a spy or a traffic log sees: messages between peers, not the bus's own bookkeeping
+MESSAGE_KINDS = frozenset({7, 8, 9, 10, 11})  # SEND, SEND_TO, REQUEST, RESPONSE, REQUEST_FAIL
 PREFIX_SIZE = PREFIX.size
 MAX_HEADER = 8192
 MAX_CHANNEL = 1024
@@ -82,6 +84,9 @@ class Kind(enum.IntEnum):
     NOTICE = 13  # router -> peer: body {"error": str} or {"closing": reason}
     SERVICE_ADD = 14  # sender hosts the service named by channel; answered like a request (rid)
     SERVICE_REMOVE = 15  # sender no longer hosts the service named by channel
+    SPY_ADD = 16  # sender wants copies of the traffic on channels matching the glob in channel
+    SPY_COPY = 17  # router -> spy (target): body = the bytes of a routed frame (or run), as is
+    SPY_REMOVE = 18  # sender stops spying
 
 
 KINDS = frozenset(int(k) for k in Kind)

@@ -24,6 +24,7 @@ Rules:
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 from typing import Any, Callable, Protocol
 
@@ -44,12 +45,14 @@ class Endpoint(Protocol):
     peers: dict[str, Peer]
     label: str  # for logs
 
-    def deliver(self, raw: bytes | bytearray, fds: list[int]) -> None:
-        """Queue one frame's bytes (and descriptors, borrowed until written) for this endpoint."""
+    def deliver(self, raw: bytes | bytearray, fds: list[int], count: int = 1) -> None:
+        """Queue a frame's bytes (``count`` > 1: a run of frames) and its descriptors (borrowed
+        until this call returns) for this endpoint."""
 
 
 class Peer:
-    __slots__ = ("id", "name", "type", "pid", "endpoint", "channels", "info")
+    __slots__ = ("id", "name", "type", "pid", "endpoint", "channels", "info", "sent_msgs",
+                 "sent_bytes")
 
     def __init__(self, info: list[Any], endpoint: Endpoint) -> None:
         self.info = info
@@ -59,6 +62,12 @@ class Peer:
         self.pid: int = info[3]
         self.endpoint = endpoint
         self.channels: dict[str, int] = {}
+        self.sent_msgs = 0  # messages this peer sent (broadcasts, requests, answers)
+        self.sent_bytes = 0
+
+
+Observer = Callable[["Endpoint", Frame], None]
+_MAX_CHANNEL_STATS = 10_000
 
 
 class Pending:
@@ -95,6 +104,11 @@ class Router:
         self.pending: dict[tuple[str, int], Pending] = {}
         self._receiving: dict[str, set[tuple[str, int]]] = {}  # peer id -> pending keys
         self.services: dict[str, str] = {}  # service name -> peer id of its host
+        # Looking in: observers see every message a peer sends (after it is routed); with none
+        # attached the cost is one truth test per frame. Spies are observers fed by the router.
+        self.observers: list[Observer] = []
+        self.spies: dict[str, str] = {}  # spy peer id -> channel glob ("" = every channel)
+        self.channel_stats: dict[str, list[int]] = {}  # channel -> [messages, bytes]
         self._state_extra = state_extra
         self._handlers: dict[int, Callable[[Endpoint, Frame], None]] = {
             Kind.PEER_ADD: self._on_peer_add,
@@ -110,6 +124,8 @@ class Router:
             Kind.NOTICE: self._on_notice,
             Kind.SERVICE_ADD: self._on_service_add,
             Kind.SERVICE_REMOVE: self._on_service_remove,
+            Kind.SPY_ADD: self._on_spy_add,
+            Kind.SPY_REMOVE: self._on_spy_remove,
         }
 
     # -- entry points ---------------------------------------------------------------------
@@ -128,10 +144,30 @@ class Router:
                 # Only a relay speaks for its side without being a peer itself.
                 if not (endpoint.relay and frame.kind in (Kind.REQUEST_FAIL, Kind.NOTICE)):
                     raise IpcBusProtocolError(f"{Kind(frame.kind).name} without a sender")
-            elif endpoint.peers.get(sid) is None:
-                raise IpcBusProtocolError(
-                    f"{Kind(frame.kind).name} from {sid!r}, which is not a peer of this connection")
+            else:
+                peer = endpoint.peers.get(sid)
+                if peer is None:
+                    raise IpcBusProtocolError(f"{Kind(frame.kind).name} from {sid!r}, which is"
+                                              " not a peer of this connection")
+                if frame.kind in P.MESSAGE_KINDS:
+                    self._count(peer, frame)
         handler(endpoint, frame)
+        if self.observers and frame.kind in P.MESSAGE_KINDS:
+            for observer in self.observers:
+                observer(endpoint, frame)
+
+    def _count(self, peer: Peer, frame: Frame) -> None:
+        size = len(frame.raw)
+        peer.sent_msgs += frame.count
+        peer.sent_bytes += size
+        stats = self.channel_stats.get(frame.channel)
+        if stats is None:
+            if len(self.channel_stats) >= _MAX_CHANNEL_STATS:  # forget unheard channels first
+                for channel in [c for c in self.channel_stats if c not in self.subscribers]:
+                    del self.channel_stats[channel]
+            stats = self.channel_stats[frame.channel] = [0, 0]
+        stats[0] += frame.count
+        stats[1] += size
 
     def remove_endpoint(self, endpoint: Endpoint) -> None:
         """Forget a connection that has ended, and everything its peers owned."""
@@ -173,6 +209,8 @@ class Router:
         peer.endpoint.peers.pop(peer_id, None)
         for channel in list(peer.channels):
             self._unsubscribe(peer, channel, 0)
+        if self.spies.pop(peer_id, None) is not None and not self.spies:
+            self.observers.remove(self._mirror)
         for name, host in list(self.services.items()):
             if host == peer_id:
                 del self.services[name]
@@ -253,10 +291,10 @@ class Router:
         if eps:
             for ep in eps:
                 if (ep is not endpoint or not ep.relay) and ep is not skip:
-                    ep.deliver(frame.raw, frame.fds)
+                    ep.deliver(frame.raw, frame.fds, frame.count)
         if to_upstream:
             assert upstream is not None
-            upstream.deliver(frame.raw, frame.fds)
+            upstream.deliver(frame.raw, frame.fds, frame.count)
 
     def _on_send_to(self, endpoint: Endpoint, frame: Frame) -> None:
         target = frame.target
@@ -265,10 +303,10 @@ class Router:
         if frame.nfds and (peer is not None or via_upstream):
             self._post(endpoint, frame, [peer.endpoint] if peer is not None else [], via_upstream)
         elif peer is not None:
-            peer.endpoint.deliver(frame.raw, frame.fds)
+            peer.endpoint.deliver(frame.raw, frame.fds, frame.count)
         elif via_upstream:
             assert self.upstream is not None
-            self.upstream.deliver(frame.raw, frame.fds)
+            self.upstream.deliver(frame.raw, frame.fds, frame.count)
         elif frame.nfds and frame.rid and frame.sender_id is not None:
             endpoint.deliver(_fail_frame(frame.sender_id, frame.rid,
                                          f"no peer {frame.target!r} on the bus"), [])
@@ -293,13 +331,13 @@ class Router:
                     " pipe; nothing was sent")), [])
             return
         for ep in targets:
-            ep.deliver(frame.raw, frame.fds)
+            ep.deliver(frame.raw, frame.fds, frame.count)
         if via_upstream and self.upstream is not None:
             if rid and sender is not None:
                 key = (sender, rid)
                 self.pending[key] = Pending(sender, endpoint, frame.channel, {UPSTREAM})
                 self._receiving.setdefault(UPSTREAM, set()).add(key)
-            self.upstream.deliver(frame.raw, frame.fds)
+            self.upstream.deliver(frame.raw, frame.fds, frame.count)
         elif rid and sender is not None:
             endpoint.deliver(_answer_frame(sender, rid, len(targets)), [])
 
@@ -366,7 +404,7 @@ class Router:
         for rid_peer in receivers:
             self._receiving.setdefault(rid_peer, set()).add(key)
         for ep in targets:
-            ep.deliver(frame.raw, frame.fds)
+            ep.deliver(frame.raw, frame.fds, frame.count)
 
     def _special(self, channel: str, frame: Frame) -> bytes | None:
         requester = frame.sender_id
@@ -390,10 +428,10 @@ class Router:
             raise IpcBusProtocolError("RESPONSE without a target")
         pending = self._forget((target, frame.rid))
         if pending is not None:
-            pending.endpoint.deliver(frame.raw, frame.fds)
+            pending.endpoint.deliver(frame.raw, frame.fds, frame.count)
         elif target not in self.peers and self.upstream is not None \
                 and endpoint is not self.upstream:
-            self.upstream.deliver(frame.raw, frame.fds)
+            self.upstream.deliver(frame.raw, frame.fds, frame.count)
         # else: a late answer (the first one won) or the requester has gone: dropped.
 
     def _on_request_fail(self, endpoint: Endpoint, frame: Frame) -> None:
@@ -415,13 +453,13 @@ class Router:
         assert frame.sender is not None
         pending = self._forget((frame.sender[0], frame.rid))
         if pending is not None and UPSTREAM in pending.receivers and self.upstream is not None:
-            self.upstream.deliver(frame.raw, frame.fds)
+            self.upstream.deliver(frame.raw, frame.fds, frame.count)
 
     def _on_notice(self, endpoint: Endpoint, frame: Frame) -> None:
         if endpoint is self.upstream and frame.target is not None:
             peer = self.peers.get(frame.target)
             if peer is not None:
-                peer.endpoint.deliver(frame.raw, frame.fds)
+                peer.endpoint.deliver(frame.raw, frame.fds, frame.count)
                 return
         log.info("%s: notice %s", endpoint.label, bytes(frame.body)[:200])
 
@@ -459,7 +497,7 @@ class Router:
             key = (peer.id, frame.rid)
             self.pending[key] = Pending(peer.id, endpoint, name, {UPSTREAM})
             self._receiving.setdefault(UPSTREAM, set()).add(key)
-            self.upstream.deliver(frame.raw, frame.fds)
+            self.upstream.deliver(frame.raw, frame.fds, frame.count)
             return
         host = self.services.get(name)
         if host is not None and host != peer.id:
@@ -474,9 +512,36 @@ class Router:
     def _on_service_remove(self, endpoint: Endpoint, frame: Frame) -> None:
         peer = self._sender(endpoint, frame)
         if self.upstream is not None:
-            self.upstream.deliver(frame.raw, frame.fds)
+            self.upstream.deliver(frame.raw, frame.fds, frame.count)
         elif self.services.get(frame.channel) == peer.id:
             del self.services[frame.channel]
+
+    # -- spies -------------------------------------------------------------------------------------
+    def _on_spy_add(self, endpoint: Endpoint, frame: Frame) -> None:
+        peer = self._sender(endpoint, frame)
+        if not self.spies:
+            self.observers.append(self._mirror)
+        self.spies[peer.id] = frame.channel
+        endpoint.deliver(_answer_frame(peer.id, frame.rid, None), [])
+
+    def _on_spy_remove(self, endpoint: Endpoint, frame: Frame) -> None:
+        peer = self._sender(endpoint, frame)
+        if self.spies.pop(peer.id, None) is not None and not self.spies:
+            self.observers.remove(self._mirror)
+
+    def _mirror(self, endpoint: Endpoint, frame: Frame) -> None:
+        """Give every interested spy a copy of a routed message (its bytes, undecoded)."""
+        copy: bytes | None = None
+        for spy_id, pattern in self.spies.items():
+            if pattern and not fnmatch.fnmatchcase(frame.channel, pattern):
+                continue
+            spy = self.peers.get(spy_id)
+            if spy is None:
+                continue
+            if copy is None:
+                copy = bytes(frame.raw)
+            spy.endpoint.deliver(P.encode_frame(Kind.SPY_COPY, frame.channel, None, spy_id, 0,
+                                                copy), [])
 
     def _broadcast(self, channel: str, body: bytes) -> None:
         """A SEND made by the router itself (no sender), to the subscribers of ``channel``."""
@@ -489,15 +554,30 @@ class Router:
     # -- state ----------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """The bus as this router sees it (the answer to ``/ipcbus/queryState``)."""
+        pending_by_peer: dict[str, int] = {}
+        for requester, _ in self.pending:
+            pending_by_peer[requester] = pending_by_peer.get(requester, 0) + 1
         state: dict[str, Any] = {
             "pid": self.pid,
             "peers": [
                 {"id": p.id, "name": p.name, "type": p.type, "pid": p.pid,
-                 "channels": dict(p.channels)}
+                 "channels": dict(p.channels),
+                 "sent": {"messages": p.sent_msgs, "bytes": p.sent_bytes},
+                 "pending_requests": pending_by_peer.get(p.id, 0),
+                 # what the router delivered to this peer's connection (shared by the clients
+                 # of one process), and what still waits in its queue
+                 "connection": {
+                     "delivered_messages": getattr(p.endpoint, "delivered_msgs", 0),
+                     "delivered_bytes": getattr(p.endpoint, "delivered_bytes", 0),
+                     "queued_bytes": getattr(p.endpoint, "out_bytes", 0)}}
                 for p in self.peers.values()
             ],
             "channels": {ch: len(subs) for ch, subs in self.subscribers.items()},
+            "channel_stats": {ch: {"messages": m, "bytes": b,
+                                   "subscribers": len(self.subscribers.get(ch, ()))}
+                              for ch, (m, b) in self.channel_stats.items()},
             "services": dict(self.services),
+            "spies": len(self.spies),
             "pending_requests": len(self.pending),
         }
         if self._state_extra is not None:

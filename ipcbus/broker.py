@@ -34,11 +34,13 @@ from . import _protocol as P
 from . import _transport as T
 from ._protocol import Kind
 from ._router import Peer, Router
+from .spy import TrafficLog
 from .errors import IpcBusConnectionError, IpcBusProtocolError, IpcBusTimeoutError
 
 log = logging.getLogger("ipcbus")
 
 DEFAULT_TIMEOUT = 2.0
+ENV_LOG = "IPCBUS_LOG"  # a broker writes its traffic log there (.csv, or JSON lines)
 DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024
 DEFAULT_SLOW_CONSUMER_TIMEOUT = 10.0
 _TICK = 0.25
@@ -63,7 +65,8 @@ class HubOptions:
                  max_fds: int = P.DEFAULT_MAX_FDS, queue_limit: int = DEFAULT_QUEUE_LIMIT,
                  slow_consumer_timeout: float = DEFAULT_SLOW_CONSUMER_TIMEOUT,
                  handshake_timeout: float = T.HANDSHAKE_TIMEOUT,
-                 allowed_uids: list[int] | None = None) -> None:
+                 allowed_uids: list[int] | None = None,
+                 traffic_log: str | None = None) -> None:
         for name, value in (("max_message", max_message), ("queue_limit", queue_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -76,6 +79,9 @@ class HubOptions:
         self.slow_consumer_timeout = float(slow_consumer_timeout)
         self.handshake_timeout = float(handshake_timeout)
         self.allowed_uids = list(allowed_uids) if allowed_uids is not None else None
+        if traffic_log is not None and not isinstance(traffic_log, str):
+            raise TypeError("traffic_log must be a file path (str)")
+        self.traffic_log = traffic_log
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -86,7 +92,8 @@ class _Endpoint:
 
     __slots__ = ("hub", "transport", "decoder", "fd_queue", "peers", "relay", "label", "out",
                  "out_bytes", "out_fds", "blocked", "paused", "full_since", "ready", "deadline",
-                 "closing", "events", "on_ready", "can_pass_fds", "__weakref__")
+                 "closing", "events", "on_ready", "can_pass_fds", "delivered_msgs",
+                 "delivered_bytes", "__weakref__")
 
     def __init__(self, hub: Hub, transport: T.StreamTransport, label: str) -> None:
         self.hub = hub
@@ -108,13 +115,18 @@ class _Endpoint:
         self.events = 0
         self.on_ready: Callable[[], None] | None = None
         self.can_pass_fds = transport.can_pass_fds
+        self.delivered_msgs = 0  # messages delivered to this connection, for query_state
+        self.delivered_bytes = 0
 
-    def deliver(self, raw: bytes | bytearray, fds: list[int]) -> None:
+    def deliver(self, raw: bytes | bytearray, fds: list[int], count: int = 1) -> None:
         if self.closing is not None:
             return
         own = [os.dup(fd) for fd in fds] if fds else []
         self.out.append([memoryview(raw), own])
-        self.out_bytes += len(raw)
+        size = len(raw)
+        self.out_bytes += size
+        self.delivered_msgs += count
+        self.delivered_bytes += size
         self.out_fds += len(own)
         hub = self.hub
         hub.dirty.add(self)
@@ -151,6 +163,10 @@ class Hub:
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self._next_endpoint = 0
         self.owned: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # closed after fork
+        self.traffic: TrafficLog | None = None
+        if options.traffic_log:
+            self.traffic = TrafficLog(options.traffic_log)
+            self.router.observers.append(self.traffic)
         self.on_drop: Callable[[str, str, bool], None] | None = None  # (label, reason, upstream)
         self.thread: threading.Thread | None = None
 
@@ -465,6 +481,8 @@ class Hub:
 
     # -- ending -----------------------------------------------------------------------------------
     def _check_deadlines(self) -> None:
+        if self.traffic is not None:
+            self.traffic.flush()
         now = time.monotonic()
         for ep in list(self.endpoints):
             if not ep.ready and now > ep.deadline:
@@ -556,6 +574,8 @@ class Hub:
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self.traffic is not None:
+            self.traffic.close()
         _in_process_hubs.discard(self)
 
     def _state_extra(self) -> dict[str, Any]:
@@ -605,6 +625,8 @@ def run_broker_child(address: Any, options: dict[str, Any], authkey: bytes,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _child_logging()
     address = tuple(address) if isinstance(address, list) else address
+    if options.get("traffic_log") is None and os.environ.get(ENV_LOG):
+        options = {**options, "traffic_log": os.environ[ENV_LOG]}
     hub = Hub(HubOptions(**options), authkey=authkey)
     try:
         bound = hub.listen(address)
@@ -639,6 +661,8 @@ def run_broker_foreground(address: T.Address, options: HubOptions,
                           authkey: bytes | None = None,
                           ready: Callable[[T.Address], None] | None = None) -> None:
     """Run a broker in this process until SIGINT/SIGTERM (``python -m ipcbus broker``)."""
+    if options.traffic_log is None and os.environ.get(ENV_LOG):
+        options.traffic_log = os.environ[ENV_LOG]
     hub = Hub(options, authkey=authkey)
     bound = hub.listen(address)
 
@@ -658,7 +682,8 @@ class IpcBusBroker:
     Options (keyword arguments of the constructor / :meth:`create`): ``max_message`` (bytes,
     128 MiB), ``max_fds`` (per message, 64), ``queue_limit`` (per receiver, 64 MiB),
     ``slow_consumer_timeout`` (s, 10), ``handshake_timeout`` (s, 5), ``allowed_uids`` (extra
-    uids let in on a Unix socket), and ``context`` (a multiprocessing context or start method
+    uids let in on a Unix socket), ``traffic_log`` (a path: a row per routed message, CSV if
+    it ends in ``.csv``, else JSON lines; default ``$IPCBUS_LOG``), and ``context`` (a multiprocessing context or start method
     name; ``"spawn"`` by default, since a process with threads must not fork).
     """
 

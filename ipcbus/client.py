@@ -499,6 +499,14 @@ class _Connection:
     def _dispatch_frame(self, frame: P.Frame) -> None:
         kind, channel = frame.kind, frame.channel
         clients = self.client_list  # a snapshot, replaced (never mutated) under self.lock
+        if kind == Kind.SPY_COPY:
+            for client in clients:
+                if client._peer_id == frame.target and client._spy_handler is not None:
+                    try:
+                        client._spy_handler(frame)
+                    except Exception:
+                        log.exception("spy handler raised")
+            return
         if kind == Kind.SEND or frame.target is None:
             receivers = [c for c in clients if channel in c._listeners]
         else:
@@ -775,6 +783,7 @@ class IpcBusClient(Emitter[str]):
         self._conn: _Connection | None = None
         self._peer: IpcBusPeer | None = None
         self._peer_id: str | None = None
+        self._spy_handler: Callable[[P.Frame], None] | None = None
         self._info: list[Any] | None = None
         self._headers: dict[tuple[int, str, str | None], bytes] = {}  # for rid 0 frames
         self._closed_handlers = Callbacks()
@@ -1083,6 +1092,13 @@ class IpcBusClient(Emitter[str]):
         """Claim ``name`` on the bus; IpcBusRequestError if another peer has started it."""
         self._wait(self._start_request(Kind.SERVICE_ADD, P.check_channel(name), None,
                                        resolve_timeout(timeout), b""))
+
+    def _start_spy(self, pattern: str, handler: Callable[[P.Frame], None],
+                   timeout: float | None) -> None:
+        """Ask the router for copies of the traffic on channels matching ``pattern``."""
+        self._spy_handler = handler
+        self._wait(self._start_request(Kind.SPY_ADD, pattern, None, resolve_timeout(timeout),
+                                       b""))
 
     def _unregister_service(self, name: str) -> None:
         self._send_frame(Kind.SERVICE_REMOVE, P.check_channel(name), None, 0, b"")

@@ -27,7 +27,7 @@ class FakeEndpoint:
         self.peers: dict[str, Any] = {}
         self.delivered: list[tuple[bytes, list[int]]] = []
 
-    def deliver(self, raw: bytes | bytearray, fds: list[int]) -> None:
+    def deliver(self, raw: bytes | bytearray, fds: list[int], count: int = 1) -> None:
         self.delivered.append((bytes(raw), list(fds)))
 
     def take_raw(self) -> list[bytes]:
