@@ -223,6 +223,8 @@ def format_state(state: dict[str, Any], hide: set[str] | None = None) -> str:
                      f"{sent.get('messages', 0)} msg", f"{conn.get('delivered_messages', 0)} msg",
                      f"{conn.get('queued_bytes', 0)} B", ", ".join(sorted(p["channels"]))))
     lines += _table(rows)
+    if len(rows) > 1:
+        lines.append("  (DELIVERED and QUEUED count per connection: a process's clients share one)")
     lines += ["", "CHANNELS"]
     stats = state.get("channel_stats", {})
     rows = [("CHANNEL", "SUBSCRIBERS", "MESSAGES", "BYTES")]  # a new table
