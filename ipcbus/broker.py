@@ -292,6 +292,7 @@ class Hub:
         """Serve a connected socket (on the loop thread). ``ready``: handshake already done;
         ``decoder``: the one that read the handshake, with any bytes that followed it."""
         sock.setblocking(False)
+        T.tune_socket(sock)
         self.owned.add(sock)
         self._next_endpoint += 1
         ep = _Endpoint(self, T.StreamTransport(sock), f"#{self._next_endpoint} ({label})")

@@ -708,6 +708,7 @@ def _open_connection(key: Any, make_socket: Callable[[], socket.socket], *, tcp:
         if conn is not None and not conn.closed:
             return conn
         sock = make_socket()
+        T.tune_socket(sock)
         try:
             transport, decoder, welcome = T.client_handshake(
                 sock, tcp=tcp, authkey=authkey, timeout=timeout)

@@ -222,7 +222,7 @@ def test_receiver_killed_with_descriptors_in_flight(broker: IpcBusBroker) -> Non
             ready.wait(1, timeout=30)
             os.kill(child.pid, signal.SIGSTOP)  # stops reading: descriptors pile up
             blob = b"x" * 65536
-            for _ in range(100):
+            for _ in range(400):  # 26 MB: past both kernel buffers (4 MiB each, doubled)
                 r, w = os.pipe()
                 main.post_message("flood", blob, ports=[r, w])
                 os.close(r)
