@@ -19,6 +19,7 @@ closes it, so that a child killed with SIGKILL is noticed at once.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import multiprocessing
@@ -104,6 +105,9 @@ class IpcBusBridge:
             hub.start_thread(f"ipcbus-bridge {T.format_address(addr) if addr else 'local'}")
             self._hub = hub
             _current = self
+            # At exit, close before brokers and daemon children are torn down (atexit runs
+            # last-registered first), so the link ends as a close, not as a lost broker.
+            atexit.register(self.close)
         return self
 
     def _on_drop(self, label: str, reason: str, was_upstream: bool) -> None:
@@ -190,6 +194,7 @@ class IpcBusBridge:
     def close(self, timeout: float | None = None) -> None:
         """Close every pipe, every local client connection and the link. Idempotent."""
         global _current
+        atexit.unregister(self.close)
         with self._lock:
             probe, self._probe_client = self._probe_client, None
         if probe is not None:

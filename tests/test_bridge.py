@@ -5,6 +5,8 @@ import concurrent.futures
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Iterator
@@ -371,3 +373,33 @@ def test_bridge_arguments_and_lifecycle() -> None:
         bridge.close()
     bridge.close()
     assert bridge.closed
+
+
+EXIT_SCRIPT = """
+import sys
+from ipcbus import IpcBusBroker, IpcBusBridge, IpcBusClient
+if __name__ == "__main__":
+    broker = IpcBusBroker.create().connect(sys.argv[1])
+    socket_client = IpcBusClient.create().connect(sys.argv[1])
+    socket_client.on("x", lambda event, *args: None)
+    bridge = IpcBusBridge.create().connect(sys.argv[1])
+    main = IpcBusClient.create().connect()
+    main.on("y", lambda event, *args: None)
+    for i in range(1000):
+        main.send("x", i)
+    pending = socket_client.request_async("x", 30.0)
+    print("exiting")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_exit_with_everything_still_connected_is_quiet(tmp_path: Any, sock_path: str) -> None:
+    script = tmp_path / "leave.py"
+    script.write_text(EXIT_SCRIPT)
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, str(script), sock_path], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0
+    assert out.stdout == "exiting\n" and out.stderr == ""
+    assert time.monotonic() - started < 10
+    assert not os.path.exists(sock_path)  # the broker was stopped and cleaned up
