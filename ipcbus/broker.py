@@ -44,6 +44,7 @@ ENV_LOG = "IPCBUS_LOG"  # a broker writes its traffic log there (.csv, or JSON l
 DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024
 DEFAULT_SLOW_CONSUMER_TIMEOUT = 10.0
 _TICK = 0.25
+_ACCEPT_BACKOFF = 0.25
 _BATCH = 512
 
 
@@ -98,7 +99,9 @@ class _Endpoint:
     def __init__(self, hub: Hub, transport: T.StreamTransport, label: str) -> None:
         self.hub = hub
         self.transport = transport
-        self.decoder = P.FrameDecoder(hub.options.max_message, merge_runs=True)
+        # Until HELLO, nothing larger than a control frame: a peer that has not introduced
+        # itself cannot make the broker allocate a large buffer.
+        self.decoder = P.FrameDecoder(P.MAX_CONTROL_BODY, merge_runs=True)
         self.fd_queue: collections.deque[int] = collections.deque()
         self.peers: dict[str, Peer] = {}
         self.relay = False
@@ -164,6 +167,8 @@ class Hub:
         self._next_endpoint = 0
         self.owned: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # closed after fork
         self.traffic: TrafficLog | None = None
+        self._accept_paused_until = 0.0  # out of descriptors: accept again after this time
+        self._accept_logged = -1e9
         if options.traffic_log:
             self.traffic = TrafficLog(options.traffic_log)
             self.router.observers.append(self.traffic)
@@ -247,8 +252,15 @@ class Hub:
                 sock, addr = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log, keep serving the others
-                log.error("accept failed: %s", exc)
+            except OSError as exc:  # EMFILE and friends: back off, keep serving the others
+                now = time.monotonic()
+                if now - self._accept_logged > 10.0:
+                    log.error("accept failed (new connections wait %g s): %s",
+                              _ACCEPT_BACKOFF, exc)
+                    self._accept_logged = now
+                # The listener stays readable: stop watching it for a while instead of spinning.
+                self.selector.unregister(self.listener)
+                self._accept_paused_until = now + _ACCEPT_BACKOFF
                 return
             self._admit(sock)
 
@@ -298,6 +310,8 @@ class Hub:
         ep = _Endpoint(self, T.StreamTransport(sock), f"#{self._next_endpoint} ({label})")
         ep.relay = relay
         ep.ready = ready
+        if ready:
+            ep.decoder.max_message = self.options.max_message
         if decoder is not None:
             decoder.merge_runs = True
             ep.decoder = decoder
@@ -371,6 +385,7 @@ class Hub:
             self._refuse(ep, str(exc))
             return
         ep.ready = True
+        ep.decoder.max_message = self.options.max_message
         ep.relay = bool(body.get("relay", False))
         ep.label = f"{ep.label} pid {body.get('pid')}"
         ep.deliver(P.welcome_frame(os.getpid(), ep.transport.can_pass_fds,
@@ -485,6 +500,10 @@ class Hub:
         if self.traffic is not None:
             self.traffic.flush()
         now = time.monotonic()
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            assert self.listener is not None
+            self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
         for ep in list(self.endpoints):
             if not ep.ready and now > ep.deadline:
                 self.drop(ep, "handshake not completed in time")

@@ -913,8 +913,7 @@ class IpcBusClient(Emitter[str]):
             if self._closed_fired:
                 return
             self._closed_fired = True
-        if self._conn is conn:
-            self._conn = None
+        # self._conn stays: later calls then raise IpcBusConnectionError with the reason
 
         def fire() -> None:
             for handler in self._closed_handlers.snapshot():
