@@ -194,13 +194,6 @@ def encode_frame(kind: int, channel: str = "", sender: PeerTuple | None = None,
     return PREFIX.pack(len(header), len(body)) + header + body
 
 
-def frame_parts(kind: int, channel: str, sender: PeerTuple | None, target: str | None,
-                rid: int, body: bytes, nfds: int = 0) -> tuple[bytes, bytes]:
-    """A frame as (prefix + header, body), for a vectored write without concatenating bodies."""
-    header = encode_header(kind, channel, sender, target, rid, nfds)
-    return PREFIX.pack(len(header), len(body)) + header, body
-
-
 class Frame:
     """One decoded frame. ``raw`` holds its exact bytes, so a router can forward it unchanged."""
 

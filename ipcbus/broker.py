@@ -32,7 +32,6 @@ from typing_extensions import Self
 
 from . import _protocol as P
 from . import _transport as T
-from ._protocol import Kind
 from ._router import Peer, Router
 from .spy import TrafficLog
 from .errors import IpcBusConnectionError, IpcBusProtocolError, IpcBusTimeoutError

@@ -151,9 +151,6 @@ class Emitter(Generic[K]):
                 self._replace(key, [e for e in entries if not e.once])
             return [e.listener for e in entries]
 
-    def _has(self, key: K) -> bool:
-        return key in self._listeners
-
     def _emit_local(self, key: K, *args: Any) -> int:
         """Call the listeners of ``key`` on this thread (for proxies); return how many ran."""
         listeners = self._take(key)
