@@ -139,45 +139,70 @@ class IpcBusRequest:
 
 # -- timer ----------------------------------------------------------------------------------
 class _Timer:
-    """Calls ``fn()`` at deadlines, on one lazily started daemon thread."""
+    """Calls ``fn()`` at deadlines, on one lazily started daemon thread.
+
+    ``call_at`` returns a handle for ``cancel``: a request answered in time cancels its
+    timeout, so that the thread does not wake once per request to find nothing to do.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._heap: list[list[Any]] = []  # [deadline, seq, fn or None when cancelled]
+        self._cancelled = 0
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopped = False
 
-    def call_at(self, deadline: float, fn: Callable[[], None]) -> None:
+    def call_at(self, deadline: float, fn: Callable[[], None]) -> list[Any]:
+        entry = [deadline, next(self._seq), fn]
         with self._cond:
             if self._stopped:
-                return
+                return entry
             notify = not self._heap or deadline < self._heap[0][0]
-            heapq.heappush(self._heap, (deadline, next(self._seq), fn))
+            heapq.heappush(self._heap, entry)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="ipcbus-timer",
                                                 daemon=True)
                 self._thread.start()
             elif notify:
                 self._cond.notify()
+        return entry
+
+    def cancel(self, entry: list[Any]) -> None:
+        """Forget a call; cancelled entries are dropped lazily (the heap stays small)."""
+        with self._cond:
+            if entry[2] is None:
+                return
+            entry[2] = None
+            self._cancelled += 1
+            heap = self._heap
+            if self._cancelled > 512 and self._cancelled * 2 > len(heap):
+                heap[:] = [e for e in heap if e[2] is not None]
+                heapq.heapify(heap)
+                self._cancelled = 0
 
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
             self._heap.clear()
+            self._cancelled = 0
             self._cond.notify()
 
     def _run(self) -> None:
+        heap = self._heap
         while True:
             with self._cond:
                 while not self._stopped:
+                    while heap and heap[0][2] is None:
+                        heapq.heappop(heap)
+                        self._cancelled -= 1
                     now = time.monotonic()
-                    if self._heap and self._heap[0][0] <= now:
+                    if heap and heap[0][0] <= now:
                         break
-                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                    self._cond.wait(heap[0][0] - now if heap else None)
                 if self._stopped:
                     return
-                _, _, fn = heapq.heappop(self._heap)
+                fn = heapq.heappop(heap)[2]
             try:
                 fn()
             except Exception:  # pragma: no cover - a bug, but never kill the timer
@@ -195,12 +220,13 @@ _connections: dict[Any, _Connection] = {}
 
 
 class _Pending:
-    __slots__ = ("future", "client", "channel")
+    __slots__ = ("future", "client", "channel", "timeout")
 
     def __init__(self, client: IpcBusClient, channel: str) -> None:
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self.client = client
         self.channel = channel
+        self.timeout: list[Any] | None = None  # the timer's handle, cancelled on an answer
 
 
 class _Connection:
@@ -389,7 +415,11 @@ class _Connection:
         with self.lock:
             pending = self.pending.pop(key, None)  # type: ignore[arg-type]
         T.close_fds(frame.fds)
-        if pending is None or pending.future.done():
+        if pending is None:
+            return
+        if pending.timeout is not None:
+            self.timer.cancel(pending.timeout)
+        if pending.future.done():
             return
         sender = self.peer_of(frame.sender)
         event = IpcBusEvent(pending.channel, sender)
@@ -1035,8 +1065,8 @@ class IpcBusClient(Emitter[str]):
                 conn.pending.pop(key, None)
             raise
         if timeout is not None:
-            conn.timer.call_at(time.monotonic() + timeout,
-                               lambda: conn.expire(key, timeout))
+            pending.timeout = conn.timer.call_at(time.monotonic() + timeout,
+                                                 lambda: conn.expire(key, timeout))
         return pending.future
 
     # -- handles ---------------------------------------------------------------------------------

@@ -445,3 +445,41 @@ def test_negative_timeout_waits_forever(broker, clients):
     finally:
         for tm in timers:
             tm.cancel()
+
+
+# -- the timeout timer -------------------------------------------------------------------------
+def test_timer_cancel_skips_the_call_and_keeps_the_heap_small() -> None:
+    """An answered request cancels its timeout: the call never runs, and cancelled entries
+    do not pile up (they are compacted once they are the majority)."""
+    from ipcbus.client import _Timer
+    timer = _Timer()
+    fired = threading.Event()
+    try:
+        entries = [timer.call_at(time.monotonic() + 60.0, fired.set) for _ in range(5000)]
+        for entry in entries:
+            timer.cancel(entry)
+            timer.cancel(entry)  # twice is harmless
+        assert len(timer._heap) <= 1024
+        soon = timer.call_at(time.monotonic() + 0.05, fired.set)
+        timer.cancel(soon)
+        assert not fired.wait(0.3)
+        timer.call_at(time.monotonic() + 0.01, fired.set)
+        assert fired.wait(5.0)
+    finally:
+        timer.stop()
+
+
+def test_answered_requests_leave_no_timer_entries(broker: Any) -> None:
+    """2 000 answered requests with a long timeout leave the timer heap small."""
+    client = IpcBusClient.create().connect(broker.address, peer_name="timer-probe")
+    try:
+        client.on("echo", lambda event, x: event.request.resolve(x))
+        sync(client)
+        for i in range(2000):
+            assert client.request("echo", 300.0, i).payload == i
+        conn = client._conn
+        assert conn is not None
+        assert len(conn.timer._heap) - conn.timer._cancelled <= 1
+        assert len(conn.timer._heap) <= 1024
+    finally:
+        client.close()
