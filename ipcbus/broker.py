@@ -10,6 +10,19 @@ Back-pressure (SPEC "Limits and policies"): when an endpoint's queue exceeds ``q
 the hub stops reading from the endpoint whose frame overflowed it, until the queue drains
 below half the limit; an endpoint that stays over the limit for ``slow_consumer_timeout``
 seconds is disconnected with the reason "slow consumer". Nothing is dropped silently.
+
+A *relay* endpoint (a bridge's link to a broker, on either side) is never paused for one
+receiver's sake: it carries every channel of a whole side of the bus, so pausing it would stall
+them all. A receiver overflowed by a relay instead goes on queueing past ``queue_limit`` up to
+a hard cap of twice the limit (``HARD_LIMIT_FACTOR``); it is disconnected as a "slow consumer"
+when it passes the cap, or, as any receiver, when it stays over the limit for
+``slow_consumer_timeout``. Its memory stays bounded by the cap (plus at most one read's worth).
+
+A slow consumer's disconnect (:meth:`Hub.disconnect`) drops its undelivered queue at once
+(keeping only the rest of a frame already partly written, so the stream stays frame-aligned),
+stops reading from it (``shutdown(SHUT_RD)``), and keeps its descriptor, holding only that
+frame tail and the closing NOTICE, until the NOTICE is written or ``CLOSING_GRACE`` seconds
+pass: a consumer that was stopped and resumes within that grace learns the reason.
 """
 from __future__ import annotations
 
@@ -43,6 +56,11 @@ ENV_LOG = "IPCBUS_LOG"  # a broker writes its traffic log there (.csv, or JSON l
 DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024
 DEFAULT_SLOW_CONSUMER_TIMEOUT = 10.0
 _TICK = 0.25
+# How long a slow consumer's descriptor is kept after its disconnect, so that the closing NOTICE
+# can still be written when it resumes reading (it holds one descriptor and a few bytes).
+CLOSING_GRACE = 10.0
+# A receiver overflowed by a relay (never paused) is disconnected past this many queue limits.
+HARD_LIMIT_FACTOR = 2
 _ACCEPT_BACKOFF = 0.25
 _BATCH = 512
 
@@ -91,8 +109,8 @@ class _Endpoint:
     """One connection of a hub: its socket, decoder, peers and output queue."""
 
     __slots__ = ("hub", "transport", "decoder", "fd_queue", "peers", "relay", "label", "out",
-                 "out_bytes", "out_fds", "blocked", "paused", "full_since", "ready", "deadline",
-                 "closing", "events", "on_ready", "can_pass_fds", "delivered_msgs",
+                 "out_bytes", "out_fds", "head_sent", "blocked", "paused", "full_since", "ready",
+                 "deadline", "closing", "events", "on_ready", "can_pass_fds", "delivered_msgs",
                  "delivered_bytes", "__weakref__")
 
     def __init__(self, hub: Hub, transport: T.StreamTransport, label: str) -> None:
@@ -108,6 +126,7 @@ class _Endpoint:
         self.out: collections.deque[list[Any]] = collections.deque()  # [view, fds]
         self.out_bytes = 0
         self.out_fds = 0
+        self.head_sent = 0  # bytes of out[0] already written (a frame partly written)
         self.blocked: set[_Endpoint] = set()  # endpoints paused because this one is full
         self.paused = False
         self.full_since: float | None = None
@@ -136,9 +155,15 @@ class _Endpoint:
             if self.full_since is None:
                 self.full_since = time.monotonic()
             source = hub.current
-            if source is not None and source is not self and not source.paused:
-                hub.pause(source)
-                self.blocked.add(source)
+            if source is not None and source is not self:
+                if source.relay:
+                    # Never pause a link for one receiver: past the hard cap, this receiver
+                    # is a slow consumer (disconnected once the frame being routed is done).
+                    if self.out_bytes > hub.hard_limit:
+                        hub.overflowed.add(self)
+                elif not source.paused:
+                    hub.pause(source)
+                    self.blocked.add(source)
 
     def __repr__(self) -> str:
         return f"<endpoint {self.label}>"
@@ -154,6 +179,8 @@ class Hub:
         self.selector = selectors.DefaultSelector()
         self.endpoints: set[_Endpoint] = set()
         self.dirty: set[_Endpoint] = set()
+        self.overflowed: set[_Endpoint] = set()  # past the hard cap: to disconnect
+        self.hard_limit = HARD_LIMIT_FACTOR * options.queue_limit
         self.current: _Endpoint | None = None
         self.listener: socket.socket | None = None
         self.address: T.Address | None = None
@@ -402,6 +429,13 @@ class Hub:
 
     # -- output ---------------------------------------------------------------------------------
     def _flush_dirty(self) -> None:
+        if self.overflowed:
+            overflowed, self.overflowed = self.overflowed, set()
+            for ep in overflowed:
+                if ep in self.endpoints and ep.closing is None:
+                    self.disconnect(ep, "slow consumer", detail=(
+                        f"its queue passed the hard cap of {self.hard_limit} bytes, fed by a"
+                        " relay, which is never paused"))
         dirty, self.dirty = self.dirty, set()
         for ep in dirty:
             if ep in self.endpoints:
@@ -443,8 +477,10 @@ class Hub:
                 if left >= len(head):
                     left -= len(head)
                     out.popleft()
+                    ep.head_sent = 0
                 else:
                     out[0][0] = head[left:]
+                    ep.head_sent += left
                     left = 0
             if sent < total:
                 self._want_write(ep, True)
@@ -489,6 +525,8 @@ class Hub:
         self._set_events(ep, ep.events & ~selectors.EVENT_READ)
 
     def resume(self, ep: _Endpoint) -> None:
+        if ep.closing is not None:  # a disconnected slow consumer is never read again
+            return
         ep.paused = False
         self._set_events(ep, ep.events | selectors.EVENT_READ)
         if ep.decoder.pending_bytes or ep.decoder._ready:
@@ -512,22 +550,66 @@ class Hub:
             elif ep.closing is not None and now > ep.deadline:
                 self._finish_close(ep)
 
-    def disconnect(self, ep: _Endpoint, reason: str) -> None:
-        """Tell the endpoint why it is dropped, then drop it once that is written (or in 1 s)."""
-        log.warning("disconnecting %s: %s", ep.label, reason)
-        # Keep a partly written head (the stream must stay frame-aligned); drop the rest.
-        keep = 1 if ep.out and ep.out_bytes and len(ep.out[0][0]) else 0
-        while len(ep.out) > keep:
-            T.close_fds(ep.out.pop()[1])
-        ep.out_bytes = sum(len(e[0]) for e in ep.out)
+    def disconnect(self, ep: _Endpoint, reason: str, *, detail: str = "") -> None:
+        """Tell the endpoint why it is dropped, then drop it once that is written.
+
+        Its undelivered queue is discarded now (it is being dropped anyway), except the rest
+        of a frame already partly written, which must be completed or the stream would be
+        corrupt. Reading from it stops (``shutdown(SHUT_RD)``: what it sends is refused, not
+        buffered). Its descriptor is kept, with only that tail and the NOTICE, until they are
+        written or ``CLOSING_GRACE`` seconds pass, so a consumer that was stopped (SIGSTOP, a
+        debugger) and resumes within the grace still learns the reason. Never blocks."""
+        log.warning("disconnecting %s: %s%s", ep.label, reason, f" ({detail})" if detail else "")
+        self._discard_undelivered(ep)
         ep.full_since = None
         self.router.remove_endpoint(ep)
         self._release_blocked(ep)
-        ep.deliver(P.notice_frame(None, closing=reason), [])
+        for other in self.endpoints:
+            other.blocked.discard(ep)
+        ep.paused = True  # never read again (and never resumed: see _want_write)
+        notice = P.notice_frame(None, closing=reason)
+        ep.out.append([memoryview(notice), []])
+        ep.out_bytes += len(notice)
         ep.closing = reason
-        ep.deadline = time.monotonic() + 1.0
+        ep.deadline = time.monotonic() + CLOSING_GRACE
+        try:
+            ep.transport.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        self.dirty.discard(ep)
         self._set_events(ep, selectors.EVENT_WRITE)
         self._flush(ep)
+
+    def _discard_undelivered(self, ep: _Endpoint) -> None:
+        """Drop every queued frame not yet started; keep the unwritten rest of the frame that
+        is partly written (a run of frames is cut after that frame)."""
+        out = ep.out
+        keep: memoryview | None = None
+        if out and ep.head_sent:
+            head = out[0][0]
+            keep = head
+            whole = memoryview(head.obj).cast("B") if isinstance(head.obj, (bytes, bytearray)) \
+                else None
+            if whole is not None and len(whole) == ep.head_sent + len(head):
+                offset, sent = 0, ep.head_sent
+                while offset + P.PREFIX_SIZE <= len(whole):
+                    hlen, blen = P.PREFIX.unpack_from(whole, offset)
+                    offset += P.PREFIX_SIZE + hlen + blen
+                    if offset >= sent:
+                        break
+                keep = head[:max(0, min(offset, len(whole)) - sent)]
+        entries = list(out)
+        out.clear()
+        for i, entry in enumerate(entries):
+            if i or keep is None:
+                T.close_fds(entry[1])
+        ep.out_fds = 0
+        if keep is not None and len(keep):
+            out.append([keep, entries[0][1]])
+            ep.out_fds = len(entries[0][1])
+        else:
+            ep.head_sent = 0
+        ep.out_bytes = len(keep) if keep is not None else 0
 
     def _finish_close(self, ep: _Endpoint) -> None:
         self.drop(ep, ep.closing or "closed", quiet=True)
@@ -571,11 +653,15 @@ class Hub:
     def _shutdown(self) -> None:
         # Give queued output a moment to drain, then close everything.
         deadline = time.monotonic() + 1.0
-        while any(ep.out for ep in self.endpoints) and time.monotonic() < deadline:
+
+        def waiting() -> bool:  # a slow consumer's closing NOTICE is not waited for
+            return any(ep.out and ep.closing is None for ep in self.endpoints)
+
+        while waiting() and time.monotonic() < deadline:
             for ep in list(self.endpoints):
                 if ep.out:
                     self._flush(ep)
-            if any(ep.out for ep in self.endpoints):
+            if waiting():
                 time.sleep(0.005)
         for ep in list(self.endpoints):
             self.drop(ep, "the bus is closing", quiet=True)
@@ -600,7 +686,9 @@ class Hub:
     def _state_extra(self) -> dict[str, Any]:
         return {
             "address": None if self.address is None else T.format_address(self.address),
-            "connections": len(self.endpoints),
+            "connections": sum(1 for ep in self.endpoints if ep.closing is None),
+            # slow consumers kept only until their closing NOTICE is written (CLOSING_GRACE)
+            "closing_connections": sum(1 for ep in self.endpoints if ep.closing is not None),
             "queued_bytes": sum(ep.out_bytes for ep in self.endpoints),
         }
 
