@@ -17,6 +17,7 @@ Threads and ownership:
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import heapq
 import itertools
@@ -25,7 +26,7 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.util
 import os
-import queue
+import select
 import socket
 import threading
 import time
@@ -211,7 +212,10 @@ class _Timer:
 
 # -- the shared connection -------------------------------------------------------------------
 _STOP = object()
-_WAKE = object()
+_POLL = 0.001  # a parked I/O thread looks for work this often while the bus is busy...
+_IDLE = 0.05  # ...until this long has passed without traffic: then it sleeps until kicked
+_READ_WAIT_MS = 10  # a thread reading for its own answer looks at its future this often (ms)
+DISPATCH_BUDGET = 16 * 1024 * 1024  # bytes read and not dispatched yet before reading stops
 BURST_GAP = 50e-6  # seconds between two sends that makes them one burst
 DEFAULT_SOCKET_BUFFER = 64 * 1024  # bytes of a burst written at once
 _COALESCE_FRAME = 16 * 1024  # larger frames are written on their own, without a copy
@@ -219,11 +223,20 @@ _registry_lock = threading.Lock()
 _connections: dict[Any, _Connection] = {}
 
 
+class _Lost(Exception):
+    """The bus closed the connection (end of stream)."""
+
+
+class _AnswerFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    """The future of a request: completed by a frame of its connection (or a timeout, or the
+    end), so that a caller waiting for it may read the socket itself."""
+
+
 class _Pending:
     __slots__ = ("future", "client", "channel", "timeout")
 
     def __init__(self, client: IpcBusClient, channel: str) -> None:
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.future: concurrent.futures.Future[Any] = _AnswerFuture()
         self.client = client
         self.channel = channel
         self.timeout: list[Any] | None = None  # the timer's handle, cancelled on an answer
@@ -260,18 +273,38 @@ class _Connection:
         self.forked = False
         self.peers: dict[str, IpcBusPeer] = {}
         self.timer = _Timer()
-        self.dispatch_q: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.dispatch_ident: int | None = None
-        self.dispatch_done = threading.Event()
-        self.reader = threading.Thread(target=self._read_loop, daemon=True,
-                                       name=f"ipcbus-reader {key}")
-        self.dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
-                                           name=f"ipcbus-dispatch {key}")
-        self.reader_done = threading.Event()
+        # Reading and dispatching (see "Threads" in the module docstring): whoever holds
+        # read_role reads the socket; whoever holds dispatch_lock runs listeners, in order,
+        # from dispatch_q. Two I/O threads take turns; a caller waiting for its answer may
+        # read too.
+        self.read_role = threading.Lock()
+        self.dispatch_lock = threading.Lock()
+        self.dispatch_owner: int | None = None
+        self.dispatch_q: collections.deque[Any] = collections.deque()
+        self.queued_bytes = 0  # of the frames in dispatch_q
+        self.over_budget = False  # reading stopped until dispatch_q is half drained
+        self.budget = DISPATCH_BUDGET
+        self.qlock = threading.Lock()  # queued_bytes, over_budget, parking counts
+        self.cond = threading.Condition()  # a dispatcher waiting for a nested answer
+        self.nested_waiting = 0
+        self.sync_waiters = 0  # callers blocked on an answer, which a reader hands over
+        self.kick = threading.Event()  # wakes parked I/O threads
+        self.pollers = 0
+        self.deep_parked = 0
+        self.last_activity = time.monotonic()
+        self.poller = select.poll()
+        self.poller.register(transport.fileno(), select.POLLIN)
+        self.workers = [threading.Thread(target=self._io_loop, daemon=True,
+                                         name=f"ipcbus-io-{i} {key}") for i in (1, 2)]
+        self.reader_done = threading.Event()  # the connection has ended
+        self.dispatch_done = threading.Event()  # ...and everything queued was dispatched
 
     def start(self) -> None:
-        self.reader.start()
-        self.dispatcher.start()
+        batch, size, _ = self._handle_frames(self.decoder.frames())  # read with the WELCOME
+        if batch:
+            self._enqueue((batch, size), size)
+        for worker in self.workers:
+            worker.start()
 
     # -- writing --------------------------------------------------------------------------
     def check_usable(self) -> None:
@@ -367,33 +400,111 @@ class _Connection:
                 return
 
     # -- reading ---------------------------------------------------------------------------
-    def _read_loop(self) -> None:
-        reason = "the bus closed the connection"
-        transport, decoder = self.transport, self.decoder
+    def _io_loop(self) -> None:
+        """An I/O thread: dispatch what is queued if no one does, else read if no one does,
+        else park."""
         try:
-            self._handle_frames(decoder.frames())
+            while not self.dispatch_done.is_set():
+                if self.dispatch_q and self.dispatch_lock.acquire(False):
+                    self._drain()
+                elif (self.reader_done.is_set() or self.over_budget
+                      or not self.read_role.acquire(False)):
+                    self._park()
+                elif self._read_turn():
+                    self._park(give_way=True)
+        except BaseException as exc:  # pragma: no cover - a bug: report it, fail everything
+            log.exception("ipcbus I/O thread failed")
+            self._on_lost(f"internal error in the reader: {exc!r}")
+
+    def _park(self, give_way: bool = False) -> None:
+        """Sleep until kicked; while the bus is busy, look again every _POLL seconds (one
+        thread does, so that the role given up for a dispatch is taken without a wake-up).
+        ``give_way``: the read role was just left to a caller; look again in _POLL."""
+        with self.qlock:
+            poll = give_way or (self.pollers == 0 and not self.over_budget
+                                and time.monotonic() - self.last_activity < _IDLE)
+            if poll:
+                self.pollers += 1
+            else:
+                self.deep_parked += 1
+        try:
+            if not give_way and ((self.dispatch_q and not self.dispatch_lock.locked())
+                                 or not (self.read_role.locked() or self.over_budget
+                                         or self.reader_done.is_set())):
+                return  # work appeared while registering: no sleep
+            if self.kick.wait(_POLL if poll else None):
+                self.kick.clear()
+        finally:
+            with self.qlock:
+                if poll:
+                    self.pollers -= 1
+                else:
+                    self.deep_parked -= 1
+
+    def _give_up_role(self) -> None:
+        """Release the read role; wake a parked I/O thread if none will look by itself."""
+        self.read_role.release()
+        if self.deep_parked and not self.pollers:
+            self.kick.set()
+
+    def _read_turn(self) -> bool:
+        """Read, holding the read role, until this thread has something to dispatch, the
+        dispatch budget is spent, or a waiting caller was handed its answer: it may then
+        read its next answer itself, without a hand-off (returns True: give way a moment)."""
+        woke = False
+        try:
             while True:
-                nbytes, fds = transport.recv_into(decoder.get_buffer())
-                if fds:
-                    self.fd_queue.extend(fds)
-                if nbytes == 0:
+                batch, size, woke, full = self._read_once()
+                if batch:
+                    self._enqueue((batch, size), size)
+                    if self.dispatch_lock.acquire(False):
+                        self._give_up_role()  # someone else may read while we dispatch
+                        self._drain()
+                        return False
+                    if self.over_budget:
+                        break
+                if woke and not full:
                     break
-                decoder.buffer_updated(nbytes)
-                self._handle_frames(decoder.frames())
-        except IpcBusProtocolError as exc:
+        except BaseException as exc:
+            self.read_role.release()
+            self._lost(exc)
+            return False
+        self._give_up_role()
+        return woke
+
+    def _read_once(self) -> tuple[list[P.Frame], int, bool, bool]:
+        """One read by the holder of the read role: answers and notices are handled here;
+        returns the frames to dispatch, their size, whether a waiting caller got its answer
+        and whether the read filled the buffer (more is likely waiting)."""
+        buf = self.decoder.get_buffer()
+        nbytes, fds = self.transport.recv_into(buf)
+        if fds:
+            self.fd_queue.extend(fds)
+        if nbytes == 0:
+            raise _Lost("the bus closed the connection")
+        self.last_activity = time.monotonic()
+        self.decoder.buffer_updated(nbytes)
+        batch, size, woke = self._handle_frames(self.decoder.frames())
+        return batch, size, woke, nbytes == len(buf)
+
+    def _lost(self, exc: BaseException) -> None:
+        if isinstance(exc, _Lost):
+            reason = str(exc)
+        elif isinstance(exc, IpcBusProtocolError):
             reason = f"protocol error from the bus: {exc}"
             log.error("%s", reason)
-        except OSError as exc:
-            if not self.closed:
-                reason = f"connection to the bus lost: {exc}"
-        except Exception as exc:  # pragma: no cover - a bug: report it, fail everything
+        elif isinstance(exc, OSError):
+            reason = "the bus closed the connection" if self.closed else \
+                f"connection to the bus lost: {exc}"
+        else:  # pragma: no cover - a bug: report it, fail everything
             reason = f"internal error in the reader: {exc!r}"
-            log.exception("ipcbus reader failed")
-        finally:
-            self._on_lost(reason)
+            log.error("ipcbus reader failed", exc_info=exc)
+        self._on_lost(reason)
 
-    def _handle_frames(self, frames: list[P.Frame]) -> None:
+    def _handle_frames(self, frames: list[P.Frame]) -> tuple[list[P.Frame], int, bool]:
         batch: list[P.Frame] = []
+        size = 0
+        woke = False
         for frame in frames:
             if frame.nfds:
                 if len(self.fd_queue) < frame.nfds:
@@ -403,12 +514,30 @@ class _Connection:
             kind = frame.kind
             if kind == Kind.RESPONSE or kind == Kind.REQUEST_FAIL:
                 self._on_answer(frame)
+                woke = woke or self.sync_waiters > 0
             elif kind == Kind.NOTICE:
                 self._on_notice(frame)
             else:
                 batch.append(frame)
-        if batch:
-            self.dispatch_q.put(batch)  # one hand-off per read, not per frame
+                size += len(frame.raw)
+        return batch, size, woke
+
+    def _enqueue(self, item: Any, size: int = 0) -> None:
+        """Queue a batch of frames (or a callable) for the dispatcher, in order."""
+        self.dispatch_q.append(item)
+        if size:
+            with self.qlock:
+                self.queued_bytes += size
+                if self.queued_bytes > self.budget:
+                    self.over_budget = True
+        if self.nested_waiting:
+            with self.cond:
+                self.cond.notify_all()
+
+    def _ensure_dispatcher(self) -> None:
+        """Something was queued by a thread that may not dispatch: wake an I/O thread."""
+        if not self.dispatch_lock.locked():
+            self.kick.set()
 
     def _on_answer(self, frame: P.Frame) -> None:
         key = (frame.target, frame.rid)
@@ -486,36 +615,53 @@ class _Connection:
             if _connections.get(self.key) is self:
                 del _connections[self.key]
         self.reader_done.set()
-        self.dispatch_q.put(_STOP)
+        self._enqueue(_STOP)
+        self.kick.set()
 
     # -- dispatching ---------------------------------------------------------------------------
-    def _dispatch_loop(self) -> None:
-        self.dispatch_ident = threading.get_ident()
-        self.run_dispatch(None)
+    def _drain(self) -> None:
+        """Run what is queued; the caller holds dispatch_lock, which this releases."""
+        me = threading.get_ident()
+        while True:
+            self.dispatch_owner = me
+            try:
+                self._run_queued(None)
+            finally:
+                self.dispatch_owner = None
+                self.dispatch_lock.release()
+            if not self.dispatch_q or self.dispatch_done.is_set() \
+                    or not self.dispatch_lock.acquire(False):
+                return
 
-    def run_dispatch(self, until: concurrent.futures.Future[Any] | None) -> None:
-        """Dispatch queued items until ``until`` is done (None: until the connection ends)."""
+    def _run_queued(self, until: concurrent.futures.Future[Any] | None) -> None:
+        """Dispatch queued items, in order, until the queue is empty or ``until`` is done."""
         q = self.dispatch_q
-        while not self.dispatch_done.is_set():
+        while q and not self.dispatch_done.is_set():
             if until is not None and until.done():
                 return
-            item = q.get()
-            if item is _WAKE:
-                continue
-            if item is _STOP:
-                self._finish_dispatch()
-                return
-            if item.__class__ is list:
-                for frame in item:
+            item = q.popleft()
+            if item.__class__ is tuple:
+                batch, size = item
+                with self.qlock:
+                    self.queued_bytes -= size
+                    resume = self.over_budget and self.queued_bytes <= self.budget // 2
+                    if resume:
+                        self.over_budget = False
+                if resume:
+                    self.kick.set()
+                for frame in batch:
                     try:
                         self._dispatch_frame(frame)
                     except Exception:
                         log.exception("ipcbus: error while dispatching")
-                continue
-            try:
-                item()
-            except Exception:
-                log.exception("ipcbus: error while dispatching")
+            elif item is _STOP:
+                self._finish_dispatch()
+                return
+            else:
+                try:
+                    item()
+                except Exception:
+                    log.exception("ipcbus: error while dispatching")
 
     def _finish_dispatch(self) -> None:
         with self.lock:
@@ -525,6 +671,14 @@ class _Connection:
         for client in clients:
             client._connection_ended(self)
         self.dispatch_done.set()
+        self.kick.set()
+        with self.cond:
+            self.cond.notify_all()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the dispatch thread, after what is queued."""
+        self._enqueue(fn)
+        self._ensure_dispatcher()
 
     def _dispatch_frame(self, frame: P.Frame) -> None:
         kind, channel = frame.kind, frame.channel
@@ -627,7 +781,7 @@ class _Connection:
             pass
 
     def on_dispatch_thread(self) -> bool:
-        return threading.get_ident() == self.dispatch_ident
+        return threading.get_ident() == self.dispatch_owner
 
     # -- requests --------------------------------------------------------------------------
     def add_pending(self, key: tuple[str, int], pending: _Pending) -> None:
@@ -652,11 +806,76 @@ class _Connection:
             pass
 
     def wait(self, future: concurrent.futures.Future[Any]) -> Any:
-        """Wait for a future; on the dispatch thread, keep dispatching meanwhile."""
-        if self.on_dispatch_thread() and not future.done():
-            future.add_done_callback(lambda f: self.dispatch_q.put(_WAKE))
-            self.run_dispatch(future)
+        """Wait for a future. A listener keeps dispatching meanwhile (nested dispatch); any
+        other caller reads the socket itself while no one else does, so that its answer
+        needs no hand-off between threads."""
+        if not future.done():
+            if self.on_dispatch_thread():
+                self._nested_wait(future)
+            else:
+                self._caller_wait(future)
         return future.result()
+
+    def _caller_wait(self, future: concurrent.futures.Future[Any]) -> None:
+        while (future.__class__ is _AnswerFuture and not future.done()
+               and not self.reader_done.is_set() and not self.over_budget):
+            if not self.read_role.acquire(False):
+                break  # the reader hands the answer over
+            try:
+                while not future.done() and not self.over_budget:
+                    if not self.poller.poll(_READ_WAIT_MS):
+                        continue
+                    batch, size, _, _ = self._read_once()
+                    if batch:
+                        self._enqueue((batch, size), size)
+                        self._ensure_dispatcher()  # listeners never run on a caller's thread
+            except BaseException as exc:
+                self.read_role.release()
+                self._lost(exc)
+                return
+            self._give_up_role()
+        if not future.done():
+            with self.qlock:
+                self.sync_waiters += 1
+            try:
+                future.exception()  # waits; the result or error is taken by wait()
+            except concurrent.futures.CancelledError:
+                pass
+            finally:
+                with self.qlock:
+                    self.sync_waiters -= 1
+
+    def _nested_wait(self, future: concurrent.futures.Future[Any]) -> None:
+        """On the dispatch thread: run what arrives meanwhile, and read if no one does."""
+        def wake(_: Any) -> None:
+            with self.cond:
+                self.cond.notify_all()
+
+        future.add_done_callback(wake)
+        while not future.done() and not self.dispatch_done.is_set():
+            if self.dispatch_q:
+                self._run_queued(future)
+                continue
+            if not (self.reader_done.is_set() or self.over_budget) \
+                    and self.read_role.acquire(False):
+                try:
+                    if self.poller.poll(_READ_WAIT_MS):
+                        batch, size, _, _ = self._read_once()
+                        if batch:
+                            self._enqueue((batch, size), size)
+                except BaseException as exc:
+                    self.read_role.release()
+                    self._lost(exc)
+                    continue
+                self._give_up_role()
+                continue
+            with self.cond:
+                self.nested_waiting += 1
+                try:
+                    if not self.dispatch_q and not future.done():
+                        self.cond.wait(_POLL * 10)
+                finally:
+                    self.nested_waiting -= 1
 
     # -- closing -----------------------------------------------------------------------------
     def close(self, timeout: float | None) -> None:
@@ -669,10 +888,9 @@ class _Connection:
                     pass
             self.transport.shutdown_write()
         self.flush_wanted.set()  # let the flusher see the end
-        if threading.current_thread() is not self.reader:
-            if not self.reader_done.wait(timeout):
-                self.transport.shutdown()
-                self.reader_done.wait(1.0)
+        if not self.reader_done.wait(timeout):
+            self.transport.shutdown()
+            self.reader_done.wait(1.0)
         if not self.on_dispatch_thread():
             self.dispatch_done.wait(timeout)
         self.transport.close()
@@ -955,7 +1173,7 @@ class IpcBusClient(Emitter[str]):
         if conn.on_dispatch_thread() or conn.dispatch_done.is_set():
             fire()
         else:
-            conn.dispatch_q.put(fire)
+            conn.call_soon(fire)
 
     # -- emitter hooks: keep the bus's subscriptions in step with our listeners --------------
     def _check_key(self, key: object) -> str:

@@ -1335,11 +1335,6 @@ def stuck_listener_subscriber(address: str, ready_q: Any, stop: Any) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library: the client's reader hands every frame to the dispatch thread through an"
-    " unbounded queue.SimpleQueue (client.py _Connection._handle_frames -> dispatch_q.put),"
-    " so a stuck listener makes its process's memory grow without bound; no back-pressure"
-    " reaches the broker and the slow-consumer rule never applies"))
 def test_stuck_listener_keeps_its_process_memory_bounded(sock_path: str) -> None:
     """A subscriber whose process runs but whose listener is stuck is a slow consumer too:
     200 MB flooded at it must not become 200 MB of its memory (SPEC: "memory stays
@@ -2001,6 +1996,87 @@ def test_1000_connections_receive_a_broadcast(sock_path: str, many_fds: int) -> 
             sender.close()
 
 
+@pytest.mark.timeout(120)
+def test_idle_connections_cost_the_broker_little_memory(sock_path: str, many_fds: int) -> None:
+    """1 000 idle connections (handshake, peer, subscription; then silence): the broker's RSS
+    per connection, now that a connection's read buffer starts at FrameDecoder.INITIAL
+    (16 KiB) instead of a preallocated 256 KiB chunk. Then a burst on each connection grows
+    its buffer, and the hub's periodic trim gives it back once the connections are idle."""
+    n = 1000
+    with IpcBusBroker.create().connect(sock_path) as broker:
+        bpid = broker.process.pid
+        settle()
+        rss_idle = rss(bpid)
+        peers: list[RawPeer] = []
+        try:
+            peers = _join_pipelined(sock_path, n, "idle")
+            settle()
+            rss_joined = rss(bpid)
+            per_connection = (rss_joined - rss_idle) / n
+            # a burst on 100 of them: ~200 KB of small broadcasts (to nobody) in one write
+            for peer in peers[:100]:
+                peer.send(b"".join(peer.frame(Kind.SEND, "nobody", body=P.pack_payload([i]))
+                                   for i in range(5000)))
+            assert broker.query_state(10.0)["connections"] == n
+            settle()
+            rss_burst = rss(bpid)
+            threading.Event().wait(2.5)  # two trim intervals of idleness
+            settle()
+            rss_trimmed = rss(bpid)
+            report("1000 idle connections", broker_rss_idle_MiB=round(rss_idle / MiB, 1),
+                   broker_rss_1000_MiB=round(rss_joined / MiB, 1),
+                   per_connection_KiB=round(per_connection / 1024, 1),
+                   after_a_200KB_burst_on_100_MiB=round(rss_burst / MiB, 1),
+                   after_trim_MiB=round(rss_trimmed / MiB, 1))
+            assert per_connection < 64 * 1024, per_connection  # was ~260 KiB
+        finally:
+            for peer in peers:
+                peer.close()
+
+
+@pytest.mark.timeout(60)
+def test_decoder_buffer_starts_small_grows_under_a_burst_and_shrinks_when_idle() -> None:
+    """FrameDecoder's reusable buffer: INITIAL (16 KiB) at first; a read that fills it makes
+    it grow fourfold up to CHUNK (two full reads reach 256 KiB); a frame that does not fit
+    grows it too (up to CHUNK; larger frames still get a buffer of their own); trim() brings
+    it back to INITIAL after a quiet interval. Frames decode the same all along."""
+    init, chunk = P.FrameDecoder.INITIAL, P.FrameDecoder.CHUNK
+    assert init == 16 * 1024 and chunk == 256 * 1024
+    a, b = socket.socketpair()
+    try:
+        dec = P.FrameDecoder(merge_runs=True)
+        assert dec.buffer_size == init
+        frames = [P.encode_frame(Kind.SEND, "c", ["p", "p", "socket", 1],
+                                 body=P.pack_payload([i, b"x" * 100])) for i in range(20_000)]
+        data = b"".join(frames)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        threading.Thread(target=a.sendall, args=(data,), daemon=True).start()
+        sizes, got = [], 0
+        while got < len(frames):
+            n = b.recv_into(dec.get_buffer())
+            dec.buffer_updated(n)
+            got += sum(f.count for f in dec.frames())
+            sizes.append(dec.buffer_size)
+        assert sizes[0] in (init * 4, init), sizes[:3]
+        assert max(sizes) == chunk and sizes.index(chunk) <= 3, sizes[:5]
+        dec.trim()  # the burst filled it since the last call: kept
+        assert dec.buffer_size == chunk
+        dec.trim()  # a quiet interval: back to INITIAL
+        assert dec.buffer_size == init
+        # a 100 KiB frame grows the buffer to hold it; a 1 MiB one gets a buffer of its own
+        # (the first 16 KiB of it filled the small buffer: that alone grows it once)
+        for size, expect in ((100_000, chunk), (1 << 20, 4 * init)):
+            dec = P.FrameDecoder()
+            frame = P.encode_frame(Kind.SEND, "c", None, body=P.pack_payload(b"y" * size))
+            dec.feed(frame)
+            (out,) = dec.frames()
+            assert bytes(out.raw) == frame
+            assert dec.buffer_size == expect, (size, dec.buffer_size)
+    finally:
+        a.close()
+        b.close()
+
+
 def many_clients(address: str, count: int, ready_q: Any, report_q: Any, stop: Any) -> None:
     """``count`` clients of one process (one shared connection), each listening."""
     got = [0] * count
@@ -2544,7 +2620,8 @@ def test_unauthenticated_connection_cannot_make_the_broker_allocate(sock_path: s
 # socket hiding the parent's disconnect
 # =============================================================================================
 def _reader_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("ipcbus-reader")]
+    """The connection's I/O threads (two, taking turns at reading and dispatching)."""
+    return [t for t in threading.enumerate() if t.name.startswith("ipcbus-io")]
 
 
 @pytest.mark.timeout(60)
@@ -2558,15 +2635,16 @@ def test_close_returns_promptly_while_the_reader_is_blocked(sock_path: str) -> N
         client.on("x", lambda event, *args: None)
         sync(client)
         readers = _reader_threads()
-        assert len(readers) == 1 and readers[0].is_alive()
+        assert len(readers) == 2 and all(r.is_alive() for r in readers)
         os.kill(broker.process.pid, signal.SIGSTOP)
         with elapsed() as t:
             client.close(timeout=0.5)
-        readers[0].join(2)
+        for reader in readers:
+            reader.join(2)
         report("close with a blocked reader", seconds=round(t[0], 3),
-               reader_alive=readers[0].is_alive())
+               reader_alive=any(r.is_alive() for r in readers))
         assert t[0] < 2.0, t[0]
-        assert not readers[0].is_alive()
+        assert not any(r.is_alive() for r in readers)
         assert _reader_threads() == []
         with pytest.raises(IpcBusConnectionError):
             client.send("x", 1)
