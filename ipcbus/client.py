@@ -3,11 +3,23 @@
 Threads and ownership:
 
 * One :class:`_Connection` per (process, bus address), shared by every client of the process
-  that connects there. Its *reader* thread decodes frames; it resolves request futures itself,
-  so an answer never waits behind a slow listener.
-* Its *dispatch* thread runs listeners and ``on_closed`` handlers, in arrival order, never on
-  a caller's thread. A request made *on* the dispatch thread keeps dispatching while it waits
-  (nested dispatch), so a listener may request what a listener of the same process answers.
+  that connects there. Two *I/O threads* serve it, taking turns (leader/follower): the one
+  holding the *read role* reads and decodes frames and resolves request futures itself; when
+  it reads messages for listeners it gives the read role up and runs them (it holds the
+  *dispatch lock*), while the other takes over the socket. A parked I/O thread looks for work
+  every millisecond while the bus is busy (so giving the role away costs no wake-up) and
+  sleeps until kicked after 50 ms of silence. Giving up the role is never a wait: a listener
+  that blocks delays the answers other threads wait for by about a millisecond at most.
+* Listeners and ``on_closed`` handlers run on an I/O thread holding the dispatch lock, in
+  arrival order, never on a caller's thread. A request made *in* a listener keeps
+  dispatching (and reading) while it waits (nested dispatch), so a listener may request what
+  a listener of the same process answers.
+* A caller blocked in :meth:`IpcBusClient.request` reads the socket itself when no one else
+  does (its answer then needs no thread hand-off, which costs tens of microseconds on a
+  small VM); messages it reads are queued for the I/O threads.
+* Reading stops while more than ``DISPATCH_BUDGET`` bytes (16 MiB) wait for their listeners,
+  so a stuck listener turns into back-pressure at the bus (and, if it stays stuck, a
+  "slow consumer" disconnect) instead of unbounded memory; answers then wait too.
 * A *timer* thread fails requests whose timeout has passed (started on first use).
 * Any thread may send: frames are written whole under the connection's send lock, so frames of
   one sender reach the bus in the order of their ``send`` calls.

@@ -356,6 +356,55 @@ def test_slow_listener_does_not_delay_answers(broker, children, clients):
         release.set()
 
 
+def _stream(path: str, n: int, ready_q: Any, stop: Any) -> None:
+    """Publish ``n`` numbered messages on "stream" when "go" arrives."""
+    client = IpcBusClient.create().connect(path, peer_name="streamer")
+    go = threading.Event()
+    client.on("go", lambda event: go.set())
+    sync(client)
+    ready_q.put("ready")
+    if go.wait(20):
+        for i in range(n):
+            client.send("stream", i)
+        sync(client)
+    stop.poll(30)
+    client.close()
+
+
+@pytest.mark.timeout(60)
+def test_requests_in_a_loop_while_messages_stream_in(broker, children, clients):
+    """A thread that reads its own answers (no other reader at that moment) queues the
+    messages it reads on the way for the I/O threads: all arrive, in order, and no listener
+    runs on the requesting thread."""
+    n = 20_000
+    children.serve(broker.address, "quick", {"fast": "echo"})
+    ready_q = children.ctx.Queue()
+    children.start(_stream, broker.address, n, ready_q, children.stop)
+    assert ready_q.get(timeout=READY_TIMEOUT) == "ready"
+    a = clients(broker.address)
+    got: list[int] = []
+    threads: set[int] = set()
+    done = threading.Event()
+
+    def on_stream(event: Any, i: int) -> None:
+        got.append(i)
+        threads.add(threading.get_ident())
+        if i == n - 1:
+            done.set()
+
+    a.on("stream", on_stream)
+    sync(a)
+    a.send("go")
+    answered = 0
+    while not done.is_set() and answered < 20_000:
+        assert a.request("fast", 5, answered).payload["args"] == [answered]
+        answered += 1
+    assert done.wait(20), len(got)
+    assert got == list(range(n))
+    assert threading.get_ident() not in threads
+    assert answered > 0
+
+
 # -- arguments -------------------------------------------------------------------------------------
 @pytest.mark.timeout(30)
 def test_bad_arguments_send_nothing(broker, clients):
