@@ -289,19 +289,30 @@ class FrameDecoder:
     (a frame larger than the chunk gets a buffer of its own and is handed over without a copy),
     or :meth:`feed` with bytes. Decoded frames are taken with :meth:`frames` or iteration.
     After an :class:`IpcBusProtocolError` the stream is unusable: close the connection.
+
+    The reusable read buffer is sized lazily: it starts at ``initial`` bytes (16 KiB), so an
+    idle connection costs little, and grows fourfold, up to ``chunk`` (256 KiB), whenever a
+    read fills it to its end (a burst: two such reads reach the full size) or a frame does
+    not fit in it. :meth:`trim`, called now and then by a hub, shrinks it back when every read
+    since the previous call was small (at most half the initial size): an idle or trickling
+    connection gives the memory back, a busy one keeps its buffer.
     """
 
-    CHUNK = 256 * 1024
+    CHUNK = 256 * 1024  # the largest reusable buffer; a frame larger than this gets its own
+    INITIAL = 16 * 1024  # the buffer of a new or idle connection
 
     def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, chunk: int = CHUNK,
-                 merge_runs: bool = False) -> None:
+                 merge_runs: bool = False, initial: int = INITIAL) -> None:
         self.max_message = max_message
         # Merge consecutive SEND / SEND_TO frames with identical header bytes (one sender,
         # one channel, no descriptors) into one Frame whose ``raw`` spans them all, with
         # ``count`` > 1: a router forwards the run at once, a client decodes it in a loop.
         self.merge_runs = merge_runs
         self._chunk = chunk
-        self._buf = bytearray(chunk)
+        self._initial = min(initial, chunk)
+        self._size = self._initial  # len(self._buf)
+        self._buf = bytearray(self._size)
+        self._peak = 0  # the largest read since the last trim()
         self._start = 0  # first unconsumed byte in _buf
         self._end = 0  # end of valid data in _buf
         self._big: bytearray | None = None  # dedicated buffer of a frame larger than the chunk
@@ -322,15 +333,20 @@ class FrameDecoder:
             hlen, blen = PREFIX.unpack_from(self._buf, self._start)
             self._check_prefix(hlen, blen)
             total = PREFIX_SIZE + hlen + blen
-            if total > self._chunk:
-                # Give this frame its own buffer, so a large body is received in place.
-                big = bytearray(total)
-                big[:avail] = self._buf[self._start:self._end]
-                self._start = self._end = 0
-                self._big, self._big_fill = big, avail
-                self._big_body_offset = PREFIX_SIZE + hlen
-                return memoryview(big)[avail:]
-        if self._start and (self._chunk - self._end) < PREFIX_SIZE + 4096:
+            if total > self._size:
+                if total > self._chunk:
+                    # Give this frame its own buffer, so a large body is received in place.
+                    big = bytearray(total)
+                    big[:avail] = self._buf[self._start:self._end]
+                    self._start = self._end = 0
+                    self._big, self._big_fill = big, avail
+                    self._big_body_offset = PREFIX_SIZE + hlen
+                    return memoryview(big)[avail:]
+                size = self._size
+                while size < total:
+                    size *= 4
+                self._resize(min(size, self._chunk))
+        if self._start and (self._size - self._end) < PREFIX_SIZE + 4096:
             self._buf[:avail] = self._buf[self._start:self._end]
             self._start, self._end = 0, avail
         return memoryview(self._buf)[self._end:]
@@ -344,7 +360,28 @@ class FrameDecoder:
                 self._finish(big, 0, len(big))
             return
         self._end += nbytes
+        if nbytes > self._peak:
+            self._peak = nbytes
+        full = self._end == self._size
         self._parse()
+        if full and self._size < self._chunk:  # more was probably waiting: read more at once
+            self._resize(min(self._size * 4, self._chunk))
+
+    def _resize(self, size: int) -> None:
+        """A new reusable buffer of ``size`` bytes, holding the bytes not decoded yet."""
+        avail = self._end - self._start
+        buf = bytearray(size)
+        buf[:avail] = self._buf[self._start:self._end]
+        self._buf, self._size = buf, size
+        self._start, self._end = 0, avail
+
+    def trim(self) -> None:
+        """Shrink the buffer back to its initial size if every read since the last call was
+        at most half that size and what it holds fits (a hub calls this once a second)."""
+        if self._size > self._initial and self._peak <= self._initial // 2 \
+                and self._end - self._start <= self._initial // 2:
+            self._resize(self._initial)
+        self._peak = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes read elsewhere."""
@@ -355,6 +392,11 @@ class FrameDecoder:
             buf[:n] = view[:n]
             view = view[n:]
             self.buffer_updated(n)
+
+    @property
+    def buffer_size(self) -> int:
+        """The size of the reusable read buffer now (for tests and figures)."""
+        return self._size
 
     # -- decoding --------------------------------------------------------------------------
     def _check_prefix(self, hlen: int, blen: int) -> None:

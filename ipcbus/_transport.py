@@ -117,6 +117,15 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+def send_refusal(sock: socket.socket, reason: str) -> None:
+    """Tell a peer refused before its handshake why (a NOTICE ``{"error": reason}``, which its
+    handshake reports), without ever blocking: a fresh socket has room for these few bytes."""
+    try:
+        sock.send(P.notice_frame(None, error=reason), socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+
+
 def default_authkey() -> bytes:
     return bytes(multiprocessing.current_process().authkey)
 
@@ -415,9 +424,14 @@ def client_handshake(sock: socket.socket, *, tcp: bool, authkey: bytes | None, t
             set_timeouts(sock, None)
             sock.settimeout(timeout)
         body = {"magic": P.MAGIC, "version": P.VERSION, "pid": os.getpid(), "relay": relay}
-        transport.sendall([P.encode_frame(P.Kind.HELLO, body=P.pack_payload(body))])
         decoder = P.FrameDecoder()
         fd_queue: list[int] = []
+        try:
+            transport.sendall([P.encode_frame(P.Kind.HELLO, body=P.pack_payload(body))])
+        except OSError:
+            # Refused before our HELLO went out (e.g. the uid check): its NOTICE says why.
+            _raise_refusal(transport, decoder)
+            raise
         welcome = P.check_welcome(recv_frame_blocking(transport, decoder, fd_queue))
         close_fds(fd_queue)
         decoder.max_message = welcome["max_message"]
@@ -428,6 +442,19 @@ def client_handshake(sock: socket.socket, *, tcp: bool, authkey: bytes | None, t
             raise
         raise IpcBusConnectionError(f"handshake with the bus failed: {exc}") from None
     return transport, decoder, welcome
+
+
+def _raise_refusal(transport: StreamTransport, decoder: P.FrameDecoder) -> None:
+    """If the server left a NOTICE before closing, raise it as the handshake's error."""
+    fds: list[int] = []
+    try:
+        frame = recv_frame_blocking(transport, decoder, fds)
+    except (OSError, IpcBusProtocolError):
+        return
+    finally:
+        close_fds(fds)
+    if frame.kind == P.Kind.NOTICE:
+        P.check_welcome(frame)  # raises IpcBusProtocolError with the server's reason
 
 
 def errno_is_disconnect(exc: OSError) -> bool:

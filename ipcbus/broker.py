@@ -62,6 +62,13 @@ CLOSING_GRACE = 10.0
 # A receiver overflowed by a relay (never paused) is disconnected past this many queue limits.
 HARD_LIMIT_FACTOR = 2
 _ACCEPT_BACKOFF = 0.25
+_TRIM_INTERVAL = 1.0  # how often idle read buffers shrink back (FrameDecoder.trim)
+# TCP authentication runs on a thread each (multiprocessing's challenge is blocking): at most
+# MAX_AUTHENTICATIONS at once. Further connections wait for a slot without a thread, newest
+# first, at most _AUTH_WAITING of them (the oldest gives way) and each for at most
+# handshake_timeout; a started authentication has handshake_timeout of its own.
+MAX_AUTHENTICATIONS = 32
+_AUTH_WAITING = 256
 _BATCH = 512
 
 
@@ -195,6 +202,13 @@ class Hub:
         self.traffic: TrafficLog | None = None
         self._accept_paused_until = 0.0  # out of descriptors: accept again after this time
         self._accept_logged = -1e9
+        self._next_trim = 0.0
+        self._closed = False
+        self._auth_running = 0  # TCP authentication threads alive (loop thread's count)
+        self._auth_waiting: collections.deque[tuple[socket.socket, float]] = collections.deque()
+        self._auth_dropped = 0  # connections dropped while waiting for a slot, in all
+        self._auth_dropped_unlogged = 0
+        self._auth_logged = -1e9
         if options.traffic_log:
             self.traffic = TrafficLog(options.traffic_log)
             self.router.observers.append(self.traffic)
@@ -212,11 +226,13 @@ class Hub:
         return self.address
 
     def call_soon(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the loop thread (thread-safe)."""
+        """Run ``fn`` on the loop thread (thread-safe). Ignored once the hub has shut down."""
+        if self._closed:
+            return
         self._inbox.append(fn)
         try:
             os.write(self._wake_w, b"\0")
-        except BlockingIOError:
+        except OSError:  # full (the loop will wake anyway), or closed by a shutdown meanwhile
             pass
 
     def stop(self) -> None:
@@ -299,13 +315,29 @@ class Hub:
                 sock.close()
                 return
             if not T.peer_uid_allowed(uid, os.getuid(), self.options.allowed_uids):
-                log.warning("refused a connection from pid %d: uid %d is not allowed", pid, uid)
+                reason = f"uid {uid} is not allowed"
+                log.warning("refused a connection from pid %d: %s", pid, reason)
+                T.send_refusal(sock, reason)  # so its client can say why, not "Broken pipe"
                 sock.close()
                 return
             self.add_endpoint(sock, f"pid {pid}")
+        elif self._auth_running < MAX_AUTHENTICATIONS:
+            self._start_authentication(sock)
         else:
+            if len(self._auth_waiting) >= _AUTH_WAITING:  # the oldest waiting one gives way
+                self._drop_waiting(self._auth_waiting.popleft()[0])
+            self._auth_waiting.append(
+                (sock, time.monotonic() + self.options.handshake_timeout))
+
+    def _start_authentication(self, sock: socket.socket) -> None:
+        self._auth_running += 1
+        try:
             threading.Thread(target=self._authenticate, args=(sock,), daemon=True,
                              name="ipcbus-auth").start()
+        except RuntimeError as exc:  # cannot start a thread
+            self._auth_running -= 1
+            log.warning("refused a TCP connection: %s", exc)
+            sock.close()
 
     def _authenticate(self, sock: socket.socket) -> None:
         """TCP challenge, on a short-lived thread so a slow peer never stalls the loop."""
@@ -318,9 +350,46 @@ class Hub:
         except (OSError, EOFError, multiprocessing.AuthenticationError) as exc:
             log.warning("refused a TCP connection: authentication failed (%s)", exc)
             sock.close()
+            self.call_soon(self._authentication_done)
             return
         label = f"tcp {peer[0]}:{peer[1]}"
-        self.call_soon(lambda: self._admit_authenticated(sock, label))
+
+        def admit() -> None:
+            self._authentication_done()
+            self._admit_authenticated(sock, label)
+
+        self.call_soon(admit)
+        if self._closed:
+            sock.close()
+
+    def _authentication_done(self) -> None:
+        """A slot is free: start the newest waiting connection (the older ones are likelier
+        to be the silent part of a burst; each gives up after handshake_timeout)."""
+        self._auth_running -= 1
+        self._expire_waiting(time.monotonic())
+        while self._auth_waiting and self._auth_running < MAX_AUTHENTICATIONS:
+            self._start_authentication(self._auth_waiting.pop()[0])
+
+    def _expire_waiting(self, now: float) -> None:
+        waiting = self._auth_waiting
+        while waiting and waiting[0][1] <= now:
+            self._drop_waiting(waiting.popleft()[0])
+
+    def _drop_waiting(self, sock: socket.socket) -> None:
+        sock.close()
+        self._auth_dropped += 1
+        self._auth_dropped_unlogged += 1
+        self._log_dropped_waiting()
+
+    def _log_dropped_waiting(self) -> None:
+        now = time.monotonic()
+        if self._auth_dropped_unlogged and now - self._auth_logged > 10.0:
+            log.warning("refused %d TCP connection(s) waiting for authentication: %d"
+                        " authentications running (the cap), %d waiting (at most %d, each for"
+                        " at most %g s)", self._auth_dropped_unlogged, self._auth_running,
+                        len(self._auth_waiting), _AUTH_WAITING, self.options.handshake_timeout)
+            self._auth_dropped_unlogged = 0
+            self._auth_logged = now
 
     def _admit_authenticated(self, sock: socket.socket, label: str) -> None:
         self.add_endpoint(sock, label)
@@ -541,6 +610,14 @@ class Hub:
             self._accept_paused_until = 0.0
             assert self.listener is not None
             self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+        if self._auth_waiting:
+            self._expire_waiting(now)
+        if self._auth_dropped_unlogged:
+            self._log_dropped_waiting()
+        if now >= self._next_trim:  # idle connections give their larger read buffer back
+            self._next_trim = now + _TRIM_INTERVAL
+            for ep in self.endpoints:
+                ep.decoder.trim()
         for ep in list(self.endpoints):
             if not ep.ready and now > ep.deadline:
                 self.drop(ep, "handshake not completed in time")
@@ -665,6 +742,11 @@ class Hub:
                 time.sleep(0.005)
         for ep in list(self.endpoints):
             self.drop(ep, "the bus is closing", quiet=True)
+        self._closed = True
+        while self._auth_waiting:
+            self._auth_waiting.popleft()[0].close()
+        self._auth_logged = -1e9
+        self._log_dropped_waiting()  # the count not logged yet
         if self.listener is not None:
             try:
                 self.selector.unregister(self.listener)
@@ -690,6 +772,9 @@ class Hub:
             # slow consumers kept only until their closing NOTICE is written (CLOSING_GRACE)
             "closing_connections": sum(1 for ep in self.endpoints if ep.closing is not None),
             "queued_bytes": sum(ep.out_bytes for ep in self.endpoints),
+            "tcp_authentications": {"running": self._auth_running,
+                                    "waiting": len(self._auth_waiting),
+                                    "dropped_waiting": self._auth_dropped},
         }
 
 

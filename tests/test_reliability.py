@@ -2039,7 +2039,8 @@ def test_decoder_buffer_starts_small_grows_under_a_burst_and_shrinks_when_idle()
     """FrameDecoder's reusable buffer: INITIAL (16 KiB) at first; a read that fills it makes
     it grow fourfold up to CHUNK (two full reads reach 256 KiB); a frame that does not fit
     grows it too (up to CHUNK; larger frames still get a buffer of their own); trim() brings
-    it back to INITIAL after a quiet interval. Frames decode the same all along."""
+    it back to INITIAL after an interval of small reads only. Frames decode the same all
+    along."""
     init, chunk = P.FrameDecoder.INITIAL, P.FrameDecoder.CHUNK
     assert init == 16 * 1024 and chunk == 256 * 1024
     a, b = socket.socketpair()
@@ -2059,9 +2060,12 @@ def test_decoder_buffer_starts_small_grows_under_a_burst_and_shrinks_when_idle()
             sizes.append(dec.buffer_size)
         assert sizes[0] in (init * 4, init), sizes[:3]
         assert max(sizes) == chunk and sizes.index(chunk) <= 3, sizes[:5]
-        dec.trim()  # the burst filled it since the last call: kept
+        dec.trim()  # large reads since the last call: kept
         assert dec.buffer_size == chunk
-        dec.trim()  # a quiet interval: back to INITIAL
+        a.sendall(frames[0])  # a quiet interval: one small read
+        dec.buffer_updated(b.recv_into(dec.get_buffer()))
+        assert len(dec.frames()) == 1
+        dec.trim()  # back to INITIAL
         assert dec.buffer_size == init
         # a 100 KiB frame grows the buffer to hold it; a 1 MiB one gets a buffer of its own
         # (the first 16 KiB of it filled the small buffer: that alone grows it once)
@@ -2273,11 +2277,37 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _threads(pid: int) -> int:
+    return int(re.findall(r"Threads:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[0])
+
+
+class ThreadSampler:
+    """The most threads a process had, sampled every 5 ms from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _threads(self.pid))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(2)
+        return self.peak
+
+
 @pytest.mark.timeout(60)
 def test_silent_tcp_connections_do_not_stop_the_broker(capfd: Any) -> None:
-    """500 TCP connections that never answer the authentication challenge (each waits on a
-    thread of its own for handshake_timeout): the broker serves a canary meanwhile, and
-    drops them all at the deadline, its threads back to one."""
+    """500 TCP connections that never answer the authentication challenge: at most
+    MAX_AUTHENTICATIONS (32) authentication threads at once, the rest wait (newest first, at
+    most 256, each for at most handshake_timeout) or are dropped with a log line; the broker
+    serves a canary meanwhile, every one of the 500 is refused, and its threads are back to
+    one."""
+    from ipcbus.broker import MAX_AUTHENTICATIONS
     with IpcBusBroker.create(handshake_timeout=1.0).connect(port=0) as broker:
         bpid = broker.process.pid
         canary = IpcBusClient.create().connect(broker.address, peer_name="canary")
@@ -2285,27 +2315,65 @@ def test_silent_tcp_connections_do_not_stop_the_broker(capfd: Any) -> None:
         try:
             canary.on("canary", lambda event, x: event.request.resolve(x))
             sync(canary)
+            sampler = ThreadSampler(bpid)
             for _ in range(500):
                 socks.append(socket.create_connection(broker.address, timeout=5))
             with elapsed() as t:
                 assert canary.request("canary", 5.0, 1).payload == 1
-            threads = int(re.findall(r"Threads:\s+(\d+)",
-                                     Path(f"/proc/{bpid}/status").read_text())[0])
-
-            def back_to_one() -> bool:
-                text = Path(f"/proc/{bpid}/status").read_text()
-                return int(re.findall(r"Threads:\s+(\d+)", text)[0]) == 1
-            wait_until(back_to_one, timeout=10)
-            refused = capfd.readouterr().err.count("refused a TCP connection: authentication"
-                                                   " failed")
+            wait_until(lambda: _threads(bpid) == 1 and broker.query_state()[
+                "tcp_authentications"]["waiting"] == 0, timeout=10)
+            threads = sampler.stop()
+            err = capfd.readouterr().err
+            failed = err.count("refused a TCP connection: authentication failed")
+            auth = broker.query_state()["tcp_authentications"]
             report("500 silent TCP connections", canary_answered_s=round(t[0], 3),
-                   broker_threads_seen=threads, refused_at_deadline=refused)
-            assert refused == 500
+                   broker_threads_seen=threads, refused_by_authentication=failed,
+                   dropped_while_waiting=auth["dropped_waiting"],
+                   log=re.findall(r"refused \d+ TCP connection.*", err))
+            assert threads <= 1 + MAX_AUTHENTICATIONS, threads
+            assert failed + auth["dropped_waiting"] == 500, (failed, auth)
+            assert re.search(r"refused \d+ TCP connection\(s\) waiting for authentication", err)
+            assert auth["running"] == 0
             assert broker.query_state()["connections"] == 1
         finally:
             for sock in socks:
                 sock.close()
             canary.close()
+
+
+@pytest.mark.timeout(60)
+def test_good_tcp_client_served_during_a_burst_of_silent_connections(capfd: Any) -> None:
+    """300 silent TCP connections hold every authentication slot, then a client with the
+    right key connects: it waits for a free slot (it is the newest waiting, so the next one
+    is its own), not behind the whole burst, and is served within about one
+    handshake_timeout; the broker never runs more than 32 authentication threads."""
+    from ipcbus.broker import MAX_AUTHENTICATIONS
+    with IpcBusBroker.create(handshake_timeout=1.0).connect(port=0) as broker:
+        bpid = broker.process.pid
+        socks: list[socket.socket] = []
+        good: IpcBusClient | None = None
+        try:
+            sampler = ThreadSampler(bpid)
+            for _ in range(300):
+                socks.append(socket.create_connection(broker.address, timeout=5))
+            wait_until(lambda: broker.query_state()["tcp_authentications"]["waiting"] > 0)
+            with elapsed() as t:
+                good = IpcBusClient.create().connect(broker.address, peer_name="good",
+                                                     timeout=10.0)
+            good.on("echo", lambda event, x: event.request.resolve(x))
+            assert good.request("echo", 5.0, 7).payload == 7
+            auth = broker.query_state()["tcp_authentications"]
+            threads = sampler.stop()
+            report("good TCP client during 300 silent ones", connected_after_s=round(t[0], 2),
+                   broker_threads_seen=threads, authentications=auth)
+            assert threads <= 1 + MAX_AUTHENTICATIONS, threads
+            assert t[0] < 1.0 + 1.5, t[0]
+            assert [p["name"] for p in broker.query_state()["peers"]] == ["good"]
+        finally:
+            for sock in socks:
+                sock.close()
+            if good is not None:
+                good.close()
 
 
 @pytest.mark.timeout(60)
@@ -2414,7 +2482,10 @@ def _try_unix(path: str) -> dict[str, Any]:
     try:
         sock.connect(path)
         out["connect"] = "ok"
-        sock.sendall(P.encode_frame(Kind.HELLO, body=P.hello_body(os.getpid())))
+        try:
+            sock.sendall(P.encode_frame(Kind.HELLO, body=P.hello_body(os.getpid())))
+        except BrokenPipeError:
+            pass  # closed before our HELLO went out: what did it say before closing?
         data = sock.recv(65536)
         if not data:
             out["answer"] = "closed"
@@ -2423,7 +2494,9 @@ def _try_unix(path: str) -> dict[str, Any]:
             dec.feed(data)
             frames = dec.frames()
             out["answer"] = Kind(frames[0].kind).name if frames else "partial"
-    except (ConnectionResetError, BrokenPipeError):
+            if frames and frames[0].kind == Kind.NOTICE:
+                out["notice"] = P.unpack_control(frames[0].body)
+    except ConnectionResetError:
         out["answer"] = "closed"  # closed before reading what we sent: a reset
     except OSError as exc:
         out["connect"] = f"{type(exc).__name__}: {exc.strerror}"
@@ -2466,8 +2539,11 @@ def test_other_uid_stopped_by_the_socket_permission(sock_path: str, capfd: Any) 
 @pytest.mark.timeout(60)
 def test_other_uid_refused_by_peer_credentials(sock_path: str, capfd: Any) -> None:
     """With the permission bit opened (0666), the uid check (SO_PEERCRED) still refuses the
-    other uid: closed before any answer, logged as "refused"; a canary is served on. With
-    allowed_uids=[65534] the same child gets WELCOME (the refusal was the uid check)."""
+    other uid, and says why before closing: a raw socket reads a NOTICE {"error": "uid 65534
+    is not allowed"}, and IpcBusClient.connect raises IpcBusConnectionError naming the reason
+    (even when the broker closed before the client's HELLO went out); logged as "refused"; a
+    canary is served on. With allowed_uids=[65534] the same child gets WELCOME (the refusal
+    was the uid check)."""
     with IpcBusBroker.create().connect(sock_path) as broker:
         canary = IpcBusClient.create().connect(sock_path, peer_name="canary")
         try:
@@ -2479,11 +2555,12 @@ def test_other_uid_refused_by_peer_credentials(sock_path: str, capfd: Any) -> No
             err = capfd.readouterr().err
             report("other uid vs the uid check", outcome=out,
                    broker_log=re.findall(r"refused a connection.*", err))
-            assert out.pop("client_error"), out
-            assert out == {"connect": "ok", "answer": "closed",
-                           "client": "IpcBusConnectionError"}, out
-            assert len(re.findall(rf"refused a connection from pid \d+: uid {NOBODY} is not"
-                                  r" allowed", err)) == 2, err
+            reason = f"uid {NOBODY} is not allowed"
+            assert out == {"connect": "ok", "answer": "NOTICE", "notice": {"error": reason},
+                           "client": "IpcBusConnectionError",
+                           "client_error": f"the server refused the connection: {reason}"
+                           }, out
+            assert len(re.findall(rf"refused a connection from pid \d+: {reason}", err)) == 2, err
             assert canary.request("canary", 5.0, 1).payload == 1
             assert [p["name"] for p in broker.query_state()["peers"]] == ["canary"]
         finally:
@@ -2494,6 +2571,25 @@ def test_other_uid_refused_by_peer_credentials(sock_path: str, capfd: Any) -> No
         out = as_other_uid(lambda: _try_unix(sock_path))
         assert out == {"connect": "ok", "answer": "WELCOME",
                        "client": "connected as socket"}, out
+
+
+@pytest.mark.timeout(30)
+def test_refusal_sent_before_the_hello_is_still_reported() -> None:
+    """A server that refuses a peer at once (as the uid check does) writes a NOTICE and closes,
+    possibly before the client's HELLO goes out: the client's HELLO then fails with EPIPE,
+    and the handshake reads the NOTICE left in its socket and reports that reason instead of
+    "Broken pipe"."""
+    from ipcbus import _transport as T
+    server, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        T.send_refusal(server, "uid 65534 is not allowed")
+        server.close()
+        with pytest.raises(IpcBusConnectionError) as info:
+            T.client_handshake(client, tcp=False, authkey=None, timeout=2.0)
+        report("refusal before HELLO", client_error=str(info.value))
+        assert str(info.value) == "the server refused the connection: uid 65534 is not allowed"
+    finally:
+        client.close()
 
 
 def _tcp_raw(address: tuple[str, int]) -> socket.socket:
