@@ -980,6 +980,18 @@ class Rate:
             return 0.0
         return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
+    def longest_stall(self, t0: float, t1: float) -> float:
+        """The longest stretch within [t0, t1] in which the counter did not move (s)."""
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        longest, since = 0.0, None
+        for (ta, va), (tb, vb) in zip(inside, inside[1:]):
+            if vb == va:
+                since = ta if since is None else since
+                longest = max(longest, tb - since)
+            else:
+                since = None
+        return longest
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(2)
@@ -1547,7 +1559,9 @@ def linked_flood_scenario(sock_path: str, stuck_side: str, caplog: Any,
         peak = sampler.stop()
         before = [int(r.between(t0, settle_)) for r in rates[:2]]
         during = [int(r.between(t1 + 0.1, t1 + timeout)) for r in rates[:2]]
+        stalls = [round(r.longest_stall(t1, t1 + timeout), 2) for r in rates[:2]]
         fig = {"other_rate_before": before, "other_rate_while_stuck": during,
+               "other_longest_stall_s": stalls,
                "disconnected_after_s": round(t2 - t1, 2),
                "flood_rate": int(rates[2].between(t1 + 0.1, t3)),
                "this_process_rss_growth_MiB": round((peak - before_rss) / MiB, 1)}
@@ -1587,12 +1601,15 @@ def test_stopped_pipe_child_behind_a_linked_bridge_does_not_stall_other_channels
     never paused for it: "other", which crosses the same link, keeps its rate on both sides
     during the whole slow-consumer timeout, and the stopped subscriber is disconnected as a
     "slow consumer" (its queue passes the hard cap of twice the queue limit); memory stays
-    bounded."""
+    bounded. (The flood publisher, never held back now, shares the 2 CPUs with everything
+    else, so "other" slows down somewhat; what the old rule did was stop it: no progress for
+    the whole timeout.)"""
     caplog.set_level(logging.WARNING, logger="ipcbus")
     fig = linked_flood_scenario(sock_path, stuck_side, caplog, capfd)
     report(f"stopped {stuck_side} subscriber fed through a linked bridge", **fig)
     before, during = fig["other_rate_before"], fig["other_rate_while_stuck"]
-    assert all(d >= 0.3 * b for b, d in zip(before, during)), fig
+    assert all(stall < 0.5 for stall in fig["other_longest_stall_s"]), fig
+    assert all(d >= 0.2 * b for b, d in zip(before, during)), fig
     assert fig["disconnected_after_s"] < 2.0 + 2.0, fig
     assert any(re.search(r"disconnecting #\d+ .*: slow consumer", line) for line in fig["log"]), fig
     assert fig["flood_rate"] > 0, fig  # the flood publisher is not held for a receiver gone
