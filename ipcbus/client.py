@@ -141,7 +141,7 @@ class IpcBusRequest:
         return self._answer(False, err)
 
     def _answer(self, resolved: bool, value: Any) -> bool:
-        body = P.pack_payload([resolved, value])  # raises before anything is marked or sent
+        body = P.pack_args([resolved, value])  # raises before anything is marked or sent
         with self._answered.lock:
             if self._answered.done:
                 return False
@@ -227,10 +227,11 @@ _STOP = object()
 _POLL = 0.001  # a parked I/O thread looks for work this often while the bus is busy...
 _IDLE = 0.05  # ...until this long has passed without traffic: then it sleeps until kicked
 _READ_WAIT_MS = 10  # a thread reading for its own answer looks at its future this often (ms)
-DISPATCH_BUDGET = 16 * 1024 * 1024  # bytes read and not dispatched yet before reading stops
+DISPATCH_BUDGET = int(os.environ.get("HACKB", 16 * 1024 * 1024))  # bytes read and not dispatched yet before reading stops
 BURST_GAP = 50e-6  # seconds between two sends that makes them one burst
 DEFAULT_SOCKET_BUFFER = 64 * 1024  # bytes of a burst written at once
 _COALESCE_FRAME = 16 * 1024  # larger frames are written on their own, without a copy
+_RECYCLE = P.FrameDecoder.CHUNK  # received into a buffer of their own, which is reused
 _registry_lock = threading.Lock()
 _connections: dict[Any, _Connection] = {}
 
@@ -666,6 +667,8 @@ class _Connection:
                         self._dispatch_frame(frame)
                     except Exception:
                         log.exception("ipcbus: error while dispatching")
+                    if size > _RECYCLE and frame.kind != Kind.SPY_COPY:
+                        self.decoder.recycle(frame)
             elif item is _STOP:
                 self._finish_dispatch()
                 return
@@ -1216,9 +1219,10 @@ class IpcBusClient(Emitter[str]):
         return conn
 
     def _write(self, conn: _Connection, kind: int, channel: str, target: str | None, rid: int,
-               body: bytes, fds: list[int] | None = None) -> None:
-        if len(body) > conn.max_message:
-            raise ValueError(f"message of {len(body)} bytes exceeds the bus limit of"
+               body: P.Body, fds: list[int] | None = None) -> None:
+        size = P.body_size(body)
+        if size > conn.max_message:
+            raise ValueError(f"message of {size} bytes exceeds the bus limit of"
                              f" {conn.max_message} bytes")
         if rid or fds:
             header = P.encode_header(kind, channel, self._info, target, rid,
@@ -1231,28 +1235,30 @@ class IpcBusClient(Emitter[str]):
                 if len(self._headers) >= 1024:
                     self._headers.clear()
                 self._headers[key] = header
-        prefix = P.PREFIX.pack(len(header), len(body))
-        if len(body) > _COALESCE_FRAME:
-            conn.write([prefix + header, body], fds, True)  # no copy of a large body
+        prefix = P.PREFIX.pack(len(header), size)
+        if not isinstance(body, bytes):  # large arguments, written in place
+            conn.write([prefix + header, *body], fds, True)  # type: ignore[list-item]
+        elif size > _COALESCE_FRAME:
+            conn.write([prefix + header, body], fds, True)
         else:
             conn.write([prefix + header + body], fds,
                        kind != Kind.SEND and kind != Kind.SEND_TO)
 
     def _send_frame(self, kind: int, channel: str, target: str | None, rid: int,
-                    body: bytes) -> None:
+                    body: P.Body) -> None:
         self._write(self._connection(), kind, channel, target, rid, body)
 
     def send(self, channel: str, *args: Any) -> None:
         """Broadcast ``args`` to every listener of ``channel`` on the bus (ours included)."""
         if channel not in _valid_channels:
             _remember_channel(channel)
-        self._send_frame(Kind.SEND, channel, None, 0, P.pack_payload(args))
+        self._send_frame(Kind.SEND, channel, None, 0, P.pack_args(args))
 
     def send_to(self, target: IpcBusPeer | str, channel: str, *args: Any) -> None:
         """Send ``args`` to the listeners of ``channel`` of one peer only."""
         target_id = _target_id(target)
         P.check_channel(channel)
-        self._send_frame(Kind.SEND_TO, channel, target_id, 0, P.pack_payload(args))
+        self._send_frame(Kind.SEND_TO, channel, target_id, 0, P.pack_args(args))
 
     def request(self, channel: str, timeout: float | None, *args: Any) -> IpcBusRequestResponse:
         """Ask every listener of ``channel``; return the first answer, or raise
@@ -1265,7 +1271,7 @@ class IpcBusClient(Emitter[str]):
         target_id = _target_id(target)
         P.check_channel(channel)
         return self._wait(self._start_request(Kind.REQUEST, channel, target_id,
-                                              resolve_timeout(timeout), P.pack_payload(args)))
+                                              resolve_timeout(timeout), P.pack_args(args)))
 
     def _wait(self, future: concurrent.futures.Future[Any]) -> IpcBusRequestResponse:
         conn = self._conn
@@ -1277,26 +1283,28 @@ class IpcBusClient(Emitter[str]):
         """Start a request; the Future gets the response or the IpcBusRequestError."""
         P.check_channel(channel)
         return self._start_request(Kind.REQUEST, channel, None, resolve_timeout(timeout),
-                                   P.pack_payload(args))
+                                   P.pack_args(args))
 
     def _start_request(self, kind: int, channel: str, target: str | None,
-                       timeout: float | None, body: bytes, fds: list[int] | None = None
+                       timeout: float | None, body: P.Body, fds: list[int] | None = None
                        ) -> concurrent.futures.Future[Any]:
         conn = self._connection()
         assert self._peer is not None
         rid = next(_rids)
         key = (self._peer.id, rid)
         pending = _Pending(self, channel)
-        conn.add_pending(key, pending)
+        if timeout is not None:  # armed first: the answer may come before _write returns
+            pending.timeout = conn.timer.call_at(time.monotonic() + timeout,
+                                                 lambda: conn.expire(key, timeout))
         try:
+            conn.add_pending(key, pending)
             self._write(conn, kind, channel, target, rid, body, fds)
         except BaseException:
             with conn.lock:
                 conn.pending.pop(key, None)
+            if pending.timeout is not None:
+                conn.timer.cancel(pending.timeout)
             raise
-        if timeout is not None:
-            pending.timeout = conn.timer.call_at(time.monotonic() + timeout,
-                                                 lambda: conn.expire(key, timeout))
         return pending.future
 
     # -- handles ---------------------------------------------------------------------------------

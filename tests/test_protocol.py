@@ -802,3 +802,76 @@ def test_dict_with_tuple_keys_round_trips_with_tuple_keys() -> None:
     from ipcbus._protocol import pack_payload as _pack, unpack_payload as _unpack
     value = {(1, (2, "x")): "a", "nested": [1, {(3,): None}], 4: b"b"}
     assert _unpack(_pack(value)) == value
+
+
+# -- large arguments without a copy (pack_args) ------------------------------------------------
+class _Big:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+_small_args = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1),
+                        st.text(max_size=20), st.binary(max_size=300),
+                        st.lists(st.integers(-2**63, 2**64 - 1), max_size=3))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(_small_args,
+                          st.sampled_from([P.BIG_BYTES, P.BIG_BYTES + 1, 70_000, 300_000]
+                                          ).map(lambda n: _Big(n))),
+                max_size=20),
+       st.booleans())
+def test_pack_args_is_the_same_encoding_without_copying_large_bytes(
+        items: list[Any], as_bytearray: bool) -> None:
+    """_Big(n) stands for a large bytes argument: the buffers pack_args returns
+    concatenate to exactly pack_payload's encoding, the large arguments are the caller's own
+    objects (not copies), and the body decodes to the arguments."""
+    def big(n: int, i: int) -> bytes | bytearray:
+        data = bytes([i % 251]) * n
+        return bytearray(data) if as_bytearray else data
+
+    args = tuple(big(x.n, i) if isinstance(x, _Big) else x for i, x in enumerate(items))
+    body = P.pack_args(args)
+    joined = body if isinstance(body, bytes) else b"".join(body)
+    assert joined == P.pack_payload(args)
+    assert P.body_size(body) == len(joined)
+    large = [a for a in args if isinstance(a, (bytes, bytearray)) and len(a) >= P.BIG_BYTES]
+    if large:
+        assert isinstance(body, list)
+        assert all(any(part is a for part in body) for a in large)
+    else:
+        assert isinstance(body, bytes)
+    assert P.unpack_payload(joined) == [bytes(a) if isinstance(a, bytearray) else a
+                                        for a in args]
+
+
+def test_pack_args_refuses_unserializable_values_with_large_bytes() -> None:
+    with pytest.raises(TypeError, match="cannot send"):
+        P.pack_args((b"x" * P.BIG_BYTES, object()))
+
+
+def test_recycled_buffer_receives_the_next_large_frame() -> None:
+    """A large frame's buffer given back is reused for the next large frame of similar size
+    (shrunk in place), and never while something still has a view of it."""
+    body = b"y" * (P.FrameDecoder.CHUNK * 2)
+    frame = P.encode_frame(Kind.SEND, "big", sender=["p", "n", "socket", 1], body=body)
+    dec = P.FrameDecoder()
+    dec.feed(frame)
+    first = dec.frames()[0]
+    assert bytes(first.raw) == frame
+    buf = first.raw
+    dec.recycle(first)
+    assert first.raw == b""
+    buf_id = id(buf)
+    del buf
+    dec.feed(frame[:-10] + b"z" * 10)
+    second = dec.frames()[0]
+    assert id(second.raw) == buf_id
+    assert bytes(second.raw).endswith(b"z" * 10)
+    view = memoryview(second.raw)  # still in use: the decoder must not reuse it
+    dec.recycle(second)
+    dec.feed(frame[:-1] + b"w")
+    third = dec.frames()[0]
+    assert bytes(third.raw).endswith(b"w")
+    assert bytes(view).endswith(b"z" * 10)  # untouched
+    view.release()
