@@ -304,6 +304,9 @@ class StreamTransport:
     def sendall(self, buffers: Sequence[bytes | bytearray | memoryview],
                 fds: Sequence[int] = ()) -> None:
         """Write everything on a blocking socket (the descriptors with the first chunk)."""
+        if not fds and len(buffers) == 1:
+            self.sock.sendall(buffers[0])  # the common case: one frame, a loop in C
+            return
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
         first = True
         while views or (first and fds):
