@@ -11,12 +11,16 @@ the hub stops reading from the endpoint whose frame overflowed it, until the que
 below half the limit; an endpoint that stays over the limit for ``slow_consumer_timeout``
 seconds is disconnected with the reason "slow consumer". Nothing is dropped silently.
 
-A *relay* endpoint (a bridge's link to a broker, on either side) is never paused for one
-receiver's sake: it carries every channel of a whole side of the bus, so pausing it would stall
-them all. A receiver overflowed by a relay instead goes on queueing past ``queue_limit`` up to
-a hard cap of twice the limit (``HARD_LIMIT_FACTOR``); it is disconnected as a "slow consumer"
-when it passes the cap, or, as any receiver, when it stays over the limit for
-``slow_consumer_timeout``. Its memory stays bounded by the cap (plus at most one read's worth).
+A *relay* endpoint (a bridge's link to a broker, on either side) carries every channel of a
+whole side of the bus, so pausing it for one receiver stalls them all. A receiver overflowed by
+a relay therefore goes on queueing past ``queue_limit`` without pausing it, up to a hard cap of
+twice the limit (``HARD_LIMIT_FACTOR``). Past the cap, a receiver that has written nothing for
+a quarter of ``slow_consumer_timeout`` (stopped, or not reading) is disconnected as a "slow
+consumer" at once; one that is still reading, only slower than the far side sends, pauses the
+relay like any sender (back-pressure, not loss), and is disconnected as a slow consumer if it
+then stops making progress for that quarter timeout, or, as any receiver, when it stays over
+the limit for ``slow_consumer_timeout``. Memory stays bounded by the cap (plus at most one
+read's worth); a stopped receiver holds a link for at most a quarter of the timeout.
 
 A slow consumer's disconnect (:meth:`Hub.disconnect`) drops its undelivered queue at once
 (keeping only the rest of a frame already partly written, so the stream stays frame-aligned),
@@ -116,8 +120,8 @@ class _Endpoint:
     """One connection of a hub: its socket, decoder, peers and output queue."""
 
     __slots__ = ("hub", "transport", "decoder", "fd_queue", "peers", "relay", "label", "out",
-                 "out_bytes", "out_fds", "head_sent", "blocked", "paused", "full_since", "ready",
-                 "deadline", "closing", "events", "on_ready", "can_pass_fds", "delivered_msgs",
+                 "out_bytes", "out_fds", "head_sent", "blocked", "paused", "full_since",
+                 "progress_at", "ready", "deadline", "closing", "events", "on_ready", "can_pass_fds", "delivered_msgs",
                  "delivered_bytes", "__weakref__")
 
     def __init__(self, hub: Hub, transport: T.StreamTransport, label: str) -> None:
@@ -137,6 +141,7 @@ class _Endpoint:
         self.blocked: set[_Endpoint] = set()  # endpoints paused because this one is full
         self.paused = False
         self.full_since: float | None = None
+        self.progress_at = 0.0  # while over the limit: when a write last made progress
         self.ready = False  # handshake done
         self.deadline = time.monotonic() + hub.options.handshake_timeout
         self.closing: str | None = None
@@ -160,17 +165,16 @@ class _Endpoint:
         hub.dirty.add(self)
         if self.out_bytes > hub.options.queue_limit:
             if self.full_since is None:
-                self.full_since = time.monotonic()
+                self.full_since = self.progress_at = time.monotonic()
             source = hub.current
-            if source is not None and source is not self:
-                if source.relay:
-                    # Never pause a link for one receiver: past the hard cap, this receiver
-                    # is a slow consumer (disconnected once the frame being routed is done).
-                    if self.out_bytes > hub.hard_limit:
-                        hub.overflowed.add(self)
-                elif not source.paused:
+            if source is not None and source is not self and not source.paused:
+                if not source.relay:
                     hub.pause(source)
                     self.blocked.add(source)
+                elif self.out_bytes > hub.hard_limit:
+                    # A link is not paused for a receiver that stopped reading: decided once
+                    # the frame being routed is done and the queues are flushed.
+                    hub.overflowed[self] = source
 
     def __repr__(self) -> str:
         return f"<endpoint {self.label}>"
@@ -186,8 +190,10 @@ class Hub:
         self.selector = selectors.DefaultSelector()
         self.endpoints: set[_Endpoint] = set()
         self.dirty: set[_Endpoint] = set()
-        self.overflowed: set[_Endpoint] = set()  # past the hard cap: to disconnect
+        # receivers past the hard cap, fed by a relay: disconnect, or pause that relay
+        self.overflowed: dict[_Endpoint, _Endpoint] = {}
         self.hard_limit = HARD_LIMIT_FACTOR * options.queue_limit
+        self.relay_stall = options.slow_consumer_timeout / 4
         self.current: _Endpoint | None = None
         self.listener: socket.socket | None = None
         self.address: T.Address | None = None
@@ -498,17 +504,29 @@ class Hub:
 
     # -- output ---------------------------------------------------------------------------------
     def _flush_dirty(self) -> None:
-        if self.overflowed:
-            overflowed, self.overflowed = self.overflowed, set()
-            for ep in overflowed:
-                if ep in self.endpoints and ep.closing is None:
-                    self.disconnect(ep, "slow consumer", detail=(
-                        f"its queue passed the hard cap of {self.hard_limit} bytes, fed by a"
-                        " relay, which is never paused"))
         dirty, self.dirty = self.dirty, set()
         for ep in dirty:
             if ep in self.endpoints:
                 self._flush(ep)
+        if self.overflowed:
+            self._relay_overflowed()
+
+    def _relay_overflowed(self) -> None:
+        """Receivers a relay filled past the hard cap: one that has not written for
+        ``relay_stall`` s is a slow consumer; one still reading pauses the relay."""
+        overflowed, self.overflowed = self.overflowed, {}
+        now = time.monotonic()
+        for ep, relay in overflowed.items():
+            if ep not in self.endpoints or ep.closing is not None \
+                    or ep.out_bytes <= self.hard_limit:
+                continue
+            if now - ep.progress_at >= self.relay_stall:
+                self.disconnect(ep, "slow consumer", detail=(
+                    f"its queue passed the hard cap of {self.hard_limit} bytes, fed by a link,"
+                    f" and it wrote nothing for {now - ep.progress_at:.2f} s"))
+            elif relay in self.endpoints and not relay.paused:
+                self.pause(relay)
+                ep.blocked.add(relay)
 
     def _flush(self, ep: _Endpoint) -> None:
         out = ep.out
@@ -540,6 +558,8 @@ class Hub:
                 for i in range(len(views)):
                     out[i][1] = []
             ep.out_bytes -= sent
+            if ep.full_since is not None and sent:
+                ep.progress_at = time.monotonic()
             left = sent
             while left:
                 head = out[0][0]
@@ -624,6 +644,11 @@ class Hub:
             elif ep.full_since is not None and \
                     now - ep.full_since > self.options.slow_consumer_timeout:
                 self.disconnect(ep, "slow consumer")
+            elif ep.blocked and now - ep.progress_at > self.relay_stall and \
+                    any(source.relay for source in ep.blocked):
+                self.disconnect(ep, "slow consumer", detail=(
+                    f"it holds a link paused and wrote nothing for {now - ep.progress_at:.2f}"
+                    " s"))
             elif ep.closing is not None and now > ep.deadline:
                 self._finish_close(ep)
 

@@ -1501,7 +1501,7 @@ def linked_flood_scenario(sock_path: str, stuck_side: str, caplog: Any,
     link is the source). Returns the figures; the rates of "other" are measured over the
     whole slow-consumer timeout after the stop (the stretch the old rule stalled)."""
     ctx = multiprocessing.get_context("spawn")
-    limit, timeout = 1 * MiB, 2.0
+    limit, timeout = 1 * MiB, 4.0
     broker = IpcBusBroker.create(queue_limit=limit, slow_consumer_timeout=timeout
                                  ).connect(sock_path)
     bridge = IpcBusBridge.create(queue_limit=limit, slow_consumer_timeout=timeout
@@ -1597,23 +1597,94 @@ def test_stopped_pipe_child_behind_a_linked_bridge_does_not_stall_other_channels
         sock_path: str, stuck_side: str, caplog: Any, capfd: Any) -> None:
     """A subscriber of "flood" is stopped while a publisher on the other side of a bridge's
     link floods it ("pipe": a pipe child of the bridge, published to from the broker's side;
-    "socket": a broker's socket subscriber, published to from pipe children). The link is
-    never paused for it: "other", which crosses the same link, keeps its rate on both sides
-    during the whole slow-consumer timeout, and the stopped subscriber is disconnected as a
-    "slow consumer" (its queue passes the hard cap of twice the queue limit); memory stays
-    bounded. (The flood publisher, never held back now, shares the 2 CPUs with everything
-    else, so "other" slows down somewhat; what the old rule did was stop it: no progress for
-    the whole timeout.)"""
+    "socket": a broker's socket subscriber, published to from pipe children). Slow-consumer
+    timeout 4 s. The link is not held for a receiver that stopped reading: past the hard cap
+    (twice the queue limit) it is held at most a quarter of the timeout (1 s), then the
+    stopped subscriber is disconnected as a "slow consumer" and "other", which crosses the
+    same link, flows again on both sides (the old rule held it for the whole timeout). Only
+    the stopped subscriber is disconnected; memory stays bounded. (The flood publisher, not
+    held back once the receiver is gone, shares the 2 CPUs with everything else, so "other"
+    slows down somewhat.)"""
     caplog.set_level(logging.WARNING, logger="ipcbus")
     fig = linked_flood_scenario(sock_path, stuck_side, caplog, capfd)
     report(f"stopped {stuck_side} subscriber fed through a linked bridge", **fig)
     before, during = fig["other_rate_before"], fig["other_rate_while_stuck"]
-    assert all(stall < 0.5 for stall in fig["other_longest_stall_s"]), fig
+    assert all(stall < 2.0 for stall in fig["other_longest_stall_s"]), fig  # old: ~3.7 s
     assert all(d >= 0.2 * b for b, d in zip(before, during)), fig
-    assert fig["disconnected_after_s"] < 2.0 + 2.0, fig
-    assert any(re.search(r"disconnecting #\d+ .*: slow consumer", line) for line in fig["log"]), fig
+    assert fig["disconnected_after_s"] < 1.0 + 1.5, fig
+    assert len(fig["log"]) == 1, fig  # the stopped one only, never a reading subscriber
+    assert re.search(r"disconnecting #\d+ .*: slow consumer", fig["log"][0]), fig
     assert fig["flood_rate"] > 0, fig  # the flood publisher is not held for a receiver gone
     assert fig["this_process_rss_growth_MiB"] < 32, fig
+
+
+@pytest.mark.timeout(90)
+def test_slow_reader_fed_through_a_link_is_throttled_not_dropped(sock_path: str,
+                                                                  capfd: Any) -> None:
+    """A reader that keeps reading, only slower (64 KiB every 10 ms, about 6 MB/s), on the
+    broker, subscribed to a channel that a pipe child behind a linked bridge floods with 1 KB
+    messages: the link is paused for it (back-pressure, as for a local publisher), so the
+    publisher slows down to the reader's pace; the reader is never disconnected and gets
+    every message in order. Queue limit 1 MiB (hard cap 2 MiB), slow-consumer timeout 4 s."""
+    ctx = multiprocessing.get_context("spawn")
+    limit, timeout = 1 * MiB, 4.0
+    broker = IpcBusBroker.create(queue_limit=limit, slow_consumer_timeout=timeout
+                                 ).connect(sock_path)
+    bridge = IpcBusBridge.create(queue_limit=limit, slow_consumer_timeout=timeout
+                                 ).connect(sock_path)
+    ready_q = ctx.Queue()
+    go_r, go_w = ctx.Pipe(duplex=False)
+    stop_r, stop_w = ctx.Pipe(duplex=False)
+    sent = ctx.RawValue("q", 0)
+    pub = ctx.Process(target=publisher, args=(bridge.open_pipe(), "flood", 1000, 10**9,
+                                              ready_q, go_r, stop_r, sent), daemon=True)
+    peers: list[RawPeer] = []
+    try:
+        pub.start()
+        ready_q.get(timeout=READY_TIMEOUT)
+        peers = _join_pipelined(sock_path, 1, "flood")
+        reader = peers[0]
+        wait_until(lambda: broker.query_state()["channels"].get("flood") == 1)
+        reader.sock.settimeout(5)
+        dec = P.FrameDecoder()
+        got, expected, gaps = 0, 0, 0
+        go_w.send_bytes(b"go")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 3.0:
+            data = reader.sock.recv(65536)
+            assert data, "the slow reader was disconnected"
+            dec.feed(data)
+            for frame in dec.frames():
+                for body in frame.bodies():
+                    i = P.unpack_payload(body)[0]
+                    gaps += i != expected
+                    expected = i + 1
+                    got += 1
+            time.sleep(0.01)
+        elapsed_s = time.monotonic() - t0
+        names = _peer_names(broker)
+        published = sent.value
+        err = capfd.readouterr().err
+        report("slow reader through a link", seconds=round(elapsed_s, 1), received=got,
+               reader_MB_s=round(got * 1000 / elapsed_s / 1e6, 1), published=published,
+               publisher_ahead_by=published - got, gaps=gaps,
+               disconnects=re.findall(r"disconnecting .*", err))
+        assert "many" in names, names  # the raw reader's peer name
+        assert "disconnecting" not in err, err
+        assert gaps == 0 and got > 0
+        # the publisher was held to the reader's pace: what it sent beyond what was read fits
+        # in the queues and kernel buffers on the way (about 20 MB here), not 3 s of flood
+        assert published - got < 40_000, (published, got)
+    finally:
+        stop_w.send_bytes(b"stop")
+        for peer in peers:
+            peer.close()
+        pub.join(10)
+        if pub.is_alive():
+            pub.kill()
+            pub.join(5)
+        bridge.close()
+        broker.close()
 
 
 # =============================================================================================
