@@ -1,0 +1,128 @@
+"""Where a workload's time goes: CPU time per message of each process, for A/B comparisons.
+
+    python benchmarks/cpu_profile.py w1            # request round trips, 100 B
+    python benchmarks/cpu_profile.py w4            # 16 MiB messages, a window of 2
+    PYTHONPATH=/path/to/other/copy python benchmarks/cpu_profile.py w1   # the same, another copy
+
+Prints p50/p99 (w1) or MB/s (w4) and, per process (requester or publisher, broker, responder
+or subscriber), user and system CPU time per message from ``/proc/PID/stat`` (Linux). Run the
+two sides of a comparison interleaved, several times: the machine is shared.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from ipcbus import IpcBusBroker, IpcBusClient, IpcBusEvent
+
+SIZE_W4 = 16 << 20
+N_W1, N_W4 = 5000, 60
+
+
+def cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def responder(address: str, ready: Any) -> None:
+    client = IpcBusClient.create().connect(address)
+    done = threading.Event()
+    client.on("echo", lambda event, x: event.request.resolve(x))
+    client.on("stop", lambda event: done.set())
+    client.request("/ipcbus/queryState", 5.0)
+    ready.set()
+    done.wait(120)
+    client.close()
+
+
+def subscriber(address: str, ready: Any, result: Any) -> None:
+    client = IpcBusClient.create().connect(address)
+    times: dict[int, float] = {}
+    done = threading.Event()
+
+    def on_data(event: IpcBusEvent, seq: int, payload: bytes) -> None:
+        times[seq] = time.perf_counter()
+        client.send("ack", seq)
+        if seq == N_W4 - 1:
+            done.set()
+
+    client.on("data", on_data)
+    client.request("/ipcbus/queryState", 5.0)
+    ready.set()
+    done.wait(120)
+    result.put((N_W4 - 1) * SIZE_W4 / (times[N_W4 - 1] - times[0]) / 1e6)
+    client.close()
+
+
+def report(label: str, pids: list[int], before: list[tuple[float, float]], n: int,
+           names: tuple[str, str, str]) -> None:
+    after = [cpu(pid) for pid in pids]
+    parts = [f"{name} {(b[0] - a[0]) / n * 1e6:.0f}+{(b[1] - a[1]) / n * 1e6:.0f}"
+             for name, a, b in zip(names, before, after)]
+    print(f"{label}; CPU per message, user+system us: " + ", ".join(parts))
+
+
+def main() -> None:
+    which = sys.argv[1] if len(sys.argv) > 1 else "w1"
+    ctx = multiprocessing.get_context("spawn")
+    address = tempfile.mktemp(prefix="ipcbus-cpu-", dir="/tmp")
+    with IpcBusBroker.create().connect(address) as broker:
+        ready = ctx.Event()
+        client = IpcBusClient.create().connect(address)
+        if which == "w1":
+            proc = ctx.Process(target=responder, args=(address, ready))
+            proc.start()
+            ready.wait(30)
+            payload = b"x" * 100
+            for _ in range(500):
+                client.request("echo", 5.0, payload)
+            pids = [os.getpid(), broker.process.pid, proc.pid]
+            before = [cpu(pid) for pid in pids]
+            lat = []
+            for _ in range(N_W1):
+                t = time.perf_counter()
+                client.request("echo", 5.0, payload)
+                lat.append(time.perf_counter() - t)
+            lat.sort()
+            report(f"W1 p50 {lat[N_W1 // 2] * 1e6:.0f} us, p99 {lat[N_W1 * 99 // 100] * 1e6:.0f}"
+                   " us", pids, before, N_W1, ("requester", "broker", "responder"))
+            client.send("stop")
+        else:
+            result = ctx.Queue()
+            proc = ctx.Process(target=subscriber, args=(address, ready, result))
+            proc.start()
+            cond = threading.Condition()
+            acked = [-1]
+
+            def on_ack(event: IpcBusEvent, seq: int) -> None:
+                with cond:
+                    acked[0] = seq
+                    cond.notify()
+
+            client.on("ack", on_ack)
+            client.request("/ipcbus/queryState", 5.0)
+            ready.wait(30)
+            payload = b"x" * SIZE_W4
+            pids = [os.getpid(), broker.process.pid, proc.pid]
+            before = [cpu(pid) for pid in pids]
+            for seq in range(N_W4):
+                with cond:
+                    cond.wait_for(lambda: seq - acked[0] <= 2, 30)
+                client.send("data", seq, payload)
+            rate = result.get(timeout=60)
+            report(f"W4 16 MiB {rate:.0f} MB/s", pids, before, N_W4,
+                   ("publisher", "broker", "subscriber"))
+        proc.join(30)
+        client.close()
+
+
+if __name__ == "__main__":
+    main()
