@@ -227,7 +227,7 @@ _STOP = object()
 _POLL = 0.001  # a parked I/O thread looks for work this often while the bus is busy...
 _IDLE = 0.05  # ...until this long has passed without traffic: then it sleeps until kicked
 _READ_WAIT_MS = 10  # a thread reading for its own answer looks at its future this often (ms)
-DISPATCH_BUDGET = int(os.environ.get("HACKB", 16 * 1024 * 1024))  # bytes read and not dispatched yet before reading stops
+DISPATCH_BUDGET = 16 * 1024 * 1024  # bytes read and not dispatched yet before reading stops
 BURST_GAP = 50e-6  # seconds between two sends that makes them one burst
 DEFAULT_SOCKET_BUFFER = 64 * 1024  # bytes of a burst written at once
 _COALESCE_FRAME = 16 * 1024  # larger frames are written on their own, without a copy
@@ -464,24 +464,23 @@ class _Connection:
         """Read, holding the read role, until this thread has something to dispatch, the
         dispatch budget is spent, or a waiting caller was handed its answer: it may then
         read its next answer itself, without a hand-off (returns True: give way a moment)."""
-        woke = False
-        try:
-            while True:
+        while True:
+            try:
                 batch, size, woke, full = self._read_once()
-                if batch:
-                    self._enqueue((batch, size), size)
-                    if self.dispatch_lock.acquire(False):
-                        self._give_up_role()  # someone else may read while we dispatch
-                        self._drain()
-                        return False
-                    if self.over_budget:
-                        break
-                if woke and not full:
+            except BaseException as exc:
+                self.read_role.release()
+                self._lost(exc)
+                return False
+            if batch:
+                self._enqueue((batch, size), size)
+                if self.dispatch_lock.acquire(False):
+                    self._give_up_role()  # someone else may read while we dispatch
+                    self._drain()
+                    return False
+                if self.over_budget:
                     break
-        except BaseException as exc:
-            self.read_role.release()
-            self._lost(exc)
-            return False
+            if woke and not full:
+                break
         self._give_up_role()
         return woke
 
