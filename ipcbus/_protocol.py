@@ -403,6 +403,10 @@ class FrameDecoder:
             frame.raw = b""
             self._spare = raw
 
+    def drop_spare(self) -> None:
+        """Let the kept large buffer go (the connection is idle): safe from any thread."""
+        self._spare = None
+
     def _take_spare(self, total: int) -> bytearray:
         spare, self._spare = self._spare, None
         # Reused only if nothing else refers to it (no view, no frame): our name and the

@@ -440,6 +440,8 @@ class _Connection:
                 self.pollers += 1
             else:
                 self.deep_parked += 1
+        if not poll:
+            self.decoder.drop_spare()  # quiet or stuck: no large buffer kept meanwhile
         try:
             if not give_way and ((self.dispatch_q and not self.dispatch_lock.locked())
                                  or not (self.read_role.locked() or self.over_budget

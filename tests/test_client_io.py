@@ -115,6 +115,31 @@ def test_an_idle_connection_costs_no_cpu(broker: IpcBusBroker) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_large_receive_buffer_is_not_kept_once_idle(broker: IpcBusBroker) -> None:
+    """The buffer of a large message is kept for the next one while traffic flows, and let go
+    once the connection is quiet (no 16 MiB held by an idle process)."""
+    c = IpcBusClient.create().connect(broker.address, peer_name="big-idle")
+    try:
+        got = threading.Event()
+        c.on("big", lambda event, blob: got.set())
+        sync(c)
+        c.send("big", b"z" * (4 * MiB))
+        assert got.wait(10)
+        conn = c._conn
+        assert conn is not None
+
+        def kept_while_busy() -> bool:
+            c.send("tick")  # traffic keeps the I/O threads from going to sleep
+            return conn.decoder._spare is not None
+
+        assert wait_until(kept_while_busy, timeout=5, interval=0.005)
+        assert wait_until(lambda: conn.decoder._spare is None, timeout=5)
+    finally:
+        c.close()
+    assert wait_until(lambda: not _io_threads(), timeout=5)
+
+
+@pytest.mark.timeout(60)
 def test_close_from_a_listener_ends_both_io_threads(broker: IpcBusBroker) -> None:
     """close() called inside a listener (on an I/O thread) returns, the on_closed handlers
     run, and both I/O threads end."""
