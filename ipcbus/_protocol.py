@@ -148,7 +148,7 @@ def pack_args(items: tuple[Any, ...] | list[Any]) -> Body:
     the result is then a list of buffers (encoded parts, each large argument's bin32 header,
     the argument itself) whose concatenation is exactly the msgpack encoding, for a vectored
     write. The receiver decodes it as any body."""
-    for item in items:
+    for item in items:  # inline: this runs for every message sent
         if (item.__class__ is bytes or item.__class__ is bytearray) and len(item) >= BIG_BYTES:
             break
     else:
@@ -159,7 +159,7 @@ def pack_args(items: tuple[Any, ...] | list[Any]) -> Body:
     parts: list[bytes | bytearray] = []
     small = [head]
     for item in items:
-        if (item.__class__ is bytes or item.__class__ is bytearray) and len(item) >= BIG_BYTES:
+        if _is_big(item):
             if len(item) >= 2**32:
                 raise ValueError("cannot send this value on the bus: bytes longer than 4 GiB")
             small.append(b"\xc6" + len(item).to_bytes(4, "big"))
@@ -171,6 +171,10 @@ def pack_args(items: tuple[Any, ...] | list[Any]) -> Body:
     if small:
         parts.append(b"".join(small))
     return parts
+
+
+def _is_big(item: Any) -> bool:
+    return (item.__class__ is bytes or item.__class__ is bytearray) and len(item) >= BIG_BYTES
 
 
 def body_size(body: Body) -> int:

@@ -467,12 +467,10 @@ class _Connection:
         dispatch budget is spent, or a waiting caller was handed its answer: it may then
         read its next answer itself, without a hand-off (returns True: give way a moment)."""
         while True:
-            try:
-                batch, size, woke, full = self._read_once()
-            except BaseException as exc:
-                self.read_role.release()
-                self._lost(exc)
+            read = self._read_or_end()
+            if read is None:
                 return False
+            batch, size, woke, full = read
             if batch:
                 self._enqueue((batch, size), size)
                 if self.dispatch_lock.acquire(False):
@@ -485,6 +483,16 @@ class _Connection:
                 break
         self._give_up_role()
         return woke
+
+    def _read_or_end(self) -> tuple[list[P.Frame], int, bool, bool] | None:
+        """:meth:`_read_once`; if the connection ends, release the read role, fail what is
+        pending and return None."""
+        try:
+            return self._read_once()
+        except BaseException as exc:
+            self.read_role.release()
+            self._lost(exc)
+            return None
 
     def _read_once(self) -> tuple[list[P.Frame], int, bool, bool]:
         """One read by the holder of the read role: answers and notices are handled here;
@@ -837,18 +845,15 @@ class _Connection:
                and not self.reader_done.is_set() and not self.over_budget):
             if not self.read_role.acquire(False):
                 break  # the reader hands the answer over
-            try:
-                while not future.done() and not self.over_budget:
-                    if not self.poller.poll(_READ_WAIT_MS):
-                        continue
-                    batch, size, _, _ = self._read_once()
-                    if batch:
-                        self._enqueue((batch, size), size)
-                        self._ensure_dispatcher()  # listeners never run on a caller's thread
-            except BaseException as exc:
-                self.read_role.release()
-                self._lost(exc)
-                return
+            while not future.done() and not self.over_budget:
+                if not self.poller.poll(_READ_WAIT_MS):
+                    continue
+                read = self._read_or_end()
+                if read is None:
+                    return
+                if read[0]:
+                    self._enqueue((read[0], read[1]), read[1])
+                    self._ensure_dispatcher()  # listeners never run on a caller's thread
             self._give_up_role()
         if not future.done():
             with self.qlock:
@@ -874,15 +879,12 @@ class _Connection:
                 continue
             if not (self.reader_done.is_set() or self.over_budget) \
                     and self.read_role.acquire(False):
-                try:
-                    if self.poller.poll(_READ_WAIT_MS):
-                        batch, size, _, _ = self._read_once()
-                        if batch:
-                            self._enqueue((batch, size), size)
-                except BaseException as exc:
-                    self.read_role.release()
-                    self._lost(exc)
-                    continue
+                if self.poller.poll(_READ_WAIT_MS):
+                    read = self._read_or_end()
+                    if read is None:
+                        continue
+                    if read[0]:
+                        self._enqueue((read[0], read[1]), read[1])
                 self._give_up_role()
                 continue
             with self.cond:
