@@ -70,7 +70,10 @@ _TRIM_INTERVAL = 1.0  # how often idle read buffers shrink back (FrameDecoder.tr
 # TCP authentication runs on a thread each (multiprocessing's challenge is blocking): at most
 # MAX_AUTHENTICATIONS at once. Further connections wait for a slot without a thread, newest
 # first, at most _AUTH_WAITING of them (the oldest gives way) and each for at most
-# handshake_timeout; a started authentication has handshake_timeout of its own.
+# 2 x handshake_timeout: a slot frees within one handshake_timeout, so a client arriving right
+# after a burst must be able to wait a little longer than that (with exactly one, it raced the
+# burst's timeouts and was dropped about half the time); a started authentication has
+# handshake_timeout of its own.
 MAX_AUTHENTICATIONS = 32
 _AUTH_WAITING = 256
 _BATCH = 512
@@ -333,7 +336,7 @@ class Hub:
             if len(self._auth_waiting) >= _AUTH_WAITING:  # the oldest waiting one gives way
                 self._drop_waiting(self._auth_waiting.popleft()[0])
             self._auth_waiting.append(
-                (sock, time.monotonic() + self.options.handshake_timeout))
+                (sock, time.monotonic() + 2 * self.options.handshake_timeout))
 
     def _start_authentication(self, sock: socket.socket) -> None:
         self._auth_running += 1
@@ -370,7 +373,7 @@ class Hub:
 
     def _authentication_done(self) -> None:
         """A slot is free: start the newest waiting connection (the older ones are likelier
-        to be the silent part of a burst; each gives up after handshake_timeout)."""
+        to be the silent part of a burst; each gives up after 2 x handshake_timeout)."""
         self._auth_running -= 1
         self._expire_waiting(time.monotonic())
         while self._auth_waiting and self._auth_running < MAX_AUTHENTICATIONS:
@@ -393,7 +396,8 @@ class Hub:
             log.warning("refused %d TCP connection(s) waiting for authentication: %d"
                         " authentications running (the cap), %d waiting (at most %d, each for"
                         " at most %g s)", self._auth_dropped_unlogged, self._auth_running,
-                        len(self._auth_waiting), _AUTH_WAITING, self.options.handshake_timeout)
+                        len(self._auth_waiting), _AUTH_WAITING,
+                        2 * self.options.handshake_timeout)
             self._auth_dropped_unlogged = 0
             self._auth_logged = now
 
