@@ -8,8 +8,9 @@ Frame layout (integers big-endian)::
     offset  size  field
     0       2     H: header length (uint16, 1 .. MAX_HEADER)
     2       4     B: body length (uint32, 0 .. the connection's max message size)
-    6       H     header: msgpack array [kind, channel, sender, target, rid, nfds]
-    6+H     B     body: msgpack, opaque to the broker (it forwards the frame's bytes as they came)
+    6       8     rid (uint64, 0 .. 2**63-1)
+    14      H     header: msgpack array [kind, channel, sender, target, nfds]
+    14+H    B     body: msgpack, opaque to the broker (it forwards the frame's bytes as they came)
 
 Header fields:
 
@@ -17,9 +18,13 @@ Header fields:
     channel  str, UTF-8, at most MAX_CHANNEL bytes ("" for control frames)
     sender   [id, name, type, pid] of the sending peer, or None for frames made by a router
     target   peer id (str) for peer-to-peer frames and answers, else None
-    rid      request id for REQUEST / RESPONSE / REQUEST_FAIL / CANCEL / PEER_ADD,
-             the reference count for SUBSCRIBE / UNSUBSCRIBE, else 0
     nfds     number of file descriptors that travel with this frame (0 .. MAX_FDS)
+
+The rid (in the prefix) is the request id for REQUEST / RESPONSE / REQUEST_FAIL / CANCEL /
+PEER_ADD, the reference count for SUBSCRIBE / UNSUBSCRIBE, else 0. It is kept out of the
+header so that the header of every frame a peer sends on one channel repeats byte for byte,
+requests and answers included: decoders cache decoded headers by their bytes, and senders
+their encoded headers.
 
 Descriptors travel as SCM_RIGHTS ancillary data on the same stream. A writer attaches a frame's
 descriptors to a ``sendmsg`` whose data starts at or before the frame's first byte, so a reader
@@ -52,9 +57,9 @@ import msgpack
 from .errors import IpcBusProtocolError
 
 MAGIC = "ipcbus"
-VERSION = 1
+VERSION = 2  # 2: the rid moved from the header to the prefix
 
-PREFIX = struct.Struct("!HI")
+PREFIX = struct.Struct("!HIQ")  # header length, body length, rid
 _SEND, _SEND_TO = 7, 8  # Kind.SEND, Kind.SEND_TO, for the decoder's hot loop
 # the kinds a spy or a traffic log sees: messages between peers, not the bus's own bookkeeping
 MESSAGE_KINDS = frozenset({7, 8, 9, 10, 11})  # SEND, SEND_TO, REQUEST, RESPONSE, REQUEST_FAIL
@@ -222,9 +227,9 @@ def unpack_control(data: bytes | bytearray | memoryview) -> Any:
 
 
 def encode_header(kind: int, channel: str, sender: PeerTuple | None, target: str | None,
-                  rid: int = 0, nfds: int = 0) -> bytes:
+                  nfds: int = 0) -> bytes:
     """The msgpack header of a frame."""
-    header: bytes = msgpack.packb([kind, channel, sender, target, rid, nfds], use_bin_type=True)
+    header: bytes = msgpack.packb([kind, channel, sender, target, nfds], use_bin_type=True)
     if len(header) > MAX_HEADER:
         raise ValueError(f"frame header of {len(header)} bytes exceeds {MAX_HEADER}"
                          " (is the peer name too long?)")
@@ -235,8 +240,8 @@ def encode_frame(kind: int, channel: str = "", sender: PeerTuple | None = None,
                  target: str | None = None, rid: int = 0, body: bytes = b"",
                  nfds: int = 0) -> bytes:
     """A whole frame as one bytes object."""
-    header = encode_header(kind, channel, sender, target, rid, nfds)
-    return PREFIX.pack(len(header), len(body)) + header + body
+    header = encode_header(kind, channel, sender, target, nfds)
+    return PREFIX.pack(len(header), len(body), rid) + header + body
 
 
 class Frame:
@@ -263,7 +268,7 @@ class Frame:
         """The body (of the first frame, for a run: see :meth:`bodies`)."""
         if self.count == 1:
             return memoryview(self.raw)[self.body_offset:]
-        hlen, blen = PREFIX.unpack_from(self.raw, 0)
+        blen = PREFIX.unpack_from(self.raw, 0)[1]
         return memoryview(self.raw)[self.body_offset:self.body_offset + blen]
 
     def bodies(self) -> list[memoryview]:
@@ -275,7 +280,7 @@ class Frame:
         offset, size = 0, len(view)
         unpack = PREFIX.unpack_from
         while offset < size:
-            hlen, blen = unpack(view, offset)
+            hlen, blen, _ = unpack(view, offset)
             start = offset + PREFIX_SIZE + hlen
             out.append(view[start:start + blen])
             offset = start + blen
@@ -295,17 +300,18 @@ def _bad(reason: str) -> IpcBusProtocolError:
     return IpcBusProtocolError(f"malformed frame header: {reason}")
 
 
-def decode_header(data: bytes | bytearray | memoryview) -> tuple[int, str, Any, Any, int, int]:
-    """Decode and validate a header; IpcBusProtocolError on anything unexpected."""
+def decode_header(data: bytes | bytearray | memoryview) -> tuple[int, str, Any, Any, int]:
+    """Decode and validate a header: (kind, channel, sender, target, nfds);
+    IpcBusProtocolError on anything unexpected."""
     try:
         fields = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True,
                                  max_str_len=MAX_HEADER, max_bin_len=0, max_array_len=16,
                                  max_map_len=0)
     except Exception as exc:
         raise _bad(f"{type(exc).__name__}: {exc}") from None
-    if type(fields) is not list or len(fields) < 6:
-        raise _bad("not an array of at least 6 fields")
-    kind, channel, sender, target, rid, nfds = fields[:6]
+    if type(fields) is not list or len(fields) < 5:
+        raise _bad("not an array of at least 5 fields")
+    kind, channel, sender, target, nfds = fields[:5]
     if type(kind) is not int or kind not in KINDS:
         raise _bad(f"unknown kind {kind!r}")
     if type(channel) is not str:
@@ -320,11 +326,9 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[int, str, Any, 
             raise _bad("sender is not [id, name, type, pid]")
     if target is not None and type(target) is not str:
         raise _bad("target is not a str")
-    if type(rid) is not int or not 0 <= rid < 2**63:
-        raise _bad("rid is not a non-negative int")
     if type(nfds) is not int or not 0 <= nfds <= MAX_FDS:
         raise _bad(f"nfds is not an int in 0..{MAX_FDS}")
-    return kind, channel, sender, target, rid, nfds
+    return kind, channel, sender, target, nfds
 
 
 class FrameDecoder:
@@ -367,7 +371,7 @@ class FrameDecoder:
         self._ready: list[Frame] = []
         # Header bytes -> validated fields: a sender's frames on one channel repeat their
         # header exactly, so most frames skip msgpack decoding and validation.
-        self._headers: dict[bytes, tuple[int, str, Any, Any, int, int]] = {}
+        self._headers: dict[bytes, tuple[int, str, Any, Any, int]] = {}
 
     # -- feeding ---------------------------------------------------------------------------
     def get_buffer(self) -> memoryview:
@@ -376,8 +380,8 @@ class FrameDecoder:
             return memoryview(self._big)[self._big_fill:]
         avail = self._end - self._start
         if avail >= PREFIX_SIZE:
-            hlen, blen = PREFIX.unpack_from(self._buf, self._start)
-            self._check_prefix(hlen, blen)
+            hlen, blen, rid = PREFIX.unpack_from(self._buf, self._start)
+            self._check_prefix(hlen, blen, rid)
             total = PREFIX_SIZE + hlen + blen
             if total > self._size:
                 if total > self._chunk:
@@ -469,7 +473,9 @@ class FrameDecoder:
         return self._size
 
     # -- decoding --------------------------------------------------------------------------
-    def _check_prefix(self, hlen: int, blen: int) -> None:
+    def _check_prefix(self, hlen: int, blen: int, rid: int) -> None:
+        if rid >= 2**63:
+            raise IpcBusProtocolError(f"frame rid {rid} is over 2**63-1")
         if not 1 <= hlen <= MAX_HEADER:
             raise IpcBusProtocolError(f"frame header length {hlen} is outside 1..{MAX_HEADER}")
         if blen > self.max_message:
@@ -484,15 +490,15 @@ class FrameDecoder:
         run_key = b""
         run_start = 0
         while end - start >= PREFIX_SIZE:
-            hlen, blen = unpack_prefix(buf, start)
-            if not 1 <= hlen <= MAX_HEADER or blen > self.max_message:
-                self._check_prefix(hlen, blen)
+            hlen, blen, rid = unpack_prefix(buf, start)
+            if not 1 <= hlen <= MAX_HEADER or blen > self.max_message or rid >= 2**63:
+                self._check_prefix(hlen, blen, rid)
             total = PREFIX_SIZE + hlen + blen
             if end - start < total:
                 break
             key = bytes(buf[start + PREFIX_SIZE:start + PREFIX_SIZE + hlen])
             if run is not None:
-                if key == run_key:
+                if key == run_key and not rid:
                     run.count += 1
                     start += total
                     continue
@@ -504,9 +510,10 @@ class FrameDecoder:
                 if len(cache) >= 512:
                     cache.clear()
                 cache[key] = fields
-            frame = Frame(*fields, b"", PREFIX_SIZE + hlen)
+            kind, channel, sender, target, nfds = fields
+            frame = Frame(kind, channel, sender, target, rid, nfds, b"", PREFIX_SIZE + hlen)
             ready.append(frame)
-            if runs and fields[5] == 0 and (fields[0] == _SEND or fields[0] == _SEND_TO):
+            if runs and not nfds and not rid and (kind == _SEND or kind == _SEND_TO):
                 run, run_key, run_start = frame, key, start
             else:
                 frame.raw = bytes(buf[start:start + total])
@@ -518,8 +525,8 @@ class FrameDecoder:
         self._start, self._end = start, end
 
     def _finish(self, raw: bytes | bytearray, offset: int, total: int) -> None:
-        hlen, blen = PREFIX.unpack_from(raw, offset)
-        kind, channel, sender, target, rid, nfds = decode_header(
+        hlen, blen, rid = PREFIX.unpack_from(raw, offset)
+        kind, channel, sender, target, nfds = decode_header(
             memoryview(raw)[offset + PREFIX_SIZE:offset + PREFIX_SIZE + hlen])
         self._ready.append(Frame(kind, channel, sender, target, rid, nfds, raw,
                                  PREFIX_SIZE + hlen))

@@ -699,7 +699,7 @@ class Hub:
             if whole is not None and len(whole) == ep.head_sent + len(head):
                 offset, sent = 0, ep.head_sent
                 while offset + P.PREFIX_SIZE <= len(whole):
-                    hlen, blen = P.PREFIX.unpack_from(whole, offset)
+                    hlen, blen, _ = P.PREFIX.unpack_from(whole, offset)
                     offset += P.PREFIX_SIZE + hlen + blen
                     if offset >= sent:
                         break

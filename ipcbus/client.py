@@ -301,6 +301,7 @@ class _Connection:
         self.cond = threading.Condition()  # a dispatcher waiting for a nested answer
         self.nested_waiting = 0
         self.sync_waiters = 0  # callers blocked on an answer, which a reader hands over
+        self.self_readers = 0  # callers about to read their own answer: I/O threads keep off
         self.kick = threading.Event()  # wakes parked I/O threads
         self.pollers = 0
         self.deep_parked = 0
@@ -420,7 +421,7 @@ class _Connection:
             while not self.dispatch_done.is_set():
                 if self.dispatch_q and self.dispatch_lock.acquire(False):
                     self._drain()
-                elif (self.reader_done.is_set() or self.over_budget
+                elif (self.reader_done.is_set() or self.over_budget or self.self_readers
                       or not self.read_role.acquire(False)):
                     self._park()
                 elif self._read_turn():
@@ -445,7 +446,7 @@ class _Connection:
         try:
             if not give_way and ((self.dispatch_q and not self.dispatch_lock.locked())
                                  or not (self.read_role.locked() or self.over_budget
-                                         or self.reader_done.is_set())):
+                                         or self.self_readers or self.reader_done.is_set())):
                 return  # work appeared while registering: no sleep
             if self.kick.wait(_POLL if poll else None):
                 self.kick.clear()
@@ -840,21 +841,32 @@ class _Connection:
                 self._caller_wait(future)
         return future.result()
 
-    def _caller_wait(self, future: concurrent.futures.Future[Any]) -> None:
-        while (future.__class__ is _AnswerFuture and not future.done()
-               and not self.reader_done.is_set() and not self.over_budget):
-            if not self.read_role.acquire(False):
-                break  # the reader hands the answer over
-            while not future.done() and not self.over_budget:
-                if not self.poller.poll(_READ_WAIT_MS):
-                    continue
-                read = self._read_or_end()
-                if read is None:
-                    return
-                if read[0]:
-                    self._enqueue((read[0], read[1]), read[1])
-                    self._ensure_dispatcher()  # listeners never run on a caller's thread
-            self._give_up_role()
+    def _caller_wait(self, future: concurrent.futures.Future[Any],
+                     self_reader: bool = False) -> None:
+        """Read until ``future`` is done if no one else reads, else wait for the reader to
+        hand the answer over. ``self_reader``: the caller counted itself in
+        ``self_readers`` (see :meth:`request`); the count is given back here, before any
+        hand-off wait, so that the I/O threads read again."""
+        try:
+            if (future.__class__ is _AnswerFuture and not future.done()
+                    and not self.reader_done.is_set() and not self.over_budget
+                    and self.read_role.acquire(False)):
+                while not future.done() and not self.over_budget:
+                    if not self.poller.poll(_READ_WAIT_MS):
+                        continue
+                    read = self._read_or_end()
+                    if read is None:
+                        return
+                    if read[0]:
+                        self._enqueue((read[0], read[1]), read[1])
+                        self._ensure_dispatcher()  # listeners never run on a caller's thread
+                if self_reader:
+                    self_reader = False
+                    self._leave_self_read()
+                self._give_up_role()
+        finally:
+            if self_reader:
+                self._leave_self_read()
         if not future.done():
             with self.qlock:
                 self.sync_waiters += 1
@@ -865,6 +877,35 @@ class _Connection:
             finally:
                 with self.qlock:
                     self.sync_waiters -= 1
+
+    def enter_self_read(self) -> None:
+        """A caller is about to send a request and read its answer itself: the I/O threads
+        leave the socket alone meanwhile, so that they do not take the answer from under it
+        (each such hand-off costs a thread wake-up)."""
+        with self.qlock:
+            self.self_readers += 1
+
+    def _leave_self_read(self) -> None:
+        with self.qlock:
+            self.self_readers -= 1
+            wake = not self.self_readers and self.deep_parked and not self.pollers
+        if wake:
+            self.kick.set()
+
+    def request(self, client: IpcBusClient, kind: int, channel: str, target: str | None,
+                timeout: float | None, body: P.Body) -> Any:
+        """A blocking request from ``client``; the caller reads its answer itself when no
+        one else is reading (a listener's request dispatches while it waits instead)."""
+        if self.on_dispatch_thread():
+            return self.wait(client._start_request(kind, channel, target, timeout, body))
+        self.enter_self_read()
+        try:
+            future = client._start_request(kind, channel, target, timeout, body)
+        except BaseException:
+            self._leave_self_read()
+            raise
+        self._caller_wait(future, self_reader=True)
+        return future.result()
 
     def _nested_wait(self, future: concurrent.futures.Future[Any]) -> None:
         """On the dispatch thread: run what arrives meanwhile, and read if no one does."""
@@ -1052,7 +1093,7 @@ class IpcBusClient(Emitter[str]):
         self._peer_id: str | None = None
         self._spy_handler: Callable[[P.Frame], None] | None = None
         self._info: list[Any] | None = None
-        self._headers: dict[tuple[int, str, str | None], bytes] = {}  # for rid 0 frames
+        self._headers: dict[tuple[int, str, str | None], bytes] = {}  # frames without descriptors
         self._closed_handlers = Callbacks()
         self._closed_fired = False
         self._fire_lock = threading.Lock()
@@ -1227,9 +1268,8 @@ class IpcBusClient(Emitter[str]):
         if size > conn.max_message:
             raise ValueError(f"message of {size} bytes exceeds the bus limit of"
                              f" {conn.max_message} bytes")
-        if rid or fds:
-            header = P.encode_header(kind, channel, self._info, target, rid,
-                                     len(fds) if fds else 0)
+        if fds:
+            header = P.encode_header(kind, channel, self._info, target, len(fds))
         else:
             key = (kind, channel, target)
             header = self._headers.get(key)  # type: ignore[assignment]
@@ -1238,7 +1278,7 @@ class IpcBusClient(Emitter[str]):
                 if len(self._headers) >= 1024:
                     self._headers.clear()
                 self._headers[key] = header
-        prefix = P.PREFIX.pack(len(header), size)
+        prefix = P.PREFIX.pack(len(header), size, rid)
         if not isinstance(body, bytes):  # large arguments, written in place
             conn.write([prefix + header, *body], fds, True)  # type: ignore[list-item]
         elif size > _COALESCE_FRAME:
@@ -1266,15 +1306,21 @@ class IpcBusClient(Emitter[str]):
     def request(self, channel: str, timeout: float | None, *args: Any) -> IpcBusRequestResponse:
         """Ask every listener of ``channel``; return the first answer, or raise
         :class:`IpcBusRequestError` (rejected, no listener, timed out)."""
-        return self._wait(self.request_async(channel, timeout, *args))
+        P.check_channel(channel)
+        timeout = resolve_timeout(timeout)
+        body = P.pack_args(args)
+        return self._connection().request(  # type: ignore[no-any-return]
+            self, Kind.REQUEST, channel, None, timeout, body)
 
     def request_to(self, target: IpcBusPeer | str, channel: str, timeout: float | None,
                    *args: Any) -> IpcBusRequestResponse:
         """Like :meth:`request`, to the listeners of one peer only."""
         target_id = _target_id(target)
         P.check_channel(channel)
-        return self._wait(self._start_request(Kind.REQUEST, channel, target_id,
-                                              resolve_timeout(timeout), P.pack_args(args)))
+        timeout = resolve_timeout(timeout)
+        body = P.pack_args(args)
+        return self._connection().request(  # type: ignore[no-any-return]
+            self, Kind.REQUEST, channel, target_id, timeout, body)
 
     def _wait(self, future: concurrent.futures.Future[Any]) -> IpcBusRequestResponse:
         conn = self._conn

@@ -466,13 +466,13 @@ def _hello() -> bytes:
 
 def _huge_frame() -> bytes:
     header = P.encode_header(Kind.SEND, "x", ["raw.1", "raw", "socket", os.getpid()], None)
-    return P.PREFIX.pack(len(header), 2 * 1024 ** 3) + header + b"\0" * 4096
+    return P.PREFIX.pack(len(header), 2 * 1024 ** 3, 0) + header + b"\0" * 4096
 
 
 GARBAGE = {
     "random": lambda: random.Random(20261124).randbytes(64 * 1024),
     "hello-then-garbage": lambda: _hello() + b"\xde\xad\xbe\xef" * 1024,
-    "hello-then-bad-header": lambda: _hello() + P.PREFIX.pack(16, 0) + b"\xc1" * 16,
+    "hello-then-bad-header": lambda: _hello() + P.PREFIX.pack(16, 0, 0) + b"\xc1" * 16,
     "hello-then-unknown-kind": lambda: _hello() + P.encode_frame(99, "x"),
     "hello-then-2GiB-frame": lambda: _hello() + _huge_frame(),
     "2GiB-frame-first": _huge_frame,

@@ -71,7 +71,7 @@ def one(data: bytes, **kw: Any) -> Frame:
 
 def raw_frame(header: bytes, body: bytes = b"") -> bytes:
     """A frame around hand-made header bytes."""
-    return PREFIX.pack(len(header), len(body)) + header + body
+    return PREFIX.pack(len(header), len(body), 0) + header + body
 
 
 def header_of(fields: list[Any]) -> bytes:
@@ -309,7 +309,7 @@ def test_big_frames_through_small_chunk(specs: list[dict[str, Any]], sizes: list
 def test_frames_around_the_chunk_size(chunk: int, delta: int, lead: int, mode: str) -> None:
     """A frame of exactly chunk +/- a few bytes, after a small frame that shifts the start."""
     first = P.encode_frame(Kind.SEND, "a", None, None, 0, b"x" * lead)
-    hdr_len = len(P.encode_header(Kind.SEND, "big", None, None, 0, 0))
+    hdr_len = len(P.encode_header(Kind.SEND, "big", None, None, 0))
     body = bytes(range(256)) * ((chunk // 256) + 2)
     body = body[:chunk + delta - PREFIX_SIZE - hdr_len]
     second = P.encode_frame(Kind.SEND, "big", None, None, 0, body)
@@ -482,7 +482,7 @@ def test_every_truncation_of_a_frame_is_pending() -> None:
 # decoder: targeted malformed frames
 # ---------------------------------------------------------------------------------------------
 
-GOOD = [int(Kind.SEND), "ch", ["id", "name", "socket", 1], None, 0, 0]
+GOOD = [int(Kind.SEND), "ch", ["id", "name", "socket", 1], None, 0]
 
 
 def expect_protocol_error(data: bytes, **kw: Any) -> IpcBusProtocolError:
@@ -494,30 +494,30 @@ def expect_protocol_error(data: bytes, **kw: Any) -> IpcBusProtocolError:
 
 def test_good_hand_made_header_is_accepted() -> None:
     frame = one(raw_frame(header_of(GOOD), b"xyz"))
-    assert (frame.kind, frame.channel, frame.sender, frame.target, frame.rid, frame.nfds) == \
-        tuple(GOOD)
+    assert (frame.kind, frame.channel, frame.sender, frame.target, frame.nfds) == tuple(GOOD)
+    assert frame.rid == 0
 
 
 def test_header_length_zero() -> None:
-    expect_protocol_error(PREFIX.pack(0, 0))
-    expect_protocol_error(PREFIX.pack(0, 10) + b"x" * 10)
-    # refused on the 6-byte prefix alone, before any body byte arrives
-    expect_protocol_error(PREFIX.pack(0, 10))
+    expect_protocol_error(PREFIX.pack(0, 0, 0))
+    expect_protocol_error(PREFIX.pack(0, 10, 0) + b"x" * 10)
+    # refused on the 14-byte prefix alone, before any body byte arrives
+    expect_protocol_error(PREFIX.pack(0, 10, 0))
 
 
 def test_header_length_over_max_is_refused_on_the_prefix() -> None:
-    expect_protocol_error(PREFIX.pack(MAX_HEADER + 1, 0))
-    expect_protocol_error(PREFIX.pack(0xFFFF, 0))
+    expect_protocol_error(PREFIX.pack(MAX_HEADER + 1, 0, 0))
+    expect_protocol_error(PREFIX.pack(0xFFFF, 0, 0))
     # MAX_HEADER itself is allowed by the prefix check: nothing raised until the header is in
     dec = FrameDecoder()
-    dec.feed(PREFIX.pack(MAX_HEADER, 0))
+    dec.feed(PREFIX.pack(MAX_HEADER, 0, 0))
     assert dec.pending_bytes == PREFIX_SIZE
 
 
 @pytest.mark.parametrize("chunk", [1024, FrameDecoder.CHUNK])
 def test_body_over_max_message_is_refused_on_the_prefix(chunk: int) -> None:
-    header = P.encode_header(Kind.SEND, "ch", None, None, 0, 0)
-    prefix = PREFIX.pack(len(header), 1001)
+    header = P.encode_header(Kind.SEND, "ch", None, None, 0)
+    prefix = PREFIX.pack(len(header), 1001, 0)
     # the 6-byte prefix alone raises, before any header or body byte arrives
     expect_protocol_error(prefix, max_message=1000, chunk=chunk)
     # ... also when it arrives one byte at a time: nothing until the 6th byte
@@ -538,13 +538,13 @@ def test_body_over_max_message_is_refused_on_the_prefix(chunk: int) -> None:
     expect_protocol_error(small + prefix, max_message=1000, chunk=chunk)
     # exactly max_message is fine
     dec = FrameDecoder(max_message=1000, chunk=chunk)
-    dec.feed(PREFIX.pack(len(header), 1000))
+    dec.feed(PREFIX.pack(len(header), 1000, 0))
     assert dec.pending_bytes == PREFIX_SIZE
 
 
 def test_default_limit_refuses_a_huge_announced_body_without_allocating() -> None:
-    expect_protocol_error(PREFIX.pack(10, P.DEFAULT_MAX_MESSAGE + 1))
-    expect_protocol_error(PREFIX.pack(10, 0xFFFFFFFF))
+    expect_protocol_error(PREFIX.pack(10, P.DEFAULT_MAX_MESSAGE + 1, 0))
+    expect_protocol_error(PREFIX.pack(10, 0xFFFFFFFF, 0))
 
 
 @pytest.mark.parametrize("kind", [0, max(P.KINDS) + 1, 99, 127, 255, -1, 2**40, "7", 7.0, None,
@@ -562,9 +562,17 @@ BAD_FIELDS = [
     (2, ["id", "n", "t", True]), (2, ["id", "n", "t", None]), (2, [None, "n", "t", 1]),
     (2, 5), (2, True), (2, b"peer"),
     (3, 5), (3, []), (3, b"x"), (3, True), (3, ["t"]), (3, 1.0),
-    (4, -1), (4, 2**63), (4, 2**64 - 1), (4, "1"), (4, 1.0), (4, None), (4, True), (4, [1]),
-    (5, -1), (5, MAX_FDS + 1), (5, 1000), (5, "1"), (5, 1.0), (5, None), (5, True), (5, [1]),
+    (4, -1), (4, MAX_FDS + 1), (4, 1000), (4, "1"), (4, 1.0), (4, None), (4, True), (4, [1]),
 ]
+
+
+def test_rid_over_2_63_is_refused_on_the_prefix() -> None:
+    header = header_of(GOOD)
+    for rid in (2**63, 2**64 - 1):
+        err = expect_protocol_error(PREFIX.pack(len(header), 0, rid))
+        assert "rid" in str(err)
+    frame = one(PREFIX.pack(len(header), 0, 2**63 - 1) + header)
+    assert frame.rid == 2**63 - 1
 
 
 @pytest.mark.parametrize("index,value", BAD_FIELDS, ids=[f"{i}-{v!r}" for i, v in BAD_FIELDS])
@@ -605,20 +613,20 @@ def test_channel_up_to_max_bytes_is_accepted(channel: str) -> None:
 @pytest.mark.parametrize("raw_channel", [b"\xff\xfe", b"\xc3", b"a\x80b", b"\xed\xa0\x80"])
 def test_invalid_utf8_channel(raw_channel: bytes) -> None:
     assert len(raw_channel) < 32
-    header = (b"\x96" + msgpack.packb(int(Kind.SEND))
+    header = (b"\x95" + msgpack.packb(int(Kind.SEND))
               + bytes([0xA0 | len(raw_channel)]) + raw_channel  # fixstr with raw bytes
-              + msgpack.packb(None) + msgpack.packb(None) + msgpack.packb(0) + msgpack.packb(0))
+              + msgpack.packb(None) + msgpack.packb(None) + msgpack.packb(0))
     expect_protocol_error(raw_frame(header))
     # the same hand-made layout with valid UTF-8 is accepted (the construction is right)
-    good = (b"\x96" + msgpack.packb(int(Kind.SEND)) + b"\xa2ok"
-            + msgpack.packb(None) + msgpack.packb(None) + msgpack.packb(0) + msgpack.packb(0))
+    good = (b"\x95" + msgpack.packb(int(Kind.SEND)) + b"\xa2ok"
+            + msgpack.packb(None) + msgpack.packb(None) + msgpack.packb(0))
     assert one(raw_frame(good)).channel == "ok"
 
 
 @pytest.mark.parametrize("nfds", [MAX_FDS + 1, 1000, 2**32])
 def test_nfds_over_kernel_cap(nfds: int) -> None:
     fields = list(GOOD)
-    fields[5] = nfds
+    fields[4] = nfds
     expect_protocol_error(raw_frame(header_of(fields)))
 
 
@@ -632,20 +640,20 @@ def test_nfds_at_kernel_cap_is_accepted() -> None:
     msgpack.packb("hello"),
     msgpack.packb(None),
     msgpack.packb(b"bytes", use_bin_type=True),
-    msgpack.packb(GOOD[:5]),
+    msgpack.packb(GOOD[:4]),
     msgpack.packb([]),
     msgpack.packb(GOOD) + b"\x00",  # trailing bytes after the array
     msgpack.packb(GOOD)[:-1],  # truncated array
     b"\xc1",  # never-used msgpack byte
-], ids=["map", "int", "str", "nil", "bin", "5-fields", "empty", "trailing", "truncated", "c1"])
-def test_header_not_an_array_of_six(header: bytes) -> None:
+], ids=["map", "int", "str", "nil", "bin", "4-fields", "empty", "trailing", "truncated", "c1"])
+def test_header_not_an_array_of_five(header: bytes) -> None:
     expect_protocol_error(raw_frame(header, b"body"))
 
 
 def test_protocol_error_is_a_value_error() -> None:
     # the error hierarchy: IpcBusProtocolError is an IpcBusError and a ValueError
     from ipcbus.errors import IpcBusError
-    err = expect_protocol_error(PREFIX.pack(0, 0))
+    err = expect_protocol_error(PREFIX.pack(0, 0, 0))
     assert isinstance(err, IpcBusError) and isinstance(err, ValueError)
 
 

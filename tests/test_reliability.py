@@ -386,7 +386,7 @@ GOOD_SENDER = ["1.x", "x", "socket", 1]
 
 
 def _prefixed(header: bytes, body: bytes = b"") -> bytes:
-    return P.PREFIX.pack(len(header), len(body)) + header + body
+    return P.PREFIX.pack(len(header), len(body), 0) + header + body
 
 
 def _header(fields: list[Any]) -> bytes:
@@ -396,9 +396,9 @@ def _header(fields: list[Any]) -> bytes:
 def _utf8_header(raw_channel: bytes, sender: list[Any] | None) -> bytes:
     """A SEND header whose channel is a msgpack str holding ``raw_channel`` as is."""
     assert len(raw_channel) < 256
-    return (b"\x96" + msgpack.packb(int(Kind.SEND)) + b"\xd9" + bytes([len(raw_channel)])
+    return (b"\x95" + msgpack.packb(int(Kind.SEND)) + b"\xd9" + bytes([len(raw_channel)])
             + raw_channel + msgpack.packb(sender, use_bin_type=True) + msgpack.packb(None)
-            + msgpack.packb(0) + msgpack.packb(0))
+            + msgpack.packb(0))
 
 
 def _deep(levels: int) -> bytes:
@@ -424,33 +424,34 @@ def _named_cases() -> list[tuple[str, str, Callable[[RawPeer], bytes], str]]:
         ("hello-body-not-msgpack", "pre",
          lambda p: P.encode_frame(Kind.HELLO, body=b"\xc1\xc1"), "handshake refused"),
         ("frame-over-size-limit-first", "pre",
-         lambda p: P.PREFIX.pack(20, 2 * 1024 ** 3) + b"\x00" * 20, "over the limit"),
+         lambda p: P.PREFIX.pack(20, 2 * 1024 ** 3, 0) + b"\x00" * 20, "over the limit"),
         ("kind-is-a-str", "post",
-         lambda p: _prefixed(_header(["7", "c", p.info, None, 0, 0])), "unknown kind"),
+         lambda p: _prefixed(_header(["7", "c", p.info, None, 0])), "unknown kind"),
         ("channel-is-an-int", "post",
-         lambda p: _prefixed(_header([7, 5, p.info, None, 0, 0])), "channel is not a str"),
+         lambda p: _prefixed(_header([7, 5, p.info, None, 0])), "channel is not a str"),
         ("sender-is-a-str", "post",
-         lambda p: _prefixed(_header([7, "c", "me", None, 0, 0])), "sender is not"),
+         lambda p: _prefixed(_header([7, "c", "me", None, 0])), "sender is not"),
         ("target-is-bytes", "post",
-         lambda p: _prefixed(_header([8, "c", p.info, b"t", 0, 0])), "malformed frame header"),
-        ("rid-is-negative", "post",
-         lambda p: _prefixed(_header([9, "c", p.info, None, -1, 0])), "rid is not"),
+         lambda p: _prefixed(_header([8, "c", p.info, b"t", 0])), "malformed frame header"),
+        ("rid-over-2**63", "post",
+         lambda p: P.PREFIX.pack(len(h := _header([9, "c", p.info, None, 0])), 0, 2**63) + h,
+         "rid"),
         ("nfds-is-a-float", "post",
-         lambda p: _prefixed(_header([7, "c", p.info, None, 0, 1.0])), "nfds is not"),
+         lambda p: _prefixed(_header([7, "c", p.info, None, 1.0])), "nfds is not"),
         ("header-not-an-array", "post",
          lambda p: _prefixed(msgpack.packb({"kind": 7})), "malformed frame header"),
         ("header-bytes-garbage", "post",
          lambda p: _prefixed(b"\xc1" * 16), "malformed frame header"),
         ("unknown-kind-99", "post",
-         lambda p: _prefixed(_header([99, "c", p.info, None, 0, 0])), "unknown kind 99"),
+         lambda p: _prefixed(_header([99, "c", p.info, None, 0])), "unknown kind 99"),
         ("channel-not-utf8", "post",
          lambda p: _prefixed(_utf8_header(b"ab\xff\xfe", p.info)), "malformed frame header"),
         ("channel-1025-bytes", "post",
          lambda p: P.encode_frame(Kind.SEND, "a" * 1025, p.info), "channel longer than"),
         ("header-length-9000", "post",
-         lambda p: P.PREFIX.pack(9000, 0) + b"\x00" * 9000, "header length 9000"),
+         lambda p: P.PREFIX.pack(9000, 0, 0) + b"\x00" * 9000, "header length 9000"),
         ("frame-announcing-2GiB", "post",
-         lambda p: P.PREFIX.pack(20, 2 * 1024 ** 3) + b"\x00" * 4096, "over the limit"),
+         lambda p: P.PREFIX.pack(20, 2 * 1024 ** 3, 0) + b"\x00" * 4096, "over the limit"),
         ("nfds-without-descriptors", "post",
          lambda p: p.frame(Kind.SEND, "fuzz", body=P.pack_payload([[1], ["fd"] * 3]),
                            nfds=3), "descriptors"),
@@ -538,14 +539,14 @@ real_kinds = st.sampled_from(sorted(P.KINDS))
 
 @st.composite
 def bad_headers(draw: Any) -> Callable[[RawPeer], bytes]:
-    """Header arrays of 6+ fields with at least one field of a wrong type or value."""
-    wrong = draw(st.sets(st.integers(0, 5), min_size=1))
+    """Header arrays of 5+ fields with at least one field of a wrong type or value."""
+    wrong = draw(st.sets(st.integers(0, 4), min_size=1))
     replacements = {i: draw(values) for i in wrong}
     extra = draw(st.lists(values, max_size=2))
     raw_header = draw(st.booleans())
 
     def make(peer: RawPeer) -> bytes:
-        fields: list[Any] = [int(Kind.SEND), "fuzz", peer.info or GOOD_SENDER, None, 0, 0]
+        fields: list[Any] = [int(Kind.SEND), "fuzz", peer.info or GOOD_SENDER, None, 0]
         for i, v in replacements.items():
             fields[i] = v
         header = _header(fields + extra)
@@ -580,7 +581,7 @@ def cases(draw: Any) -> tuple[str, str, Callable[[RawPeer], bytes]]:
     elif category == "kind":
         kind = draw(st.integers(min_value=-2**63, max_value=2**64 - 1).filter(
             lambda k: k not in P.KINDS))
-        make = lambda peer: _prefixed(_header([kind, "fuzz", peer.info, None, 0, 0]))  # noqa
+        make = lambda peer: _prefixed(_header([kind, "fuzz", peer.info, None, 0]))  # noqa
     elif category == "utf8":
         raw_channel = draw(st.binary(min_size=1, max_size=40).filter(_not_utf8))
         make = lambda peer: _prefixed(_utf8_header(raw_channel, peer.info))  # noqa: E731
@@ -590,7 +591,7 @@ def cases(draw: Any) -> tuple[str, str, Callable[[RawPeer], bytes]]:
             st.tuples(st.integers(P.MAX_HEADER + 1, 0xFFFF), st.integers(0, 100)),
             st.tuples(st.integers(1, 100), st.integers(P.DEFAULT_MAX_MESSAGE + 1, 0xFFFFFFFF))))
         tail = draw(st.binary(max_size=64))
-        make = lambda peer: P.PREFIX.pack(hlen, blen) + tail  # noqa: E731
+        make = lambda peer: P.PREFIX.pack(hlen, blen, 0) + tail  # noqa: E731
     elif category == "spoof":
         kind = draw(real_kinds.filter(lambda k: k != Kind.PEER_ADD))
         other = draw(st.sampled_from(["canary", "stranger", "none"]))
@@ -2702,7 +2703,7 @@ def test_tcp_needs_the_authkey_before_any_frame(capfd: Any) -> None:
             outcomes = {}
             for name, data in [
                     ("hello-first", P.encode_frame(Kind.HELLO, body=P.hello_body(1))),
-                    ("2GiB-frame-first", P.PREFIX.pack(20, 2 * 1024 ** 3) + b"\0" * 4096),
+                    ("2GiB-frame-first", P.PREFIX.pack(20, 2 * 1024 ** 3, 0) + b"\0" * 4096),
                     ("2GiB-length-as-answer", struct.pack("!i", 0x7FFFFFFF) + b"\0" * 64),
                     ("silence", b"")]:
                 sock = _tcp_raw(addr)
@@ -2751,8 +2752,8 @@ def test_frame_announcing_2GiB_is_refused_before_allocation(sock_path: str,
         settle()
         before = rss(bpid)
         for phase in ("pre", "post"):
-            for prefix in (P.PREFIX.pack(20, 2 * 1024 ** 3), P.PREFIX.pack(20, 0xFFFFFFFF),
-                           P.PREFIX.pack(0xFFFF, 10)):
+            for prefix in (P.PREFIX.pack(20, 2 * 1024 ** 3, 0), P.PREFIX.pack(20, 0xFFFFFFFF, 0),
+                           P.PREFIX.pack(0xFFFF, 10, 0)):
                 for _ in range(5):
                     peer = RawPeer.unix(sock_path)
                     try:
@@ -2783,7 +2784,7 @@ def test_unauthenticated_connection_cannot_make_the_broker_allocate(sock_path: s
         peers = [RawPeer.unix(sock_path) for _ in range(2)]
         try:
             for peer in peers:
-                peer.send(P.PREFIX.pack(len(header), 100 * MiB) + header)
+                peer.send(P.PREFIX.pack(len(header), 100 * MiB, 0) + header)
             sync_client = IpcBusClient.create().connect(sock_path)
             sync(sync_client)
             for peer in peers:
