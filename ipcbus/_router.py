@@ -67,6 +67,9 @@ class Peer:
 
 
 Observer = Callable[["Endpoint", Frame], None]
+_PEER_ADD = int(Kind.PEER_ADD)
+_MESSAGE_KINDS = P.MESSAGE_KINDS
+_SPECIAL_CHANNELS = frozenset({P.QUERY_STATE_CHANNEL, P.SERVICE_AVAILABLE_CHANNEL})
 _MAX_CHANNEL_STATS = 10_000
 
 
@@ -135,24 +138,25 @@ class Router:
         Raises IpcBusProtocolError for a frame that breaks the protocol; the caller closes
         that endpoint (after :meth:`remove_endpoint`).
         """
-        handler = self._handlers.get(frame.kind)
+        kind = frame.kind
+        handler = self._handlers.get(kind)
         if handler is None:
-            raise IpcBusProtocolError(f"unexpected {Kind(frame.kind).name} frame")
-        if frame.kind != Kind.PEER_ADD and endpoint is not self.upstream:
-            sid = frame.sender_id
-            if sid is None:
+            raise IpcBusProtocolError(f"unexpected {Kind(kind).name} frame")
+        if kind != _PEER_ADD and endpoint is not self.upstream:
+            sender = frame.sender
+            if sender is None:
                 # Only a relay speaks for its side without being a peer itself.
-                if not (endpoint.relay and frame.kind in (Kind.REQUEST_FAIL, Kind.NOTICE)):
-                    raise IpcBusProtocolError(f"{Kind(frame.kind).name} without a sender")
+                if not (endpoint.relay and kind in (Kind.REQUEST_FAIL, Kind.NOTICE)):
+                    raise IpcBusProtocolError(f"{Kind(kind).name} without a sender")
             else:
-                peer = endpoint.peers.get(sid)
+                peer = endpoint.peers.get(sender[0])
                 if peer is None:
-                    raise IpcBusProtocolError(f"{Kind(frame.kind).name} from {sid!r}, which is"
+                    raise IpcBusProtocolError(f"{Kind(kind).name} from {sender[0]!r}, which is"
                                               " not a peer of this connection")
-                if frame.kind in P.MESSAGE_KINDS:
+                if kind in _MESSAGE_KINDS:
                     self._count(peer, frame)
         handler(endpoint, frame)
-        if self.observers and frame.kind in P.MESSAGE_KINDS:
+        if self.observers and kind in _MESSAGE_KINDS:
             for observer in self.observers:
                 observer(endpoint, frame)
 
@@ -349,15 +353,28 @@ class Router:
 
     # -- requests -----------------------------------------------------------------------------
     def _on_request(self, endpoint: Endpoint, frame: Frame) -> None:
-        requester = frame.sender_id
-        assert requester is not None
+        requester = frame.sender[0]  # type: ignore[index]  # checked by handle()
         key = (requester, frame.rid)
         channel = frame.channel
         if frame.target is None and self.upstream is None:
-            special = self._special(channel, frame)
-            if special is not None:
-                endpoint.deliver(special, [])
+            if channel in _SPECIAL_CHANNELS:
+                endpoint.deliver(self._special(channel, frame), [])
                 return
+            subs = self.subscribers.get(channel)
+            if subs is not None and len(subs) == 1 and key not in self.pending:
+                # The common case: one listening peer, no link. The same as below, shorter.
+                for peer_id in subs:
+                    peer = self.peers[peer_id]
+                    if endpoint.relay and peer.endpoint is endpoint:
+                        break
+                    self.pending[key] = Pending(requester, endpoint, channel, {peer_id})
+                    keys = self._receiving.get(peer_id)
+                    if keys is None:
+                        self._receiving[peer_id] = {key}
+                    else:
+                        keys.add(key)
+                    peer.endpoint.deliver(frame.raw, frame.fds, frame.count)
+                    return
         if key in self.pending:
             raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
         receivers: set[str] = set()
@@ -406,21 +423,21 @@ class Router:
         for ep in targets:
             ep.deliver(frame.raw, frame.fds, frame.count)
 
-    def _special(self, channel: str, frame: Frame) -> bytes | None:
+    def _special(self, channel: str, frame: Frame) -> bytes:
+        """The answer to a request on one of _SPECIAL_CHANNELS."""
         requester = frame.sender_id
         assert requester is not None
         if channel == P.QUERY_STATE_CHANNEL:
             return _answer_frame(requester, frame.rid, self.state())
-        if channel == P.SERVICE_AVAILABLE_CHANNEL:
-            try:
-                args = P.unpack_control(frame.body)
-            except IpcBusProtocolError:
-                args = None
-            if not (isinstance(args, list) and args and isinstance(args[0], str)):
-                return _fail_frame(requester, frame.rid,
-                                   f"{P.SERVICE_AVAILABLE_CHANNEL} takes a service name")
-            return _answer_frame(requester, frame.rid, args[0] in self.services)
-        return None
+        assert channel == P.SERVICE_AVAILABLE_CHANNEL
+        try:
+            args = P.unpack_control(frame.body)
+        except IpcBusProtocolError:
+            args = None
+        if not (isinstance(args, list) and args and isinstance(args[0], str)):
+            return _fail_frame(requester, frame.rid,
+                               f"{P.SERVICE_AVAILABLE_CHANNEL} takes a service name")
+        return _answer_frame(requester, frame.rid, args[0] in self.services)
 
     def _on_response(self, endpoint: Endpoint, frame: Frame) -> None:
         target = frame.target

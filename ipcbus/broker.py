@@ -60,6 +60,7 @@ ENV_LOG = "IPCBUS_LOG"  # a broker writes its traffic log there (.csv, or JSON l
 DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024
 DEFAULT_SLOW_CONSUMER_TIMEOUT = 10.0
 _TICK = 0.25
+_CHECK_INTERVAL = 0.01  # deadlines (handshakes, slow consumers, closing) are checked this often
 # How long a slow consumer's descriptor is kept after its disconnect, so that the closing NOTICE
 # can still be written when it resumes reading (it holds one descriptor and a few bytes).
 CLOSING_GRACE = 10.0
@@ -77,6 +78,7 @@ _TRIM_INTERVAL = 1.0  # how often idle read buffers shrink back (FrameDecoder.tr
 MAX_AUTHENTICATIONS = 32
 _AUTH_WAITING = 256
 _BATCH = 512
+_READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 def resolve_timeout(timeout: float | None) -> float | None:
@@ -274,17 +276,27 @@ class Hub:
 
     # -- the loop -------------------------------------------------------------------------------
     def serve_forever(self) -> None:
+        select, monotonic = self.selector.select, time.monotonic
+        endpoints = self.endpoints
+        next_check = 0.0
         try:
             while not self._stop:
-                for key, mask in self.selector.select(_TICK):
+                for key, mask in select(_TICK):
                     data = key.data
                     if data.__class__ is _Endpoint:
-                        self._on_io(data, mask)
+                        if mask == _READ:  # the common case: see _on_io
+                            if data in endpoints and not data.paused:
+                                self._read(data)
+                        else:
+                            self._on_io(data, mask)
                     else:
                         data(key, mask)
                     if self.dirty:
                         self._flush_dirty()
-                self._check_deadlines()
+                now = monotonic()
+                if now >= next_check:
+                    next_check = now + _CHECK_INTERVAL
+                    self._check_deadlines(now)
         finally:
             self._shutdown()
 
@@ -434,8 +446,9 @@ class Hub:
             self._read(ep)
 
     def _read(self, ep: _Endpoint) -> None:
+        decoder = ep.decoder
         try:
-            nbytes, fds = ep.transport.recv_into(ep.decoder.get_buffer())
+            nbytes, fds = ep.transport.recv_into(decoder.get_buffer())
         except (BlockingIOError, InterruptedError):
             return
         except IpcBusProtocolError as exc:
@@ -450,9 +463,12 @@ class Hub:
             self.drop(ep, "closed by peer", quiet=True)
             return
         try:
-            ep.decoder.buffer_updated(nbytes)
-            frames = ep.decoder.frames()
+            decoder.buffer_updated(nbytes)
+            frames = decoder.frames()
             self.current = ep
+            if ep.ready and len(frames) == 1 and not frames[0].nfds:  # the common case
+                self.router.handle(ep, frames[0])
+                return
             for frame in frames:
                 if frame.nfds:
                     self._take_fds(ep, frame)
@@ -534,6 +550,35 @@ class Hub:
 
     def _flush(self, ep: _Endpoint) -> None:
         out = ep.out
+        if len(out) == 1 and not out[0][1] and ep.closing is None:
+            # The common case: one frame (or run) without descriptors.
+            view = out[0][0]
+            try:
+                sent = ep.transport.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                self._want_write(ep, True)
+                return
+            except OSError as exc:
+                self.drop(ep, f"write failed: {exc}", quiet=T.errno_is_disconnect(exc))
+                return
+            ep.out_bytes -= sent
+            if sent == len(view):
+                out.clear()
+                ep.head_sent = 0
+                if ep.events != _READ:
+                    self._want_write(ep, False)
+                if ep.full_since is not None:
+                    if sent:
+                        ep.progress_at = time.monotonic()
+                    self._drained(ep)
+                return
+            out[0][0] = view[sent:]
+            ep.head_sent += sent
+            if ep.full_since is not None and sent:
+                ep.progress_at = time.monotonic()
+            self._want_write(ep, True)
+            self._drained(ep)
+            return
         send = ep.transport.send
         while out:
             views: list[memoryview] = []
@@ -626,10 +671,11 @@ class Hub:
             self.call_soon(lambda: self._read(ep) if ep in self.endpoints else None)
 
     # -- ending -----------------------------------------------------------------------------------
-    def _check_deadlines(self) -> None:
+    def _check_deadlines(self, now: float | None = None) -> None:
+        if now is None:
+            now = time.monotonic()
         if self.traffic is not None:
             self.traffic.flush()
-        now = time.monotonic()
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
             assert self.listener is not None
