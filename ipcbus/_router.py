@@ -364,8 +364,8 @@ class Router:
             if subs is not None and len(subs) == 1 and key not in self.pending:
                 # The common case: one listening peer, no link. The same as below, shorter.
                 for peer_id in subs:
-                    peer = self.peers[peer_id]
-                    if endpoint.relay and peer.endpoint is endpoint:
+                    listener = self.peers[peer_id]
+                    if endpoint.relay and listener.endpoint is endpoint:
                         break
                     self.pending[key] = Pending(requester, endpoint, channel, {peer_id})
                     keys = self._receiving.get(peer_id)
@@ -373,7 +373,7 @@ class Router:
                         self._receiving[peer_id] = {key}
                     else:
                         keys.add(key)
-                    peer.endpoint.deliver(frame.raw, frame.fds, frame.count)
+                    listener.endpoint.deliver(frame.raw, frame.fds, frame.count)
                     return
         if key in self.pending:
             raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")

@@ -245,11 +245,55 @@ class _AnswerFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     end), so that a caller waiting for it may read the socket itself."""
 
 
+class _SyncAnswer:
+    """The answer of a blocking :meth:`IpcBusClient.request`: the part of a Future its one
+    waiting caller needs, without a Future's locks. Set once, by whoever took its pending
+    entry out of ``_Connection.pending`` (under that lock)."""
+
+    __slots__ = ("_done", "_result", "_exc", "_event")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._result: Any = None
+        self._exc: BaseException | None = None
+        self._event: threading.Event | None = None  # made by a caller that must wait
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Any) -> None:
+        self._result = result
+        self._finish()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exc = exc
+        self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        event = self._event  # read after _done is set: see wait()
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Wait until set (True) or for ``timeout`` seconds (False)."""
+        if self._done:
+            return True
+        event = self._event = threading.Event()
+        return self._done or event.wait(timeout)
+
+    def result(self) -> Any:
+        if self._exc is not None:
+            raise self._exc
+        return self._result
+
+
 class _Pending:
     __slots__ = ("future", "client", "channel", "timeout")
 
-    def __init__(self, client: IpcBusClient, channel: str) -> None:
-        self.future: concurrent.futures.Future[Any] = _AnswerFuture()
+    def __init__(self, client: IpcBusClient, channel: str,
+                 future: _AnswerFuture | _SyncAnswer) -> None:
+        self.future = future
         self.client = client
         self.channel = channel
         self.timeout: list[Any] | None = None  # the timer's handle, cancelled on an answer
@@ -364,6 +408,20 @@ class _Connection:
             self.check_usable()
             raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
 
+    def write_now(self, data: bytes) -> None:
+        """:meth:`write` of one urgent frame without descriptors (requests, answers): the
+        path of every round trip, kept short."""
+        if self.forked or self.closed:
+            self.check_usable()
+        try:
+            with self.send_lock:
+                if self.out:
+                    self._flush_locked()
+                self.transport.sock.sendall(data)
+        except OSError as exc:
+            self.check_usable()
+            raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
+
     def _flush_locked(self) -> None:
         out, self.out, self.out_size = self.out, [], 0
         self.transport.sendall([b"".join(out)])
@@ -473,6 +531,15 @@ class _Connection:
                 return False
             batch, size, woke, full = read
             if batch:
+                if size <= _RECYCLE and not self.dispatch_q \
+                        and self.dispatch_lock.acquire(False):
+                    self._give_up_role()  # someone else may read while we dispatch
+                    if self.dispatch_q:  # queued by call_soon() meanwhile: keep the order
+                        self._enqueue((batch, size), size)
+                        self._drain()
+                    else:
+                        self._dispatch_now(batch)
+                    return False
                 self._enqueue((batch, size), size)
                 if self.dispatch_lock.acquire(False):
                     self._give_up_role()  # someone else may read while we dispatch
@@ -566,7 +633,8 @@ class _Connection:
         key = (frame.target, frame.rid)
         with self.lock:
             pending = self.pending.pop(key, None)  # type: ignore[arg-type]
-        T.close_fds(frame.fds)
+        if frame.fds:
+            T.close_fds(frame.fds)
         if pending is None:
             return
         if pending.timeout is not None:
@@ -655,6 +723,23 @@ class _Connection:
             if not self.dispatch_q or self.dispatch_done.is_set() \
                     or not self.dispatch_lock.acquire(False):
                 return
+
+    def _dispatch_now(self, batch: list[P.Frame]) -> None:
+        """Run the listeners of frames just read, without queueing them (nothing else is
+        queued, and the caller holds dispatch_lock, which this releases)."""
+        self.dispatch_owner = threading.get_ident()
+        try:
+            for frame in batch:
+                try:
+                    self._dispatch_frame(frame)
+                except Exception:
+                    log.exception("ipcbus: error while dispatching")
+        finally:
+            self.dispatch_owner = None
+            self.dispatch_lock.release()
+        if self.dispatch_q and not self.dispatch_done.is_set() \
+                and self.dispatch_lock.acquire(False):
+            self._drain()
 
     def _run_queued(self, until: concurrent.futures.Future[Any] | None) -> None:
         """Dispatch queued items, in order, until the queue is empty or ``until`` is done."""
@@ -841,18 +926,26 @@ class _Connection:
                 self._caller_wait(future)
         return future.result()
 
-    def _caller_wait(self, future: concurrent.futures.Future[Any],
-                     self_reader: bool = False) -> None:
+    def _caller_wait(self, future: concurrent.futures.Future[Any] | _SyncAnswer,
+                     self_reader: bool = False, deadline: float | None = None) -> None:
         """Read until ``future`` is done if no one else reads, else wait for the reader to
-        hand the answer over. ``self_reader``: the caller counted itself in
-        ``self_readers`` (see :meth:`request`); the count is given back here, before any
-        hand-off wait, so that the I/O threads read again."""
+        hand the answer over; give up at ``deadline`` (time.monotonic()), if any.
+        ``self_reader``: the caller counted itself in ``self_readers`` (see
+        :meth:`request`); the count is given back here, before any hand-off wait, so that
+        the I/O threads read again."""
+        cls = future.__class__
         try:
-            if (future.__class__ is _AnswerFuture and not future.done()
+            if ((cls is _SyncAnswer or cls is _AnswerFuture) and not future.done()
                     and not self.reader_done.is_set() and not self.over_budget
                     and self.read_role.acquire(False)):
+                wait_ms = _READ_WAIT_MS
                 while not future.done() and not self.over_budget:
-                    if not self.poller.poll(_READ_WAIT_MS):
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        wait_ms = min(_READ_WAIT_MS, int(left * 1000) + 1)
+                    if not self.poller.poll(wait_ms):
                         continue
                     read = self._read_or_end()
                     if read is None:
@@ -871,7 +964,11 @@ class _Connection:
             with self.qlock:
                 self.sync_waiters += 1
             try:
-                future.exception()  # waits; the result or error is taken by wait()
+                if isinstance(future, _SyncAnswer):
+                    future.wait(None if deadline is None
+                                else max(0.0, deadline - time.monotonic()))
+                else:
+                    future.exception()  # waits; the result or error is taken by wait()
             except concurrent.futures.CancelledError:
                 pass
             finally:
@@ -894,18 +991,36 @@ class _Connection:
 
     def request(self, client: IpcBusClient, kind: int, channel: str, target: str | None,
                 timeout: float | None, body: P.Body) -> Any:
-        """A blocking request from ``client``; the caller reads its answer itself when no
-        one else is reading (a listener's request dispatches while it waits instead)."""
+        """A blocking request from ``client``. The caller reads its answer itself when no
+        one else is reading, and watches its own timeout (no Future, no timer: each costs
+        microseconds on every request). A listener's request dispatches while it waits
+        instead (:meth:`wait`)."""
         if self.on_dispatch_thread():
             return self.wait(client._start_request(kind, channel, target, timeout, body))
+        answer = _SyncAnswer()
+        pending = _Pending(client, channel, answer)
+        peer_id = client._peer_id
+        assert peer_id is not None
+        key = (peer_id, next(_rids))
         self.enter_self_read()
         try:
-            future = client._start_request(kind, channel, target, timeout, body)
+            self.add_pending(key, pending)
+            try:
+                client._write(self, kind, channel, target, key[1], body)
+            except BaseException:
+                with self.lock:
+                    self.pending.pop(key, None)
+                raise
         except BaseException:
             self._leave_self_read()
             raise
-        self._caller_wait(future, self_reader=True)
-        return future.result()
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        self._caller_wait(answer, self_reader=True, deadline=deadline)
+        if not answer.done():
+            assert timeout is not None
+            self.expire(key, timeout)
+            answer.wait(None)  # set by expire(), or by whoever took the entry just before
+        return answer.result()
 
     def _nested_wait(self, future: concurrent.futures.Future[Any]) -> None:
         """On the dispatch thread: run what arrives meanwhile, and read if no one does."""
@@ -984,7 +1099,7 @@ def _ports(fds: list[int], kinds: list[str], dup: bool) -> list[Any]:
         raise
 
 
-def _set(future: concurrent.futures.Future[Any], *, result: Any = None,
+def _set(future: concurrent.futures.Future[Any] | _SyncAnswer, *, result: Any = None,
          exc: BaseException | None = None) -> None:
     try:
         if exc is not None:
@@ -1283,9 +1398,10 @@ class IpcBusClient(Emitter[str]):
             conn.write([prefix + header, *body], fds, True)  # type: ignore[list-item]
         elif size > _COALESCE_FRAME:
             conn.write([prefix + header, body], fds, True)
+        elif fds or kind == Kind.SEND or kind == Kind.SEND_TO:
+            conn.write([prefix + header + body], fds, kind != Kind.SEND and kind != Kind.SEND_TO)
         else:
-            conn.write([prefix + header + body], fds,
-                       kind != Kind.SEND and kind != Kind.SEND_TO)
+            conn.write_now(prefix + header + body)
 
     def _send_frame(self, kind: int, channel: str, target: str | None, rid: int,
                     body: P.Body) -> None:
@@ -1306,7 +1422,8 @@ class IpcBusClient(Emitter[str]):
     def request(self, channel: str, timeout: float | None, *args: Any) -> IpcBusRequestResponse:
         """Ask every listener of ``channel``; return the first answer, or raise
         :class:`IpcBusRequestError` (rejected, no listener, timed out)."""
-        P.check_channel(channel)
+        if channel not in _valid_channels:
+            _remember_channel(channel)
         timeout = resolve_timeout(timeout)
         body = P.pack_args(args)
         return self._connection().request(  # type: ignore[no-any-return]
@@ -1341,7 +1458,8 @@ class IpcBusClient(Emitter[str]):
         assert self._peer is not None
         rid = next(_rids)
         key = (self._peer.id, rid)
-        pending = _Pending(self, channel)
+        future = _AnswerFuture()
+        pending = _Pending(self, channel, future)
         if timeout is not None:  # armed first: the answer may come before _write returns
             pending.timeout = conn.timer.call_at(time.monotonic() + timeout,
                                                  lambda: conn.expire(key, timeout))
@@ -1354,7 +1472,7 @@ class IpcBusClient(Emitter[str]):
             if pending.timeout is not None:
                 conn.timer.cancel(pending.timeout)
             raise
-        return pending.future
+        return future
 
     # -- handles ---------------------------------------------------------------------------------
     def post_message(self, channel: str, message: Any, ports: list[Any] | None = None) -> None:
