@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import ipcbus.client as client_module
 from ipcbus import IpcBusBroker, IpcBusClient, IpcBusEvent
 
 from conftest import elapsed, sync, wait_until
@@ -157,3 +158,46 @@ def test_close_from_a_listener_ends_both_io_threads(broker: IpcBusBroker) -> Non
     assert returned.wait(10)
     assert closed.wait(10)
     assert wait_until(lambda: not _io_threads(), timeout=5)
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_answer_costs_the_waiting_caller_little_cpu(broker: IpcBusBroker) -> None:
+    """A caller reading its own answer polls for it for at most SPIN_WAIT (200 µs), then
+    sleeps: five requests answered after 0.2 s each cost it a few ms of CPU, not a second.
+    With the spin turned off the answers come the same way."""
+    server = IpcBusClient.create().connect(broker.address, peer_name="server")
+    client = IpcBusClient.create().connect(broker.address, peer_name="client")
+    timers: list[threading.Timer] = []
+
+    def slow(event: IpcBusEvent, x: int) -> None:
+        assert event.request is not None
+        timers.append(threading.Timer(0.2, event.request.resolve, (x,)))
+        timers[-1].start()
+
+    try:
+        server.on("slow", slow)
+        server.on("fast", lambda event, x: event.request.resolve(x))
+        sync(server)
+        conn = client._conn
+        assert conn is not None and conn.spin == client_module.SPIN_WAIT > 0
+        cpu0 = time.thread_time()
+        for i in range(5):
+            assert client.request("slow", 5.0, i).payload == i
+        used = time.thread_time() - cpu0
+        assert used < 0.05, used  # polling through the 1 s would cost about 1 s
+        conn.spin = 0.0
+        assert [client.request("fast", 5.0, i).payload for i in range(200)] == list(range(200))
+        assert client.request("slow", 5.0, 9).payload == 9
+    finally:
+        for timer in timers:
+            timer.join()
+        client.close()
+        server.close()
+
+
+@pytest.mark.parametrize("value,expected", [("", 200e-6), ("0", 0.0), ("50", 50e-6),
+                                            ("-5", 0.0), ("fast", 200e-6)])
+def test_spin_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch, value: str,
+                                           expected: float) -> None:
+    monkeypatch.setenv("IPCBUS_SPIN_US", value)
+    assert client_module._spin_setting() == pytest.approx(expected)
