@@ -1,10 +1,11 @@
 """Where a workload's time goes: CPU time per message of each process, for A/B comparisons.
 
     python benchmarks/cpu_profile.py w1            # request round trips, 100 B
+    python benchmarks/cpu_profile.py w2            # a stream of 100 B messages, 1 -> 1
     python benchmarks/cpu_profile.py w4            # 16 MiB messages, a window of 2
     PYTHONPATH=/path/to/other/copy python benchmarks/cpu_profile.py w1   # the same, another copy
 
-Prints p50/p99 (w1) or MB/s (w4) and, per process (requester or publisher, broker, responder
+Prints p50/p99 (w1), msg/s (w2) or MB/s (w4) and, per process (requester or publisher, broker, responder
 or subscriber), user and system CPU time per message from ``/proc/PID/stat`` (Linux). Run the
 two sides of a comparison interleaved, several times: the machine is shared.
 """
@@ -21,7 +22,7 @@ from typing import Any
 from ipcbus import IpcBusBroker, IpcBusClient, IpcBusEvent
 
 SIZE_W4 = 16 << 20
-N_W1, N_W4 = 5000, 60
+N_W1, N_W2, N_W4 = 5000, 300_000, 60
 
 
 def cpu(pid: int) -> tuple[float, float]:
@@ -62,12 +63,36 @@ def subscriber(address: str, ready: Any, result: Any) -> None:
     client.close()
 
 
+def counter(address: str, ready: Any, result: Any) -> None:
+    client = IpcBusClient.create().connect(address)
+    done = threading.Event()
+    times = [0.0, 0.0]
+    count = [0]
+
+    def on_data(event: IpcBusEvent, seq: int, payload: bytes) -> None:
+        if seq != count[0]:
+            raise RuntimeError(f"message {seq} arrived as number {count[0]}")
+        count[0] += 1
+        if seq == 0:
+            times[0] = time.perf_counter()
+        elif seq == N_W2 - 1:
+            times[1] = time.perf_counter()
+            done.set()
+
+    client.on("data", on_data)
+    client.request("/ipcbus/queryState", 5.0)
+    ready.set()
+    done.wait(120)
+    result.put((N_W2 - 1) / (times[1] - times[0]))
+    client.close()
+
+
 def report(label: str, pids: list[int], before: list[tuple[float, float]], n: int,
-           names: tuple[str, str, str]) -> None:
+           names: tuple[str, str, str], scale: float = 1e6, unit: str = "us") -> None:
     after = [cpu(pid) for pid in pids]
-    parts = [f"{name} {(b[0] - a[0]) / n * 1e6:.0f}+{(b[1] - a[1]) / n * 1e6:.0f}"
+    parts = [f"{name} {(b[0] - a[0]) / n * scale:.0f}+{(b[1] - a[1]) / n * scale:.0f}"
              for name, a, b in zip(names, before, after)]
-    print(f"{label}; CPU per message, user+system us: " + ", ".join(parts))
+    print(f"{label}; CPU per message, user+system {unit}: " + ", ".join(parts))
 
 
 def main() -> None:
@@ -95,6 +120,21 @@ def main() -> None:
             report(f"W1 p50 {lat[N_W1 // 2] * 1e6:.0f} us, p99 {lat[N_W1 * 99 // 100] * 1e6:.0f}"
                    " us", pids, before, N_W1, ("requester", "broker", "responder"))
             client.send("stop")
+        elif which == "w2":
+            result = ctx.Queue()
+            proc = ctx.Process(target=counter, args=(address, ready, result))
+            proc.start()
+            ready.wait(30)
+            client.request("/ipcbus/queryState", 5.0)
+            payload = b"x" * 100
+            pids = [os.getpid(), broker.process.pid, proc.pid]
+            before = [cpu(pid) for pid in pids]
+            send = client.send
+            for seq in range(N_W2):
+                send("data", seq, payload)
+            rate = result.get(timeout=120)
+            report(f"W2 {rate / 1000:.0f} k msg/s", pids, before, N_W2,
+                   ("publisher", "broker", "subscriber"), scale=1e9, unit="ns")
         else:
             result = ctx.Queue()
             proc = ctx.Process(target=subscriber, args=(address, ready, result))

@@ -143,6 +143,13 @@ def pack_payload(value: Any) -> bytes:
 
 
 BIG_BYTES = 64 * 1024  # a top-level bytes argument this large is sent without a copy
+# One Packer for the common case: msgpack.packb builds a new one per call (0.59 against
+# 0.12 µs a message). Sharing it between threads is safe only while packing cannot run Python
+# code (which could switch threads in the middle of a pack): arguments that are all exact
+# instances of these types. A build without a GIL gets no sharing at all.
+_PACKER = msgpack.Packer(use_bin_type=True, datetime=False)
+_FLAT = frozenset({int, float, str, bytes, bytearray, bool, type(None)})
+_SHARE_PACKER = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
 Body = Union[bytes, List[Union[bytes, bytearray]]]  # a body, or buffers to write in a row
 
 
@@ -153,10 +160,19 @@ def pack_args(items: tuple[Any, ...] | list[Any]) -> Body:
     the result is then a list of buffers (encoded parts, each large argument's bin32 header,
     the argument itself) whose concatenation is exactly the msgpack encoding, for a vectored
     write. The receiver decodes it as any body."""
+    flat = _SHARE_PACKER
     for item in items:  # inline: this runs for every message sent
-        if (item.__class__ is bytes or item.__class__ is bytearray) and len(item) >= BIG_BYTES:
+        cls = item.__class__
+        if cls not in _FLAT:
+            flat = False
+        elif (cls is bytes or cls is bytearray) and len(item) >= BIG_BYTES:
             break
     else:
+        if flat and (items.__class__ is tuple or items.__class__ is list):
+            try:
+                return _PACKER.pack(items)  # type: ignore[no-any-return]
+            except (OverflowError, ValueError) as exc:  # an int over 64 bits, a lone surrogate
+                raise ValueError(f"cannot send this value on the bus: {exc}") from None
         return pack_payload(items)
     n = len(items)
     head = bytes([0x90 | n]) if n < 16 else \

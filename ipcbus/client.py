@@ -16,7 +16,10 @@ Threads and ownership:
   a listener of the same process answers.
 * A caller blocked in :meth:`IpcBusClient.request` reads the socket itself when no one else
   does (its answer then needs no thread hand-off, which costs tens of microseconds on a
-  small VM); messages it reads are queued for the I/O threads.
+  small VM), and the I/O threads keep off the socket meanwhile; messages it reads are queued
+  for the I/O threads. It polls for its answer for up to ``SPIN_WAIT`` (200 µs, yielding the
+  CPU between looks) before it sleeps, because waking a sleeping vCPU costs tens of
+  microseconds per hop; it watches its own timeout.
 * Reading stops while more than ``DISPATCH_BUDGET`` bytes (16 MiB) wait for their listeners,
   so a stuck listener turns into back-pressure at the bus (and, if it stays stuck, a
   "slow consumer" disconnect) instead of unbounded memory; answers then wait too.
@@ -250,6 +253,8 @@ DISPATCH_BUDGET = 16 * 1024 * 1024  # bytes read and not dispatched yet before r
 BURST_GAP = 50e-6  # seconds between two sends that makes them one burst
 DEFAULT_SOCKET_BUFFER = 64 * 1024  # bytes of a burst written at once
 _COALESCE_FRAME = 16 * 1024  # larger frames are written on their own, without a copy
+_SEND, _SEND_TO = int(Kind.SEND), int(Kind.SEND_TO)
+_PREFIX_PACK = P.PREFIX.pack
 _RECYCLE = P.FrameDecoder.CHUNK  # received into a buffer of their own, which is reused
 _registry_lock = threading.Lock()
 _connections: dict[Any, _Connection] = {}
@@ -410,23 +415,39 @@ class _Connection:
                         self._flush_locked()
                     self.transport.sendall(buffers, fds or ())
                     return
-                data = buffers[0]
-                now = time.monotonic()
-                if self.out:
-                    self.out.append(data)
-                    self.out_size += len(data)
-                    if self.out_size >= self.coalesce:
-                        self._flush_locked()
-                elif now - self.last_write < BURST_GAP:
-                    self.out.append(data)
-                    self.out_size = len(data)
-                    self._wake_flusher()
-                else:
-                    self.transport.sendall(buffers)
-                self.last_write = now
+                self._burst_locked(buffers[0])
         except OSError as exc:
             self.check_usable()
             raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
+
+    def write_burst(self, data: bytes) -> None:
+        """:meth:`write` of one small frame that may join a burst (``urgent=False``)."""
+        if self.forked or self.closed:
+            self.check_usable()
+        try:
+            with self.send_lock:
+                if self.coalesce:
+                    self._burst_locked(data)
+                else:
+                    self.transport.sock.sendall(data)
+        except OSError as exc:
+            self.check_usable()
+            raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
+
+    def _burst_locked(self, data: bytes) -> None:
+        now = time.monotonic()
+        if self.out:
+            self.out.append(data)
+            self.out_size += len(data)
+            if self.out_size >= self.coalesce:
+                self._flush_locked()
+        elif now - self.last_write < BURST_GAP:
+            self.out.append(data)
+            self.out_size = len(data)
+            self._wake_flusher()
+        else:
+            self.transport.sock.sendall(data)
+        self.last_write = now
 
     def write_now(self, data: bytes) -> None:
         """:meth:`write` of one urgent frame without descriptors (requests, answers): the
@@ -1417,7 +1438,7 @@ class IpcBusClient(Emitter[str]):
 
     def _write(self, conn: _Connection, kind: int, channel: str, target: str | None, rid: int,
                body: P.Body, fds: list[int] | None = None) -> None:
-        size = P.body_size(body)
+        size = len(body) if body.__class__ is bytes else P.body_size(body)
         if size > conn.max_message:
             raise ValueError(f"message of {size} bytes exceeds the bus limit of"
                              f" {conn.max_message} bytes")
@@ -1431,13 +1452,13 @@ class IpcBusClient(Emitter[str]):
                 if len(self._headers) >= 1024:
                     self._headers.clear()
                 self._headers[key] = header
-        prefix = P.PREFIX.pack(len(header), size, rid)
-        if not isinstance(body, bytes):  # large arguments, written in place
-            conn.write([prefix + header, *body], fds, True)  # type: ignore[list-item]
-        elif size > _COALESCE_FRAME:
+        prefix = _PREFIX_PACK(len(header), size, rid)
+        if body.__class__ is not bytes:  # large arguments, written in place
+            conn.write([prefix + header, *body], fds, True)
+        elif fds or size > _COALESCE_FRAME:
             conn.write([prefix + header, body], fds, True)
-        elif fds or kind == Kind.SEND or kind == Kind.SEND_TO:
-            conn.write([prefix + header + body], fds, kind != Kind.SEND and kind != Kind.SEND_TO)
+        elif kind == _SEND or kind == _SEND_TO:
+            conn.write_burst(prefix + header + body)
         else:
             conn.write_now(prefix + header + body)
 
@@ -1449,7 +1470,7 @@ class IpcBusClient(Emitter[str]):
         """Broadcast ``args`` to every listener of ``channel`` on the bus (ours included)."""
         if channel not in _valid_channels:
             _remember_channel(channel)
-        self._send_frame(Kind.SEND, channel, None, 0, P.pack_args(args))
+        self._write(self._connection(), _SEND, channel, None, 0, P.pack_args(args))
 
     def send_to(self, target: IpcBusPeer | str, channel: str, *args: Any) -> None:
         """Send ``args`` to the listeners of ``channel`` of one peer only."""

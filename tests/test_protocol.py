@@ -858,6 +858,58 @@ def test_pack_args_refuses_unserializable_values_with_large_bytes() -> None:
         P.pack_args((b"x" * P.BIG_BYTES, object()))
 
 
+class _MyInt(int):
+    pass
+
+
+_flat_args = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1),
+                       st.floats(allow_nan=False), st.text(max_size=20),
+                       st.binary(max_size=300), st.binary(max_size=30).map(bytearray),
+                       st.integers(0, 10).map(_MyInt),
+                       st.lists(st.integers(-2**63, 2**64 - 1), max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_flat_args, max_size=8), st.booleans())
+def test_pack_args_of_flat_values_matches_msgpack(items: list[Any], as_list: bool) -> None:
+    """Flat arguments (exact int, float, str, bytes, bool, None) go through the shared
+    Packer, others through msgpack.packb: the bytes are msgpack's either way."""
+    args: tuple[Any, ...] | list[Any] = list(items) if as_list else tuple(items)
+    assert P.pack_args(args) == msgpack.packb(args, use_bin_type=True, datetime=False)
+
+
+@pytest.mark.parametrize("bad,error", [
+    ((2**64,), ValueError), ((-2**63 - 1,), ValueError), (("\ud800",), ValueError),
+    ((1, "x", object()), TypeError), ((decimal.Decimal(1),), TypeError)])
+def test_pack_args_errors_leave_the_shared_packer_clean(bad: tuple[Any, ...],
+                                                        error: type[Exception]) -> None:
+    with pytest.raises(error, match="cannot send"):
+        P.pack_args(bad)
+    assert P.pack_args((1, b"ok", "fine")) == msgpack.packb((1, b"ok", "fine"),
+                                                             use_bin_type=True)
+
+
+def test_pack_args_from_many_threads_at_once() -> None:
+    """The shared Packer is used by every thread: 8 threads packing distinct values get
+    their own bytes back every time."""
+    import threading
+    failures: list[Any] = []
+
+    def work(t: int) -> None:
+        for i in range(5000):
+            args = (t, i, "x" * (i % 50), bytes([t]) * (i % 300), i * 0.5, None, True)
+            if P.pack_args(args) != msgpack.packb(args, use_bin_type=True):
+                failures.append((t, i))
+                return
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
 def test_recycled_buffer_receives_the_next_large_frame() -> None:
     """A large frame's buffer given back is reused for the next large frame of similar size
     (shrunk in place), and never while something still has a view of it."""
