@@ -574,11 +574,14 @@ class _Connection:
             if batch:
                 if size <= _RECYCLE and not self.dispatch_q \
                         and self.dispatch_lock.acquire(False):
-                    self._give_up_role()  # someone else may read while we dispatch
+                    # Decided while this thread still reads: frames read after the role is
+                    # given up are queued behind this batch, never before it.
                     if self.dispatch_q:  # queued by call_soon() meanwhile: keep the order
                         self._enqueue((batch, size), size)
+                        self._give_up_role()
                         self._drain()
                     else:
+                        self._give_up_role()  # someone else may read while we dispatch
                         self._dispatch_now(batch)
                     return False
                 self._enqueue((batch, size), size)
