@@ -275,6 +275,50 @@ def test_request_async_many_threads(broker, children, clients):
 
 
 @pytest.mark.timeout(60)
+def test_blocking_requests_from_many_threads_and_a_timeout_among_them(broker, children,
+                                                                     clients):
+    """Blocking requests from 6 threads at once (one of them reads the socket, the others
+    are handed their answers) while a seventh waits for a request nobody answers: each
+    answer reaches its own caller, and the unanswered request times out on time although
+    another thread holds the socket."""
+    children.serve(broker.address, "both", {"echo": "echo", "mute": "never"})
+    c = clients(broker.address)
+    assert c.request("echo", 5, "warm").payload["args"] == ["warm"]
+    nthreads, per = 6, 100
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+    timed_out: list[float] = []
+    start = threading.Barrier(nthreads + 1)
+
+    def worker(k: int) -> None:
+        try:
+            start.wait(5)
+            for i in range(k * per, (k + 1) * per):
+                results[i] = c.request("echo", 10, i).payload["args"]
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def mute() -> None:
+        start.wait(5)
+        t0 = time.monotonic()
+        try:
+            c.request("mute", 0.5)
+        except ipcbus.IpcBusRequestTimeoutError:
+            timed_out.append(time.monotonic() - t0)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(nthreads)]
+    threads.append(threading.Thread(target=mute))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert results == {i: [i] for i in range(nthreads * per)}
+    assert len(timed_out) == 1 and 0.45 <= timed_out[0] <= 1.5, timed_out
+
+
+@pytest.mark.timeout(60)
 def test_responder_killed_mid_request(broker, children, clients):
     got = children.ctx.Event()
     p, _ = children.serve(broker.address, "doomed", {"doom": "hang"}, got=got)
