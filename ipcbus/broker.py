@@ -556,29 +556,23 @@ class Hub:
             try:
                 sent = ep.transport.sock.send(view)
             except (BlockingIOError, InterruptedError):
-                self._want_write(ep, True)
-                return
+                sent = 0
             except OSError as exc:
                 self.drop(ep, f"write failed: {exc}", quiet=T.errno_is_disconnect(exc))
                 return
             ep.out_bytes -= sent
+            if ep.full_since is not None:
+                if sent:
+                    ep.progress_at = time.monotonic()
+                self._drained(ep)
             if sent == len(view):
                 out.clear()
                 ep.head_sent = 0
                 if ep.events != _READ:
                     self._want_write(ep, False)
-                if ep.full_since is not None:
-                    if sent:
-                        ep.progress_at = time.monotonic()
-                    self._drained(ep)
                 return
-            out[0][0] = view[sent:]
+            out[0][0] = view[sent:]  # the rest: the general case below (it waits to write)
             ep.head_sent += sent
-            if ep.full_since is not None and sent:
-                ep.progress_at = time.monotonic()
-            self._want_write(ep, True)
-            self._drained(ep)
-            return
         send = ep.transport.send
         while out:
             views: list[memoryview] = []

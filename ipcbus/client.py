@@ -1029,7 +1029,7 @@ class _Connection:
                 with self.qlock:
                     self.sync_waiters -= 1
 
-    def enter_self_read(self) -> None:
+    def _enter_self_read(self) -> None:
         """A caller is about to send a request and read its answer itself: the I/O threads
         leave the socket alone meanwhile, so that they do not take the answer from under it
         (each such hand-off costs a thread wake-up)."""
@@ -1056,7 +1056,8 @@ class _Connection:
         peer_id = client._peer_id
         assert peer_id is not None
         key = (peer_id, next(_rids))
-        self.enter_self_read()
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        self._enter_self_read()
         try:
             self.add_pending(key, pending)
             try:
@@ -1068,7 +1069,6 @@ class _Connection:
         except BaseException:
             self._leave_self_read()
             raise
-        deadline = time.monotonic() + timeout if timeout is not None else None
         self._caller_wait(answer, self_reader=True, deadline=deadline)
         if not answer.done():
             assert timeout is not None
