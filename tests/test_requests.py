@@ -235,6 +235,15 @@ def test_request_to_reaches_only_the_target(broker, children, clients):
     assert t[0] < 0.5, t[0]
 
 
+def _run_to_the_end(threads: list[threading.Thread]) -> None:
+    """Start the threads and wait for every one of them (30 s each at most)."""
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+
+
 @pytest.mark.timeout(60)
 def test_request_async_many_threads(broker, children, clients):
     children.serve(broker.address, "echo", {"echo": "echo"})
@@ -262,12 +271,7 @@ def test_request_async_many_threads(broker, children, clients):
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(nthreads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not any(t.is_alive() for t in threads)
+    _run_to_the_end([threading.Thread(target=worker, args=(k,)) for k in range(nthreads)])
     assert errors == []
     assert sorted(results) == list(range(nthreads * per))
     for i, r in results.items():
@@ -306,13 +310,8 @@ def test_blocking_requests_from_many_threads_and_a_timeout_among_them(broker, ch
         except ipcbus.IpcBusRequestTimeoutError:
             timed_out.append(time.monotonic() - t0)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(nthreads)]
-    threads.append(threading.Thread(target=mute))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not any(t.is_alive() for t in threads)
+    _run_to_the_end([threading.Thread(target=worker, args=(k,)) for k in range(nthreads)]
+                    + [threading.Thread(target=mute)])
     assert errors == []
     assert results == {i: [i] for i in range(nthreads * per)}
     assert len(timed_out) == 1 and 0.45 <= timed_out[0] <= 1.5, timed_out
