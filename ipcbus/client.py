@@ -149,7 +149,9 @@ class IpcBusRequest:
             if self._answered.done:
                 return False
             self._answered.done = True
-        self._client._send_frame(_RESPONSE, self._channel, self._requester, self._rid, body)
+        conn = self._client._connection()
+        self._client._write(conn, _RESPONSE, self._channel, self._requester, self._rid, body)
+        conn.answered_at = time.perf_counter()
         return True
 
 
@@ -249,6 +251,39 @@ def _spin_setting() -> float:
 # about 190 -> 100 µs). The price is at most this much CPU time per blocking request. 0: off
 # (and off in a process that may run on one CPU only, where it could only get in the way).
 SPIN_WAIT = _spin_setting()
+
+
+class _Spin:
+    """When to poll instead of sleeping (see SPIN_WAIT), adaptively: after two polls in a row
+    that ran out without data, the next _SPIN_SKIP chances sleep at once, so a peer that
+    answers slowly (or traffic that comes in ms gaps) costs almost no polling."""
+
+    __slots__ = ("limit", "misses", "skip")
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit  # seconds; 0: never poll
+        self.misses = 0
+        self.skip = 0
+
+    def until(self, start: float) -> float:
+        """The time.perf_counter() to poll until, from ``start``; 0.0: do not poll."""
+        if not self.limit:
+            return 0.0
+        if self.skip:
+            self.skip -= 1
+            return 0.0
+        return start + self.limit
+
+    def outcome(self, hit: bool) -> None:
+        if hit:
+            self.misses = 0
+        else:
+            self.misses += 1
+            if self.misses >= 2:
+                self.skip = _SPIN_SKIP
+
+
+_SPIN_SKIP = 100
 DISPATCH_BUDGET = 16 * 1024 * 1024  # bytes read and not dispatched yet before reading stops
 BURST_GAP = 50e-6  # seconds between two sends that makes them one burst
 DEFAULT_SOCKET_BUFFER = 64 * 1024  # bytes of a burst written at once
@@ -380,7 +415,10 @@ class _Connection:
         self.last_activity = time.monotonic()
         self.poller = select.poll()
         self.poller.register(transport.fileno(), select.POLLIN)
-        self.spin = SPIN_WAIT if SPIN_WAIT and _cpus() > 1 else 0.0
+        spin = SPIN_WAIT if SPIN_WAIT and _cpus() > 1 else 0.0
+        self.caller_spin = _Spin(spin)  # a caller waiting for its answer
+        self.reader_spin = _Spin(spin)  # an I/O thread, right after its process answered
+        self.answered_at = 0.0  # perf_counter() of the last answer this process sent
         self.workers = [threading.Thread(target=self._io_loop, daemon=True,
                                          name=f"ipcbus-io-{i} {key}") for i in (1, 2)]
         self.reader_done = threading.Event()  # the connection has ended
@@ -566,11 +604,26 @@ class _Connection:
         if self.deep_parked and not self.pollers:
             self.kick.set()
 
+    def _spin_for_data(self, until: float) -> bool:
+        """Poll the socket, yielding the CPU between looks, until it is readable (True) or
+        time.perf_counter() reaches ``until`` (False). See SPIN_WAIT."""
+        poll = self.poller.poll
+        while not poll(0):
+            if time.perf_counter() >= until:
+                return False
+            os.sched_yield()
+        return True
+
     def _read_turn(self) -> bool:
         """Read, holding the read role, until this thread has something to dispatch, the
         dispatch budget is spent, or a waiting caller was handed its answer: it may then
         read its next answer itself, without a hand-off (returns True: give way a moment)."""
         while True:
+            if self.answered_at:  # this process just answered: the next request may be near
+                spin_end = self.reader_spin.until(self.answered_at)
+                self.answered_at = 0.0
+                if spin_end > time.perf_counter():
+                    self.reader_spin.outcome(self._spin_for_data(spin_end))
             read = self._read_or_end()
             if read is None:
                 return False
@@ -987,7 +1040,7 @@ class _Connection:
                     and not self.reader_done.is_set() and not self.over_budget
                     and self.read_role.acquire(False)):
                 poll = self.poller.poll
-                spin_end = time.perf_counter() + self.spin if self.spin else 0.0
+                spin_end = self.caller_spin.until(time.perf_counter())
                 while not future.done() and not self.over_budget:
                     wait_ms = _READ_WAIT_MS
                     if deadline is not None:
@@ -996,12 +1049,10 @@ class _Connection:
                             break
                         wait_ms = min(_READ_WAIT_MS, int(left * 1000) + 1)
                     if spin_end:  # see SPIN_WAIT
-                        while not poll(0):
-                            if time.perf_counter() >= spin_end:
-                                spin_end = 0.0
-                                break
-                            os.sched_yield()
-                        else:
+                        ready = self._spin_for_data(spin_end)
+                        self.caller_spin.outcome(ready)
+                        spin_end = 0.0
+                        if ready:
                             wait_ms = -1  # readable: no need to ask again
                     if wait_ms >= 0 and not poll(wait_ms):
                         continue

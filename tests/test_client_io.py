@@ -179,13 +179,13 @@ def test_a_slow_answer_costs_the_waiting_caller_little_cpu(broker: IpcBusBroker)
         server.on("fast", lambda event, x: event.request.resolve(x))
         sync(server)
         conn = client._conn
-        assert conn is not None and conn.spin == client_module.SPIN_WAIT > 0
+        assert conn is not None and conn.caller_spin.limit == client_module.SPIN_WAIT > 0
         cpu0 = time.thread_time()
         for i in range(5):
             assert client.request("slow", 5.0, i).payload == i
         used = time.thread_time() - cpu0
         assert used < 0.05, used  # polling through the 1 s would cost about 1 s
-        conn.spin = 0.0
+        conn.caller_spin.limit = conn.reader_spin.limit = 0.0
         assert [client.request("fast", 5.0, i).payload for i in range(200)] == list(range(200))
         assert client.request("slow", 5.0, 9).payload == 9
     finally:
@@ -201,3 +201,54 @@ def test_spin_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch, valu
                                            expected: float) -> None:
     monkeypatch.setenv("IPCBUS_SPIN_US", value)
     assert client_module._spin_setting() == pytest.approx(expected)
+
+
+def test_spin_stops_after_two_polls_in_vain_and_tries_again_later() -> None:
+    spin = client_module._Spin(200e-6)
+    assert spin.until(10.0) == pytest.approx(10.0 + 200e-6)
+    spin.outcome(False)
+    assert spin.until(10.0) > 0  # one miss: still polls
+    spin.outcome(True)
+    spin.outcome(False)  # a hit in between: the misses start over
+    assert spin.until(10.0) > 0
+    spin.outcome(False)  # two in a row
+    assert [spin.until(10.0) for _ in range(client_module._SPIN_SKIP)] == \
+        [0.0] * client_module._SPIN_SKIP
+    assert spin.until(10.0) > 0  # tries again
+    assert client_module._Spin(0.0).until(10.0) == 0.0
+
+
+def _spin_server(address: str, ready: Any, stop: Any) -> None:
+    """A child that echoes, and reports its reader's polling state on "spin-state"."""
+    server = IpcBusClient.create().connect(address, peer_name="spin-server")
+    conn = server._conn
+    assert conn is not None
+    server.on("echo", lambda event, x: event.request.resolve(x))
+    server.on("spin-state", lambda event: event.request.resolve(
+        [conn.reader_spin.limit, conn.reader_spin.misses, conn.reader_spin.skip]))
+    sync(server)
+    ready.set()
+    stop.poll(30)
+    server.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_listener_answering_requests_far_apart_stops_polling(broker: IpcBusBroker,
+                                                              children: Any) -> None:
+    """After it answers, a process polls for its next request for up to SPIN_WAIT, but only
+    while that pays: with requests 30 ms apart, two polls run out and the next ones are
+    skipped."""
+    ready = children.ctx.Event()
+    children.start(_spin_server, broker.address, ready, children.stop)
+    assert ready.wait(30)
+    client = IpcBusClient.create().connect(broker.address, peer_name="client")
+    try:
+        for i in range(200):
+            assert client.request("echo", 5.0, i).payload == i
+        for i in range(6):
+            time.sleep(0.03)  # the gap between requests is what is being tested
+            assert client.request("echo", 5.0, i).payload == i
+        limit, misses, skip = client.request("spin-state", 5.0).payload
+        assert limit > 0 and misses >= 2 and skip > 0, (limit, misses, skip)
+    finally:
+        client.close()
