@@ -19,7 +19,9 @@ Threads and ownership:
   small VM), and the I/O threads keep off the socket meanwhile; messages it reads are queued
   for the I/O threads. It polls for its answer for up to ``SPIN_WAIT`` (200 µs, yielding the
   CPU between looks) before it sleeps, because waking a sleeping vCPU costs tens of
-  microseconds per hop; it watches its own timeout.
+  microseconds per hop; it watches its own timeout. Likewise an I/O thread whose process has
+  just answered a request polls for the next message before it sleeps. Both stop polling
+  for a while after two polls in a row found nothing (:class:`_Spin`).
 * Reading stops while more than ``DISPATCH_BUDGET`` bytes (16 MiB) wait for their listeners,
   so a stuck listener turns into back-pressure at the bus (and, if it stays stuck, a
   "slow consumer" disconnect) instead of unbounded memory; answers then wait too.
@@ -245,11 +247,12 @@ def _spin_setting() -> float:
 
 
 # A caller blocked for an answer that it reads itself polls the socket (yielding the CPU
-# between looks) for up to this many seconds before it sleeps. On a small VM a sleeping
-# vCPU takes tens of microseconds to wake, once per hop; a caller that stays awake is
-# answered at once, and the bus's other two hops then tend to share one vCPU (W1 p50:
-# about 190 -> 100 µs). The price is at most this much CPU time per blocking request. 0: off
-# (and off in a process that may run on one CPU only, where it could only get in the way).
+# between looks) for up to this many seconds before it sleeps, and so does an I/O thread
+# whose process has just sent an answer, for the next request. On a small VM a sleeping vCPU
+# takes tens of microseconds to wake, once per hop; a process that stays awake is reached
+# at once (W1 p50: about 180 -> 90 µs). The price is at most this much CPU time per request
+# or answer, and less where it does not pay (_Spin). 0: off (and off in a process that may
+# run on one CPU only, where it could only get in the way).
 SPIN_WAIT = _spin_setting()
 
 
