@@ -607,12 +607,13 @@ class _Connection:
         if self.deep_parked and not self.pollers:
             self.kick.set()
 
-    def _spin_for_data(self, until: float) -> bool:
+    def _spin_for_data(self, until: float, for_caller: bool = True) -> bool:
         """Poll the socket, yielding the CPU between looks, until it is readable (True) or
-        time.perf_counter() reaches ``until`` (False). See SPIN_WAIT."""
+        time.perf_counter() reaches ``until`` (False). See SPIN_WAIT. An I/O thread
+        (``for_caller`` False) also stops when a caller wants to read its own answer."""
         poll = self.poller.poll
         while not poll(0):
-            if time.perf_counter() >= until:
+            if time.perf_counter() >= until or (not for_caller and self.self_readers):
                 return False
             os.sched_yield()
         return True
@@ -626,7 +627,11 @@ class _Connection:
                 spin_end = self.reader_spin.until(self.answered_at)
                 self.answered_at = 0.0
                 if spin_end > time.perf_counter():
-                    self.reader_spin.outcome(self._spin_for_data(spin_end))
+                    hit = self._spin_for_data(spin_end, for_caller=False)
+                    if not hit and self.self_readers:  # a caller will read: leave it the socket
+                        self._give_up_role()
+                        return False
+                    self.reader_spin.outcome(hit)
             read = self._read_or_end()
             if read is None:
                 return False
