@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import multiprocessing
 import multiprocessing.connection
 import os
 import socket
 import stat
 import struct
+import termios
 from typing import Any, Iterable, Sequence, Tuple, Union
 
 from . import _protocol as P
@@ -320,6 +322,16 @@ class StreamTransport:
                 else:
                     views[0] = head[sent:]
                     sent = 0
+
+    def unsent(self) -> int | None:
+        """Bytes written to this socket that the peer has not read yet (the kernel's send
+        queue, SIOCOUTQ), or None where that cannot be asked."""
+        buf = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, buf, True)
+        except (OSError, ValueError):
+            return None
+        return buf[0]
 
     def shutdown_write(self) -> None:
         try:

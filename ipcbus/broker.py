@@ -126,7 +126,7 @@ class _Endpoint:
 
     __slots__ = ("hub", "transport", "decoder", "fd_queue", "peers", "relay", "label", "out",
                  "out_bytes", "out_fds", "head_sent", "blocked", "paused", "full_since",
-                 "progress_at", "ready", "deadline", "closing", "events", "on_ready", "can_pass_fds", "delivered_msgs",
+                 "progress_at", "unsent", "ready", "deadline", "closing", "events", "on_ready", "can_pass_fds", "delivered_msgs",
                  "delivered_bytes", "__weakref__")
 
     def __init__(self, hub: Hub, transport: T.StreamTransport, label: str) -> None:
@@ -147,6 +147,7 @@ class _Endpoint:
         self.paused = False
         self.full_since: float | None = None
         self.progress_at = 0.0  # while over the limit: when a write last made progress
+        self.unsent: int | None = None  # the kernel's send queue at the last look (_reading)
         self.ready = False  # handshake done
         self.deadline = time.monotonic() + hub.options.handshake_timeout
         self.closing: str | None = None
@@ -540,6 +541,8 @@ class Hub:
             if ep not in self.endpoints or ep.closing is not None \
                     or ep.out_bytes <= self.hard_limit:
                 continue
+            if self._reading(ep):
+                ep.progress_at = now
             if now - ep.progress_at >= self.relay_stall:
                 self.disconnect(ep, "slow consumer", detail=(
                     f"its queue passed the hard cap of {self.hard_limit} bytes, fed by a link,"
@@ -688,13 +691,24 @@ class Hub:
             elif ep.full_since is not None and \
                     now - ep.full_since > self.options.slow_consumer_timeout:
                 self.disconnect(ep, "slow consumer")
-            elif ep.blocked and now - ep.progress_at > self.relay_stall and \
-                    any(source.relay for source in ep.blocked):
-                self.disconnect(ep, "slow consumer", detail=(
-                    f"it holds a link paused and wrote nothing for {now - ep.progress_at:.2f}"
-                    " s"))
+            elif ep.blocked and any(source.relay for source in ep.blocked):
+                if self._reading(ep):
+                    ep.progress_at = now
+                elif now - ep.progress_at > self.relay_stall:
+                    self.disconnect(ep, "slow consumer", detail=(
+                        f"it holds a link paused and read nothing for"
+                        f" {now - ep.progress_at:.2f} s"))
             elif ep.closing is not None and now > ep.deadline:
                 self._finish_close(ep)
+
+    def _reading(self, ep: _Endpoint) -> bool:
+        """Whether the peer has read some of what the kernel holds for it since the last look.
+        A reader that keeps reading, slowly, can go a second without a write from us: the
+        kernel makes a socket writable again only once its send queue is below a quarter of
+        the buffer (4 MiB here). Write progress alone would call it stopped."""
+        unsent, before = ep.transport.unsent(), ep.unsent
+        ep.unsent = unsent
+        return unsent is not None and before is not None and unsent < before
 
     def disconnect(self, ep: _Endpoint, reason: str, *, detail: str = "") -> None:
         """Tell the endpoint why it is dropped, then drop it once that is written.
