@@ -543,3 +543,24 @@ def test_wrong_authkey_is_refused_even_when_the_process_is_connected() -> None:
             sync(good)
         finally:
             good.close()
+
+
+def test_unsent_counts_what_the_peer_has_not_read_yet() -> None:
+    """StreamTransport.unsent (SIOCOUTQ), which the broker uses to tell a slow reader from a
+    stopped one: it grows with what is written and shrinks as the peer reads."""
+    a, b = socket.socketpair()
+    transport = T.StreamTransport(a)
+    try:
+        assert transport.unsent() == 0
+        a.sendall(b"x" * 100_000)
+        before = transport.unsent()
+        assert before is not None and before >= 100_000
+        received = 0
+        while received < 50_000:
+            received += len(b.recv(50_000 - received))
+        after = transport.unsent()
+        assert after is not None and after < before
+    finally:
+        a.close()
+        b.close()
+    assert transport.unsent() is None  # closed: nothing to ask
