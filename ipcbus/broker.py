@@ -533,8 +533,9 @@ class Hub:
             self._relay_overflowed()
 
     def _relay_overflowed(self) -> None:
-        """Receivers a relay filled past the hard cap: one that has not written for
-        ``relay_stall`` s is a slow consumer; one still reading pauses the relay."""
+        """Receivers a relay filled past the hard cap: one that has read nothing (neither a
+        write to it nor bytes taken from the kernel's queue, see _reading) for ``relay_stall``
+        s is a slow consumer; one still reading pauses the relay."""
         overflowed, self.overflowed = self.overflowed, {}
         now = time.monotonic()
         for ep, relay in overflowed.items():
@@ -546,7 +547,7 @@ class Hub:
             if now - ep.progress_at >= self.relay_stall:
                 self.disconnect(ep, "slow consumer", detail=(
                     f"its queue passed the hard cap of {self.hard_limit} bytes, fed by a link,"
-                    f" and it wrote nothing for {now - ep.progress_at:.2f} s"))
+                    f" and it read nothing for {now - ep.progress_at:.2f} s"))
             elif relay in self.endpoints and not relay.paused:
                 self.pause(relay)
                 ep.blocked.add(relay)

@@ -1489,6 +1489,16 @@ def stuck_pipe_subscriber(conn: Any, ready_q: Any, name: str = "stuck-pipe") -> 
     threading.Event().wait(120)
 
 
+def _broker_and_linked_bridge(sock_path: str, limit: int, timeout: float
+                              ) -> tuple[IpcBusBroker, IpcBusBridge]:
+    """A broker at ``sock_path`` and a bridge linked to it, both with this queue limit and
+    slow-consumer timeout."""
+    options = {"queue_limit": limit, "slow_consumer_timeout": timeout}
+    broker = IpcBusBroker.create(**options).connect(sock_path)
+    bridge = IpcBusBridge.create(**options).connect(sock_path)
+    return broker, bridge
+
+
 def linked_flood_scenario(sock_path: str, stuck_side: str, caplog: Any,
                           capfd: Any) -> dict[str, Any]:
     """A bridge linked to a broker; a subscriber of "flood" is stopped with SIGSTOP while a
@@ -1503,10 +1513,7 @@ def linked_flood_scenario(sock_path: str, stuck_side: str, caplog: Any,
     whole slow-consumer timeout after the stop (the stretch the old rule stalled)."""
     ctx = multiprocessing.get_context("spawn")
     limit, timeout = 1 * MiB, 4.0
-    broker = IpcBusBroker.create(queue_limit=limit, slow_consumer_timeout=timeout
-                                 ).connect(sock_path)
-    bridge = IpcBusBridge.create(queue_limit=limit, slow_consumer_timeout=timeout
-                                 ).connect(sock_path)
+    broker, bridge = _broker_and_linked_bridge(sock_path, limit, timeout)
     ready_q = ctx.Queue()
     go_flood_r, go_flood_w = ctx.Pipe(duplex=False)
     go_other_r, go_other_w = ctx.Pipe(duplex=False)
@@ -1634,10 +1641,7 @@ def test_slow_reader_fed_through_a_link_is_throttled_not_dropped(sock_path: str,
     the reader was disconnected after "wrote nothing for 1.01 s" every time."""
     ctx = multiprocessing.get_context("spawn")
     limit, timeout = 1 * MiB, 4.0
-    broker = IpcBusBroker.create(queue_limit=limit, slow_consumer_timeout=timeout
-                                 ).connect(sock_path)
-    bridge = IpcBusBridge.create(queue_limit=limit, slow_consumer_timeout=timeout
-                                 ).connect(sock_path)
+    broker, bridge = _broker_and_linked_bridge(sock_path, limit, timeout)
     ready_q = ctx.Queue()
     go_r, go_w = ctx.Pipe(duplex=False)
     stop_r, stop_w = ctx.Pipe(duplex=False)
