@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_profile.py w1            # request round trips, 100 B
     python benchmarks/cpu_profile.py w2            # a stream of 100 B messages, 1 -> 1
-    python benchmarks/cpu_profile.py w4            # 16 MiB messages, a window of 2
+    python benchmarks/cpu_profile.py w4            # 16 MiB messages, a window of 2 (N_W4=60)
     PYTHONPATH=/path/to/other/copy python benchmarks/cpu_profile.py w1   # the same, another copy
 
 Prints p50/p99 (w1), msg/s (w2) or MB/s (w4) and, per process (requester or publisher, broker, responder
@@ -22,7 +22,7 @@ from typing import Any
 from ipcbus import IpcBusBroker, IpcBusClient, IpcBusEvent
 
 SIZE_W4 = 16 << 20
-N_W1, N_W2, N_W4 = 5000, 300_000, 60
+N_W1, N_W2, N_W4 = 5000, 300_000, int(os.environ.get("N_W4", "60"))
 
 
 def cpu(pid: int) -> tuple[float, float]:

@@ -297,6 +297,7 @@ _SEND, _SEND_TO, _REQUEST, _RESPONSE = (int(Kind.SEND), int(Kind.SEND_TO), int(K
                                         int(Kind.RESPONSE))
 _REQUEST_FAIL, _NOTICE, _SPY_COPY = int(Kind.REQUEST_FAIL), int(Kind.NOTICE), int(Kind.SPY_COPY)
 _PREFIX_PACK = P.PREFIX.pack
+_DECODED = P.DecodedFrame
 _RECYCLE = P.FrameDecoder.CHUNK  # received into a buffer of their own, which is reused
 _registry_lock = threading.Lock()
 _connections: dict[Any, _Connection] = {}
@@ -374,6 +375,7 @@ class _Connection:
         self.pid = os.getpid()
         self.transport = transport
         self.decoder = decoder
+        decoder.direct_bytes = True  # large bytes arguments arrive in their own object
         self.welcome = welcome
         self.ptype = ptype
         self.max_message: int = welcome["max_message"]
@@ -927,15 +929,22 @@ class _Connection:
         if sender is None:
             sender = self.peer_of(info)
         if kind != _REQUEST and not frame.nfds:  # the common case, perhaps a run of frames
-            bodies = frame.bodies() if frame.count > 1 else \
-                (memoryview(frame.raw)[frame.body_offset:],)
+            if frame.count > 1:
+                bodies: Any = frame.bodies()
+            elif frame.__class__ is _DECODED:
+                bodies = (frame.args,)
+            else:
+                bodies = (memoryview(frame.raw)[frame.body_offset:],)
             for body in bodies:
-                try:
-                    args = P.unpack_payload(body)
-                except IpcBusProtocolError as exc:
-                    log.error("dropped a message on %r from %s: %s", channel, frame.sender_id,
-                              exc)
-                    continue
+                if body.__class__ is list:
+                    args = body
+                else:
+                    try:
+                        args = P.unpack_payload(body)
+                    except IpcBusProtocolError as exc:
+                        log.error("dropped a message on %r from %s: %s", channel,
+                                  frame.sender_id, exc)
+                        continue
                 if args.__class__ is not list:
                     args = [args]
                 for client in receivers:

@@ -145,3 +145,50 @@ def test_a_burst_sent_just_before_exit_is_delivered(broker: IpcBusBroker, ctx: A
     assert child.exitcode == 0
     items = got.wait(count, timeout=10)
     assert [args[0] for _, args in items] == list(range(count))
+
+
+def large_subscriber(address: str) -> None:
+    """Answer each "large" message with a digest of what arrived, in arrival order."""
+    import hashlib
+    client = IpcBusClient.create().connect(address, peer_name="large-subscriber")
+    done = threading.Event()
+
+    def on_large(event: IpcBusEvent, *args: Any) -> None:
+        client.send("digest", [type(a).__name__ if isinstance(a, bytes) else a for a in args],
+                    [hashlib.sha256(a).hexdigest() for a in args if isinstance(a, bytes)])
+
+    client.on("large", on_large)
+    client.on("done", lambda event: done.set())
+    sync(client)
+    client.send("ready")
+    done.wait(60)
+    client.close()
+
+
+@pytest.mark.timeout(90)
+def test_large_bytes_arguments_arrive_whole_between_small_messages(
+        broker: IpcBusBroker, children: Any, clients: Any) -> None:
+    """Large bytes arguments (received by the subscriber straight into their own bytes
+    objects) arrive equal to what was sent, with the arguments around them, in order with
+    small messages in between."""
+    import hashlib
+    main = clients(broker.address, peer_name="main")
+    ready, digests = Collector(), Collector()
+    main.on("ready", ready).on("digest", digests)
+    sync(main)
+    children.start(large_subscriber, broker.address)
+    ready.wait(1, timeout=30)
+    blobs = [bytes([i]) * (1 << 20) + bytes(range(256)) * (i * 300) for i in range(1, 7)]
+    sent = []
+    for i, blob in enumerate(blobs):
+        args: tuple[Any, ...] = (i, blob, {"after": i}) if i % 2 else (blob,)
+        main.send("large", *args)
+        main.send("large", i, "small")
+        sent.append(args)
+        sent.append((i, "small"))
+    main.send("done")
+    got = [args for _, args in digests.wait(len(sent), timeout=60)]
+    expected = [([type(a).__name__ if isinstance(a, bytes) else a for a in args],
+                 [hashlib.sha256(a).hexdigest() for a in args if isinstance(a, bytes)])
+                for args in sent]
+    assert got == expected

@@ -935,3 +935,95 @@ def test_recycled_buffer_receives_the_next_large_frame() -> None:
     assert bytes(third.raw).endswith(b"w")
     assert bytes(view).endswith(b"z" * 10)  # untouched
     view.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# large bytes arguments received straight into their own bytes object (direct_bytes)
+# ---------------------------------------------------------------------------------------------
+
+def _frame_parts(kind: int, args: tuple[Any, ...], nfds: int = 0) -> bytes:
+    body = P.pack_args(args)
+    joined = body if isinstance(body, bytes) else b"".join(body)
+    return P.encode_frame(kind, "ch", ["id", "n", "socket", 1], "peer" if kind == Kind.SEND_TO
+                          else None, 0, joined, nfds)
+
+
+def _args_of(frame: P.Frame) -> list[Any]:
+    if isinstance(frame, P.DecodedFrame):
+        return frame.args
+    args = P.unpack_payload(frame.body)
+    return args if isinstance(args, list) else [args]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_small_args, max_size=4), st.lists(_small_args, max_size=3),
+       st.sampled_from([P.BIG_BYTES, 70_000, 300_000]),
+       st.sampled_from([Kind.SEND, Kind.SEND_TO, Kind.REQUEST]),
+       st.lists(st.integers(min_value=1, max_value=70_000), min_size=1, max_size=6),
+       st.booleans())
+def test_direct_bytes_decodes_the_same_arguments(
+        before: list[Any], after: list[Any], size: int, kind: int, sizes: list[int],
+        direct: bool) -> None:
+    """Whatever the reads, a decoder with direct_bytes gives the same frames and arguments as
+    one without; a message's large bytes argument comes back as bytes, equal to what was sent."""
+    big = bytes(range(256)) * (size // 256) + b"\x07" * (size % 256)
+    args = (*before, big, *after)
+    small = P.encode_frame(Kind.SEND, "s", None, None, 0, P.pack_payload([1]))
+    stream = small + _frame_parts(kind, args) + small + _frame_parts(Kind.SEND, (big,)) + small
+    dec = FrameDecoder(chunk=1024)
+    dec.direct_bytes = direct
+    recv_into_chunks(dec, stream, sizes)
+    frames = dec.frames()
+    assert [f.kind for f in frames] == [Kind.SEND, kind, Kind.SEND, Kind.SEND, Kind.SEND]
+    assert dec.pending_bytes == 0
+    assert _args_of(frames[1]) == list(args)
+    assert _args_of(frames[3]) == [big]
+    assert all(_args_of(frames[i]) == [1] for i in (0, 2, 4))
+    for frame in (frames[1], frames[3]):
+        got = [a for a in _args_of(frame) if isinstance(a, bytes) and len(a) == size]
+        assert got and all(type(a) is bytes for a in got)
+        if isinstance(frame, P.DecodedFrame):
+            assert direct and frame.kind != Kind.REQUEST
+            assert len(frame.raw) == size  # what a client's queue budget counts
+
+
+def test_direct_bytes_receives_into_the_delivered_object() -> None:
+    """The large argument is the object the reads went into: no copy after the last read."""
+    big = b"\x5a" * 300_000
+    raw = _frame_parts(Kind.SEND, (3, "x", big))
+    dec = FrameDecoder(chunk=1024)
+    dec.direct_bytes = True
+    recv_into_chunks(dec, raw, [2000, 100_000])
+    [frame] = dec.frames()
+    assert isinstance(frame, P.DecodedFrame)
+    assert frame.args == [3, "x", big]
+    assert frame.args[2] is frame.raw
+    assert hash(frame.args[2]) == hash(big)  # a proper bytes object: hashable, comparable
+
+
+def test_direct_bytes_not_for_frames_with_descriptors() -> None:
+    big = b"\x01" * 200_000
+    raw = _frame_parts(Kind.SEND, (big,), nfds=1)
+    dec = FrameDecoder(chunk=1024)
+    dec.direct_bytes = True
+    recv_into_chunks(dec, raw, [5000])
+    [frame] = dec.frames()
+    assert not isinstance(frame, P.DecodedFrame)
+    assert frame.nfds == 1
+
+
+def test_direct_bytes_drops_a_message_with_a_malformed_tail(caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    """A body whose bytes after the large argument are not the announced arguments is dropped
+    and logged, as the ordinary path does; the stream goes on."""
+    big = b"\x02" * 100_000
+    body = b"\x92\xc6" + len(big).to_bytes(4, "big") + big + b"\xc1"  # 0xc1: never used
+    raw = P.encode_frame(Kind.SEND, "ch", ["id", "n", "socket", 1], None, 0, body)
+    small = P.encode_frame(Kind.SEND, "s", None, None, 0, P.pack_payload([1]))
+    dec = FrameDecoder(chunk=1024)
+    dec.direct_bytes = True
+    with caplog.at_level("ERROR", logger="ipcbus"):
+        recv_into_chunks(dec, raw + small, [3000])
+    frames = dec.frames()
+    assert [f.channel for f in frames] == ["s"]
+    assert "malformed message body" in caplog.text
