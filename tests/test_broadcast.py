@@ -1,6 +1,7 @@
 """Broadcast and peer-to-peer across real processes: completeness and per-sender order."""
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import Any
 
@@ -147,15 +148,19 @@ def test_a_burst_sent_just_before_exit_is_delivered(broker: IpcBusBroker, ctx: A
     assert [args[0] for _, args in items] == list(range(count))
 
 
+def _digest(args: tuple[Any, ...]) -> tuple[list[Any], list[str]]:
+    """Arguments with each bytes one named by its type, and the sha256 of those bytes."""
+    return ([type(a).__name__ if isinstance(a, bytes) else a for a in args],
+            [hashlib.sha256(a).hexdigest() for a in args if isinstance(a, bytes)])
+
+
 def large_subscriber(address: str) -> None:
     """Answer each "large" message with a digest of what arrived, in arrival order."""
-    import hashlib
     client = IpcBusClient.create().connect(address, peer_name="large-subscriber")
     done = threading.Event()
 
     def on_large(event: IpcBusEvent, *args: Any) -> None:
-        client.send("digest", [type(a).__name__ if isinstance(a, bytes) else a for a in args],
-                    [hashlib.sha256(a).hexdigest() for a in args if isinstance(a, bytes)])
+        client.send("digest", *_digest(args))
 
     client.on("large", on_large)
     client.on("done", lambda event: done.set())
@@ -171,7 +176,6 @@ def test_large_bytes_arguments_arrive_whole_between_small_messages(
     """Large bytes arguments (received by the subscriber straight into their own bytes
     objects) arrive equal to what was sent, with the arguments around them, in order with
     small messages in between."""
-    import hashlib
     main = clients(broker.address, peer_name="main")
     ready, digests = Collector(), Collector()
     main.on("ready", ready).on("digest", digests)
@@ -188,7 +192,4 @@ def test_large_bytes_arguments_arrive_whole_between_small_messages(
         sent.append((i, "small"))
     main.send("done")
     got = [args for _, args in digests.wait(len(sent), timeout=60)]
-    expected = [([type(a).__name__ if isinstance(a, bytes) else a for a in args],
-                 [hashlib.sha256(a).hexdigest() for a in args if isinstance(a, bytes)])
-                for args in sent]
-    assert got == expected
+    assert got == [_digest(args) for args in sent]
