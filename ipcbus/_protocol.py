@@ -74,6 +74,22 @@ MAX_FDS = 253  # the kernel's SCM_MAX_FD
 DEFAULT_MAX_MESSAGE = 128 * 1024 * 1024
 DEFAULT_MAX_FDS = 64
 MAX_CONTROL_BODY = 64 * 1024
+# Peers: an id is at most MAX_PEER_ID bytes of UTF-8 without control characters (so it can
+# never collide with a router's pseudo-ids, which start with NUL), a name at most
+# MAX_PEER_NAME bytes. With a channel of MAX_CHANNEL bytes, every header a hub builds for a
+# peer (a forwarded SUBSCRIBE, an answer) stays far under MAX_HEADER.
+MAX_PEER_ID = 128
+MAX_PEER_NAME = 4096
+PEER_TYPES = frozenset({"main", "pipe", "socket"})
+# Subscriptions are reference counts: one SUBSCRIBE adds at most MAX_SUBSCRIBE_STEP, and a
+# peer's count on one channel stays under MAX_SUBSCRIBE_COUNT (so the bus's state always
+# encodes); a peer listens to at most MAX_CHANNELS_PER_PEER channels.
+MAX_SUBSCRIBE_STEP = 1 << 16
+MAX_SUBSCRIBE_COUNT = (1 << 31) - 1
+MAX_CHANNELS_PER_PEER = 1 << 16
+# A connection that is not a bridge's link carries at most this many peers (clients of one
+# process).
+MAX_PEERS_PER_CONNECTION = 4096
 
 
 class Kind(enum.IntEnum):
@@ -111,6 +127,12 @@ SERVICE_AVAILABLE_CHANNEL = "/ipcbus/serviceAvailable"
 # ["stop", reason] there (with no sender), so proxies learn it at once.
 SERVICE_CALL_PREFIX = "/ipcbus/service/call/"
 SERVICE_EVENT_PREFIX = "/ipcbus/service/event/"
+# Channels under RESERVED_PREFIX belong to the hub and the library's own protocols: anyone may
+# send on direct channels and service call channels, only a service's host on its event
+# channel, and requests on the two special channels are answered by the hub. The client API
+# refuses the rest at the call; a hub refuses them on the wire.
+RESERVED_PREFIX = "/ipcbus/"
+DIRECT_PREFIX = "/ipcbus/direct/"
 
 
 def service_call_channel(name: str) -> str:
@@ -119,6 +141,27 @@ def service_call_channel(name: str) -> str:
 
 def service_event_channel(name: str) -> str:
     return SERVICE_EVENT_PREFIX + name
+
+
+def check_peer_id(peer_id: object) -> str | None:
+    """Why ``peer_id`` is not a valid peer id, or None if it is."""
+    if type(peer_id) is not str or not peer_id:
+        return "a peer id must be a non-empty str"
+    if any(ord(c) < 32 or ord(c) == 127 for c in peer_id):
+        return f"peer id {peer_id!r} contains control characters"
+    if len(peer_id.encode("utf-8", "surrogatepass")) > MAX_PEER_ID:
+        return f"peer id longer than {MAX_PEER_ID} bytes"
+    return None
+
+
+def check_peer_name(name: object) -> str | None:
+    """Why ``name`` is not a valid peer name, or None if it is."""
+    if type(name) is not str:
+        return "a peer name must be a str"
+    if len(name) * 4 > MAX_PEER_NAME and \
+            len(name.encode("utf-8", "surrogatepass")) > MAX_PEER_NAME:
+        return f"peer name longer than {MAX_PEER_NAME} bytes of UTF-8"
+    return None
 
 PeerTuple = List[Any]  # [id, name, type, pid] as it travels
 

@@ -21,11 +21,32 @@ Rules:
   cancels or leaves, or until every receiver is gone; then the requester gets REQUEST_FAIL at
   once. A REQUEST_FAIL coming *from* an endpoint means "no receiver left on that side".
 * Special channels (``/ipcbus/queryState``, ``/ipcbus/serviceAvailable``) are answered here.
+
+Trust (SPEC "Trust", "Resources"): the router, not a frame, decides who a peer is.
+
+* A peer's type and pid are the endpoint's (``Endpoint.ptype``/``Endpoint.pid``, set by the
+  hub from the kind of connection and the kernel's credentials); only a relay (a link the
+  hub itself made or granted) declares the identities of the peers of its side. Every later
+  frame of a peer must carry exactly the recorded ``[id, name, type, pid]``, and a connection
+  acts only for the peers it registered: anything else is a protocol error for that
+  connection.
+* Ids are unique across the bus: a bridge linked to a broker registers a local peer only
+  once the broker has accepted its id. Ids cannot collide with the pseudo-id UPSTREAM.
+* An answer is taken only from a peer the request was delivered to (or from the upstream
+  link, for a request forwarded there); any other answer is dropped and counted.
+* Channels under ``/ipcbus/`` are reserved (``_protocol.RESERVED_PREFIX``): a service's
+  event channel takes broadcasts only from the service's host; requests on its call channel
+  go to its host only; direct channels may be listened to only by the peer they name.
+* Descriptors: the router hands every receiving endpoint its own duplicates (``dup_fds``,
+  injected); if they cannot all be made, nothing is delivered and the sender is told.
+* Frames the router builds obey the size limits: an answer or a spy copy over
+  ``max_message`` is replaced by a failure or a notice to the asker.
 """
 from __future__ import annotations
 
 import fnmatch
 import logging
+import time
 from typing import Any, Callable, Protocol
 
 from . import _protocol as P
@@ -44,18 +65,21 @@ class Endpoint(Protocol):
     can_pass_fds: bool  # a Unix socket (or pipe); False for TCP
     peers: dict[str, Peer]
     label: str  # for logs
+    ptype: str  # the type of the peers of this connection ("main", "pipe", "socket")
+    pid: int  # their process (for a relay: unused, its peers declare their own)
 
     def deliver(self, raw: bytes | bytearray, fds: list[int], count: int = 1) -> None:
-        """Queue a frame's bytes (``count`` > 1: a run of frames) and its descriptors (borrowed
-        until this call returns) for this endpoint."""
+        """Queue a frame's bytes (``count`` > 1: a run of frames) and its descriptors, which
+        the endpoint owns from this call on (the router hands each endpoint its own)."""
 
 
 class Peer:
     __slots__ = ("id", "name", "type", "pid", "endpoint", "channels", "info", "sent_msgs",
-                 "sent_bytes")
+                 "sent_bytes", "seen")
 
     def __init__(self, info: list[Any], endpoint: Endpoint) -> None:
         self.info = info
+        self.seen: Any = info  # the last decoded sender list found equal to ``info``
         self.id: str = info[0]
         self.name: str = info[1]
         self.type: str = info[2]
@@ -67,21 +91,32 @@ class Peer:
 
 
 Observer = Callable[["Endpoint", Frame], None]
+# dup_fds(fds, n): n independent copies of ``fds``, or OSError with none of them left open
+DupFds = Callable[[list[int], int], list[list[int]]]
 _PEER_ADD = int(Kind.PEER_ADD)
 _MESSAGE_KINDS = P.MESSAGE_KINDS
 _SPECIAL_CHANNELS = frozenset({P.QUERY_STATE_CHANNEL, P.SERVICE_AVAILABLE_CHANNEL})
+_RESERVED = P.RESERVED_PREFIX
 _MAX_CHANNEL_STATS = 10_000
+_WARN_INTERVAL = 10.0
+
+
+def _copies(fds: list[int], n: int) -> list[list[int]]:
+    """The default ``dup_fds`` of a router without real descriptors (tests): the same
+    numbers for everyone."""
+    return [list(fds) for _ in range(n)]
 
 
 class Pending:
-    __slots__ = ("requester", "endpoint", "channel", "receivers")
+    __slots__ = ("requester", "endpoint", "channel", "receivers", "service")
 
     def __init__(self, requester: str, endpoint: Endpoint, channel: str,
-                 receivers: set[str]) -> None:
+                 receivers: set[str], service: str | None = None) -> None:
         self.requester = requester
         self.endpoint = endpoint  # where the answer goes
         self.channel = channel
         self.receivers = receivers  # peer ids (and maybe UPSTREAM) that got the request
+        self.service = service  # a SERVICE_ADD forwarded upstream: the name, recorded if granted
 
 
 def _fail_frame(target: str, rid: int, reason: str) -> bytes:
@@ -93,25 +128,66 @@ def _answer_frame(target: str, rid: int, payload: Any) -> bytes:
                           body=P.pack_payload([True, payload]))
 
 
+class RateLimitedLog:
+    """Warnings a peer can provoke at will (one per frame it sends) are logged at most once
+    per ``interval`` seconds per key, with the number left out since: the log never floods.
+    ``clock`` is injected (seconds, monotonic)."""
+
+    def __init__(self, clock: Callable[[], float], interval: float = _WARN_INTERVAL) -> None:
+        self.clock = clock
+        self.interval = interval
+        self._next: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args: Any) -> bool:
+        """Log ``msg % args`` unless ``key`` was logged less than ``interval`` ago; True if
+        it was logged."""
+        now = self.clock()
+        if now < self._next.get(key, now):
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return False
+        self._next[key] = now + self.interval
+        skipped = self._skipped.pop(key, 0)
+        if skipped:
+            msg += " (and %d more like it in the last %g s)"
+            args = (*args, skipped, self.interval)
+        log.warning(msg, *args)
+        return True
+
+
 class Router:
     """Routing state of one broker or bridge."""
 
-    def __init__(self, pid: int, *, state_extra: Callable[[], dict[str, Any]] | None = None
-                 ) -> None:
+    def __init__(self, pid: int, *, state_extra: Callable[[], dict[str, Any]] | None = None,
+                 max_message: int = P.DEFAULT_MAX_MESSAGE, dup_fds: DupFds = _copies,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.pid = pid
+        self.max_message = max_message  # the largest body of a frame the router builds
         self.upstream: Endpoint | None = None
         self.peers: dict[str, Peer] = {}
+        # Peers waiting for the broker to accept their id (a linked bridge): id ->
+        # (their endpoint, or None once it has gone; recorded info; rid of their PEER_ADD)
+        self.joining: dict[str, tuple[Endpoint | None, list[Any], int]] = {}
         # channel -> peer id -> count, and channel -> endpoint -> number of subscribed peers
         self.subscribers: dict[str, dict[str, int]] = {}
         self.channel_endpoints: dict[str, dict[Endpoint, int]] = {}
         self.pending: dict[tuple[str, int], Pending] = {}
         self._receiving: dict[str, set[tuple[str, int]]] = {}  # peer id -> pending keys
-        self.services: dict[str, str] = {}  # service name -> peer id of its host
+        # service name -> peer id of its host (a linked bridge: the hosts of this side, as
+        # the broker granted them; the broker keeps the bus's list)
+        self.services: dict[str, str] = {}
         # Looking in: observers see every message a peer sends (after it is routed); with none
         # attached the cost is one truth test per frame. Spies are observers fed by the router.
         self.observers: list[Observer] = []
         self.spies: dict[str, str] = {}  # spy peer id -> channel glob ("" = every channel)
         self.channel_stats: dict[str, list[int]] = {}  # channel -> [messages, bytes]
+        # What was refused without closing a connection (SPEC "Trust"), for queryState.
+        self.dropped = {"forged_answers": 0, "forged_events": 0, "reserved_channel": 0,
+                        "unknown_targets": 0, "spy_copies_over_limit": 0,
+                        "over_link_limit": 0, "descriptor_copies_failed": 0,
+                        "direct_subscriptions": 0}
+        self._dup = dup_fds
+        self.warn = RateLimitedLog(clock)
         self._state_extra = state_extra
         self._handlers: dict[int, Callable[[Endpoint, Frame], None]] = {
             Kind.PEER_ADD: self._on_peer_add,
@@ -153,6 +229,12 @@ class Router:
                 if peer is None:
                     raise IpcBusProtocolError(f"{Kind(kind).name} from {sender[0]!r}, which is"
                                               " not a peer of this connection")
+                if sender is not peer.seen:  # decoders reuse the list of a repeated header
+                    if sender != peer.info:
+                        raise IpcBusProtocolError(
+                            f"{Kind(kind).name} declares the sender {sender!r}, but the bus"
+                            f" recorded peer {peer.id!r} as {peer.info!r}")
+                    peer.seen = sender
                 if kind in _MESSAGE_KINDS:
                     self._count(peer, frame)
         handler(endpoint, frame)
@@ -169,6 +251,8 @@ class Router:
             if len(self.channel_stats) >= _MAX_CHANNEL_STATS:  # forget unheard channels first
                 for channel in [c for c in self.channel_stats if c not in self.subscribers]:
                     del self.channel_stats[channel]
+                if len(self.channel_stats) >= _MAX_CHANNEL_STATS:
+                    return
             stats = self.channel_stats[frame.channel] = [0, 0]
         stats[0] += frame.count
         stats[1] += size
@@ -177,11 +261,49 @@ class Router:
         """Forget a connection that has ended, and everything its peers owned."""
         for peer_id in list(endpoint.peers):
             self._remove_peer(peer_id)
+        for peer_id, (ep, recorded, rid) in list(self.joining.items()):
+            if ep is endpoint:  # the broker's answer may still come: see _join_answer
+                self.joining[peer_id] = (None, recorded, rid)
         if endpoint is self.upstream:
             self.upstream = None
             for key, pending in list(self.pending.items()):
                 if UPSTREAM in pending.receivers:
                     self._drop_receiver(key, UPSTREAM, "the link to the broker has closed")
+            joining, self.joining = self.joining, {}
+            for peer_id, (ep, _, rid) in joining.items():
+                if ep is not None:
+                    ep.deliver(_fail_frame(peer_id, rid, "the link to the broker has closed"),
+                               [])
+
+    def undeliverable(self, endpoint: Endpoint, raw: bytes | bytearray, reason: str) -> None:
+        """An endpoint refused a frame the router gave it (over the limit of a link): fail
+        the request as if that side had no listener, or tell the sender of a message."""
+        self.dropped["over_link_limit"] += 1
+        try:
+            hlen = P.PREFIX.unpack_from(raw, 0)[0]
+            rid = P.PREFIX.unpack_from(raw, 0)[2]
+            kind, channel, sender, _, _ = P.decode_header(
+                memoryview(raw)[P.PREFIX_SIZE:P.PREFIX_SIZE + hlen])
+        except IpcBusProtocolError:
+            return
+        sender_id = sender[0] if sender else None
+        self.warn.warning("undeliverable", "%s: %s on %r from %s not delivered: %s",
+                          endpoint.label, Kind(kind).name, channel, sender_id, reason)
+        if sender_id is None:
+            return
+        if kind == Kind.REQUEST:
+            key = (sender_id, rid)
+            pending = self.pending.get(key)
+            if pending is not None:
+                for receiver in [r for r in pending.receivers
+                                 if r in endpoint.peers or (r == UPSTREAM
+                                                            and endpoint is self.upstream)]:
+                    self._drop_receiver(key, receiver, reason)
+        elif kind in (Kind.SEND, Kind.SEND_TO):
+            origin = self.peers.get(sender_id)
+            if origin is not None:
+                origin.endpoint.deliver(P.notice_frame(sender_id, error=reason,
+                                                       channel=channel), [])
 
     # -- peers ------------------------------------------------------------------------------
     def _on_peer_add(self, endpoint: Endpoint, frame: Frame) -> None:
@@ -189,18 +311,65 @@ class Router:
         if info is None:
             raise IpcBusProtocolError("PEER_ADD without a sender")
         peer_id = info[0]
-        if peer_id in self.peers:
-            if endpoint is not self.upstream:
-                endpoint.deliver(_fail_frame(peer_id, frame.rid, f"peer id {peer_id!r} is taken"),
-                                 [])
+        problem = P.check_peer_id(peer_id) or P.check_peer_name(info[1])
+        if endpoint is self.upstream or endpoint.relay:  # a hub: it decided who its peers are
+            if problem is None and info[2] not in P.PEER_TYPES:
+                problem = f"unknown peer type {info[2]!r}"
+            recorded = list(info)
+        else:
+            recorded = [peer_id, info[1], endpoint.ptype, endpoint.pid]
+        if endpoint is self.upstream:
+            if problem is None and peer_id not in self.peers and peer_id not in self.joining:
+                self._add_peer(recorded, endpoint)
+            else:
+                log.warning("%s: ignored PEER_ADD of %r: %s", endpoint.label, peer_id,
+                            problem or "the id is in use on this side")
             return
-        peer = Peer(info, endpoint)
-        self.peers[peer_id] = peer
-        endpoint.peers[peer_id] = peer
-        if endpoint is not self.upstream:
-            if self.upstream is not None:
-                self.upstream.deliver(P.encode_frame(Kind.PEER_ADD, sender=info), [])
-            endpoint.deliver(_answer_frame(peer_id, frame.rid, self.pid), [])
+        if problem is not None:
+            raise IpcBusProtocolError(f"PEER_ADD: {problem}")
+        reason = None
+        if peer_id in self.peers or peer_id in self.joining:
+            reason = f"peer id {peer_id!r} is taken"
+        elif not endpoint.relay and len(endpoint.peers) >= P.MAX_PEERS_PER_CONNECTION:
+            reason = f"a connection carries at most {P.MAX_PEERS_PER_CONNECTION} peers"
+        if reason is not None:
+            endpoint.deliver(_fail_frame(peer_id, frame.rid, reason), [])
+            return
+        if self.upstream is not None:
+            # Ids are unique across the bus: the broker accepts the id first (_join_answer).
+            self.joining[peer_id] = (endpoint, recorded, frame.rid)
+            self.upstream.deliver(P.encode_frame(Kind.PEER_ADD, sender=recorded, rid=frame.rid),
+                                  [])
+            return
+        self._add_peer(recorded, endpoint)
+        endpoint.deliver(self._joined_frame(recorded, frame.rid), [])
+
+    def _add_peer(self, recorded: list[Any], endpoint: Endpoint) -> None:
+        peer = Peer(recorded, endpoint)
+        self.peers[peer.id] = peer
+        endpoint.peers[peer.id] = peer
+
+    def _joined_frame(self, recorded: list[Any], rid: int) -> bytes:
+        """The answer to PEER_ADD: this hub's pid and the peer as recorded (which the client
+        adopts for every frame it sends)."""
+        return _answer_frame(recorded[0], rid, {"pid": self.pid, "peer": recorded})
+
+    def _join_answer(self, peer_id: str, rid: int, accepted: bool, reason: str) -> bool:
+        """The broker's answer to a PEER_ADD this bridge forwarded; False if it is not one."""
+        entry = self.joining.get(peer_id)
+        if entry is None or entry[2] != rid:
+            return False
+        del self.joining[peer_id]
+        endpoint, recorded, _ = entry
+        if endpoint is None:  # it left meanwhile: take the id back from the broker
+            if accepted and self.upstream is not None:
+                self.upstream.deliver(P.encode_frame(Kind.PEER_REMOVE, sender=recorded), [])
+        elif accepted:
+            self._add_peer(recorded, endpoint)
+            endpoint.deliver(self._joined_frame(recorded, rid), [])
+        else:
+            endpoint.deliver(_fail_frame(peer_id, rid, reason), [])
+        return True
 
     def _on_peer_remove(self, endpoint: Endpoint, frame: Frame) -> None:
         assert frame.sender is not None
@@ -218,8 +387,10 @@ class Router:
         for name, host in list(self.services.items()):
             if host == peer_id:
                 del self.services[name]
-                self._broadcast(P.service_event_channel(name), P.pack_payload(
-                    ["stop", f"the host of service {name!r} ({peer.name}) has left the bus"]))
+                if self.upstream is None:  # else the broker tells the whole bus
+                    self._broadcast(P.service_event_channel(name), P.pack_payload(
+                        ["stop", f"the host of service {name!r} ({peer.name}) has left the"
+                                 " bus"]))
         for key in list(self._receiving.get(peer_id, ())):
             self._drop_receiver(key, peer_id, f"peer {peer.name!r} ({peer_id}) has left the bus")
         self._receiving.pop(peer_id, None)
@@ -234,9 +405,25 @@ class Router:
         channel = frame.channel
         if not channel:
             raise IpcBusProtocolError("SUBSCRIBE without a channel")
-        count = max(frame.rid, 1)
+        count = frame.rid or 1
+        if count > P.MAX_SUBSCRIBE_STEP:
+            raise IpcBusProtocolError(f"SUBSCRIBE adds {count} references, over the limit of"
+                                      f" {P.MAX_SUBSCRIBE_STEP}")
+        before = peer.channels.get(channel, 0)
+        if before + count > P.MAX_SUBSCRIBE_COUNT:
+            raise IpcBusProtocolError(f"{before + count} references to channel {channel!r},"
+                                      f" over the limit of {P.MAX_SUBSCRIBE_COUNT}")
+        if before == 0:
+            if len(peer.channels) >= P.MAX_CHANNELS_PER_PEER:
+                raise IpcBusProtocolError(f"peer {peer.id!r} listens to more than"
+                                          f" {P.MAX_CHANNELS_PER_PEER} channels")
+            if channel.startswith(P.DIRECT_PREFIX) and endpoint is not self.upstream and \
+                    not channel.startswith(f"{P.DIRECT_PREFIX}{peer.id}/"):
+                self.dropped["direct_subscriptions"] += 1
+                self.warn.warning("direct", "%s: peer %r may not listen to %r, the direct"
+                                  " channel of another peer", endpoint.label, peer.id, channel)
+                return
         subs = self.subscribers.setdefault(channel, {})
-        before = subs.get(peer.id, 0)
         subs[peer.id] = before + count
         peer.channels[channel] = before + count
         if before == 0:
@@ -280,10 +467,41 @@ class Router:
             raise IpcBusProtocolError(f"frame from unknown peer {sid!r}")
         return peer
 
+    # -- reserved channels ------------------------------------------------------------------------
+    def _may_send(self, frame: Frame) -> bool:
+        """May this (non-upstream) frame be sent on its reserved channel?"""
+        channel = frame.channel
+        if channel.startswith(P.DIRECT_PREFIX) or channel.startswith(P.SERVICE_CALL_PREFIX):
+            return True
+        if channel.startswith(P.SERVICE_EVENT_PREFIX):
+            host = self.services.get(channel[len(P.SERVICE_EVENT_PREFIX):])
+            if host is not None and host == frame.sender_id:
+                return True
+            self.dropped["forged_events"] += frame.count
+            return False
+        self.dropped["reserved_channel"] += frame.count
+        return False
+
+    def _refuse_reserved(self, endpoint: Endpoint, frame: Frame) -> None:
+        reason = (f"channel {frame.channel!r} is reserved: only the bus and the host of a"
+                  " service send on it")
+        self.warn.warning("reserved", "%s: dropped %s from %s: %s", endpoint.label,
+                          Kind(frame.kind).name, frame.sender_id, reason)
+        if frame.sender_id is not None:
+            if frame.kind == Kind.REQUEST:
+                endpoint.deliver(_fail_frame(frame.sender_id, frame.rid, reason), [])
+            else:
+                endpoint.deliver(P.notice_frame(frame.sender_id, error=reason,
+                                                channel=frame.channel), [])
+
     # -- messages ---------------------------------------------------------------------------
     def _on_send(self, endpoint: Endpoint, frame: Frame) -> None:
-        eps = self.channel_endpoints.get(frame.channel)
         upstream = self.upstream
+        if frame.channel.startswith(_RESERVED) and endpoint is not upstream \
+                and not self._may_send(frame):
+            self._refuse_reserved(endpoint, frame)
+            return
+        eps = self.channel_endpoints.get(frame.channel)
         to_upstream = upstream is not None and endpoint is not upstream
         # upstream is served once, by the default route, even if it announced subscribers
         skip = upstream if to_upstream else None
@@ -295,22 +513,26 @@ class Router:
         if eps:
             for ep in eps:
                 if (ep is not endpoint or not ep.relay) and ep is not skip:
-                    ep.deliver(frame.raw, frame.fds, frame.count)
+                    ep.deliver(frame.raw, [], frame.count)
         if to_upstream:
             assert upstream is not None
-            upstream.deliver(frame.raw, frame.fds, frame.count)
+            upstream.deliver(frame.raw, [], frame.count)
 
     def _on_send_to(self, endpoint: Endpoint, frame: Frame) -> None:
+        if frame.channel.startswith(_RESERVED) and endpoint is not self.upstream \
+                and not self._may_send(frame):
+            self._refuse_reserved(endpoint, frame)
+            return
         target = frame.target
         peer = self.peers.get(target) if target is not None else None
         via_upstream = peer is None and self.upstream is not None and endpoint is not self.upstream
         if frame.nfds and (peer is not None or via_upstream):
             self._post(endpoint, frame, [peer.endpoint] if peer is not None else [], via_upstream)
         elif peer is not None:
-            peer.endpoint.deliver(frame.raw, frame.fds, frame.count)
+            peer.endpoint.deliver(frame.raw, [], frame.count)
         elif via_upstream:
             assert self.upstream is not None
-            self.upstream.deliver(frame.raw, frame.fds, frame.count)
+            self.upstream.deliver(frame.raw, [], frame.count)
         elif frame.nfds and frame.rid and frame.sender_id is not None:
             endpoint.deliver(_fail_frame(frame.sender_id, frame.rid,
                                          f"no peer {frame.target!r} on the bus"), [])
@@ -320,43 +542,68 @@ class Router:
     def _post(self, endpoint: Endpoint, frame: Frame, targets: list[Endpoint],
               via_upstream: bool) -> None:
         """Deliver a frame that carries descriptors: to every target, or (if one of them cannot
-        receive descriptors) to none. ``rid`` > 0 asks for an answer: RESPONSE with the number
-        of connections reached, or REQUEST_FAIL; through a link the broker gives it."""
+        receive descriptors, or their copies cannot all be made) to none. ``rid`` > 0 asks for
+        an answer: RESPONSE with the number of connections reached, or REQUEST_FAIL; through a
+        link the broker gives it."""
         sender, rid = frame.sender_id, frame.rid
         unable = [ep for ep in targets if not ep.can_pass_fds]
-        if via_upstream and self.upstream is not None and not self.upstream.can_pass_fds:
-            unable.append(self.upstream)
+        upstream = self.upstream if via_upstream else None
+        if upstream is not None and not upstream.can_pass_fds:
+            unable.append(upstream)
+        failure = None
         if unable:
+            names = ", ".join(sorted({p.name for ep in unable for p in ep.peers.values()}
+                                     or {ep.label for ep in unable}))
+            failure = (f"cannot pass descriptors to {names}: not connected by a Unix socket or"
+                       " pipe; nothing was sent")
+        else:
+            receivers = targets + ([upstream] if upstream is not None else [])
+            try:
+                copies = self._dup(frame.fds, len(receivers))
+            except OSError as exc:
+                self.dropped["descriptor_copies_failed"] += 1
+                self.warn.warning("dup", "%s: could not copy the descriptors of a message on"
+                                  " %r: %s", endpoint.label, frame.channel, exc)
+                failure = f"the bus could not copy the descriptors ({exc}); nothing was sent"
+        if failure is not None:
             if rid and sender is not None:
-                names = ", ".join(sorted({p.name for ep in unable for p in ep.peers.values()}
-                                         or {ep.label for ep in unable}))
-                endpoint.deliver(_fail_frame(sender, rid, (
-                    f"cannot pass descriptors to {names}: not connected by a Unix socket or"
-                    " pipe; nothing was sent")), [])
+                endpoint.deliver(_fail_frame(sender, rid, failure), [])
             return
-        for ep in targets:
-            ep.deliver(frame.raw, frame.fds, frame.count)
-        if via_upstream and self.upstream is not None:
+        for ep, fds in zip(targets, copies):
+            ep.deliver(frame.raw, fds, frame.count)
+        if upstream is not None:
             if rid and sender is not None:
                 key = (sender, rid)
                 self.pending[key] = Pending(sender, endpoint, frame.channel, {UPSTREAM})
                 self._receiving.setdefault(UPSTREAM, set()).add(key)
-            self.upstream.deliver(frame.raw, frame.fds, frame.count)
+            upstream.deliver(frame.raw, copies[-1], frame.count)
         elif rid and sender is not None:
             endpoint.deliver(_answer_frame(sender, rid, len(targets)), [])
 
     def _notice_unknown(self, endpoint: Endpoint, frame: Frame) -> None:
-        log.warning("%s: dropped %s to unknown peer %r on channel %r", endpoint.label,
-                    Kind(frame.kind).name, frame.target, frame.channel)
-        endpoint.deliver(P.notice_frame(
-            frame.sender_id, error=f"no peer {frame.target!r} on the bus", channel=frame.channel), [])
+        self.dropped["unknown_targets"] += frame.count
+        self.warn.warning("unknown", "%s: dropped %s to unknown peer %r on channel %r",
+                          endpoint.label, Kind(frame.kind).name, frame.target, frame.channel)
+        if frame.sender_id is not None:
+            endpoint.deliver(P.notice_frame(
+                frame.sender_id, error=f"no peer {frame.target!r} on the bus",
+                channel=frame.channel), [])
 
     # -- requests -----------------------------------------------------------------------------
     def _on_request(self, endpoint: Endpoint, frame: Frame) -> None:
         requester = frame.sender[0]  # type: ignore[index]  # checked by handle()
         key = (requester, frame.rid)
         channel = frame.channel
-        if frame.target is None and self.upstream is None:
+        target = frame.target
+        if channel.startswith(_RESERVED) and endpoint is not self.upstream:
+            if channel.startswith(P.SERVICE_CALL_PREFIX):
+                # A service's calls go to its host only (when this side knows the host).
+                target = self.services.get(channel[len(P.SERVICE_CALL_PREFIX):], target)
+            elif channel not in _SPECIAL_CHANNELS and not channel.startswith(P.DIRECT_PREFIX):
+                self.dropped["reserved_channel"] += 1
+                self._refuse_reserved(endpoint, frame)
+                return
+        if target is None and self.upstream is None:
             if channel in _SPECIAL_CHANNELS:
                 endpoint.deliver(self._special(channel, frame), [])
                 return
@@ -373,7 +620,7 @@ class Router:
                         self._receiving[peer_id] = {key}
                     else:
                         keys.add(key)
-                    listener.endpoint.deliver(frame.raw, frame.fds, frame.count)
+                    listener.endpoint.deliver(frame.raw, [], frame.count)
                     return
         if key in self.pending:
             raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
@@ -381,15 +628,15 @@ class Router:
         targets: list[Endpoint] = []
         from_upstream = endpoint is self.upstream
         skip_source = endpoint.relay  # a relay has served its own side already
-        if frame.target is not None:
-            peer = self.peers.get(frame.target)
+        if target is not None:
+            peer = self.peers.get(target)
             if peer is None:
                 if self.upstream is not None and not from_upstream:
                     receivers.add(UPSTREAM)
                     targets.append(self.upstream)
                 else:
                     endpoint.deliver(_fail_frame(
-                        requester, frame.rid, f"no peer {frame.target!r} on the bus"), [])
+                        requester, frame.rid, f"no peer {target!r} on the bus"), [])
                     return
             elif channel in peer.channels:
                 receivers.add(peer.id)
@@ -421,14 +668,24 @@ class Router:
         for rid_peer in receivers:
             self._receiving.setdefault(rid_peer, set()).add(key)
         for ep in targets:
-            ep.deliver(frame.raw, frame.fds, frame.count)
+            ep.deliver(frame.raw, [], frame.count)
 
     def _special(self, channel: str, frame: Frame) -> bytes:
-        """The answer to a request on one of _SPECIAL_CHANNELS."""
+        """The answer to a request on one of _SPECIAL_CHANNELS (within the size limit)."""
         requester = frame.sender_id
         assert requester is not None
         if channel == P.QUERY_STATE_CHANNEL:
-            return _answer_frame(requester, frame.rid, self.state())
+            try:
+                raw = _answer_frame(requester, frame.rid, self.state())
+            except (TypeError, ValueError) as exc:
+                return _fail_frame(requester, frame.rid, f"the state of the bus cannot be"
+                                   f" encoded: {exc}")
+            size = len(raw) - P.PREFIX_SIZE - P.PREFIX.unpack_from(raw, 0)[0]
+            if size > self.max_message:
+                return _fail_frame(requester, frame.rid, (
+                    f"the state of the bus is {size} bytes, over the message limit of"
+                    f" {self.max_message} bytes"))
+            return raw
         assert channel == P.SERVICE_AVAILABLE_CHANNEL
         try:
             args = P.unpack_control(frame.body)
@@ -443,26 +700,42 @@ class Router:
         target = frame.target
         if target is None:
             raise IpcBusProtocolError("RESPONSE without a target")
-        pending = self._forget((target, frame.rid))
-        if pending is not None:
-            pending.endpoint.deliver(frame.raw, frame.fds, frame.count)
-        elif target not in self.peers and self.upstream is not None \
-                and endpoint is not self.upstream:
-            self.upstream.deliver(frame.raw, frame.fds, frame.count)
-        # else: a late answer (the first one won) or the requester has gone: dropped.
+        from_upstream = endpoint is self.upstream
+        if from_upstream and target in self.joining \
+                and self._join_answer(target, frame.rid, True, ""):
+            return
+        key = (target, frame.rid)
+        pending = self.pending.get(key)
+        if pending is None:
+            return  # a late answer (the first one won), or the requester has gone
+        if not (UPSTREAM in pending.receivers if from_upstream
+                else frame.sender_id in pending.receivers):
+            # Only a peer the request was delivered to may answer it (SPEC "Trust").
+            self.dropped["forged_answers"] += 1
+            self.warn.warning("forged", "%s: dropped an answer from %s to request %d of %r,"
+                              " which was not delivered to it", endpoint.label,
+                              frame.sender_id, frame.rid, target)
+            return
+        self._forget(key)
+        if pending.service is not None:
+            self.services[pending.service] = pending.requester  # the broker granted it
+        pending.endpoint.deliver(frame.raw, [], frame.count)
 
     def _on_request_fail(self, endpoint: Endpoint, frame: Frame) -> None:
         if frame.target is None:
             raise IpcBusProtocolError("REQUEST_FAIL without a target")
+        try:
+            reason = P.unpack_control(frame.body)
+        except IpcBusProtocolError:
+            reason = "request failed"
+        if endpoint is self.upstream and frame.target in self.joining \
+                and self._join_answer(frame.target, frame.rid, False, str(reason)):
+            return
         key = (frame.target, frame.rid)
         if key not in self.pending:
             return
         gone = [p for p in self.pending[key].receivers
                 if p in endpoint.peers or (p == UPSTREAM and endpoint is self.upstream)]
-        try:
-            reason = P.unpack_control(frame.body)
-        except IpcBusProtocolError:
-            reason = "request failed"
         for peer_id in gone:
             self._drop_receiver(key, peer_id, str(reason))
 
@@ -470,15 +743,15 @@ class Router:
         assert frame.sender is not None
         pending = self._forget((frame.sender[0], frame.rid))
         if pending is not None and UPSTREAM in pending.receivers and self.upstream is not None:
-            self.upstream.deliver(frame.raw, frame.fds, frame.count)
+            self.upstream.deliver(frame.raw, [], frame.count)
 
     def _on_notice(self, endpoint: Endpoint, frame: Frame) -> None:
         if endpoint is self.upstream and frame.target is not None:
             peer = self.peers.get(frame.target)
             if peer is not None:
-                peer.endpoint.deliver(frame.raw, frame.fds, frame.count)
+                peer.endpoint.deliver(frame.raw, [], frame.count)
                 return
-        log.info("%s: notice %s", endpoint.label, bytes(frame.body)[:200])
+        log.debug("%s: notice %s", endpoint.label, bytes(frame.body)[:200])
 
     def _drop_receiver(self, key: tuple[str, int], receiver: str, reason: str) -> None:
         pending = self.pending.get(key)
@@ -512,9 +785,11 @@ class Router:
         if self.upstream is not None:
             # The broker keeps the bus's services: ask it, as a request it answers.
             key = (peer.id, frame.rid)
-            self.pending[key] = Pending(peer.id, endpoint, name, {UPSTREAM})
+            if key in self.pending:
+                raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
+            self.pending[key] = Pending(peer.id, endpoint, name, {UPSTREAM}, service=name)
             self._receiving.setdefault(UPSTREAM, set()).add(key)
-            self.upstream.deliver(frame.raw, frame.fds, frame.count)
+            self.upstream.deliver(frame.raw, [], frame.count)
             return
         host = self.services.get(name)
         if host is not None and host != peer.id:
@@ -528,10 +803,10 @@ class Router:
 
     def _on_service_remove(self, endpoint: Endpoint, frame: Frame) -> None:
         peer = self._sender(endpoint, frame)
-        if self.upstream is not None:
-            self.upstream.deliver(frame.raw, frame.fds, frame.count)
-        elif self.services.get(frame.channel) == peer.id:
+        if self.services.get(frame.channel) == peer.id:
             del self.services[frame.channel]
+        if self.upstream is not None:
+            self.upstream.deliver(frame.raw, [], frame.count)
 
     # -- spies -------------------------------------------------------------------------------------
     def _on_spy_add(self, endpoint: Endpoint, frame: Frame) -> None:
@@ -547,13 +822,21 @@ class Router:
             self.observers.remove(self._mirror)
 
     def _mirror(self, endpoint: Endpoint, frame: Frame) -> None:
-        """Give every interested spy a copy of a routed message (its bytes, undecoded)."""
+        """Give every interested spy a copy of a routed message (its bytes, undecoded); a
+        copy over the message limit is replaced by a notice to that spy."""
         copy: bytes | None = None
         for spy_id, pattern in self.spies.items():
             if pattern and not fnmatch.fnmatchcase(frame.channel, pattern):
                 continue
             spy = self.peers.get(spy_id)
             if spy is None:
+                continue
+            if len(frame.raw) > self.max_message:
+                self.dropped["spy_copies_over_limit"] += 1
+                spy.endpoint.deliver(P.notice_frame(spy_id, error=(
+                    f"spy: a message on {frame.channel!r} of {len(frame.raw)} bytes is over"
+                    f" the message limit of {self.max_message}: not copied"),
+                    channel=frame.channel), [])
                 continue
             if copy is None:
                 copy = bytes(frame.raw)
@@ -594,6 +877,7 @@ class Router:
                                    "subscribers": len(self.subscribers.get(ch, ()))}
                               for ch, (m, b) in self.channel_stats.items()},
             "services": dict(self.services),
+            "dropped": dict(self.dropped),
             "spies": len(self.spies),
             "pending_requests": len(self.pending),
         }

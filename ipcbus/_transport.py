@@ -260,6 +260,32 @@ def close_fds(fds: Iterable[int]) -> None:
             pass
 
 
+def dup_fds(fds: Iterable[int]) -> list[int]:
+    """Duplicates of ``fds``, all or none: if one ``os.dup`` fails (EMFILE), those made are
+    closed and the OSError is raised."""
+    made: list[int] = []
+    try:
+        for fd in fds:
+            made.append(os.dup(fd))
+    except BaseException:
+        close_fds(made)
+        raise
+    return made
+
+
+def dup_copies(fds: list[int], n: int) -> list[list[int]]:
+    """``n`` independent sets of duplicates of ``fds`` (one per receiver), all or none."""
+    copies: list[list[int]] = []
+    try:
+        for _ in range(n):
+            copies.append(dup_fds(fds))
+    except BaseException:
+        for made in copies:
+            close_fds(made)
+        raise
+    return copies
+
+
 class StreamTransport:
     """Bytes and descriptors over one stream socket."""
 
@@ -427,8 +453,10 @@ def recv_frame_blocking(transport: StreamTransport, decoder: P.FrameDecoder,
 
 
 def client_handshake(sock: socket.socket, *, tcp: bool, authkey: bytes | None, timeout: float,
-                     relay: bool = False) -> tuple[StreamTransport, P.FrameDecoder, dict[str, Any]]:
-    """Authenticate (TCP), send HELLO, and wait for WELCOME. Returns the ready transport."""
+                     relay: bool = False, max_message: int | None = None
+                     ) -> tuple[StreamTransport, P.FrameDecoder, dict[str, Any]]:
+    """Authenticate (TCP), send HELLO, and wait for WELCOME. Returns the ready transport.
+    ``relay``: a bridge's link, which takes no frame over ``max_message``."""
     transport = StreamTransport(sock)
     sock.settimeout(timeout)
     try:
@@ -438,7 +466,10 @@ def client_handshake(sock: socket.socket, *, tcp: bool, authkey: bytes | None, t
             authenticate_client(sock, authkey if authkey is not None else default_authkey())
             set_timeouts(sock, None)
             sock.settimeout(timeout)
-        body = {"magic": P.MAGIC, "version": P.VERSION, "pid": os.getpid(), "relay": relay}
+        body: dict[str, Any] = {"magic": P.MAGIC, "version": P.VERSION, "pid": os.getpid(),
+                                "relay": relay}
+        if max_message is not None:
+            body["max_message"] = max_message
         decoder = P.FrameDecoder()
         fd_queue: list[int] = []
         try:

@@ -87,19 +87,26 @@ class IpcBusBridge:
                 raise IpcBusConnectionError("this bridge is already connected")
             if bridge_of_this_process() is not None:
                 raise IpcBusConnectionError("a bridge is already connected in this process")
-            hub = Hub(self._options, authkey=authkey)
+            options = self._options
             if addr is not None:
                 sock = T.connect_socket(addr, wait if wait is not None else 3600.0)
                 try:
-                    _, decoder, _ = T.client_handshake(
+                    _, decoder, welcome = T.client_handshake(
                         sock, tcp=T.is_tcp(addr), authkey=authkey,
-                        timeout=wait if wait is not None else 3600.0, relay=True)
+                        timeout=wait if wait is not None else 3600.0, relay=True,
+                        max_message=options.max_message)
                 except BaseException:
                     sock.close()
                     raise
+                # One limit on both sides of the link: local senders are told the smaller
+                # one, so a message legal here is legal at the broker (and back).
+                limit = min(options.max_message, int(welcome["max_message"]))
+                options = HubOptions(**{**options.to_dict(), "max_message": limit})
+            hub = Hub(options, authkey=authkey)
+            if addr is not None:
                 hub.router.upstream = hub.add_endpoint(
-                    sock, f"link to {T.format_address(addr)}", relay=True, ready=True,
-                    decoder=decoder)
+                    sock, f"link to {T.format_address(addr)}", ptype="socket", relay=True,
+                    ready=True, decoder=decoder)
                 self._link_address = addr
             hub.on_drop = self._on_drop
             hub.start_thread(f"ipcbus-bridge {T.format_address(addr) if addr else 'local'}")
@@ -130,7 +137,7 @@ class IpcBusBridge:
     def _admit_pipe(self, hub: Hub, sock: socket.socket) -> None:
         fd = sock.fileno()
         theirs = self._handed_out.get(fd)
-        ep = hub.add_endpoint(sock, "pipe")
+        ep = hub.add_endpoint(sock, "pipe", ptype="pipe")  # its pid: the HELLO's
         if theirs is not None:
             # Once the child has said HELLO it holds its own copy: close ours, or a child
             # killed with SIGKILL would never look closed.
@@ -143,7 +150,7 @@ class IpcBusBridge:
         hub.owned.add(mine)
 
         def admit() -> None:
-            hub.add_endpoint(mine, "main")
+            hub.add_endpoint(mine, "main", ptype="main", pid=os.getpid(), cred_pid=os.getpid())
 
         hub.call_soon(admit)
         return theirs

@@ -51,7 +51,7 @@ from . import _protocol as P
 from . import _transport as T
 from ._router import Peer, Router
 from .spy import TrafficLog
-from .errors import IpcBusConnectionError, IpcBusProtocolError, IpcBusTimeoutError
+from .errors import IpcBusConnectionError, IpcBusError, IpcBusProtocolError, IpcBusTimeoutError
 
 log = logging.getLogger("ipcbus")
 
@@ -78,7 +78,14 @@ _TRIM_INTERVAL = 1.0  # how often idle read buffers shrink back (FrameDecoder.tr
 MAX_AUTHENTICATIONS = 32
 _AUTH_WAITING = 256
 _BATCH = 512
+# Who may link a bridge to a broker (SPEC "Trust": the relay role is granted by the hub, never
+# taken from a peer's word). "owner": on the Unix socket, only the process that started the
+# broker (its IpcBusBroker handle's process, known by the kernel's credentials of the
+# connection), and on TCP whoever proved the authkey; "any": every connection the broker
+# admits; "none": no links.
+LINK_POLICIES = frozenset({"owner", "any", "none"})
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_FD_KINDS = frozenset({int(P.Kind.SEND), int(P.Kind.SEND_TO)})  # frames that carry descriptors
 
 
 def resolve_timeout(timeout: float | None) -> float | None:
@@ -100,7 +107,7 @@ class HubOptions:
                  slow_consumer_timeout: float = DEFAULT_SLOW_CONSUMER_TIMEOUT,
                  handshake_timeout: float = T.HANDSHAKE_TIMEOUT,
                  allowed_uids: list[int] | None = None,
-                 traffic_log: str | None = None) -> None:
+                 traffic_log: str | None = None, links: str = "owner") -> None:
         for name, value in (("max_message", max_message), ("queue_limit", queue_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -116,6 +123,9 @@ class HubOptions:
         if traffic_log is not None and not isinstance(traffic_log, str):
             raise TypeError("traffic_log must be a file path (str)")
         self.traffic_log = traffic_log
+        if links not in LINK_POLICIES:
+            raise ValueError(f"links must be one of {sorted(LINK_POLICIES)}, got {links!r}")
+        self.links = links
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -126,11 +136,19 @@ class _Endpoint:
 
     __slots__ = ("hub", "transport", "decoder", "fd_queue", "peers", "relay", "label", "out",
                  "out_bytes", "out_fds", "head_sent", "blocked", "paused", "full_since",
-                 "progress_at", "unsent", "ready", "deadline", "closing", "events", "on_ready", "can_pass_fds", "delivered_msgs",
-                 "delivered_bytes", "__weakref__")
+                 "progress_at", "unsent", "ready", "deadline", "closing", "events", "on_ready",
+                 "can_pass_fds", "delivered_msgs", "delivered_bytes", "ptype", "pid", "cred_pid",
+                 "max_in", "__weakref__")
 
-    def __init__(self, hub: Hub, transport: T.StreamTransport, label: str) -> None:
+    def __init__(self, hub: Hub, transport: T.StreamTransport, label: str, ptype: str,
+                 pid: int = 0, cred_pid: int | None = None) -> None:
         self.hub = hub
+        # Who its peers are, as the hub knows it (SPEC "Trust"): the kind of connection, and
+        # the pid the kernel reported (cred_pid) or, for a pipe or TCP, the HELLO's.
+        self.ptype = ptype
+        self.pid = pid
+        self.cred_pid = cred_pid
+        self.max_in = hub.options.max_message  # the largest frame it takes (a link: its own)
         self.transport = transport
         # Until HELLO, nothing larger than a control frame: a peer that has not introduced
         # itself cannot make the broker allocate a large buffer.
@@ -158,11 +176,19 @@ class _Endpoint:
         self.delivered_bytes = 0
 
     def deliver(self, raw: bytes | bytearray, fds: list[int], count: int = 1) -> None:
+        """Queue a frame (or run) for this endpoint, which owns ``fds`` from now on."""
         if self.closing is not None:
+            T.close_fds(fds)
             return
-        own = [os.dup(fd) for fd in fds] if fds else []
-        self.out.append([memoryview(raw), own])
         size = len(raw)
+        if size > self.max_in and self._over_limit(raw, count):
+            T.close_fds(fds)
+            self.hub.router.undeliverable(self, raw, (
+                f"a frame of {size} bytes is over the message limit of {self.label}"
+                f" ({self.max_in} bytes)"))
+            return
+        own = fds if fds else []
+        self.out.append([memoryview(raw), own])
         self.out_bytes += size
         self.delivered_msgs += count
         self.delivered_bytes += size
@@ -173,7 +199,8 @@ class _Endpoint:
             if self.full_since is None:
                 self.full_since = self.progress_at = time.monotonic()
             source = hub.current
-            if source is not None and source is not self and not source.paused:
+            # A connection that feeds its own queue is held like any other sender.
+            if source is not None and not source.paused:
                 if not source.relay:
                     hub.pause(source)
                     self.blocked.add(source)
@@ -182,6 +209,16 @@ class _Endpoint:
                     # the frame being routed is done and the queues are flushed.
                     hub.overflowed[self] = source
 
+    def _over_limit(self, raw: bytes | bytearray, count: int) -> bool:
+        """Whether the body of a frame in ``raw`` (one, or a run) is over ``max_in``."""
+        offset = 0
+        while offset < len(raw):
+            hlen, blen, _ = P.PREFIX.unpack_from(raw, offset)
+            if blen > self.max_in:
+                return True
+            offset += P.PREFIX_SIZE + hlen + blen
+        return False
+
     def __repr__(self) -> str:
         return f"<endpoint {self.label}>"
 
@@ -189,10 +226,13 @@ class _Endpoint:
 class Hub:
     """A router behind a selectors loop: accepts, reads, routes, writes. Single-threaded."""
 
-    def __init__(self, options: HubOptions, *, authkey: bytes | None = None) -> None:
+    def __init__(self, options: HubOptions, *, authkey: bytes | None = None,
+                 owner_pid: int | None = None) -> None:
         self.options = options
         self.authkey = authkey if authkey is not None else T.default_authkey()
-        self.router = Router(os.getpid(), state_extra=self._state_extra)
+        self.owner_pid = owner_pid  # the process that started this hub (links="owner")
+        self.router = Router(os.getpid(), state_extra=self._state_extra,
+                             max_message=options.max_message, dup_fds=T.dup_copies)
         self.selector = selectors.DefaultSelector()
         self.endpoints: set[_Endpoint] = set()
         self.dirty: set[_Endpoint] = set()
@@ -221,6 +261,10 @@ class Hub:
         self._auth_dropped = 0  # connections dropped while waiting for a slot, in all
         self._auth_dropped_unlogged = 0
         self._auth_logged = -1e9
+        # running authentications: socket -> overall deadline (loop thread only); one past
+        # its deadline is shut down, and its thread, which owns the socket, closes it
+        self._auth_deadlines: dict[socket.socket, float] = {}
+        self._socket_file: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
         if options.traffic_log:
             self.traffic = TrafficLog(options.traffic_log)
             self.router.observers.append(self.traffic)
@@ -234,6 +278,11 @@ class Hub:
         self.owned.add(sock)
         self.listener = sock
         self.address = address if isinstance(address, str) else sock.getsockname()[:2]
+        if isinstance(address, str):
+            # Closing removes the file only if it is still ours (another broker may have
+            # replaced it meanwhile).
+            st = os.stat(address)
+            self._socket_file = (st.st_dev, st.st_ino)
         self.selector.register(sock, selectors.EVENT_READ, self._on_accept)
         return self.address
 
@@ -284,16 +333,19 @@ class Hub:
             while not self._stop:
                 for key, mask in select(_TICK):
                     data = key.data
-                    if data.__class__ is _Endpoint:
-                        if mask == _READ:  # the common case: see _on_io
-                            if data in endpoints and not data.paused:
-                                self._read(data)
+                    try:
+                        if data.__class__ is _Endpoint:
+                            if mask == _READ:  # the common case: see _on_io
+                                if data in endpoints and not data.paused:
+                                    self._read(data)
+                            else:
+                                self._on_io(data, mask)
                         else:
-                            self._on_io(data, mask)
-                    else:
-                        data(key, mask)
-                    if self.dirty:
-                        self._flush_dirty()
+                            data(key, mask)
+                        if self.dirty:
+                            self._flush_dirty()
+                    except Exception as exc:  # serving one connection never stops the hub
+                        self._contain(data if data.__class__ is _Endpoint else None, exc)
                 now = monotonic()
                 if now >= next_check:
                     next_check = now + _CHECK_INTERVAL
@@ -301,13 +353,24 @@ class Hub:
         finally:
             self._shutdown()
 
+    def _contain(self, ep: _Endpoint | None, exc: Exception) -> None:
+        """An unexpected error while serving ``ep`` (or the loop's own work): logged; that
+        connection is dropped, the hub goes on (SPEC "Resources")."""
+        log.error("internal error while serving %s: %r", ep.label if ep else "the hub", exc,
+                  exc_info=exc)
+        if ep is not None and ep in self.endpoints:
+            self.drop(ep, f"internal error while serving it: {exc!r}")
+
     def _on_wake(self, key: selectors.SelectorKey, mask: int) -> None:
         try:
             os.read(self._wake_r, 4096)
         except BlockingIOError:
             pass
         while self._inbox:
-            self._inbox.popleft()()
+            try:
+                self._inbox.popleft()()
+            except Exception as exc:
+                self._contain(None, exc)
 
     def _on_accept(self, key: selectors.SelectorKey, mask: int) -> None:
         assert self.listener is not None
@@ -342,7 +405,7 @@ class Hub:
                 T.send_refusal(sock, reason)  # so its client can say why, not "Broken pipe"
                 sock.close()
                 return
-            self.add_endpoint(sock, f"pid {pid}")
+            self.add_endpoint(sock, f"pid {pid}", ptype="socket", pid=pid, cred_pid=pid)
         elif self._auth_running < MAX_AUTHENTICATIONS:
             self._start_authentication(sock)
         else:
@@ -353,11 +416,13 @@ class Hub:
 
     def _start_authentication(self, sock: socket.socket) -> None:
         self._auth_running += 1
+        self._auth_deadlines[sock] = time.monotonic() + self.options.handshake_timeout
         try:
             threading.Thread(target=self._authenticate, args=(sock,), daemon=True,
                              name="ipcbus-auth").start()
         except RuntimeError as exc:  # cannot start a thread
             self._auth_running -= 1
+            del self._auth_deadlines[sock]
             log.warning("refused a TCP connection: %s", exc)
             sock.close()
 
@@ -372,25 +437,43 @@ class Hub:
         except (OSError, EOFError, multiprocessing.AuthenticationError) as exc:
             log.warning("refused a TCP connection: authentication failed (%s)", exc)
             sock.close()
-            self.call_soon(self._authentication_done)
+            self.call_soon(lambda: None if self._authentication_done(sock) else None)
             return
         label = f"tcp {peer[0]}:{peer[1]}"
 
         def admit() -> None:
-            self._authentication_done()
-            self._admit_authenticated(sock, label)
+            if self._authentication_done(sock):
+                self._admit_authenticated(sock, label)
+            else:  # past its overall deadline meanwhile
+                sock.close()
 
         self.call_soon(admit)
         if self._closed:
             sock.close()
 
-    def _authentication_done(self) -> None:
+    def _authentication_done(self, sock: socket.socket) -> bool:
         """A slot is free: start the newest waiting connection (the older ones are likelier
-        to be the silent part of a burst; each gives up after 2 x handshake_timeout)."""
+        to be the silent part of a burst; each gives up after 2 x handshake_timeout).
+        False if ``sock``'s authentication had passed its overall deadline."""
+        in_time = self._auth_deadlines.pop(sock, 0.0) >= 0.0
         self._auth_running -= 1
         self._expire_waiting(time.monotonic())
         while self._auth_waiting and self._auth_running < MAX_AUTHENTICATIONS:
             self._start_authentication(self._auth_waiting.pop()[0])
+        return in_time
+
+    def _expire_authentications(self, now: float) -> None:
+        """One overall deadline per TCP authentication (a peer trickling bytes gets no more
+        time): shut the socket down, so its thread fails at once and closes it."""
+        for sock, deadline in list(self._auth_deadlines.items()):
+            if 0.0 <= deadline < now:
+                self._auth_deadlines[sock] = -1.0  # shut down once; the thread closes it
+                log.warning("refused a TCP connection: authentication not completed in %g s",
+                            self.options.handshake_timeout)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _expire_waiting(self, now: float) -> None:
         waiting = self._auth_waiting
@@ -415,17 +498,21 @@ class Hub:
             self._auth_logged = now
 
     def _admit_authenticated(self, sock: socket.socket, label: str) -> None:
-        self.add_endpoint(sock, label)
+        self.add_endpoint(sock, label, ptype="socket")
 
-    def add_endpoint(self, sock: socket.socket, label: str, *, relay: bool = False,
+    def add_endpoint(self, sock: socket.socket, label: str, *, ptype: str, pid: int = 0,
+                     cred_pid: int | None = None, relay: bool = False,
                      ready: bool = False, decoder: P.FrameDecoder | None = None) -> _Endpoint:
-        """Serve a connected socket (on the loop thread). ``ready``: handshake already done;
-        ``decoder``: the one that read the handshake, with any bytes that followed it."""
+        """Serve a connected socket (on the loop thread). ``ptype``/``pid``: who its peers are
+        (``cred_pid``: the pid the kernel reported; else the HELLO's is taken); ``relay``: a
+        link this hub made; ``ready``: handshake already done; ``decoder``: the one that read
+        the handshake, with any bytes that followed it."""
         sock.setblocking(False)
         T.tune_socket(sock)
         self.owned.add(sock)
         self._next_endpoint += 1
-        ep = _Endpoint(self, T.StreamTransport(sock), f"#{self._next_endpoint} ({label})")
+        ep = _Endpoint(self, T.StreamTransport(sock), f"#{self._next_endpoint} ({label})",
+                       ptype, pid, cred_pid)
         ep.relay = relay
         ep.ready = ready
         if ready:
@@ -441,6 +528,8 @@ class Hub:
         return ep
 
     def _on_io(self, ep: _Endpoint, mask: int) -> None:
+        if ep not in self.endpoints:  # dropped earlier in this batch of events
+            return
         if mask & selectors.EVENT_WRITE:
             self._flush(ep)
         if mask & selectors.EVENT_READ and ep in self.endpoints and not ep.paused:
@@ -467,8 +556,8 @@ class Hub:
             decoder.buffer_updated(nbytes)
             frames = decoder.frames()
             self.current = ep
-            if ep.ready and len(frames) == 1 and not frames[0].nfds:  # the common case
-                self.router.handle(ep, frames[0])
+            if ep.ready and len(frames) == 1 and not frames[0].nfds and not ep.fd_queue:
+                self.router.handle(ep, frames[0])  # the common case
                 return
             for frame in frames:
                 if frame.nfds:
@@ -483,22 +572,44 @@ class Hub:
                         T.close_fds(frame.fds)
                 if ep not in self.endpoints:
                     return
+            if ep.fd_queue:
+                self._check_unclaimed(ep)
         except IpcBusProtocolError as exc:
             self.drop(ep, f"protocol error: {exc}")
-        except Exception as exc:  # e.g. EMFILE duplicating descriptors: never stop the bus
+        except Exception as exc:  # never stop the bus for one connection
             log.exception("error while routing a frame from %s", ep.label)
             self.drop(ep, f"internal error while routing its frame: {exc!r}")
         finally:
             self.current = None
 
     def _take_fds(self, ep: _Endpoint, frame: P.Frame) -> None:
-        if frame.nfds > self.options.max_fds:
+        """Give a frame the descriptors it announces (they arrive with its first byte, or
+        with an earlier byte of the same write): it owns them from now on."""
+        if frame.kind not in _FD_KINDS or not ep.ready:
+            raise IpcBusProtocolError(f"a {P.Kind(frame.kind).name} frame cannot carry"
+                                      " descriptors")
+        if frame.nfds > self._fd_limit(ep):
             raise IpcBusProtocolError(
-                f"frame carries {frame.nfds} descriptors, over the limit of {self.options.max_fds}")
+                f"frame carries {frame.nfds} descriptors, over the limit of {self._fd_limit(ep)}")
         if len(ep.fd_queue) < frame.nfds:
             raise IpcBusProtocolError(
                 f"frame announces {frame.nfds} descriptors, {len(ep.fd_queue)} arrived")
         frame.fds = [ep.fd_queue.popleft() for _ in range(frame.nfds)]
+
+    def _fd_limit(self, ep: _Endpoint) -> int:
+        # a link writes several frames (and their descriptors) in one go, like this hub does
+        return P.MAX_FDS if ep.relay else self.options.max_fds
+
+    def _check_unclaimed(self, ep: _Endpoint) -> None:
+        """Descriptors left after the frames of a read belong to a frame not complete yet;
+        any others were announced by no frame (SPEC "Resources": a protocol error). Never
+        more than one message's worth waits."""
+        if not ep.decoder.pending_bytes:
+            raise IpcBusProtocolError(f"{len(ep.fd_queue)} descriptors arrived that no frame"
+                                      " announced")
+        if len(ep.fd_queue) > self._fd_limit(ep):
+            raise IpcBusProtocolError(f"{len(ep.fd_queue)} descriptors wait for a frame, over"
+                                      f" the limit of {self._fd_limit(ep)}")
 
     def _hello(self, ep: _Endpoint, frame: P.Frame) -> None:
         try:
@@ -506,15 +617,47 @@ class Hub:
         except IpcBusProtocolError as exc:
             self._refuse(ep, str(exc))
             return
+        pid = body.get("pid")
+        if type(pid) is not int or not 0 < pid < 2**31:
+            self._refuse(ep, f"HELLO with an invalid pid {pid!r}")
+            return
+        if body.get("relay"):
+            refusal = self._link_refusal(ep)
+            if refusal is not None:
+                self._refuse(ep, refusal)
+                return
+            ep.relay = True
+            limit = body.get("max_message")
+            if type(limit) is int and 0 < limit < ep.max_in:
+                ep.max_in = limit  # a link takes no frame over its own limit
+        if ep.cred_pid is None:  # a pipe or TCP: the pid it reports, fixed from now on
+            ep.pid = pid
         ep.ready = True
         ep.decoder.max_message = self.options.max_message
-        ep.relay = bool(body.get("relay", False))
-        ep.label = f"{ep.label} pid {body.get('pid')}"
+        if ep.cred_pid is None:
+            ep.label = f"{ep.label} pid {pid}"
+        if ep.relay:
+            ep.label = f"{ep.label} link"
         ep.deliver(P.welcome_frame(os.getpid(), ep.transport.can_pass_fds,
                                    self.options.max_message, body["version"],
                                    self.options.max_fds), [])
         if ep.on_ready is not None:
             ep.on_ready()
+
+    def _link_refusal(self, ep: _Endpoint) -> str | None:
+        """Why this connection may not act as a bridge's link (None: it may). The relay role
+        changes policy (it speaks for the peers of a whole side and is not paused like a
+        sender), so the hub grants it from what it knows, never from the HELLO alone."""
+        policy = self.options.links
+        if ep.ptype != "socket" or policy == "none":
+            return "this hub accepts no bridge links on this connection"
+        if policy == "any" or ep.cred_pid is None:  # TCP: it proved the authkey
+            return None
+        if self.owner_pid is not None and ep.cred_pid == self.owner_pid:
+            return None
+        return ("this broker accepts a bridge link only from the process that started it"
+                f" (pid {self.owner_pid}); start it with links='any' to accept links from"
+                " other processes")
 
     def _refuse(self, ep: _Endpoint, reason: str) -> None:
         try:
@@ -553,6 +696,8 @@ class Hub:
                 ep.blocked.add(relay)
 
     def _flush(self, ep: _Endpoint) -> None:
+        if ep not in self.endpoints:
+            return
         out = ep.out
         if len(out) == 1 and not out[0][1] and ep.closing is None:
             # The common case: one frame (or run) without descriptors.
@@ -680,6 +825,8 @@ class Hub:
             self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
         if self._auth_waiting:
             self._expire_waiting(now)
+        if self._auth_deadlines:
+            self._expire_authentications(now)
         if self._auth_dropped_unlogged:
             self._log_dropped_waiting()
         if now >= self._next_trim:  # idle connections give their larger read buffer back
@@ -723,7 +870,7 @@ class Hub:
         log.warning("disconnecting %s: %s%s", ep.label, reason, f" ({detail})" if detail else "")
         self._discard_undelivered(ep)
         ep.full_since = None
-        self.router.remove_endpoint(ep)
+        self._forget_endpoint(ep)
         self._release_blocked(ep)
         for other in self.endpoints:
             other.blocked.discard(ep)
@@ -789,7 +936,7 @@ class Hub:
         was_upstream = ep is self.router.upstream
         self.endpoints.discard(ep)
         self.dirty.discard(ep)
-        self.router.remove_endpoint(ep)
+        self._forget_endpoint(ep)
         self._release_blocked(ep)
         for other in self.endpoints:
             other.blocked.discard(ep)
@@ -810,6 +957,17 @@ class Hub:
             self.on_drop(ep.label, reason, was_upstream)
         if self.dirty:
             self._flush_dirty()
+
+    def _forget_endpoint(self, ep: _Endpoint) -> None:
+        """The router forgets ``ep``'s peers (telling the bus); an error there is logged and
+        never stops the hub, nor keeps the endpoint."""
+        current, self.current = self.current, None  # frames the router makes now: no source
+        try:
+            self.router.remove_endpoint(ep)
+        except Exception as exc:
+            log.error("internal error while removing %s: %r", ep.label, exc, exc_info=exc)
+        finally:
+            self.current = current
 
     def _shutdown(self) -> None:
         # Give queued output a moment to drain, then close everything.
@@ -837,9 +995,11 @@ class Hub:
             except (KeyError, ValueError):
                 pass
             self.listener.close()
-            if isinstance(self.address, str):
+            if isinstance(self.address, str) and self._socket_file is not None:
                 try:
-                    os.unlink(self.address)
+                    st = os.stat(self.address)
+                    if (st.st_dev, st.st_ino) == self._socket_file:
+                        os.unlink(self.address)
                 except OSError:
                     pass
         self.selector.close()
@@ -916,15 +1076,17 @@ def _keep_large_buffers() -> None:
 
 
 def run_broker_child(address: Any, options: dict[str, Any], authkey: bytes,
-                     ctl: multiprocessing.connection.Connection) -> None:
-    """Entry point of the broker process (module level, so ``spawn`` can import it)."""
+                     ctl: multiprocessing.connection.Connection,
+                     owner_pid: int | None = None) -> None:
+    """Entry point of the broker process (module level, so ``spawn`` can import it).
+    ``owner_pid``: the process that started it (with forkserver, not the parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _child_logging()
     _keep_large_buffers()
     address = tuple(address) if isinstance(address, list) else address
     if options.get("traffic_log") is None and os.environ.get(ENV_LOG):
         options = {**options, "traffic_log": os.environ[ENV_LOG]}
-    hub = Hub(HubOptions(**options), authkey=authkey)
+    hub = Hub(HubOptions(**options), authkey=authkey, owner_pid=owner_pid)
     try:
         bound = hub.listen(address)
     except Exception as exc:
@@ -938,7 +1100,11 @@ def run_broker_child(address: Any, options: dict[str, Any], authkey: bytes,
             hub.stop()  # the parent is gone: so is its bus
             return
         if msg[0] == "state":
-            _ctl_send(ctl, "state", hub.router.state())
+            seq = msg[1] if len(msg) > 1 else None  # the parent drops answers to older asks
+            try:
+                _ctl_send(ctl, "state", hub.router.state(), seq)
+            except (TypeError, ValueError, OverflowError) as exc:
+                _ctl_send(ctl, "error", f"the state cannot be encoded: {exc}", seq)
         elif msg[0] == "close":
             hub.stop()
 
@@ -994,6 +1160,7 @@ class IpcBusBroker:
         self._lock = threading.Lock()
         self._address: T.Address | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._seq = 0  # of the asks over the control pipe
 
     @classmethod
     def create(cls, **options: Any) -> IpcBusBroker:
@@ -1028,7 +1195,7 @@ class IpcBusBroker:
             key = bytes(authkey) if authkey is not None else T.default_authkey()
             proc = self._context.Process(
                 target=run_broker_child, name=f"ipcbus-broker {T.format_address(addr)}",
-                args=(addr, self._options.to_dict(), key, child), daemon=True)
+                args=(addr, self._options.to_dict(), key, child, os.getpid()), daemon=True)
             proc.start()
             child.close()
             try:
@@ -1054,21 +1221,33 @@ class IpcBusBroker:
             self._finalizer = weakref.finalize(self, _stop_child, proc, parent)
         return self
 
-    def _ask(self, timeout: float | None, *msg: Any) -> list[Any]:
+    def _ask(self, timeout: float | None, what: str) -> list[Any]:
+        """Ask the broker process; its answer, as ``[what, value, seq]``. Each ask carries
+        a number the answer repeats: an answer that comes after its ask timed out is
+        dropped by the next ask, never taken for that one's."""
         wait = resolve_timeout(timeout)
+        deadline = None if wait is None else time.monotonic() + wait
         with self._lock:
             ctl = self._ctl
             if ctl is None:
                 raise IpcBusConnectionError("the broker is not running")
+            self._seq += 1
             try:
-                _ctl_send(ctl, *msg)
-                if not ctl.poll(wait):
-                    raise IpcBusTimeoutError(f"the broker did not answer {msg[0]!r} in time")
-                return _ctl_recv(ctl)
+                _ctl_send(ctl, what, self._seq)
+                while True:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    if not ctl.poll(left):
+                        raise IpcBusTimeoutError(f"the broker did not answer {what!r} in time")
+                    reply = _ctl_recv(ctl)
+                    if reply[-1] == self._seq:
+                        break
             except (EOFError, OSError) as exc:
                 if isinstance(exc, IpcBusTimeoutError):
                     raise
                 raise IpcBusConnectionError(f"the broker process has gone: {exc}") from None
+        if reply[0] == "error":
+            raise IpcBusError(f"the broker could not answer {what!r}: {reply[1]}")
+        return reply
 
     def query_state(self, timeout: float | None = None) -> dict[str, Any]:
         """The broker's view of the bus: pid, peers, channels with subscriber counts, services."""

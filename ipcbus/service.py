@@ -314,9 +314,10 @@ class IpcBusService:
                 self._release((peer.id, self._name))
             if client.connected:
                 try:
-                    client._unregister_service(self._name)
+                    # the notice first: the hub takes it from the host only while it is one
                     client.send(self._event_channel, "stop",
                                 f"service {self._name!r} was stopped by its host")
+                    client._unregister_service(self._name)
                 except IpcBusError as exc:
                     log.debug("service %r: stop not announced: %s", self._name, exc)
             log.debug("service %r stopped", self._name)

@@ -58,6 +58,8 @@ from ipcbus import _protocol as P
 from ipcbus._protocol import Kind
 
 from conftest import Collector, elapsed, sync, wait_until
+from _rawbus import (Canary, RawPeer, Target, _raw_ids, clean_after,  # noqa: F401
+                    make_target)
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -132,253 +134,6 @@ class RssSampler:
 # =============================================================================================
 # a hand-driven peer: bytes on a raw socket, frames decoded with the library's decoder
 # =============================================================================================
-_raw_ids = itertools.count(1)
-
-
-class RawPeer:
-    """A connection driven by hand: the test writes bytes, reads frames, watches for EOF."""
-
-    def __init__(self, sock: socket.socket, ptype: str = "socket") -> None:
-        self.sock = sock
-        self.ptype = ptype
-        self.decoder = P.FrameDecoder()
-        self.frames: collections.deque[P.Frame] = collections.deque()
-        self.info: list[Any] | None = None
-
-    @classmethod
-    def unix(cls, path: str, timeout: float = 5.0) -> RawPeer:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
-
-    def send(self, data: bytes) -> bool:
-        """Write; False if the other side had already closed (that may be the point)."""
-        try:
-            self.sock.settimeout(5.0)
-            self.sock.sendall(data)
-            return True
-        except OSError:
-            return False
-
-    def recv_frame(self, timeout: float = 5.0) -> P.Frame:
-        deadline = time.monotonic() + timeout
-        while not self.frames:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no frame")
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise EOFError("closed")
-            self.decoder.feed(data)
-            self.frames.extend(self.decoder.frames())
-        return self.frames.popleft()
-
-    def expect(self, kind: int, timeout: float = 5.0) -> P.Frame:
-        """The next frame of ``kind`` (others are skipped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            frame = self.recv_frame(max(deadline - time.monotonic(), 0.001))
-            if frame.kind == kind:
-                return frame
-
-    def handshake(self) -> dict[str, Any]:
-        self.send(P.encode_frame(Kind.HELLO, body=P.hello_body(os.getpid())))
-        return P.check_welcome(self.recv_frame())
-
-    def join(self, name: str = "raw") -> list[Any]:
-        """Handshake, then become a peer of the bus (PEER_ADD, answered by RESPONSE)."""
-        self.handshake()
-        info = [f"{os.getpid()}.raw{next(_raw_ids)}", name, self.ptype, os.getpid()]
-        self.send(P.encode_frame(Kind.PEER_ADD, sender=info, rid=1))
-        answer = self.expect(Kind.RESPONSE)
-        assert answer.target == info[0] and answer.rid == 1
-        self.info = info
-        return info
-
-    def frame(self, kind: int, channel: str = "", target: str | None = None, rid: int = 0,
-              body: bytes = b"", nfds: int = 0) -> bytes:
-        return P.encode_frame(kind, channel, self.info, target, rid, body, nfds)
-
-    def wait_eof(self, timeout: float) -> float | None:
-        """Read (and drop) until the other side closes: the seconds it took, or None."""
-        t0 = time.monotonic()
-        deadline = t0 + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                if remaining <= 0:
-                    self.sock.setblocking(False)
-                    data = self.sock.recv(1 << 16)
-                else:
-                    self.sock.settimeout(remaining)
-                    data = self.sock.recv(1 << 16)
-            except (BlockingIOError, socket.timeout):
-                return None
-            except (ConnectionResetError, BrokenPipeError):
-                return time.monotonic() - t0
-            if not data:
-                return time.monotonic() - t0
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-# =============================================================================================
-# the thing under attack: a broker (its log on stderr, captured by capfd) or a bridge (its
-# log in this process, captured by caplog), with a canary client that must be served on
-# =============================================================================================
-DROP_LINE = re.compile(r"(dropping #\d+ .*|refused a .*)")
-
-
-class Target:
-    kind = ""
-
-    def raw(self) -> RawPeer:
-        raise NotImplementedError
-
-    def address(self) -> Any:
-        raise NotImplementedError
-
-    def state(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def log(self) -> str:
-        raise NotImplementedError
-
-    def alive(self) -> bool:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def drops(self) -> list[str]:
-        """The warning lines that say a connection was dropped or refused, so far."""
-        return DROP_LINE.findall(self.log())
-
-
-class BrokerTarget(Target):
-    kind = "broker"
-
-    def __init__(self, path: str, capfd: Any, **options: Any) -> None:
-        self.capfd = capfd
-        self._err = ""
-        self.broker = IpcBusBroker.create(**options).connect(path)  # stderr: capfd's file
-
-    def raw(self) -> RawPeer:
-        return RawPeer.unix(self.broker.address)
-
-    def address(self) -> Any:
-        return self.broker.address
-
-    def state(self) -> dict[str, Any]:
-        return self.broker.query_state(5.0)
-
-    def log(self) -> str:
-        self._err += self.capfd.readouterr().err
-        return self._err
-
-    def alive(self) -> bool:
-        return bool(self.broker.process.is_alive())
-
-    def close(self) -> None:
-        self.broker.close()
-
-
-class BridgeTarget(Target):
-    kind = "bridge"
-
-    def __init__(self, caplog: Any, **options: Any) -> None:
-        self.caplog = caplog
-        caplog.set_level(logging.WARNING, logger="ipcbus")
-        self.bridge = IpcBusBridge.create(**options).connect()
-
-    def raw(self) -> RawPeer:
-        conn = self.bridge.open_pipe()
-        sock = socket.socket(fileno=os.dup(conn.fileno()))
-        conn.close()
-        return RawPeer(sock, "pipe")
-
-    def address(self) -> Any:
-        return None  # clients of this process join the bridge with no address
-
-    def state(self) -> dict[str, Any]:
-        return self.bridge.query_state(5.0)
-
-    def log(self) -> str:
-        return "\n".join(r.getMessage() for r in self.caplog.records
-                         if r.name == "ipcbus" and r.levelno >= logging.WARNING)
-
-    def alive(self) -> bool:
-        hub = self.bridge._hub
-        return hub is not None and hub.thread is not None and hub.thread.is_alive()
-
-    def close(self) -> None:
-        self.bridge.close()
-
-
-@pytest.fixture(params=["broker", "bridge"])
-def make_target(request: pytest.FixtureRequest, sock_path: str, capfd: Any, caplog: Any
-                ) -> Iterator[Callable[..., Target]]:
-    """Makes a broker or a bridge (short handshake deadline unless told otherwise).
-
-    Call it in the test body: pytest gives each test phase a new capture file, and a broker
-    started during setup would log into the setup phase's file."""
-    made: list[Target] = []
-
-    def make(**options: Any) -> Target:
-        options.setdefault("handshake_timeout", 0.5)
-        t: Target
-        if request.param == "broker":
-            t = BrokerTarget(sock_path, capfd, **options)
-        else:
-            t = BridgeTarget(caplog, **options)
-        made.append(t)
-        return t
-
-    try:
-        yield make
-    finally:
-        for t in made:
-            t.close()
-
-
-class Canary:
-    """A client that must keep being served while others misbehave."""
-
-    def __init__(self, target: Target) -> None:
-        self.client = IpcBusClient.create().connect(target.address(), peer_name="canary")
-        self.fuzz = 0  # messages on "fuzz" that reached the listener (decodable bodies)
-        self.client.on("canary", lambda event, x: event.request.resolve(["canary", x]))
-        self.client.on("fuzz", self._on_fuzz)
-        sync(self.client)
-        self._n = 0
-
-    def _on_fuzz(self, event: Any, *args: Any) -> None:
-        self.fuzz += 1
-
-    def check(self) -> None:
-        self._n += 1
-        assert self.client.request("canary", 5.0, self._n).payload == ["canary", self._n]
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def clean_after(target: Target, canary: Canary, timeout: float = 3.0) -> None:
-    """The bus is back to the canary alone: one connection, one peer, no pending request."""
-    def clean() -> bool:
-        s = target.state()
-        return (s["connections"] == 1 and [p["name"] for p in s["peers"]] == ["canary"]
-                and s["pending_requests"] == 0)
-    wait_until(clean, timeout=timeout)
-
-
 # =============================================================================================
 # 1. bad input never takes the broker or the bridge down
 # =============================================================================================
@@ -1220,7 +975,7 @@ def _hub_endpoint_with_a_backlog(sndbuf: int = 64 * 1024
     from ipcbus import broker as B
     hub = B.Hub(B.HubOptions(queue_limit=64 * MiB))
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    ep = hub.add_endpoint(mine, "test", ready=True)
+    ep = hub.add_endpoint(mine, "test", ptype="socket", ready=True)
     mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
     sent: list[bytes] = []
@@ -1728,37 +1483,44 @@ def linked_bridge_owner(address: str, ready_q: Any) -> None:
     threading.Event().wait(60)
 
 
+@pytest.fixture
+def links_broker(sock_path: str) -> Iterator[IpcBusBroker]:
+    """A broker that accepts bridge links from any of its processes (links="any")."""
+    with IpcBusBroker.create(links="any").connect(sock_path) as broker:
+        yield broker
+
+
 @pytest.mark.timeout(60)
-def test_linked_bridge_process_killed(broker: IpcBusBroker, clients: Any) -> None:
+def test_linked_bridge_process_killed(links_broker: IpcBusBroker, clients: Any) -> None:
     """SIGKILL of a process whose bridge is linked to the broker: the broker forgets every
     peer behind the link (main and pipe) at once, and requests pending on them fail at once."""
     ctx = multiprocessing.get_context("spawn")
     ready_q = ctx.Queue()
-    owner = ctx.Process(target=linked_bridge_owner, args=(broker.address, ready_q))  # has a child
+    owner = ctx.Process(target=linked_bridge_owner, args=(links_broker.address, ready_q))  # has a child
     kid_pid = None
     owner.start()
     try:
         ready = dict(ready_q.get(timeout=READY_TIMEOUT) for _ in range(2))
         kid_pid = ready["pipe-kid"]
-        asker = clients(broker.address, peer_name="asker")
-        wait_until(lambda: {"hang-bridge", "hang-pipe"} <= set(broker.query_state()["channels"]))
+        asker = clients(links_broker.address, peer_name="asker")
+        wait_until(lambda: {"hang-bridge", "hang-pipe"} <= set(links_broker.query_state()["channels"]))
         assert asker.request("pipe-echo", 5.0, 1).payload == ["pipe", 1]
         futures = [asker.request_async("hang-bridge", 30.0),
                    asker.request_async("hang-pipe", 30.0)]
-        wait_until(lambda: broker.query_state()["pending_requests"] == 2)
+        wait_until(lambda: links_broker.query_state()["pending_requests"] == 2)
         killed = time.monotonic()
         os.kill(owner.pid, signal.SIGKILL)
         for future in futures:
             exc = future.exception(timeout=5)
             assert isinstance(exc, IpcBusRequestError) and not isinstance(exc, TimeoutError), exc
         failed_after = time.monotonic() - killed
-        wait_until(lambda: [p["name"] for p in broker.query_state()["peers"]] == ["asker"],
+        wait_until(lambda: [p["name"] for p in links_broker.query_state()["peers"]] == ["asker"],
                    timeout=2)
         gone_after = time.monotonic() - killed
         report("linked bridge killed", requests_failed_after_s=round(failed_after, 3),
                peers_gone_after_s=round(gone_after, 3))
         assert failed_after < 1.0 and gone_after < 1.5
-        assert set(broker.query_state()["channels"]) == set()
+        assert set(links_broker.query_state()["channels"]) == set()
     finally:
         for pid in (owner.pid, kid_pid):
             if pid:

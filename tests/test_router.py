@@ -20,9 +20,12 @@ from ipcbus.errors import IpcBusProtocolError
 class FakeEndpoint:
     """A connection that records the frames the router delivers to it (hashable by identity)."""
 
-    def __init__(self, label: str, relay: bool = False, can_pass_fds: bool = True) -> None:
+    def __init__(self, label: str, relay: bool = False, can_pass_fds: bool = True,
+                 ptype: str = "socket", pid: int = 1000) -> None:
         self.label = label
         self.relay = relay
+        self.ptype = ptype
+        self.pid = pid
         self.can_pass_fds = can_pass_fds
         self.peers: dict[str, Any] = {}
         self.delivered: list[tuple[bytes, list[int]]] = []
@@ -73,9 +76,9 @@ class Bus:
         self.router = Router(pid)
         self._rid = 100
 
-    def endpoint(self, label: str, relay: bool = False, can_pass_fds: bool = True
-                 ) -> FakeEndpoint:
-        return FakeEndpoint(label, relay, can_pass_fds)
+    def endpoint(self, label: str, relay: bool = False, can_pass_fds: bool = True,
+                 ptype: str = "socket", pid: int = 1000) -> FakeEndpoint:
+        return FakeEndpoint(label, relay, can_pass_fds, ptype, pid)
 
     def handle(self, ep: FakeEndpoint, kind: int, channel: str = "",
                sender: list[Any] | None = None, target: str | None = None, rid: int = 0,
@@ -88,8 +91,17 @@ class Bus:
         peer = info(peer_id, **kw)
         self._rid += 1
         self.handle(ep, Kind.PEER_ADD, sender=peer, rid=self._rid)
+        up = self.router.upstream
+        if up is not None and ep is not up:  # the broker accepts the id: then it is answered
+            assert ep.take() == []
+            self.handle(up, Kind.RESPONSE, target=peer_id, rid=self._rid,
+                        body=P.pack_payload([True, {"pid": 1, "peer": peer}]))
         frames = ep.take()
         assert len(frames) == 1 and frames[0].kind == Kind.RESPONSE, frames
+        answer = body_of(frames[0])[1]
+        if isinstance(answer, dict):  # the peer as the router recorded it
+            assert answer["peer"][:2] == peer[:2]
+            return list(answer["peer"])
         return peer
 
     def subscribe(self, ep: FakeEndpoint, peer: list[Any], channel: str, count: int = 1) -> None:
@@ -160,10 +172,12 @@ def test_peer_add_answered_with_response(bus: Bus) -> None:
     assert resp.target == "p1"
     assert resp.rid == 5
     assert resp.sender is None  # made by the router
-    assert body_of(resp) == [True, bus.router.pid]
+    assert body_of(resp) == [True, {"pid": bus.router.pid,
+                                    "peer": ["p1", "worker", "socket", 1000]}]
     assert "p1" in bus.router.peers and "p1" in ep.peers
     p = bus.router.peers["p1"]
-    assert (p.id, p.name, p.type, p.pid, p.endpoint) == ("p1", "worker", "pipe", 77, ep)
+    # the endpoint's type and pid, not the frame's word (SPEC "Trust")
+    assert (p.id, p.name, p.type, p.pid, p.endpoint) == ("p1", "worker", "socket", 1000, ep)
 
 
 def test_duplicate_peer_id_refused(bus: Bus) -> None:
@@ -432,7 +446,7 @@ def test_send_forwards_fds(bus: Bus) -> None:
     b = bus.add_peer(e2, "b")
     bus.subscribe(e2, b, "ch")
     frame = mkframe(Kind.SEND, "ch", a)
-    frame.fds = [11, 12]
+    frame.nfds, frame.fds = 2, [11, 12]
     bus.router.handle(e1, frame)
     assert e2.delivered == [(bytes(frame.raw), [11, 12])]
 
@@ -708,8 +722,8 @@ def test_request_from_a_relay_is_not_sent_back_to_it(bus: Bus) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def test_query_state_answered_by_the_router(bus: Bus) -> None:
-    e1, e2 = bus.endpoint("e1"), bus.endpoint("e2")
-    a = bus.add_peer(e1, "a", name="alpha", type_="pipe", pid=11)
+    e1, e2 = bus.endpoint("e1", ptype="pipe", pid=11), bus.endpoint("e2", pid=22)
+    a = bus.add_peer(e1, "a", name="alpha", type_="main", pid=1)  # the endpoint decides
     b = bus.add_peer(e2, "b", name="beta", type_="socket", pid=22)
     bus.subscribe(e1, a, "x", 2)
     bus.subscribe(e2, b, "x")
