@@ -146,6 +146,10 @@ class Target:
     def alive(self) -> bool:
         raise NotImplementedError
 
+    def pid(self) -> int:
+        """The process that holds the hub (to count its descriptors, its memory)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -178,6 +182,9 @@ class BrokerTarget(Target):
     def alive(self) -> bool:
         return bool(self.broker.process.is_alive())
 
+    def pid(self) -> int:
+        return int(self.broker.process.pid)
+
     def close(self) -> None:
         self.broker.close()
 
@@ -209,6 +216,9 @@ class BridgeTarget(Target):
     def alive(self) -> bool:
         hub = self.bridge._hub
         return hub is not None and hub.thread is not None and hub.thread.is_alive()
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def close(self) -> None:
         self.bridge.close()
