@@ -1616,24 +1616,25 @@ class IpcBusClient(Emitter[str]):
         descriptors. Each receiving client finds its own duplicates, of the same kinds, in
         ``event.ports``, and owns them (close them). Your handles stay yours: close them when
         you no longer need them. Returns once the bus has routed the message; raises
-        :class:`IpcBusConnectionError` on a TCP connection and :class:`IpcBusRequestError` if a
-        receiver cannot take descriptors; in both cases nothing is sent.
+        :class:`IpcBusConnectionError` on a TCP connection (with ports) and
+        :class:`IpcBusRequestError` if no one listens on ``channel`` or a receiver cannot take
+        descriptors; in every case nothing is sent and your handles stay open and yours.
         """
         P.check_channel(channel)
         self._post(Kind.SEND, channel, None, message, ports)
 
     def post_message_to(self, target: IpcBusPeer | str, channel: str, message: Any,
                         ports: list[Any] | None = None) -> None:
-        """Like :meth:`post_message`, to one peer's listeners (an unknown peer raises)."""
+        """Like :meth:`post_message`, to one peer's listeners (an unknown peer, or one with no
+        listener on ``channel``, raises :class:`IpcBusRequestError`)."""
         target_id = _target_id(target)
         P.check_channel(channel)
         self._post(Kind.SEND_TO, channel, target_id, message, ports)
 
     def _post(self, kind: int, channel: str, target: str | None, message: Any,
               ports: list[Any] | None) -> None:
-        if ports is None or (isinstance(ports, (list, tuple)) and not ports):
-            self._send_frame(kind, channel, target, 0, P.pack_payload([message]))
-            return
+        if ports is None:
+            ports = []  # no handles: still routed and acknowledged (no listener raises)
         if not isinstance(ports, (list, tuple)):
             raise TypeError(f"ports must be a list, not {type(ports).__name__}")
         conn = self._connection()
@@ -1641,8 +1642,9 @@ class IpcBusClient(Emitter[str]):
         if len(ports) > limit:
             raise ValueError(f"{len(ports)} ports in one message; the bus takes at most {limit}")
         described = [T.port_descriptor(port) for port in ports]
-        body = P.pack_payload([[message], [kind_ for _, kind_ in described]])
-        if not conn.can_pass_fds:
+        body = P.pack_payload([[message], [kind_ for _, kind_ in described]] if ports
+                              else [message])
+        if ports and not conn.can_pass_fds:
             raise IpcBusConnectionError("this bus connection (TCP) cannot carry descriptors;"
                                         " nothing was sent")
         future = self._start_request(kind, channel, target, resolve_timeout(None), body,
