@@ -1368,12 +1368,29 @@ class IpcBusClient(Emitter[str]):
                 host: str | None = None, peer_name: str | None = None,
                 timeout: float | None = None, socket_buffer: int | None = None,
                 authkey: bytes | None = None) -> Self:
-        """Join the bus at ``address`` (see the README for the syntax); return self.
+        """Join the bus at ``address``; return ``self`` (``with ... as client:`` closes it).
 
-        ``socket_buffer`` is the size in bytes of the write-coalescing buffer of a new
-        connection (default 64 KiB; 0 writes every message on its own): sends that follow
-        each other within 50 µs are written together; a lone send is written at once, and
-        requests, answers and control frames are never held back.
+        - ``address``: a ``str`` Unix socket path; an ``int`` TCP port on 127.0.0.1; a
+          ``(host, port)`` tuple (TCP); a ``Connection`` from ``IpcBusBridge.open_pipe()``
+          (this client then owns it); or None (default): the bridge of this process if there
+          is one, else the pipe this process joined with, else ``$IPCBUS_ADDRESS`` (a path,
+          ``PORT`` or ``HOST:PORT``), else a clear error.
+        - ``path``, ``port``, ``host`` (default None): the same, as keywords (``host``
+          defaults to 127.0.0.1).
+        - ``peer_name`` (str; default None = ``"<process name>-<pid>"``): the name other
+          peers see in ``event.sender.name`` (free text; ids are unique, names need not be).
+        - ``timeout`` (float, seconds; default None = 2.0 s, a negative value waits forever):
+          how long connecting, the TCP authentication and the handshake may take.
+        - ``socket_buffer`` (int, bytes; default None = 64 KiB; 0 writes every message on its
+          own): the write-coalescing buffer of a new connection. Sends that follow each other
+          within 50 µs are written together; a lone send is written at once, and requests,
+          answers and control frames are never held back.
+        - ``authkey`` (bytes; default None = ``$IPCBUS_AUTHKEY`` if set, else
+          ``multiprocessing.current_process().authkey``): the key a TCP broker expects.
+
+        Raises ``ValueError``/``TypeError`` for bad arguments (e.g. a path over 107 bytes), and
+        :class:`~ipcbus.IpcBusConnectionError` when there is no bus at the address, the key is
+        wrong, the handshake times out or the client is already connected.
         """
         if peer_name is not None and not isinstance(peer_name, str):
             raise TypeError("peer_name must be a str")
