@@ -322,36 +322,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this long (seconds; default: never, Ctrl-C stops)")
     _timeout(p, "how long to wait for the bus")
 
-    values_help = "arguments: JSON values when they parse as JSON, else strings"
-    p = command("send", "broadcast a message on a channel", _cmd_send,
-                "Broadcast ARGS on CHANNEL to every listener of the bus (like 'nats pub');"
-                " prints nothing unless --json.")
-    _address_arg(p)
-    p.add_argument("channel", metavar="CHANNEL", help="the channel")
-    p.add_argument("args", nargs="*", metavar="ARG", help=values_help)
-    _json_arg(p, "print what was sent as JSON")
-    _timeout(p, "how long to wait for the bus")
+    def verb(name: str, summary: str, func: Callable[[argparse.Namespace], int],
+             description: str, positionals: list[tuple[str, str]], json_help: str,
+             timeout_help: str) -> None:
+        """A command that pokes a bus: ADDRESS, its own positionals, ARG..., --json, --timeout."""
+        p = command(name, summary, func, description)
+        _address_arg(p)
+        for dest, help_text in positionals:
+            p.add_argument(dest, metavar=dest.upper(), help=help_text)
+        p.add_argument("args", nargs="*", metavar="ARG",
+                       help="arguments: JSON values when they parse as JSON, else strings")
+        _json_arg(p, json_help)
+        _timeout(p, timeout_help)
 
-    p = command("request", "send a request and print the first answer", _cmd_request,
-                "Send a request on CHANNEL and print the first answer's payload (like"
-                " 'nats req'). A request nobody listens to, rejected or unanswered within"
-                " --timeout fails with exit status 1.")
-    _address_arg(p)
-    p.add_argument("channel", metavar="CHANNEL", help="the channel")
-    p.add_argument("args", nargs="*", metavar="ARG", help=values_help)
-    _json_arg(p, "print the answer as JSON with its sender")
-    _timeout(p, "how long to wait for the bus and for the answer")
-
-    p = command("call", "call a method of a service and print its result", _cmd_call,
-                "Call METHOD of SERVICE with ARGS and print the result (like 'busctl call')."
-                " A missing service, a method that raises or a timeout fails with exit"
-                " status 1.")
-    _address_arg(p)
-    p.add_argument("service", metavar="SERVICE", help="the service name")
-    p.add_argument("method", metavar="METHOD", help="the method (call) name")
-    p.add_argument("args", nargs="*", metavar="ARG", help=values_help)
-    _json_arg(p, "print the result as JSON")
-    _timeout(p, "how long to wait for the bus, the service and the result")
+    verb("send", "broadcast a message on a channel", _cmd_send,
+         "Broadcast ARGS on CHANNEL to every listener of the bus (like 'nats pub');"
+         " prints nothing unless --json.", [("channel", "the channel")],
+         "print what was sent as JSON", "how long to wait for the bus")
+    verb("request", "send a request and print the first answer", _cmd_request,
+         "Send a request on CHANNEL and print the first answer's payload (like 'nats req')."
+         " A request nobody listens to, rejected or unanswered within --timeout fails with"
+         " exit status 1.", [("channel", "the channel")],
+         "print the answer as JSON with its sender",
+         "how long to wait for the bus and for the answer")
+    verb("call", "call a method of a service and print its result", _cmd_call,
+         "Call METHOD of SERVICE with ARGS and print the result (like 'busctl call')."
+         " A missing service, a method that raises or a timeout fails with exit status 1.",
+         [("service", "the service name"), ("method", "the method (call) name")],
+         "print the result as JSON", "how long to wait for the bus, the service and the result")
     return parser
 
 
