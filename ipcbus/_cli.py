@@ -5,7 +5,8 @@ Rules of this module, as users of ``nats``/``busctl`` expect them:
 * an ordinary failure (no bus at an address, a path in use or too long, a wrong key, a request
   that fails) is ONE line on stderr, ``ipcbus: error: <cause>``, and exit status 1; a usage
   mistake is argparse's message and exit status 2; a traceback only with ``--debug``;
-* Ctrl-C ends a command with exit status 130 and no traceback;
+* Ctrl-C ends a command with exit status 130 and no traceback (``broker`` and ``spy``, which
+  run until stopped, end with 0);
 * arguments of ``send``/``request``/``call`` are JSON values when they parse as JSON, else
   strings (``42`` is an int, ``'"42"'`` a str, ``hello`` a str);
 * results print as text (a str as is, anything else as JSON) or, with ``--json``, as one JSON
@@ -158,7 +159,10 @@ def _cmd_spy(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"spying on {args.address} (channels {args.channel!r}); Ctrl-C stops",
                   file=sys.stderr, flush=True)
-        done.wait(args.seconds)
+        try:
+            done.wait(args.seconds)
+        except KeyboardInterrupt:  # the ordinary way to stop a spy: a success
+            pass
     return 0
 
 

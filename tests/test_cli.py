@@ -18,7 +18,7 @@ from ipcbus import (IpcBusBroker, IpcBusClient, IpcBusConnectionError, IpcBusSer
 from ipcbus._cli import parse_value, to_json
 from ipcbus._transport import default_authkey
 
-from conftest import Collector, sync
+from conftest import Collector, sync, wait_until
 
 KEY_ENV = "IPCBUS_AUTHKEY"
 
@@ -213,6 +213,26 @@ def test_request_timeout_is_one_line(broker: IpcBusBroker, clients: Any) -> None
     sync(silent)
     line = one_error_line(cli("request", str(broker.address), "silent", "--timeout", "0.3"))
     assert line.startswith("request on 'silent' failed:") and "timed out" in line
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_is_status_130_without_a_traceback(broker: IpcBusBroker, clients: Any) -> None:
+    silent = clients(broker.address)
+    silent.on("silent", lambda event: None)
+    sync(silent)
+    proc = subprocess.Popen([sys.executable, "-m", "ipcbus", "request", str(broker.address),
+                             "silent", "--timeout", "-1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    try:  # interrupt it while it waits for the answer
+        wait_until(lambda: broker.query_state()["pending_requests"] == 1, timeout=20)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert proc.returncode == 130
+    assert err == ""
 
 
 class Calculator:
