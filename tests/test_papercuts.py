@@ -140,3 +140,15 @@ def test_post_message_to_nobody_through_a_linked_bridge(broker: IpcBusBroker,
         finally:
             local.close()
             other_local.close()
+
+
+def test_post_message_without_ports_over_tcp() -> None:
+    """No handles: TCP carries it, acknowledged like the rest (and refused when nobody listens)."""
+    with IpcBusBroker.create().connect(port=0) as broker:
+        with IpcBusClient.create().connect(broker.address) as client:
+            got = Collector()
+            client.on("x", got)
+            client.post_message("x", "hi")
+            assert got.wait(1)[0][1] == ("hi",)
+            with pytest.raises(IpcBusRequestError, match="no listener for 'nobody'"):
+                client.post_message("nobody", 1)
