@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from ipcbus import (IpcBusBroker, IpcBusClient, IpcBusConnectionError, IpcBusService,
+from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionError, IpcBusService,
                     IpcBusEvent)
 from ipcbus._cli import parse_value, to_json
 from ipcbus._transport import default_authkey
@@ -145,6 +145,10 @@ def test_ipcbus_authkey_default_of_the_api(monkeypatch: pytest.MonkeyPatch) -> N
             assert client.request("/ipcbus/queryState", 5.0).payload["pid"] > 0
         with pytest.raises(IpcBusConnectionError, match="authentication"):
             IpcBusClient.create().connect(broker.address, authkey=b"another key")
+        with IpcBusBridge.create().connect(broker.address):  # and a bridge's link
+            with IpcBusClient.create().connect() as local:
+                assert local.request("/ipcbus/queryState", 5.0).payload["pid"] == \
+                    broker.process.pid
     monkeypatch.setenv(KEY_ENV, "")  # empty: as if unset
     assert default_authkey() == bytes(multiprocessing.current_process().authkey)
 
