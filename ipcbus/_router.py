@@ -505,7 +505,7 @@ class Router:
         to_upstream = upstream is not None and endpoint is not upstream
         # upstream is served once, by the default route, even if it announced subscribers
         skip = upstream if to_upstream else None
-        if frame.nfds:
+        if frame.nfds or frame.rid:  # post_message: routed all or nothing, acknowledged
             targets = [ep for ep in eps or ()
                        if (ep is not endpoint or not ep.relay) and ep is not skip]
             self._post(endpoint, frame, targets, to_upstream)
@@ -526,14 +526,19 @@ class Router:
         target = frame.target
         peer = self.peers.get(target) if target is not None else None
         via_upstream = peer is None and self.upstream is not None and endpoint is not self.upstream
-        if frame.nfds and (peer is not None or via_upstream):
+        if frame.rid and peer is not None and frame.channel not in peer.channels \
+                and frame.sender_id is not None and endpoint is not self.upstream:
+            # post_message_to a peer that does not listen there fails, as request_to does
+            endpoint.deliver(_fail_frame(frame.sender_id, frame.rid, (
+                f"peer {peer.name!r} ({peer.id}) has no listener for {frame.channel!r}")), [])
+        elif (frame.nfds or frame.rid) and (peer is not None or via_upstream):
             self._post(endpoint, frame, [peer.endpoint] if peer is not None else [], via_upstream)
         elif peer is not None:
             peer.endpoint.deliver(frame.raw, [], frame.count)
         elif via_upstream:
             assert self.upstream is not None
             self.upstream.deliver(frame.raw, [], frame.count)
-        elif frame.nfds and frame.rid and frame.sender_id is not None:
+        elif frame.rid and frame.sender_id is not None:
             endpoint.deliver(_fail_frame(frame.sender_id, frame.rid,
                                          f"no peer {frame.target!r} on the bus"), [])
         else:
@@ -541,14 +546,22 @@ class Router:
 
     def _post(self, endpoint: Endpoint, frame: Frame, targets: list[Endpoint],
               via_upstream: bool) -> None:
-        """Deliver a frame that carries descriptors: to every target, or (if one of them cannot
-        receive descriptors, or their copies cannot all be made) to none. ``rid`` > 0 asks for
-        an answer: RESPONSE with the number of connections reached, or REQUEST_FAIL; through a
+        """Deliver a posted message (with descriptors, or acknowledged): to every target, or
+        (if one of them cannot receive descriptors, or their copies cannot all be made) to
+        none. ``rid`` > 0 asks for an answer: RESPONSE with the number of connections reached, or REQUEST_FAIL; through a
         link the broker gives it."""
         sender, rid = frame.sender_id, frame.rid
-        unable = [ep for ep in targets if not ep.can_pass_fds]
+        if endpoint is self.upstream:
+            rid = 0  # the broker answers the posts that reach us through it
+        if not targets and not via_upstream and not (
+                endpoint.relay and endpoint in self.channel_endpoints.get(frame.channel, ())):
+            if rid and sender is not None:  # (a link's own side listens: it announced so)
+                endpoint.deliver(_fail_frame(sender, rid, f"no listener for {frame.channel!r}"
+                                             " on the bus; nothing was sent"), [])
+            return
         upstream = self.upstream if via_upstream else None
-        if upstream is not None and not upstream.can_pass_fds:
+        unable = [ep for ep in targets if not ep.can_pass_fds] if frame.nfds else []
+        if frame.nfds and upstream is not None and not upstream.can_pass_fds:
             unable.append(upstream)
         failure = None
         if unable:

@@ -129,7 +129,9 @@ def send_refusal(sock: socket.socket, reason: str) -> None:
 
 
 def default_authkey() -> bytes:
-    return bytes(multiprocessing.current_process().authkey)
+    """The authkey of a TCP ``connect()`` given none: ``$IPCBUS_AUTHKEY`` (its bytes) when set
+    and not empty, else ``multiprocessing.current_process().authkey`` (inherited by children)."""
+    return os.environb.get(b"IPCBUS_AUTHKEY") or bytes(multiprocessing.current_process().authkey)
 
 
 def _as_connection(sock: socket.socket) -> multiprocessing.connection.Connection:

@@ -63,6 +63,20 @@ class IpcBusBridge:
 
     @classmethod
     def create(cls, **options: Any) -> IpcBusBridge:
+        """A bridge (not started yet: :meth:`connect` starts it). Its options are the broker's
+        limits, as keywords, with their defaults and units:
+
+        - ``max_message`` (int, bytes; default 134217728 = 128 MiB): the largest frame.
+        - ``max_fds`` (int, descriptors per message; default 64, at most 253).
+        - ``queue_limit`` (int, bytes per receiver; default 67108864 = 64 MiB): back-pressure
+          on the senders that feed a receiver past it.
+        - ``slow_consumer_timeout`` (float, seconds; default 10.0): a receiver over
+          ``queue_limit`` this long is disconnected ("slow consumer").
+        - ``handshake_timeout`` (float, seconds; default 5.0): a pipe child that has not said
+          hello by then is dropped.
+
+        Bad values raise ``ValueError``/``TypeError`` here.
+        """
         return cls(**options)
 
     @property
@@ -77,7 +91,22 @@ class IpcBusBridge:
     def connect(self, address: Any = None, *, path: str | None = None, port: int | None = None,
                 host: str | None = None, timeout: float | None = None,
                 authkey: bytes | None = None) -> Self:
-        """Start the hub; with an address, also link it to the broker there. Returns self."""
+        """Start the hub on a thread of this process; with an address, also link it to the
+        broker there. Returns ``self`` (``with IpcBusBridge.create().connect() as bridge:``
+        closes it at the end). One bridge per process at a time.
+
+        - ``address``: None (default) for a bridge of its own (pipe children and clients of
+          this process only); else the broker's address, as ``IpcBusClient.connect`` takes it:
+          a ``str`` Unix socket path, an ``int`` TCP port on 127.0.0.1, or ``(host, port)``.
+        - ``path``, ``port``, ``host`` (default None): the same, as keywords.
+        - ``timeout`` (float, seconds; default None = 2.0 s, a negative value waits forever):
+          how long connecting to the broker and its handshake may take.
+        - ``authkey`` (bytes; default None = ``$IPCBUS_AUTHKEY`` if set, else
+          ``multiprocessing.current_process().authkey``): the key of a TCP link.
+
+        Raises :class:`~ipcbus.IpcBusConnectionError` if a bridge is already connected in this
+        process or the broker cannot be reached or refuses the link.
+        """
         global _current
         linked = any(a is not None for a in (address, path, port))
         addr = T.parse_address(address, path=path, port=port, host=host) if linked else None

@@ -1164,6 +1164,28 @@ class IpcBusBroker:
 
     @classmethod
     def create(cls, **options: Any) -> IpcBusBroker:
+        """A broker handle (not started yet: :meth:`connect` starts it). Every option is a
+        keyword, with its default and unit:
+
+        - ``max_message`` (int, bytes; default 134217728 = 128 MiB): the largest frame; a
+          client's larger send raises ``ValueError`` before anything is sent, a peer announcing
+          a larger frame is disconnected.
+        - ``max_fds`` (int, descriptors per message; default 64, at most 253).
+        - ``queue_limit`` (int, bytes per receiver; default 67108864 = 64 MiB): past it the broker
+          stops reading from the senders that feed that receiver (back-pressure).
+        - ``slow_consumer_timeout`` (float, seconds; default 10.0): a receiver that stays over
+          ``queue_limit`` this long is disconnected with the reason "slow consumer".
+        - ``handshake_timeout`` (float, seconds; default 5.0): a connection that has not said
+          hello (and, on TCP, authenticated) by then is dropped.
+        - ``allowed_uids`` (list of int; default None = only the broker's own uid): more uids
+          let in on a Unix socket.
+        - ``traffic_log`` (str path; default ``$IPCBUS_LOG``, else None): a row per routed
+          message, CSV if the path ends in ``.csv``, else JSON lines.
+        - ``context`` (a multiprocessing context or a start method name; default ``"spawn"``):
+          how the broker's child process is started.
+
+        Bad values raise ``ValueError``/``TypeError`` here.
+        """
         return cls(**options)
 
     @property
@@ -1183,7 +1205,25 @@ class IpcBusBroker:
     def connect(self, address: Any = None, *, path: str | None = None, port: int | None = None,
                 host: str | None = None, timeout: float | None = None,
                 authkey: bytes | None = None) -> Self:
-        """Start the broker process listening on ``address``; return once it accepts peers."""
+        """Start the broker process listening on ``address``; return ``self`` once it accepts
+        peers (``with IpcBusBroker.create().connect(path) as broker:`` stops it at the end).
+
+        - ``address``: a ``str`` Unix socket path (at most 107 bytes; created owner-only; a
+          stale file of a dead broker is replaced, a live broker's never), an ``int`` TCP port
+          on 127.0.0.1 (``0``: a free one, see :attr:`address`), or a ``(host, port)`` tuple.
+          Default None: use ``path``/``port``/``host``.
+        - ``path``, ``port``, ``host`` (default None): the same, as keywords (``host`` defaults
+          to 127.0.0.1).
+        - ``timeout`` (float, seconds; default None = 2.0 s, a negative value waits forever):
+          how long the child may take to start, never less than 10 s, since starting a
+          ``spawn`` child takes a while on a busy machine.
+        - ``authkey`` (bytes; default None = ``$IPCBUS_AUTHKEY`` if set, else
+          ``multiprocessing.current_process().authkey``): the key TCP peers must prove.
+
+        Raises ``ValueError`` for a bad address, :class:`~ipcbus.IpcBusConnectionError` if the
+        broker cannot listen there (e.g. "a bus is already listening on ..."), and
+        :class:`~ipcbus.IpcBusTimeoutError` if its process does not start in time.
+        """
         addr = T.parse_address(address, path=path, port=port, host=host)
         wait = resolve_timeout(timeout)
         if wait is not None:

@@ -1368,12 +1368,29 @@ class IpcBusClient(Emitter[str]):
                 host: str | None = None, peer_name: str | None = None,
                 timeout: float | None = None, socket_buffer: int | None = None,
                 authkey: bytes | None = None) -> Self:
-        """Join the bus at ``address`` (see the README for the syntax); return self.
+        """Join the bus at ``address``; return ``self`` (``with ... as client:`` closes it).
 
-        ``socket_buffer`` is the size in bytes of the write-coalescing buffer of a new
-        connection (default 64 KiB; 0 writes every message on its own): sends that follow
-        each other within 50 µs are written together; a lone send is written at once, and
-        requests, answers and control frames are never held back.
+        - ``address``: a ``str`` Unix socket path; an ``int`` TCP port on 127.0.0.1; a
+          ``(host, port)`` tuple (TCP); a ``Connection`` from ``IpcBusBridge.open_pipe()``
+          (this client then owns it); or None (default): the bridge of this process if there
+          is one, else the pipe this process joined with, else ``$IPCBUS_ADDRESS`` (a path,
+          ``PORT`` or ``HOST:PORT``), else a clear error.
+        - ``path``, ``port``, ``host`` (default None): the same, as keywords (``host``
+          defaults to 127.0.0.1).
+        - ``peer_name`` (str; default None = ``"<process name>-<pid>"``): the name other
+          peers see in ``event.sender.name`` (free text; ids are unique, names need not be).
+        - ``timeout`` (float, seconds; default None = 2.0 s, a negative value waits forever):
+          how long connecting, the TCP authentication and the handshake may take.
+        - ``socket_buffer`` (int, bytes; default None = 64 KiB; 0 writes every message on its
+          own): the write-coalescing buffer of a new connection. Sends that follow each other
+          within 50 µs are written together; a lone send is written at once, and requests,
+          answers and control frames are never held back.
+        - ``authkey`` (bytes; default None = ``$IPCBUS_AUTHKEY`` if set, else
+          ``multiprocessing.current_process().authkey``): the key a TCP broker expects.
+
+        Raises ``ValueError``/``TypeError`` for bad arguments (e.g. a path over 107 bytes), and
+        :class:`~ipcbus.IpcBusConnectionError` when there is no bus at the address, the key is
+        wrong, the handshake times out or the client is already connected.
         """
         if peer_name is not None and not isinstance(peer_name, str):
             raise TypeError("peer_name must be a str")
@@ -1616,24 +1633,25 @@ class IpcBusClient(Emitter[str]):
         descriptors. Each receiving client finds its own duplicates, of the same kinds, in
         ``event.ports``, and owns them (close them). Your handles stay yours: close them when
         you no longer need them. Returns once the bus has routed the message; raises
-        :class:`IpcBusConnectionError` on a TCP connection and :class:`IpcBusRequestError` if a
-        receiver cannot take descriptors; in both cases nothing is sent.
+        :class:`IpcBusConnectionError` on a TCP connection (with ports) and
+        :class:`IpcBusRequestError` if no one listens on ``channel`` or a receiver cannot take
+        descriptors; in every case nothing is sent and your handles stay open and yours.
         """
         P.check_channel(channel)
         self._post(Kind.SEND, channel, None, message, ports)
 
     def post_message_to(self, target: IpcBusPeer | str, channel: str, message: Any,
                         ports: list[Any] | None = None) -> None:
-        """Like :meth:`post_message`, to one peer's listeners (an unknown peer raises)."""
+        """Like :meth:`post_message`, to one peer's listeners (an unknown peer, or one with no
+        listener on ``channel``, raises :class:`IpcBusRequestError`)."""
         target_id = _target_id(target)
         P.check_channel(channel)
         self._post(Kind.SEND_TO, channel, target_id, message, ports)
 
     def _post(self, kind: int, channel: str, target: str | None, message: Any,
               ports: list[Any] | None) -> None:
-        if ports is None or (isinstance(ports, (list, tuple)) and not ports):
-            self._send_frame(kind, channel, target, 0, P.pack_payload([message]))
-            return
+        if ports is None:
+            ports = []  # no handles: still routed and acknowledged (no listener raises)
         if not isinstance(ports, (list, tuple)):
             raise TypeError(f"ports must be a list, not {type(ports).__name__}")
         conn = self._connection()
@@ -1641,8 +1659,9 @@ class IpcBusClient(Emitter[str]):
         if len(ports) > limit:
             raise ValueError(f"{len(ports)} ports in one message; the bus takes at most {limit}")
         described = [T.port_descriptor(port) for port in ports]
-        body = P.pack_payload([[message], [kind_ for _, kind_ in described]])
-        if not conn.can_pass_fds:
+        body = P.pack_payload([[message], [kind_ for _, kind_ in described]] if ports
+                              else [message])
+        if ports and not conn.can_pass_fds:
             raise IpcBusConnectionError("this bus connection (TCP) cannot carry descriptors;"
                                         " nothing was sent")
         future = self._start_request(kind, channel, target, resolve_timeout(None), body,

@@ -809,8 +809,9 @@ class IpcBusServiceWrapper:
     :meth:`IpcBusServiceProxy.call`), and ``wrapper.on("tick", handler)`` listens to its events.
 
     Attributes are the calls the service announced (``dir(wrapper)`` lists them); another name
-    raises ``AttributeError``. The emitter's method names (``on``, ``once``, ``off``...) and
-    ``proxy`` win over calls of the same name: reach those with ``proxy.call(name, ...)``.
+    raises ``AttributeError``. A call wins over the wrapper's own names: a lamp service with
+    calls ``on`` and ``off`` is switched with ``lamp.on()``; its events are then listened to on
+    the proxy (``proxy.on("tick", handler)``), whose emitter methods never change meaning.
     """
 
     _proxy: IpcBusServiceProxy
@@ -861,6 +862,15 @@ class IpcBusServiceWrapper:
         return self._proxy.event_names()
 
     # calls as attributes
+    def __getattribute__(self, attr: str) -> Any:
+        # A call the service announced shadows the wrapper's own attribute of the same name
+        # (``on``, ``off``, ``once``, ``proxy``...); private names are never calls.
+        if attr[:1] != "_":
+            proxy: IpcBusServiceProxy = object.__getattribute__(self, "_proxy")
+            if attr in (proxy._status.get("calls") or ()):
+                return _call_of(proxy, attr)
+        return object.__getattribute__(self, attr)
+
     def __getattr__(self, attr: str) -> Callable[..., Any]:
         if attr.startswith("_"):
             raise AttributeError(attr)
@@ -869,13 +879,7 @@ class IpcBusServiceWrapper:
         if attr not in calls:
             raise AttributeError(f"service {proxy.name!r} has no call {attr!r} (its calls:"
                                  f" {', '.join(map(str, calls)) or 'none announced'})")
-
-        def call(*args: Any) -> Any:
-            return proxy.call(attr, *args)
-
-        call.__name__ = call.__qualname__ = attr
-        call.__doc__ = f"Call {attr!r} of service {proxy.name!r}."
-        return call
+        return _call_of(proxy, attr)
 
     def __setattr__(self, attr: str, value: Any) -> None:
         raise AttributeError("the wrapper's attributes are the service's calls (read-only)")
@@ -885,4 +889,14 @@ class IpcBusServiceWrapper:
         return sorted(set(super().__dir__()) | set(calls))
 
     def __repr__(self) -> str:
-        return f"<IpcBusServiceWrapper of {self._proxy!r}>"
+        return f"<IpcBusServiceWrapper of {object.__getattribute__(self, '_proxy')!r}>"
+
+
+def _call_of(proxy: IpcBusServiceProxy, name: str) -> Callable[..., Any]:
+    """``wrapper.<name>``: a function that calls ``name`` of the service."""
+    def call(*args: Any) -> Any:
+        return proxy.call(name, *args)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"Call {name!r} of service {proxy.name!r}."
+    return call

@@ -1,11 +1,12 @@
-"""Shared fixtures: short socket paths, a broker per test, both start methods, bounded waits."""
+"""Shared fixtures: short socket paths, a broker per test, every start method, bounded waits.
+
+The broker and socket-path fixtures are those of the public testing kit (``ipcbus.testing``,
+``ipcbus.pytest_plugin``), so the kit is exercised by the whole suite.
+"""
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
-import shutil
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -13,32 +14,30 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from ipcbus import IpcBusBroker, IpcBusClient
+from ipcbus.testing import running_broker, temporary_socket_path
 
-START_METHODS = ["spawn", "fork"]
+pytest_plugins = ["ipcbus.pytest_plugin"]
+
+# forkserver is the default start method on Linux from Python 3.14: process tests run under it too
+START_METHODS = ["spawn", "fork", "forkserver"]
 
 
 @pytest.fixture
 def sock_path() -> Iterator[str]:
     """A short Unix socket path (the limit is ~107 bytes) in a private temp dir."""
-    d = tempfile.mkdtemp(prefix="ipcb-", dir="/tmp")
-    try:
-        yield os.path.join(d, "bus")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    with temporary_socket_path() as path:
+        yield path
 
 
 @pytest.fixture
 def broker(sock_path: str) -> Iterator[IpcBusBroker]:
-    b = IpcBusBroker.create().connect(sock_path)
-    try:
+    with running_broker(sock_path) as b:
         yield b
-    finally:
-        b.close()
 
 
 @pytest.fixture(params=START_METHODS)
 def ctx(request: pytest.FixtureRequest) -> Any:
-    """A multiprocessing context, once per start method (spawn and fork)."""
+    """A multiprocessing context, once per start method (spawn, fork and forkserver)."""
     return multiprocessing.get_context(request.param)
 
 

@@ -179,7 +179,7 @@ def test_pipe_child_killed_disappears(bridge: IpcBusBridge) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+@pytest.mark.parametrize("start_method", ["spawn", "fork", "forkserver"])
 def test_bridge_process_killed_children_notice(start_method: str) -> None:
     ctx = multiprocessing.get_context("spawn")
     report = ctx.Queue()
