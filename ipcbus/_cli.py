@@ -111,7 +111,7 @@ def _cmd_broker(args: argparse.Namespace) -> int:
                        " (or --authkey-env NAME) in the environment of the broker and its peers")
     options = HubOptions(max_message=args.max_message, queue_limit=args.queue_limit,
                          slow_consumer_timeout=args.slow_consumer_timeout,
-                         traffic_log=args.log)
+                         traffic_log=args.log, links=args.links)
 
     def ready(bound: T.Address) -> None:
         print(f"ipcbus broker listening on {T.format_address(bound)} (pid {os.getpid()});"
@@ -307,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", default=None, metavar="PATH",
                    help="write a row per routed message to PATH (CSV if it ends in .csv,"
                         " else JSON lines; default: $IPCBUS_LOG, else no log)")
+    p.add_argument("--links", choices=["any", "none"], default="any",
+                   help="who may link a bridge to this broker: any process the broker admits,"
+                        " or none (default: %(default)s; a broker started from the command line"
+                        " has no owner process to restrict links to)")
 
     command("demo", "start a broker and three workers that greet each other", _cmd_demo)
 

@@ -1181,6 +1181,12 @@ class IpcBusBroker:
           let in on a Unix socket.
         - ``traffic_log`` (str path; default ``$IPCBUS_LOG``, else None): a row per routed
           message, CSV if the path ends in ``.csv``, else JSON lines.
+        - ``links`` (str; default ``"owner"``): who may link an ``IpcBusBridge`` to this broker.
+          ``"owner"``: on the Unix socket only the process that called :meth:`connect` (the
+          kernel's credentials tell), on TCP whoever proved the authkey; ``"any"``: every
+          connection the broker admits; ``"none"``: nobody. A link speaks for the peers of a
+          whole side and is not paused like an ordinary sender, so the broker grants the role;
+          a bridge refused it gets ``IpcBusConnectionError`` naming this option.
         - ``context`` (a multiprocessing context or a start method name; default ``"spawn"``):
           how the broker's child process is started.
 
