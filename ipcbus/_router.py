@@ -816,10 +816,17 @@ class Router:
 
     def _on_service_remove(self, endpoint: Endpoint, frame: Frame) -> None:
         peer = self._sender(endpoint, frame)
-        if self.services.get(frame.channel) == peer.id:
-            del self.services[frame.channel]
-        if self.upstream is not None:
+        name = frame.channel
+        if self.upstream is not None:  # the broker releases the name and tells the bus
+            if self.services.get(name) == peer.id:
+                del self.services[name]
             self.upstream.deliver(frame.raw, [], frame.count)
+        elif self.services.get(name) == peer.id:
+            del self.services[name]
+            # The hub, not the host, tells the proxies: only the hub (and a host) may send on
+            # the event channel, and the name is free by the time they hear it.
+            self._broadcast(P.service_event_channel(name), P.pack_payload(
+                ["stop", f"service {name!r} was stopped by its host"]))
 
     # -- spies -------------------------------------------------------------------------------------
     def _on_spy_add(self, endpoint: Endpoint, frame: Frame) -> None:

@@ -17,8 +17,10 @@ The protocol is made of ordinary bus messages on two channels per service name `
   before answering.
 * **Notices** are broadcasts on ``/ipcbus/service/event/N`` whose first argument is their kind:
   ``["start", status]``, ``["stop", reason]``, ``["status", status]`` (the calls changed while
-  started) and ``["event", event_name, *args]`` (``send_event``). When a host leaves the bus
-  without stopping (closed, crashed, killed), the router itself broadcasts ``["stop", reason]``.
+  started) and ``["event", event_name, *args]`` (``send_event``). Only the service's host may
+  send them (the hub refuses anyone else's), and ``["stop", reason]`` comes from the router
+  itself, when the host releases the name (``stop()``) or leaves the bus without stopping
+  (closed, crashed, killed).
 * The service name is claimed on the bus (the router's registry) before the host listens, so a
   second ``start()`` of the same name anywhere on the bus fails with
   :class:`IpcBusServiceError` naming the host that has it.
@@ -314,9 +316,7 @@ class IpcBusService:
                 self._release((peer.id, self._name))
             if client.connected:
                 try:
-                    # the notice first: the hub takes it from the host only while it is one
-                    client.send(self._event_channel, "stop",
-                                f"service {self._name!r} was stopped by its host")
+                    # the hub broadcasts ["stop", reason] once the name is released
                     client._unregister_service(self._name)
                 except IpcBusError as exc:
                     log.debug("service %r: stop not announced: %s", self._name, exc)

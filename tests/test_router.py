@@ -1009,6 +1009,11 @@ def test_service_registry(bus: Bus) -> None:
     assert bus.router.services == {"clock": "host"}
     bus.handle(e1, Kind.SERVICE_REMOVE, "clock", host)
     assert bus.router.services == {}
+    # the router tells the proxies (the host no longer may: the name is free)
+    stop = e3.take()
+    assert [(f.kind, f.channel, f.sender) for f in stop] == \
+        [(Kind.SEND, P.service_event_channel("clock"), None)]
+    assert body_of(stop[0]) == ["stop", "service 'clock' was stopped by its host"]
     assert not service_available(bus, e3, watcher, "clock", 5)
     # the host leaving without stopping: the router broadcasts ["stop", reason] itself
     bus.handle(e1, Kind.SERVICE_ADD, "clock", host, None, 6)
