@@ -7,6 +7,7 @@ ids unique across a link, reserved channels, links granted by the hub.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -16,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionError,
+from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient,
                     IpcBusRequestError, IpcBusService, IpcBusServiceProxy)
 from ipcbus import _protocol as P
 from ipcbus._protocol import Kind
@@ -239,6 +240,23 @@ class Lamp:
         return "on"
 
 
+@contextlib.contextmanager
+def lamp_service(target: Target) -> Iterator[tuple[IpcBusService, IpcBusServiceProxy]]:
+    """A started service "lamp" hosted by one client, and a connected proxy of another."""
+    host = IpcBusClient.create().connect(target.address(), peer_name="host")
+    service = IpcBusService.create(host, "lamp", Lamp()).start()
+    user = IpcBusClient.create().connect(target.address(), peer_name="user")
+    proxy = IpcBusServiceProxy.create(user, "lamp")
+    try:
+        proxy.connect(5.0)
+        yield service, proxy
+    finally:
+        proxy.close()
+        user.close()
+        service.stop()
+        host.close()
+
+
 @pytest.mark.timeout(60)
 def test_only_a_services_host_sends_on_its_event_channel(
         make_target: Callable[..., Target]) -> None:
@@ -247,31 +265,24 @@ def test_only_a_services_host_sends_on_its_event_channel(
     broadcasts there only from the service's host: the forgery is dropped, counted and the
     sender told; the proxy stays started and hears the real events only."""
     target = make_target()
-    host = IpcBusClient.create().connect(target.address(), peer_name="host")
-    service = IpcBusService.create(host, "lamp", Lamp()).start()
-    user = IpcBusClient.create().connect(target.address(), peer_name="user")
-    proxy = IpcBusServiceProxy.create(user, "lamp")
-    proxy.connect(5.0)
-    ticks = Collector()
-    proxy.on("tick", lambda *args: ticks(None, *args))  # service handlers get the args only
     forger = target.raw()
     forger.join("forger")
-    channel = P.service_event_channel("lamp")
-    forger.send(forger.frame(Kind.SEND, channel, body=P.pack_payload(["stop", "forged"])))
-    forger.send(forger.frame(Kind.SEND, channel, body=P.pack_payload(["event", "tick", 666])))
-    notice = forger.expect(Kind.NOTICE)
-    assert "reserved" in P.unpack_control(notice.body)["error"]
-    service.send_event("tick", 1)
-    assert ticks.wait(1)[0][1] == (1,)
-    assert proxy.is_started
-    assert proxy.call("on") == "on"
-    wait_until(lambda: target.state()["dropped"]["forged_events"] == 2)
-    assert ticks.args == [(1,)]
+    with lamp_service(target) as (service, proxy):
+        ticks = Collector()
+        proxy.on("tick", lambda *args: ticks(None, *args))  # service handlers get the args
+        channel = P.service_event_channel("lamp")
+        forger.send(forger.frame(Kind.SEND, channel, body=P.pack_payload(["stop", "forged"])))
+        forger.send(forger.frame(Kind.SEND, channel,
+                                 body=P.pack_payload(["event", "tick", 666])))
+        notice = forger.expect(Kind.NOTICE)
+        assert "reserved" in P.unpack_control(notice.body)["error"]
+        service.send_event("tick", 1)
+        assert ticks.wait(1)[0][1] == (1,)
+        assert proxy.is_started
+        assert proxy.call("on") == "on"
+        wait_until(lambda: target.state()["dropped"]["forged_events"] == 2)
+        assert ticks.args == [(1,)]
     forger.close()
-    proxy.close()
-    user.close()
-    service.stop()
-    host.close()
 
 
 @pytest.mark.timeout(60)
@@ -280,22 +291,15 @@ def test_service_calls_go_to_the_host_only(make_target: Callable[..., Target]) -
     calls (it could have answered first); the host answers every one. (Clients of one process
     share a connection and a trust domain: the hub routes to connections.)"""
     target = make_target()
-    host = IpcBusClient.create().connect(target.address(), peer_name="host")
-    service = IpcBusService.create(host, "lamp", Lamp()).start()
     thief = target.raw()
     thief.join("thief")
-    thief.send(thief.frame(Kind.SUBSCRIBE, P.service_call_channel("lamp"), rid=1))
-    wait_until(lambda: target.state()["channels"].get(P.service_call_channel("lamp")) == 2)
-    user = IpcBusClient.create().connect(target.address(), peer_name="user")
-    proxy = IpcBusServiceProxy.create(user, "lamp")
-    proxy.connect(5.0)
-    assert [proxy.call("on") for _ in range(5)] == ["on"] * 5
-    with pytest.raises(TimeoutError):
-        thief.expect(Kind.REQUEST, timeout=0.3)
+    with lamp_service(target) as (_, proxy):
+        thief.send(thief.frame(Kind.SUBSCRIBE, P.service_call_channel("lamp"), rid=1))
+        wait_until(lambda: target.state()["channels"].get(P.service_call_channel("lamp")) == 2)
+        assert [proxy.call("on") for _ in range(5)] == ["on"] * 5
+        with pytest.raises(TimeoutError):
+            thief.expect(Kind.REQUEST, timeout=0.3)
     thief.close()
-    user.close()
-    service.stop()
-    host.close()
 
 
 @pytest.mark.timeout(60)
