@@ -4,6 +4,7 @@ as they come); a ``Target`` is a broker or a bridge under attack, with a ``Canar
 that must be served throughout (the ``make_target`` fixture makes either)."""
 from __future__ import annotations
 
+import array
 import collections
 import itertools
 import logging
@@ -34,6 +35,7 @@ class RawPeer:
         self.decoder = P.FrameDecoder()
         self.frames: collections.deque[P.Frame] = collections.deque()
         self.info: list[Any] | None = None
+        self.fds: list[int] = []  # descriptors received, in order (the test closes them)
 
     @classmethod
     def unix(cls, path: str, timeout: float = 5.0) -> RawPeer:
@@ -62,7 +64,15 @@ class RawPeer:
             if remaining <= 0:
                 raise TimeoutError("no frame")
             self.sock.settimeout(remaining)
-            data = self.sock.recv(1 << 16)
+            if self.sock.family == socket.AF_UNIX:
+                data, ancillary, _, _ = self.sock.recvmsg(1 << 16, socket.CMSG_SPACE(253 * 4))
+                for level, kind, payload in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds = array.array("i")
+                        fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                        self.fds.extend(fds)
+            else:
+                data = self.sock.recv(1 << 16)
             if not data:
                 raise EOFError("closed")
             self.decoder.feed(data)
@@ -119,6 +129,9 @@ class RawPeer:
 
     def close(self) -> None:
         self.sock.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
 
 
 # =============================================================================================

@@ -18,6 +18,8 @@ import time
 from typing import Any, Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionError,
                     IpcBusRequestError, IpcBusTimeoutError)
@@ -458,3 +460,51 @@ def test_receivers_killed_in_the_middle_of_large_messages(sock_path: str,
         sync(sender)
         assert broker.process.is_alive()
         sender.close()
+
+
+# -- one owner per descriptor, whatever the frames announce (the principle) ------------------
+@pytest.mark.timeout(120)
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=6))
+def test_every_descriptor_is_delivered_once_or_closed(sock_path: str,
+                                                     script: list[tuple[int, int]]) -> None:
+    """Frames that announce ``k`` descriptors and carry ``m`` (k, m in 0..3, any order): each
+    message that is routed reaches the receiver with exactly its own descriptors, anything
+    else closes the sender's connection, and afterwards the broker holds no descriptor more
+    than before."""
+    with IpcBusBroker.create().connect(sock_path) as broker:
+        pid = broker.process.pid
+        receiver = RawPeer.unix(sock_path)
+        receiver.join("receiver")
+        receiver.send(receiver.frame(Kind.SUBSCRIBE, "fds", rid=1))
+        wait_until(lambda: broker.query_state()["channels"].get("fds") == 1)
+        baseline = fd_count(pid)
+        r, w = os.pipe()
+        sender = RawPeer.unix(sock_path)
+        sender.join("sender")
+        routed = 0
+        try:
+            for announced, attached in script:
+                body = P.pack_payload([[routed], ["fd"] * announced])
+                frame = P.encode_frame(Kind.SEND, "fds", sender.info, None, 0, body, announced)
+                if attached:
+                    send_with_fds(sender, frame, [r] * attached)
+                elif not sender.send(frame):
+                    break
+                if announced != attached:
+                    assert sender.wait_eof(5.0) is not None  # that connection only
+                    break
+                got = receiver.expect(Kind.SEND)
+                assert got.nfds == announced and len(receiver.fds) == announced
+                for fd in receiver.fds:  # its own copies: a pipe's read end, as sent
+                    assert os.fstat(fd).st_ino == os.fstat(r).st_ino
+                    os.close(fd)
+                receiver.fds.clear()
+                routed += 1
+            sender.close()
+            wait_until(lambda: fd_count(pid) <= baseline)
+        finally:
+            os.close(r)
+            os.close(w)
+            receiver.close()
