@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ipcbus import _protocol as P
 from ipcbus._protocol import Frame, FrameDecoder, Kind
-from ipcbus._router import Router
+from ipcbus._router import RateLimitedLog, Router
 from ipcbus.errors import IpcBusProtocolError
 
 
@@ -1091,3 +1091,91 @@ def test_post_to_an_endpoint_that_cannot_pass_fds_sends_nothing(bus: Bus) -> Non
     post(bus, e1, Kind.SEND_TO, "ports", a, "ghost", 6, [10])
     expect_fail(e1, "a", 6)
     assert bus.router.pending == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# joining through a linked bridge: the broker accepts the id first
+# ---------------------------------------------------------------------------------------------
+
+def _linked(bus: Bus) -> FakeEndpoint:
+    up = bus.endpoint("upstream", relay=True)
+    bus.router.upstream = up
+    return up
+
+
+def test_a_join_waits_for_the_broker_and_frames_before_it_are_refused(bus: Bus) -> None:
+    up = _linked(bus)
+    e1 = bus.endpoint("e1", ptype="pipe", pid=7)
+    bus.handle(e1, Kind.PEER_ADD, sender=info("p", "child", "main", 1), rid=3)
+    assert e1.take() == []  # not answered yet
+    asked = up.take()
+    assert [(f.kind, f.sender, f.rid) for f in asked] == [(Kind.PEER_ADD, ["p", "child", "pipe", 7],
+                                                           3)]
+    with pytest.raises(IpcBusProtocolError, match="not a peer of this connection"):
+        bus.handle(e1, Kind.SUBSCRIBE, "ch", ["p", "child", "pipe", 7], rid=1)
+    # a second join of the same id meanwhile is refused at once
+    e2 = bus.endpoint("e2")
+    bus.handle(e2, Kind.PEER_ADD, sender=info("p"), rid=9)
+    assert "taken" in expect_fail(e2, "p", 9)
+
+
+def test_a_join_refused_by_the_broker_is_refused_here(bus: Bus) -> None:
+    up = _linked(bus)
+    e1 = bus.endpoint("e1")
+    bus.handle(e1, Kind.PEER_ADD, sender=info("p"), rid=3)
+    up.take()
+    bus.fail(up, None, "p", 3, "peer id 'p' is taken")
+    assert expect_fail(e1, "p", 3) == "peer id 'p' is taken"
+    assert "p" not in bus.router.peers and bus.router.joining == {}
+
+
+def test_a_joiner_that_leaves_before_the_answer_gives_the_id_back(bus: Bus) -> None:
+    up = _linked(bus)
+    e1 = bus.endpoint("e1")
+    bus.handle(e1, Kind.PEER_ADD, sender=info("p"), rid=3)
+    asked = up.take()[0]
+    bus.router.remove_endpoint(e1)
+    bus.handle(up, Kind.RESPONSE, target="p", rid=3, body=P.pack_payload([True, None]))
+    assert [(f.kind, f.sender) for f in up.take()] == [(Kind.PEER_REMOVE, asked.sender)]
+    assert e1.take() == [] and "p" not in bus.router.peers
+
+
+def test_joins_in_flight_fail_when_the_link_closes(bus: Bus) -> None:
+    up = _linked(bus)
+    e1 = bus.endpoint("e1")
+    bus.handle(e1, Kind.PEER_ADD, sender=info("p"), rid=3)
+    bus.router.remove_endpoint(up)
+    assert "link to the broker has closed" in expect_fail(e1, "p", 3)
+    # with no link any more, the same id joins at once
+    assert bus.add_peer(e1, "p")[0] == "p"
+
+
+def test_a_frame_over_a_links_limit_fails_the_request_or_tells_the_sender(bus: Bus) -> None:
+    link = bus.endpoint("link", relay=True)
+    far = bus.add_peer(link, "far", type_="pipe")
+    bus.subscribe(link, far, "ch")
+    e1 = bus.endpoint("e1")
+    a = bus.add_peer(e1, "a")
+    req = bus.request(e1, a, "ch", 4)
+    link.take()
+    bus.router.undeliverable(link, req.raw, "over the limit of the link")
+    assert expect_fail(e1, "a", 4) == "over the limit of the link"
+    sent = bus.handle(e1, Kind.SEND, "ch", a, body=P.pack_payload([1]))
+    bus.router.undeliverable(link, sent.raw, "over the limit of the link")
+    notice = e1.take()
+    assert [(f.kind, f.target) for f in notice] == [(Kind.NOTICE, "a")]
+    assert bus.router.state()["dropped"]["over_link_limit"] == 2
+
+
+def test_peer_provoked_warnings_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    warn = RateLimitedLog(lambda: now[0], interval=10.0)
+    with caplog.at_level("WARNING", logger="ipcbus"):
+        assert warn.warning("k", "first %d", 1)
+        assert not any(warn.warning("k", "again %d", i) for i in range(50))
+        assert warn.warning("other", "another kind")  # keys are separate
+        now[0] = 10.0
+        assert warn.warning("k", "later")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["first 1", "another kind",
+                        "later (and 50 more like it in the last 10 s)"]
