@@ -180,6 +180,7 @@ class BrokerTarget(Target):
         self.broker = IpcBusBroker.create(**options).connect(path)  # stderr: capfd's file
 
     def raw(self) -> RawPeer:
+        assert isinstance(self.broker.address, str)
         return RawPeer.unix(self.broker.address)
 
     def address(self) -> Any:

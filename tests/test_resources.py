@@ -320,11 +320,14 @@ def test_trickled_authentications_hold_no_slot_past_the_deadline() -> None:
     has one overall deadline now."""
     with IpcBusBroker.create(handshake_timeout=1.0).connect(0) as broker:
         assert isinstance(broker.address, tuple)
+        assert isinstance(broker.address[0], str)
         stop = threading.Event()
         socks: list[socket.socket] = []
 
+        address = broker.address
+
         def trickle() -> None:
-            sock = socket.create_connection(broker.address, timeout=5)
+            sock = socket.create_connection(address, timeout=5)
             socks.append(sock)
             while not stop.wait(0.2):
                 try:

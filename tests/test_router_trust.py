@@ -144,7 +144,8 @@ def _take(ep: FakeEndpoint, router: Router, requests: dict[tuple[str, int], set[
                     assert frame.sender == peer.info
             if frame.kind == Kind.REQUEST and frame.sender is not None:
                 requests.setdefault((frame.sender[0], frame.rid), set()).update(ep.peers)
-            if frame.kind == Kind.RESPONSE and frame.sender is not None:
+            if frame.kind == Kind.RESPONSE and frame.sender is not None \
+                    and frame.target is not None:
                 assert frame.sender[0] in requests.get((frame.target, frame.rid), set()), \
                     "an answer from a peer the request was not delivered to"
             if frame.nfds:

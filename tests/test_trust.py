@@ -44,7 +44,7 @@ def test_a_peer_is_what_its_connection_is_not_what_it_claims(
     sync(canary.client)
     raw = target.raw()
     raw.handshake()
-    claimed = [f"{os.getpid()}.liar", "liar", "main", 1]
+    claimed: list[Any] = [f"{os.getpid()}.liar", "liar", "main", 1]
     raw.send(P.encode_frame(Kind.PEER_ADD, sender=claimed, rid=1))
     answer = P.unpack_payload(raw.expect(Kind.RESPONSE).body)
     expected = [claimed[0], "liar", raw.ptype, os.getpid()]
