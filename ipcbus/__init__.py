@@ -7,7 +7,8 @@ independent processes, through one thread-safe, synchronous, EventEmitter-like A
 from __future__ import annotations
 
 from .bridge import IpcBusBridge
-from .broker import DEFAULT_TIMEOUT, IpcBusBroker
+from ._timeouts import DEFAULT_TIMEOUT
+from .broker import IpcBusBroker
 from .client import (IpcBusClient, IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
                      IpcBusRequestResponse)
 from .service import IpcBusService, IpcBusServiceProxy, IpcBusServiceWrapper

@@ -32,19 +32,13 @@ from typing import Any
 from typing_extensions import Self
 
 from . import _transport as T
-from .broker import Hub, HubOptions, resolve_timeout
+from . import _local
+from ._timeouts import resolve_timeout
+from .broker import Hub, HubOptions
+from .client import IpcBusClient
 from .errors import IpcBusConnectionError
 
 log = logging.getLogger("ipcbus")
-
-_current: IpcBusBridge | None = None  # the bridge of this process, if one is connected
-_current_lock = threading.Lock()
-
-
-def bridge_of_this_process() -> IpcBusBridge | None:
-    bridge = _current
-    return bridge if bridge is not None and bridge._hub is not None else None
-
 
 class IpcBusBridge:
     """The hub of this process: pipe children and local clients, optionally linked to a broker.
@@ -107,14 +101,13 @@ class IpcBusBridge:
         Raises :class:`~ipcbus.IpcBusConnectionError` if a bridge is already connected in this
         process or the broker cannot be reached or refuses the link.
         """
-        global _current
         linked = any(a is not None for a in (address, path, port))
         addr = T.parse_address(address, path=path, port=port, host=host) if linked else None
         wait = resolve_timeout(timeout)
-        with self._lock, _current_lock:
+        with self._lock, _local.lock:
             if self._hub is not None:
                 raise IpcBusConnectionError("this bridge is already connected")
-            if bridge_of_this_process() is not None:
+            if _local.bridge_of_this_process() is not None:
                 raise IpcBusConnectionError("a bridge is already connected in this process")
             options = self._options
             if addr is not None:
@@ -140,7 +133,7 @@ class IpcBusBridge:
             hub.on_drop = self._on_drop
             hub.start_thread(f"ipcbus-bridge {T.format_address(addr) if addr else 'local'}")
             self._hub = hub
-            _current = self
+            _local.register(self)
             # At exit, close before brokers and daemon children are torn down (atexit runs
             # last-registered first), so the link ends as a close, not as a lost broker.
             atexit.register(self.close)
@@ -215,8 +208,6 @@ class IpcBusBridge:
         """A client of this bridge for asking the broker (a "main" peer named ipcbus-bridge)."""
         with self._lock:
             if self._probe_client is None:
-                from .client import IpcBusClient  # the client module imports this one
-
                 self._probe_client = IpcBusClient.create().connect(
                     peer_name=f"ipcbus-bridge-{os.getpid()}")
             return self._probe_client
@@ -229,7 +220,6 @@ class IpcBusBridge:
 
     def close(self, timeout: float | None = None) -> None:
         """Close every pipe, every local client connection and the link. Idempotent."""
-        global _current
         atexit.unregister(self.close)
         with self._lock:
             probe, self._probe_client = self._probe_client, None
@@ -239,9 +229,9 @@ class IpcBusBridge:
             hub, self._hub = self._hub, None
             if hub is None:
                 return
-            with _current_lock:
-                if _current is self:
-                    _current = None
+            with _local.lock:
+                if _local.is_current(self):
+                    _local.register(None)
             hub.call_soon(hub.stop)
             if hub.thread is not None and hub.thread is not threading.current_thread():
                 hub.thread.join(resolve_timeout(timeout))

@@ -50,12 +50,12 @@ from typing_extensions import Self
 from . import _protocol as P
 from . import _transport as T
 from ._router import Peer, Router
+from ._timeouts import DEFAULT_TIMEOUT, resolve_timeout
 from .spy import TrafficLog
 from .errors import IpcBusConnectionError, IpcBusError, IpcBusProtocolError, IpcBusTimeoutError
 
 log = logging.getLogger("ipcbus")
 
-DEFAULT_TIMEOUT = 2.0
 ENV_LOG = "IPCBUS_LOG"  # a broker writes its traffic log there (.csv, or JSON lines)
 DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024
 DEFAULT_SLOW_CONSUMER_TIMEOUT = 10.0
@@ -86,17 +86,6 @@ _BATCH = 512
 LINK_POLICIES = frozenset({"owner", "any", "none"})
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _FD_KINDS = frozenset({int(P.Kind.SEND), int(P.Kind.SEND_TO)})  # frames that carry descriptors
-
-
-def resolve_timeout(timeout: float | None) -> float | None:
-    """SPEC timeouts: None or 0 -> DEFAULT_TIMEOUT; negative -> forever (None); else seconds."""
-    if timeout is None or timeout == 0:
-        return DEFAULT_TIMEOUT
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-    if timeout != timeout:  # NaN
-        raise ValueError("timeout is NaN")
-    return None if timeout < 0 else float(timeout)
 
 
 class HubOptions:

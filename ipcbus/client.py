@@ -56,8 +56,10 @@ from typing_extensions import Self
 from . import _protocol as P
 from . import _transport as T
 from ._protocol import Kind
-from .bridge import bridge_of_this_process
-from .broker import resolve_timeout
+from ._local import bridge_of_this_process
+from ._timeouts import resolve_timeout
+from ._types import (IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest, IpcBusRequestResponse,
+                     _Answered)
 from .emitter import Callbacks, Emitter
 from .errors import (IpcBusConnectionError, IpcBusError, IpcBusProtocolError, IpcBusRequestError,
                      IpcBusRequestTimeoutError)
@@ -66,95 +68,6 @@ log = logging.getLogger("ipcbus")
 
 __all__ = ["IpcBusClient", "IpcBusPeer", "IpcBusProcess", "IpcBusEvent", "IpcBusRequest",
            "IpcBusRequestResponse"]
-
-
-@dataclass(frozen=True)
-class IpcBusProcess:
-    """Where a peer runs: ``type`` is "main", "pipe" or "socket"; ``pid`` its process id."""
-
-    type: str
-    pid: int
-
-
-@dataclass(frozen=True)
-class IpcBusPeer:
-    """A client on the bus. ``id`` is unique on the bus; ``name`` is free text."""
-
-    id: str
-    name: str
-    process: IpcBusProcess
-
-
-@dataclass(slots=True)
-class IpcBusEvent:
-    """What a listener receives first: where the message came from and how to answer it."""
-
-    channel: str
-    sender: Optional[IpcBusPeer]
-    request: Optional[IpcBusRequest] = None
-    ports: Optional[list[Any]] = None
-
-
-@dataclass
-class IpcBusRequestResponse:
-    """The outcome of a request: ``payload`` if resolved, ``err`` if rejected or failed."""
-
-    event: IpcBusEvent
-    payload: Any = None
-    err: Any = None
-
-
-class _Answered:
-    """Shared by the local receivers of one request: the first answer wins."""
-
-    __slots__ = ("lock", "done")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.done = False
-
-
-class IpcBusRequest:
-    """Attached to ``event.request`` of a request; answer with :meth:`resolve` or :meth:`reject`.
-
-    Only the first answer (from any listener anywhere on the bus) reaches the requester; later
-    calls are ignored and return False.
-    """
-
-    __slots__ = ("_client", "_requester", "_rid", "_channel", "_answered")
-
-    def __init__(self, client: IpcBusClient, requester: str, rid: int, channel: str,
-                 answered: _Answered) -> None:
-        self._client = client
-        self._requester = requester
-        self._rid = rid
-        self._channel = channel
-        self._answered = answered
-
-    @property
-    def answered(self) -> bool:
-        return self._answered.done
-
-    def resolve(self, payload: Any = None) -> bool:
-        """Answer with ``payload``; False if the request was answered already."""
-        return self._answer(True, payload)
-
-    def reject(self, err: Any = None) -> bool:
-        """Fail the request with ``err`` (an exception is sent as "TypeName: message")."""
-        if isinstance(err, BaseException):
-            err = f"{type(err).__name__}: {err}"
-        return self._answer(False, err)
-
-    def _answer(self, resolved: bool, value: Any) -> bool:
-        body = P.pack_args([resolved, value])  # raises before anything is marked or sent
-        with self._answered.lock:
-            if self._answered.done:
-                return False
-            self._answered.done = True
-        conn = self._client._connection()
-        self._client._write(conn, _RESPONSE, self._channel, self._requester, self._rid, body)
-        conn.answered_at = time.perf_counter()
-        return True
 
 
 # -- timer ----------------------------------------------------------------------------------
@@ -1553,6 +1466,16 @@ class IpcBusClient(Emitter[str]):
             conn.write_burst(prefix + header + body)
         else:
             conn.write_now(prefix + header + body)
+
+    def _pack_answer(self, resolved: bool, value: Any) -> P.Body:
+        """The body of an answer (for :class:`IpcBusRequest`); raises if it cannot be sent."""
+        return P.pack_args([resolved, value])
+
+    def _send_answer(self, channel: str, requester: str, rid: int, body: P.Body) -> None:
+        """Send an answer (for :class:`IpcBusRequest`)."""
+        conn = self._connection()
+        self._write(conn, _RESPONSE, channel, requester, rid, body)
+        conn.answered_at = time.perf_counter()
 
     def _send_frame(self, kind: int, channel: str, target: str | None, rid: int,
                     body: P.Body) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .client import IpcBusRequestResponse
+    from ._types import IpcBusRequestResponse
 
 __all__ = [
     "IpcBusError",

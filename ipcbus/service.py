@@ -73,7 +73,7 @@ from typing import Any, Callable, Iterable
 from typing_extensions import Self
 
 from . import _protocol as P
-from .broker import resolve_timeout
+from ._timeouts import resolve_timeout
 from .client import (IpcBusClient, IpcBusEvent, IpcBusRequest, IpcBusRequestResponse, _set,
                      _Timer)
 from .emitter import Emitter, Listener

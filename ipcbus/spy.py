@@ -28,6 +28,7 @@ from typing_extensions import Self
 
 from . import _protocol as P
 from ._protocol import Frame, Kind
+from .client import IpcBusClient
 from .errors import IpcBusProtocolError
 
 log = logging.getLogger("ipcbus")
@@ -149,8 +150,6 @@ class IpcBusSpy:
     def connect(self, address: Any = None, *, timeout: float | None = None,
                 peer_name: str = "ipcbus-spy", **options: Any) -> Self:
         """Join the bus at ``address`` (the syntax of ``IpcBusClient.connect``) and start."""
-        from .client import IpcBusClient  # the client module imports the broker, which imports us
-
         client = IpcBusClient.create().connect(address, peer_name=peer_name, timeout=timeout,
                                                **options)
         try:

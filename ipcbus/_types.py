@@ -1,0 +1,111 @@
+"""The public value types of the bus: peers, events, requests and their outcomes.
+
+``IpcBusRequest`` answers through the client it was delivered to (the ``Answerer`` protocol),
+so this module imports nothing of the package: the client and the errors import from here.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+__all__ = ["IpcBusPeer", "IpcBusProcess", "IpcBusEvent", "IpcBusRequest",
+           "IpcBusRequestResponse"]
+
+
+
+class Answerer(Protocol):
+    """What an :class:`IpcBusRequest` needs of the client it was delivered to."""
+
+    def _pack_answer(self, resolved: bool, value: Any) -> Any:
+        """The answer's body; raises (TypeError/ValueError) if ``value`` cannot be sent."""
+
+    def _send_answer(self, channel: str, requester: str, rid: int, body: Any) -> None:
+        """Send the answer to request ``rid`` of ``requester``."""
+
+
+@dataclass(frozen=True)
+class IpcBusProcess:
+    """Where a peer runs: ``type`` is "main", "pipe" or "socket"; ``pid`` its process id."""
+
+    type: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class IpcBusPeer:
+    """A client on the bus. ``id`` is unique on the bus; ``name`` is free text."""
+
+    id: str
+    name: str
+    process: IpcBusProcess
+
+
+@dataclass(slots=True)
+class IpcBusEvent:
+    """What a listener receives first: where the message came from and how to answer it."""
+
+    channel: str
+    sender: Optional[IpcBusPeer]
+    request: Optional[IpcBusRequest] = None
+    ports: Optional[list[Any]] = None
+
+
+@dataclass
+class IpcBusRequestResponse:
+    """The outcome of a request: ``payload`` if resolved, ``err`` if rejected or failed."""
+
+    event: IpcBusEvent
+    payload: Any = None
+    err: Any = None
+
+
+class _Answered:
+    """Shared by the local receivers of one request: the first answer wins."""
+
+    __slots__ = ("lock", "done")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = False
+
+
+class IpcBusRequest:
+    """Attached to ``event.request`` of a request; answer with :meth:`resolve` or :meth:`reject`.
+
+    Only the first answer (from any listener anywhere on the bus) reaches the requester; later
+    calls are ignored and return False.
+    """
+
+    __slots__ = ("_client", "_requester", "_rid", "_channel", "_answered")
+
+    def __init__(self, client: Answerer, requester: str, rid: int, channel: str,
+                 answered: _Answered) -> None:
+        self._client = client
+        self._requester = requester
+        self._rid = rid
+        self._channel = channel
+        self._answered = answered
+
+    @property
+    def answered(self) -> bool:
+        return self._answered.done
+
+    def resolve(self, payload: Any = None) -> bool:
+        """Answer with ``payload``; False if the request was answered already."""
+        return self._answer(True, payload)
+
+    def reject(self, err: Any = None) -> bool:
+        """Fail the request with ``err`` (an exception is sent as "TypeName: message")."""
+        if isinstance(err, BaseException):
+            err = f"{type(err).__name__}: {err}"
+        return self._answer(False, err)
+
+    def _answer(self, resolved: bool, value: Any) -> bool:
+        body = self._client._pack_answer(resolved, value)  # raises before anything is marked
+        with self._answered.lock:
+            if self._answered.done:
+                return False
+            self._answered.done = True
+        self._client._send_answer(self._channel, self._requester, self._rid, body)
+        return True
