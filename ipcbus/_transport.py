@@ -260,6 +260,19 @@ def close_fds(fds: Iterable[int]) -> None:
             pass
 
 
+def dup_fds(fds: Iterable[int]) -> list[int]:
+    """Duplicates of ``fds``, owned by the caller; if one ``os.dup`` fails (out of
+    descriptors, say), the duplicates already made are closed and the error is raised."""
+    made: list[int] = []
+    try:
+        for fd in fds:
+            made.append(os.dup(fd))
+    except BaseException:
+        close_fds(made)
+        raise
+    return made
+
+
 class StreamTransport:
     """Bytes and descriptors over one stream socket."""
 

@@ -958,25 +958,28 @@ class _Connection:
                                 log.exception("listener %r of channel %r raised", listener,
                                               channel)
             return
-        try:
-            body = P.unpack_payload(memoryview(frame.raw)[frame.body_offset:])
-            kinds: list[str] | None = None
-            if frame.nfds:
-                if not (isinstance(body, list) and len(body) == 2 and isinstance(body[0], list)
-                        and isinstance(body[1], list) and len(body[1]) == frame.nfds
-                        and all(k in T.PORT_KINDS for k in body[1])):
-                    raise IpcBusProtocolError("malformed list of port kinds")
-                body, kinds = body
-        except IpcBusProtocolError as exc:
-            log.error("dropped a message on %r from %s: %s", channel, frame.sender_id, exc)
-            T.close_fds(frame.fds)
-            return
-        args = body if body.__class__ is list else [body]
-        answered = _Answered() if kind == _REQUEST else None
-        takers = [(client, listeners) for client in receivers
-                  if (listeners := client._take(channel))]
+        # The frame owns its descriptors until a listener's ``ports`` takes them: every
+        # other path, an exception included, closes them here.
         fds = frame.fds
         try:
+            try:
+                body = P.unpack_payload(memoryview(frame.raw)[frame.body_offset:])
+                kinds: list[str] | None = None
+                if frame.nfds:
+                    if not (isinstance(body, list) and len(body) == 2
+                            and isinstance(body[0], list) and isinstance(body[1], list)
+                            and len(body[1]) == frame.nfds
+                            and all(isinstance(k, str) and k in T.PORT_KINDS
+                                    for k in body[1])):
+                        raise IpcBusProtocolError("malformed list of port kinds")
+                    body, kinds = body
+            except IpcBusProtocolError as exc:
+                log.error("dropped a message on %r from %s: %s", channel, frame.sender_id, exc)
+                return
+            args = body if body.__class__ is list else [body]
+            answered = _Answered() if kind == _REQUEST else None
+            takers = [(client, listeners) for client in receivers
+                      if (listeners := client._take(channel))]
             for i, (client, listeners) in enumerate(takers):
                 request = None
                 if answered is not None and sender is not None:
@@ -1209,7 +1212,7 @@ class _Connection:
 def _ports(fds: list[int], kinds: list[str], dup: bool) -> list[Any]:
     """Received descriptors as the kinds of handle the sender posted: duplicates of ``fds``
     (``dup``), or ``fds`` themselves, which this call then owns (closed if it fails)."""
-    own = [os.dup(fd) for fd in fds] if dup else list(fds)
+    own = T.dup_fds(fds) if dup else list(fds)
     ports: list[Any] = []
     try:
         for fd, kind in zip(own, kinds):
