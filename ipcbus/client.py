@@ -121,11 +121,12 @@ class IpcBusRequest:
     calls are ignored and return False.
     """
 
-    __slots__ = ("_client", "_requester", "_rid", "_channel", "_answered")
+    __slots__ = ("_client", "_member", "_requester", "_rid", "_channel", "_answered")
 
     def __init__(self, client: IpcBusClient, requester: str, rid: int, channel: str,
                  answered: _Answered) -> None:
         self._client = client
+        self._member = client._member  # the answer goes out in the name it was asked of
         self._requester = requester
         self._rid = rid
         self._channel = channel
@@ -152,7 +153,8 @@ class IpcBusRequest:
                 return False
             self._answered.done = True
         conn = self._client._connection()
-        self._client._write(conn, _RESPONSE, self._channel, self._requester, self._rid, body)
+        self._client._write(conn, _RESPONSE, self._channel, self._requester, self._rid, body,
+                            None, self._member)
         conn.answered_at = time.perf_counter()
         return True
 
@@ -225,7 +227,7 @@ class _Timer:
                 fn = heapq.heappop(heap)[2]
             try:
                 fn()
-            except Exception:  # pragma: no cover - a bug, but never kill the timer
+            except BaseException:  # pragma: no cover - a bug, but never kill the timer
                 log.exception("ipcbus timer callback failed")
 
 
@@ -355,6 +357,25 @@ class _SyncAnswer:
         return self._result
 
 
+class _Membership:
+    """One joining of the bus by a client: the peer tuple its frames carry (the hub's record
+    of it once PEER_ADD is answered), their cached headers, and whether its PEER_REMOVE was
+    written. ``left`` is set and read under the connection's send lock: no frame of a
+    membership is ever written after its PEER_REMOVE (the hub would drop the whole shared
+    connection for it). A new ``connect()`` makes a new membership, so a thread still
+    sending for the old one cannot write in the new one's name."""
+
+    __slots__ = ("info", "headers", "left")
+
+    def __init__(self, info: list[Any] | None, left: bool = False) -> None:
+        self.info = info
+        self.headers: dict[tuple[int, str, str | None], bytes] = {}  # frames without fds
+        self.left = left
+
+
+_NOT_JOINED = _Membership(None, left=True)
+
+
 class _Pending:
     __slots__ = ("future", "client", "channel", "timeout")
 
@@ -445,8 +466,8 @@ class _Connection:
         if self.closed:
             raise IpcBusConnectionError(f"the bus connection has closed: {self.close_reason}")
 
-    def write(self, buffers: list[bytes], fds: list[int] | None = None,
-              urgent: bool = True) -> None:
+    def write(self, buffers: list[bytes], fds: list[int] | None, urgent: bool,
+              member: _Membership) -> None:
         """Write one frame. ``urgent=False`` (broadcasts, peer-to-peer sends) lets it join a
         burst: a send that follows the previous one within BURST_GAP seconds is buffered and
         written with its neighbours (inline every ``coalesce`` bytes, else by the flusher
@@ -456,6 +477,8 @@ class _Connection:
             self.check_usable()
         try:
             with self.send_lock:
+                if member.left:
+                    _raise_left()
                 if urgent or fds or not self.coalesce or len(buffers) > 1 \
                         or len(buffers[0]) > _COALESCE_FRAME:
                     if self.out:
@@ -467,12 +490,14 @@ class _Connection:
             self.check_usable()
             raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
 
-    def write_burst(self, data: bytes) -> None:
+    def write_burst(self, data: bytes, member: _Membership) -> None:
         """:meth:`write` of one small frame that may join a burst (``urgent=False``)."""
         if self.forked or self.closed:
             self.check_usable()
         try:
             with self.send_lock:
+                if member.left:
+                    _raise_left()
                 if self.coalesce:
                     self._burst_locked(data)
                 else:
@@ -496,16 +521,34 @@ class _Connection:
             self.transport.sock.sendall(data)
         self.last_write = now
 
-    def write_now(self, data: bytes) -> None:
+    def write_now(self, data: bytes, member: _Membership) -> None:
         """:meth:`write` of one urgent frame without descriptors (requests, answers): the
         path of every round trip, kept short."""
         if self.forked or self.closed:
             self.check_usable()
         try:
             with self.send_lock:
+                if member.left:
+                    _raise_left()
                 if self.out:
                     self._flush_locked()
                 self.transport.sock.sendall(data)
+        except OSError as exc:
+            self.check_usable()
+            raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
+
+    def leave(self, member: _Membership) -> None:
+        """Write the PEER_REMOVE of ``member``, after what its burst left buffered; from
+        then on, every write in its name raises (see :class:`_Membership`)."""
+        self.check_usable()
+        try:
+            with self.send_lock:
+                if member.left:
+                    return
+                member.left = True
+                if self.out:
+                    self._flush_locked()
+                self.transport.sock.sendall(P.encode_frame(Kind.PEER_REMOVE, sender=member.info))
         except OSError as exc:
             self.check_usable()
             raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
@@ -665,10 +708,12 @@ class _Connection:
 
     def _read_or_end(self) -> tuple[list[P.Frame], int, bool, bool] | None:
         """:meth:`_read_once`; if the connection ends, release the read role, fail what is
-        pending and return None."""
+        pending and return None. A KeyboardInterrupt (or another BaseException raised by a
+        signal handler in the main thread) is not the end of the connection: it propagates,
+        and the caller gives up the read role (see :meth:`_caller_wait`)."""
         try:
             return self._read_once()
-        except BaseException as exc:
+        except Exception as exc:
             self.read_role.release()
             self._lost(exc)
             return None
@@ -813,6 +858,10 @@ class _Connection:
                 f"request on {p.channel!r} failed: {self.close_reason}"))
         T.close_fds(self.fd_queue)
         self.fd_queue.clear()
+        # Whatever ended it (EOF, a protocol error, a bug in an I/O thread), the hub must see
+        # the end too: it then forgets this connection's peers and fails the requests waiting
+        # for them at once.
+        self.transport.shutdown()
         with _registry_lock:
             if _connections.get(self.key) is self:
                 del _connections[self.key]
@@ -843,7 +892,7 @@ class _Connection:
             for frame in batch:
                 try:
                     self._dispatch_frame(frame)
-                except Exception:
+                except BaseException:  # a listener's SystemExit too: see _dispatch_frame
                     log.exception("ipcbus: error while dispatching")
         finally:
             self.dispatch_owner = None
@@ -871,7 +920,7 @@ class _Connection:
                 for frame in batch:
                     try:
                         self._dispatch_frame(frame)
-                    except Exception:
+                    except BaseException:  # a listener's SystemExit too: see _dispatch_frame
                         log.exception("ipcbus: error while dispatching")
                     if size > _RECYCLE and frame.kind != _SPY_COPY:
                         self.decoder.recycle(frame)
@@ -881,7 +930,7 @@ class _Connection:
             else:
                 try:
                     item()
-                except Exception:
+                except BaseException:
                     log.exception("ipcbus: error while dispatching")
 
     def _finish_dispatch(self) -> None:
@@ -909,7 +958,7 @@ class _Connection:
                 if client._peer_id == frame.target and client._spy_handler is not None:
                     try:
                         client._spy_handler(frame)
-                    except Exception:
+                    except BaseException:
                         log.exception("spy handler raised")
             return
         if kind == _SEND or frame.target is None:
@@ -954,7 +1003,7 @@ class _Connection:
                         for listener in listeners:
                             try:
                                 listener(event, *args)
-                            except Exception:
+                            except BaseException:  # see below
                                 log.exception("listener %r of channel %r raised", listener,
                                               channel)
             return
@@ -993,9 +1042,12 @@ class _Connection:
                         ports = _ports(fds, kinds, dup=True)
                 event = IpcBusEvent(channel, sender, request, ports)
                 for listener in listeners:
+                    # Whatever a listener raises, SystemExit and KeyboardInterrupt included,
+                    # is logged and goes no further: listeners run on an I/O thread of the
+                    # connection, which the other clients and threads of the process share.
                     try:
                         listener(event, *args)
-                    except Exception:
+                    except BaseException:
                         log.exception("listener %r of channel %r raised", listener, channel)
         finally:
             T.close_fds(fds)  # descriptors no listener took
@@ -1059,33 +1111,38 @@ class _Connection:
             if ((cls is _SyncAnswer or cls is _AnswerFuture) and not future.done()
                     and not self.reader_done.is_set() and not self.over_budget
                     and self.read_role.acquire(False)):
-                poll = self.poller.poll
-                spin_end = self.caller_spin.until(time.perf_counter())
-                while not future.done() and not self.over_budget:
-                    wait_ms = _READ_WAIT_MS
-                    if deadline is not None:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        wait_ms = min(_READ_WAIT_MS, int(left * 1000) + 1)
-                    if spin_end:  # see SPIN_WAIT
-                        ready = self._spin_for_data(spin_end)
-                        self.caller_spin.outcome(ready)
-                        spin_end = 0.0
-                        if ready:
-                            wait_ms = -1  # readable: no need to ask again
-                    if wait_ms >= 0 and not poll(wait_ms):
-                        continue
-                    read = self._read_or_end()
-                    if read is None:
-                        return
-                    if read[0]:
-                        self._enqueue((read[0], read[1]), read[1])
-                        self._ensure_dispatcher()  # listeners never run on a caller's thread
-                if self_reader:
-                    self_reader = False
-                    self._leave_self_read()
-                self._give_up_role()
+                held = True  # the read role: given up on every path, an interrupt's too
+                try:
+                    poll = self.poller.poll
+                    spin_end = self.caller_spin.until(time.perf_counter())
+                    while not future.done() and not self.over_budget:
+                        wait_ms = _READ_WAIT_MS
+                        if deadline is not None:
+                            left = deadline - time.monotonic()
+                            if left <= 0:
+                                break
+                            wait_ms = min(_READ_WAIT_MS, int(left * 1000) + 1)
+                        if spin_end:  # see SPIN_WAIT
+                            ready = self._spin_for_data(spin_end)
+                            self.caller_spin.outcome(ready)
+                            spin_end = 0.0
+                            if ready:
+                                wait_ms = -1  # readable: no need to ask again
+                        if wait_ms >= 0 and not poll(wait_ms):
+                            continue
+                        read = self._read_or_end()
+                        if read is None:
+                            held = False  # released by _read_or_end
+                            return
+                        if read[0]:
+                            self._enqueue((read[0], read[1]), read[1])
+                            self._ensure_dispatcher()  # listeners never on a caller's thread
+                    if self_reader:
+                        self_reader = False
+                        self._leave_self_read()
+                finally:
+                    if held:
+                        self._give_up_role()
         finally:
             if self_reader:
                 self._leave_self_read()
@@ -1207,6 +1264,27 @@ class _Connection:
             os.close(fd)
         except OSError:
             pass
+
+
+def _raise_left() -> None:
+    raise IpcBusConnectionError("the client was closed")
+
+
+def _leave_if_joined(conn: _Connection, member: _Membership,
+                     future: concurrent.futures.Future[Any]) -> None:
+    """A ``connect()`` was interrupted before the hub answered its PEER_ADD: if the answer
+    is yes, leave (the peer would otherwise stay on the bus until the connection ends)."""
+    if future.cancelled() or future.exception() is not None:
+        member.left = True
+    else:
+        _leave(conn, member)
+
+
+def _leave(conn: _Connection, member: _Membership) -> None:
+    try:
+        conn.leave(member)
+    except IpcBusError:
+        member.left = True
 
 
 def _ports(fds: list[int], kinds: list[str], dup: bool) -> list[Any]:
@@ -1344,8 +1422,7 @@ class IpcBusClient(Emitter[str]):
         self._peer: IpcBusPeer | None = None
         self._peer_id: str | None = None
         self._spy_handler: Callable[[P.Frame], None] | None = None
-        self._info: list[Any] | None = None
-        self._headers: dict[tuple[int, str, str | None], bytes] = {}  # frames without descriptors
+        self._member = _NOT_JOINED  # who our frames say we are; see _Membership
         self._closed_handlers = Callbacks()
         self._closed_fired = False
         self._fire_lock = threading.Lock()
@@ -1402,29 +1479,67 @@ class IpcBusClient(Emitter[str]):
             peer_id = f"{os.getpid()}.{uuid.uuid4().hex[:12]}"
             info = [peer_id, name, conn.ptype, os.getpid()]
             P.encode_header(Kind.PEER_ADD, "", info, None)  # a name too long fails here
-            self._peer_id = peer_id
-            with conn.lock:
-                conn.clients[peer_id] = self
-                conn.client_list = tuple(conn.clients.values())
-            self._conn, self._info = conn, info
-            self._peer = IpcBusPeer(peer_id, name, IpcBusProcess(conn.ptype, os.getpid()))
-            self._closed_fired = False
-            try:
-                with self._lock:  # listeners added before connect() are subscribed now
-                    future = self._start_request(Kind.PEER_ADD, "", None, wait, b"")
-                    for channel in self._listeners:
-                        self._send_frame(Kind.SUBSCRIBE, channel, None, 1, b"")
-                conn.wait(future)
-            except BaseException as exc:
-                with conn.lock:
-                    conn.clients.pop(peer_id, None)
-                    conn.client_list = tuple(conn.clients.values())
-                self._conn = None
-                self._peer = None
-                if isinstance(exc, IpcBusRequestError):
-                    raise IpcBusConnectionError(f"the bus refused this peer: {exc}") from None
-                raise
+            self._join(conn, info, wait)
         return self
+
+    def _join(self, conn: _Connection, info: list[Any], wait: float | None) -> None:
+        """PEER_ADD, and once the hub has answered it (never before: through a linked bridge
+        the peer exists only then), SUBSCRIBE for the listeners added before ``connect()``.
+        The answer may carry the hub's record of this peer (``{"pid": ..., "peer": [id,
+        name, type, pid]}``): every later frame carries exactly that."""
+        member = self._member = _Membership(info)
+        self._set_peer(info)
+        self._closed_fired = False
+        with conn.lock:
+            conn.clients[info[0]] = self
+            conn.client_list = tuple(conn.clients.values())
+        future: concurrent.futures.Future[Any] | None = None
+        try:
+            future = self._start_request(Kind.PEER_ADD, "", None, wait, b"", conn=conn)
+            response = conn.wait(future)
+            self._adopt(conn, member, response.payload)
+            with self._lock:  # ordered with _first_listener/_last_listener
+                self._conn = conn  # joined: sends and subscriptions go out from now on
+                for channel in self._listeners:
+                    self._write(conn, Kind.SUBSCRIBE, channel, None, 1, b"")
+        except BaseException as exc:
+            self._conn = None
+            with conn.lock:
+                if conn.clients.get(self._peer_id or "") is self:
+                    del conn.clients[self._peer_id or ""]
+                conn.client_list = tuple(conn.clients.values())
+            if future is None or (future.done() and future.exception() is not None):
+                member.left = True  # never joined (or PEER_ADD not known to be written)
+            elif future.done():
+                _leave(conn, member)  # joined, but what followed failed
+            else:  # interrupted while the hub decides: leave if it says yes
+                future.add_done_callback(lambda f: _leave_if_joined(conn, member, f))
+            self._peer = None
+            if isinstance(exc, IpcBusRequestError):
+                raise IpcBusConnectionError(f"the bus refused this peer: {exc}") from None
+            raise
+
+    def _set_peer(self, info: list[Any]) -> None:
+        self._peer_id = info[0]
+        self._peer = IpcBusPeer(info[0], info[1], IpcBusProcess(info[2], info[3]))
+
+    def _adopt(self, conn: _Connection, member: _Membership, payload: Any) -> None:
+        """Take the hub's record of this peer, from the answer to PEER_ADD (an older hub
+        answers with its pid only: the declared tuple stands)."""
+        peer = payload.get("peer") if isinstance(payload, dict) else None
+        if not (isinstance(peer, list) and len(peer) == 4 and isinstance(peer[0], str)
+                and peer[0] and isinstance(peer[1], str) and isinstance(peer[2], str)
+                and isinstance(peer[3], int)) or peer == member.info:
+            return
+        old = self._peer_id
+        with conn.lock:
+            if conn.clients.get(old or "") is self:
+                del conn.clients[old or ""]
+            conn.clients[peer[0]] = self
+            conn.client_list = tuple(conn.clients.values())
+        member.info = list(peer)
+        member.headers.clear()
+        self._set_peer(member.info)
 
     def close(self, timeout: float | None = None) -> None:
         """Leave the bus: what was sent is delivered, pending requests fail. Idempotent."""
@@ -1434,10 +1549,13 @@ class IpcBusClient(Emitter[str]):
             if conn is None:
                 return
             self._conn = None
+            member = self._member
             if conn.pid != os.getpid() or conn.forked:
+                member.left = True
                 return
             with conn.lock:
-                conn.clients.pop(self.peer.id, None)
+                if conn.clients.get(self._peer_id or "") is self:
+                    del conn.clients[self._peer_id or ""]
                 conn.client_list = tuple(conn.clients.values())
                 last = not conn.clients
                 mine = [k for k, p in conn.pending.items() if p.client is self]
@@ -1445,11 +1563,9 @@ class IpcBusClient(Emitter[str]):
             for p in pending:
                 _set(p.future, exc=IpcBusConnectionError(
                     f"request on {p.channel!r} failed: the client was closed"))
-            if not conn.closed:
-                try:
-                    self._write(conn, Kind.PEER_REMOVE, "", None, 0, b"")
-                except IpcBusError:
-                    pass
+            # Sends racing with this close from other threads are written before the
+            # PEER_REMOVE (and routed), or raise IpcBusConnectionError: never after it.
+            _leave(conn, member)
             if last:
                 with _registry_lock:
                     if _connections.get(conn.key) is conn:
@@ -1478,7 +1594,7 @@ class IpcBusClient(Emitter[str]):
             for handler in self._closed_handlers.snapshot():
                 try:
                     handler()
-                except Exception:
+                except BaseException:  # like a listener's (see _dispatch_frame)
                     log.exception("on_closed handler %r raised", handler)
 
         if conn.on_dispatch_thread() or conn.dispatch_done.is_set():
@@ -1515,30 +1631,34 @@ class IpcBusClient(Emitter[str]):
         return conn
 
     def _write(self, conn: _Connection, kind: int, channel: str, target: str | None, rid: int,
-               body: P.Body, fds: list[int] | None = None) -> None:
+               body: P.Body, fds: list[int] | None = None,
+               member: _Membership | None = None) -> None:
+        if member is None:
+            member = self._member  # one membership throughout: see _Membership
         size = len(body) if body.__class__ is bytes else P.body_size(body)
         if size > conn.max_message:
             raise ValueError(f"message of {size} bytes exceeds the bus limit of"
                              f" {conn.max_message} bytes")
         if fds:
-            header = P.encode_header(kind, channel, self._info, target, len(fds))
+            header = P.encode_header(kind, channel, member.info, target, len(fds))
         else:
             key = (kind, channel, target)
-            header = self._headers.get(key)  # type: ignore[assignment]
+            headers = member.headers
+            header = headers.get(key)  # type: ignore[assignment]
             if header is None:
-                header = P.encode_header(kind, channel, self._info, target)
-                if len(self._headers) >= 1024:
-                    self._headers.clear()
-                self._headers[key] = header
+                header = P.encode_header(kind, channel, member.info, target)
+                if len(headers) >= 1024:
+                    headers.clear()
+                headers[key] = header
         prefix = _PREFIX_PACK(len(header), size, rid)
         if body.__class__ is not bytes:  # large arguments, written in place
-            conn.write([prefix + header, *body], fds, True)
+            conn.write([prefix + header, *body], fds, True, member)
         elif fds or size > _COALESCE_FRAME:
-            conn.write([prefix + header, body], fds, True)
+            conn.write([prefix + header, body], fds, True, member)
         elif kind == _SEND or kind == _SEND_TO:
-            conn.write_burst(prefix + header + body)
+            conn.write_burst(prefix + header + body, member)
         else:
-            conn.write_now(prefix + header + body)
+            conn.write_now(prefix + header + body, member)
 
     def _send_frame(self, kind: int, channel: str, target: str | None, rid: int,
                     body: P.Body) -> None:
@@ -1589,12 +1709,13 @@ class IpcBusClient(Emitter[str]):
                                    P.pack_args(args))
 
     def _start_request(self, kind: int, channel: str, target: str | None,
-                       timeout: float | None, body: P.Body, fds: list[int] | None = None
-                       ) -> concurrent.futures.Future[Any]:
-        conn = self._connection()
-        assert self._peer is not None
+                       timeout: float | None, body: P.Body, fds: list[int] | None = None,
+                       conn: _Connection | None = None) -> concurrent.futures.Future[Any]:
+        if conn is None:
+            conn = self._connection()
+        assert self._peer_id is not None
         rid = next(_rids)
-        key = (self._peer.id, rid)
+        key = (self._peer_id, rid)
         future = _AnswerFuture()
         pending = _Pending(self, channel, future)
         if timeout is not None:  # armed first: the answer may come before _write returns
