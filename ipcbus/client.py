@@ -1673,14 +1673,15 @@ class IpcBusClient(Emitter[str]):
     def send_to(self, target: IpcBusPeer | str, channel: str, *args: Any) -> None:
         """Send ``args`` to the listeners of ``channel`` of one peer only."""
         target_id = _target_id(target)
-        P.check_channel(channel)
+        if channel not in _valid_channels:
+            _remember_channel(channel)
         self._send_frame(Kind.SEND_TO, channel, target_id, 0, P.pack_args(args))
 
     def request(self, channel: str, timeout: float | None, *args: Any) -> IpcBusRequestResponse:
         """Ask every listener of ``channel``; return the first answer, or raise
         :class:`IpcBusRequestError` (rejected, no listener, timed out)."""
         if channel not in _valid_channels:
-            _remember_channel(channel)
+            _remember_channel(channel, _HUB_QUERIES)
         timeout = resolve_timeout(timeout)
         body = P.pack_args(args)
         return self._connection().request(  # type: ignore[no-any-return]
@@ -1690,7 +1691,8 @@ class IpcBusClient(Emitter[str]):
                    *args: Any) -> IpcBusRequestResponse:
         """Like :meth:`request`, to the listeners of one peer only."""
         target_id = _target_id(target)
-        P.check_channel(channel)
+        if channel not in _valid_channels:
+            _remember_channel(channel, _HUB_QUERIES)
         timeout = resolve_timeout(timeout)
         body = P.pack_args(args)
         return self._connection().request(  # type: ignore[no-any-return]
@@ -1704,7 +1706,8 @@ class IpcBusClient(Emitter[str]):
     def request_async(self, channel: str, timeout: float | None, *args: Any
                       ) -> concurrent.futures.Future[IpcBusRequestResponse]:
         """Start a request; the Future gets the response or the IpcBusRequestError."""
-        P.check_channel(channel)
+        if channel not in _valid_channels:
+            _remember_channel(channel, _HUB_QUERIES)
         return self._start_request(Kind.REQUEST, channel, None, resolve_timeout(timeout),
                                    P.pack_args(args))
 
@@ -1743,14 +1746,16 @@ class IpcBusClient(Emitter[str]):
         :class:`IpcBusConnectionError` on a TCP connection and :class:`IpcBusRequestError` if a
         receiver cannot take descriptors; in both cases nothing is sent.
         """
-        P.check_channel(channel)
+        if channel not in _valid_channels:
+            _remember_channel(channel)
         self._post(Kind.SEND, channel, None, message, ports)
 
     def post_message_to(self, target: IpcBusPeer | str, channel: str, message: Any,
                         ports: list[Any] | None = None) -> None:
         """Like :meth:`post_message`, to one peer's listeners (an unknown peer raises)."""
         target_id = _target_id(target)
-        P.check_channel(channel)
+        if channel not in _valid_channels:
+            _remember_channel(channel)
         self._post(Kind.SEND_TO, channel, target_id, message, ports)
 
     def _post(self, kind: int, channel: str, target: str | None, message: Any,
@@ -1780,7 +1785,33 @@ class IpcBusClient(Emitter[str]):
             raise IpcBusRequestError(f"post_message on {channel!r} failed: {err}",
                                      exc.response) from None
 
-    # -- for IpcBusService --------------------------------------------------------------------
+    # -- for IpcBusService: the library's own protocols on reserved channels ------------------
+    # The public calls refuse channels under /ipcbus/ (see _remember_channel); these do not.
+    def _send_reserved(self, channel: str, *args: Any) -> None:
+        """:meth:`send` on any valid channel, reserved ones included."""
+        P.check_channel(channel)
+        self._send_frame(Kind.SEND, channel, None, 0, P.pack_args(args))
+
+    def _send_to_reserved(self, target: IpcBusPeer | str, channel: str, *args: Any) -> None:
+        """:meth:`send_to` on any valid channel, reserved ones included."""
+        target_id = _target_id(target)
+        P.check_channel(channel)
+        self._send_frame(Kind.SEND_TO, channel, target_id, 0, P.pack_args(args))
+
+    def _request_reserved(self, channel: str, timeout: float | None, *args: Any
+                          ) -> IpcBusRequestResponse:
+        """:meth:`request` on any valid channel, reserved ones included."""
+        P.check_channel(channel)
+        return self._connection().request(  # type: ignore[no-any-return]
+            self, _REQUEST, channel, None, resolve_timeout(timeout), P.pack_args(args))
+
+    def _request_async_reserved(self, channel: str, timeout: float | None, *args: Any
+                                ) -> concurrent.futures.Future[IpcBusRequestResponse]:
+        """:meth:`request_async` on any valid channel, reserved ones included."""
+        P.check_channel(channel)
+        return self._start_request(Kind.REQUEST, channel, None, resolve_timeout(timeout),
+                                   P.pack_args(args))
+
     def _register_service(self, name: str, timeout: float | None) -> None:
         """Claim ``name`` on the bus; IpcBusRequestError if another peer has started it."""
         self._wait(self._start_request(Kind.SERVICE_ADD, P.check_channel(name), None,
@@ -1798,7 +1829,7 @@ class IpcBusClient(Emitter[str]):
 
     def create_direct_channel(self) -> str:
         """A channel name that only this client listens to, for private replies."""
-        return f"/ipcbus/direct/{self.peer.id}/{uuid.uuid4().hex[:8]}"
+        return f"{DIRECT_PREFIX}{self.peer.id}/{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> Self:
         return self
@@ -1812,15 +1843,28 @@ class IpcBusClient(Emitter[str]):
         return f"<IpcBusClient {self._peer.name!r} id={self._peer.id}>"
 
 
-_valid_channels: set[str] = set()
+_valid_channels: set[str] = set()  # valid, and open to every call of the public API
+RESERVED_PREFIX = "/ipcbus/"  # the bus's own channels: the hub's and the library's protocols
+DIRECT_PREFIX = "/ipcbus/direct/"  # made by create_direct_channel(): anyone's to use
+_HUB_QUERIES = frozenset({"/ipcbus/queryState", "/ipcbus/serviceAvailable"})  # requests only
+_NO_EXCEPTIONS: frozenset[str] = frozenset()
 
 
-def _remember_channel(channel: object) -> None:
-    """Validate a channel name once; later sends on it skip the check."""
+def _remember_channel(channel: object, allowed: frozenset[str] = _NO_EXCEPTIONS) -> None:
+    """Validate a channel name given to the public API once; later calls on it skip the
+    check. Reserved channels raise ValueError, except direct channels and ``allowed``
+    (answered by the hub: not remembered, since a send there is refused)."""
     P.check_channel(channel)
+    assert isinstance(channel, str)
+    if channel.startswith(RESERVED_PREFIX) and not channel.startswith(DIRECT_PREFIX):
+        if channel in allowed:
+            return
+        raise ValueError(f"channel {channel!r} is reserved: channels under {RESERVED_PREFIX}"
+                         f" belong to the bus (listening there is allowed; requests on"
+                         f" {', '.join(sorted(_HUB_QUERIES))} too)")
     if len(_valid_channels) >= 4096:
         _valid_channels.clear()
-    _valid_channels.add(channel)  # type: ignore[arg-type]
+    _valid_channels.add(channel)
 
 
 def _target_id(target: object) -> str:

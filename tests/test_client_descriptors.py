@@ -61,7 +61,7 @@ class Bus:
     def after(self) -> None:
         """A plain message behind the others: once it arrived, they were handled."""
         count = len(self.got.items)
-        self.raw.send(self.raw.frame(Kind.SEND, "after", body=P.pack_args(("x",))))
+        self.raw.send(self.raw.frame(Kind.SEND, "after", body=P.pack_payload(["x"])))
         self.got.wait(count + 1)
 
     def close(self) -> None:
@@ -147,7 +147,7 @@ def test_dup_fds_closes_what_it_made_when_one_dup_fails(monkeypatch: pytest.Monk
         return made[-1]
 
     before = fd_count()
-    monkeypatch.setattr(T.os, "dup", dup)
+    monkeypatch.setattr(os, "dup", dup)
     try:
         with pytest.raises(OSError):
             T.dup_fds(fds)
@@ -184,7 +184,7 @@ def receive_near_the_fd_limit(address: str, nfds: int, out: Any, stop: Any) -> N
     # room for the message's descriptors and two duplicates: the third dup fails
     resource.setrlimit(resource.RLIMIT_NOFILE, (base + nfds + 2, hard))
     out.put(("ready", base))
-    seen = []
+    seen: list[Any] = []
     while len([s for s in seen if s[0] == "after"]) < 2:
         seen.append(got.get(timeout=20))
     out.put(("done", fd_count(), seen, a.connected and b.connected))
@@ -211,7 +211,7 @@ def test_running_out_of_descriptors_while_duplicating_leaks_none(
                                       body=P.pack_payload([["m"], ["fd"] * nfds])), fds)
         finally:
             T.close_fds(fds)
-        raw.send(raw.frame(Kind.SEND, "after", body=P.pack_args(("x",))))
+        raw.send(raw.frame(Kind.SEND, "after", body=P.pack_payload(["x"])))
         tag, count, seen, connected = out.get(timeout=30)
     finally:
         raw.close()

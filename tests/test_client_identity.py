@@ -116,6 +116,7 @@ def test_no_frame_before_peer_add_is_answered_then_the_hubs_record_only(
     threading.Thread(target=connect, daemon=True).start()
     peer_add = hub.next()
     assert peer_add.kind == Kind.PEER_ADD
+    assert peer_add.sender is not None
     declared = list(peer_add.sender)
     # While the answer is held: a new listener is not subscribed yet, a send raises.
     c.on("during", lambda event, *a: None)

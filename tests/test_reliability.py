@@ -834,13 +834,13 @@ def test_service_calls_reach_only_registered_handlers(sock_path: str) -> None:
         try:
             assert service.calls == ["ping"]
             channel = P.service_call_channel("svc")
-            assert user.request(channel, 5.0, "ping").payload == "pong"
+            assert user._request_reserved(channel, 5.0, "ping").payload == "pong"
             for name in ["_secret", "__init__", "__class__", "__reduce__", "__dict__",
                          "register_call_handler", "stop", "os.system", ""]:
                 with pytest.raises(IpcBusRequestError, match="no call"):
-                    user.request(channel, 5.0, name)
+                    user._request_reserved(channel, 5.0, name)
             with pytest.raises(IpcBusRequestError, match="malformed call"):
-                user.request(channel, 5.0, {"__class__": 1})
+                user._request_reserved(channel, 5.0, {"__class__": 1})
             assert impl.touched == []
             assert service.is_started
         finally:
