@@ -402,6 +402,10 @@ class _Connection:
         self.max_message: int = welcome["max_message"]
         self.can_pass_fds = bool(welcome.get("fds")) and transport.can_pass_fds
         self.fd_queue: list[int] = []
+        # The raw result of a read (see T.recv_kept): normally taken at once; left here when
+        # an interrupt (Ctrl-C in the main thread, reading its own answer) came right after
+        # the system call, for the next reader to take first.
+        self.got: list[Any] = []
         self.send_lock = threading.Lock()
         self.coalesce = coalesce  # bytes of a burst buffered before an inline write; 0: off
         self.out: list[bytes] = []  # a burst's frames, not written yet (under send_lock)
@@ -483,7 +487,7 @@ class _Connection:
                         or len(buffers[0]) > _COALESCE_FRAME:
                     if self.out:
                         self._flush_locked()
-                    self.transport.sendall(buffers, fds or ())
+                    _send_whole(self.transport.sock, buffers, fds or ())
                     return
                 self._burst_locked(buffers[0])
         except OSError as exc:
@@ -501,7 +505,7 @@ class _Connection:
                 if self.coalesce:
                     self._burst_locked(data)
                 else:
-                    self.transport.sock.sendall(data)
+                    _send_whole(self.transport.sock, (data,))
         except OSError as exc:
             self.check_usable()
             raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
@@ -518,7 +522,7 @@ class _Connection:
             self.out_size = len(data)
             self._wake_flusher()
         else:
-            self.transport.sock.sendall(data)
+            _send_whole(self.transport.sock, (data,))
         self.last_write = now
 
     def write_now(self, data: bytes, member: _Membership) -> None:
@@ -532,7 +536,7 @@ class _Connection:
                     _raise_left()
                 if self.out:
                     self._flush_locked()
-                self.transport.sock.sendall(data)
+                _send_whole(self.transport.sock, (data,))
         except OSError as exc:
             self.check_usable()
             raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
@@ -548,14 +552,15 @@ class _Connection:
                 member.left = True
                 if self.out:
                     self._flush_locked()
-                self.transport.sock.sendall(P.encode_frame(Kind.PEER_REMOVE, sender=member.info))
+                _send_whole(self.transport.sock,
+                            (P.encode_frame(Kind.PEER_REMOVE, sender=member.info),))
         except OSError as exc:
             self.check_usable()
             raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
 
     def _flush_locked(self) -> None:
         out, self.out, self.out_size = self.out, [], 0
-        self.transport.sendall([b"".join(out)])
+        _send_whole(self.transport.sock, (b"".join(out),))
 
     def flush(self) -> None:
         """Write whatever a burst left buffered (the flusher does it on its own too)."""
@@ -722,8 +727,13 @@ class _Connection:
         """One read by the holder of the read role: answers and notices are handled here;
         returns the frames to dispatch, their size, whether a waiting caller got its answer
         and whether the read filled the buffer (more is likely waiting)."""
-        buf = self.decoder.get_buffer()
-        nbytes, fds = self.transport.recv_into(buf)
+        got = self.got
+        room = 0  # of the buffer read into; 0: a read an interrupt cut short, kept in got
+        if not got:
+            buf = self.decoder.get_buffer()
+            room = len(buf)
+            T.recv_kept(self.transport, buf, got)
+        nbytes, fds = T.recv_result(got.pop())
         if fds:
             self.fd_queue.extend(fds)
         if nbytes == 0:
@@ -731,7 +741,7 @@ class _Connection:
         self.last_activity = time.monotonic()
         self.decoder.buffer_updated(nbytes)
         batch, size, woke = self._handle_frames(self.decoder.frames())
-        return batch, size, woke, nbytes == len(buf)
+        return batch, size, woke, nbytes == room
 
     def _lost(self, exc: BaseException) -> None:
         if isinstance(exc, _Lost):
@@ -858,6 +868,12 @@ class _Connection:
                 f"request on {p.channel!r} failed: {self.close_reason}"))
         T.close_fds(self.fd_queue)
         self.fd_queue.clear()
+        for raw in self.got:
+            try:
+                T.close_fds(T.recv_result(raw)[1])
+            except IpcBusProtocolError:
+                pass  # closed by recv_result
+        self.got.clear()
         # Whatever ended it (EOF, a protocol error, a bug in an I/O thread), the hub must see
         # the end too: it then forgets this connection's peers and fails the requests waiting
         # for them at once.
@@ -1128,7 +1144,7 @@ class _Connection:
                             spin_end = 0.0
                             if ready:
                                 wait_ms = -1  # readable: no need to ask again
-                        if wait_ms >= 0 and not poll(wait_ms):
+                        if wait_ms >= 0 and not self.got and not poll(wait_ms):
                             continue
                         read = self._read_or_end()
                         if read is None:
@@ -1192,21 +1208,38 @@ class _Connection:
         self._enter_self_read()
         try:
             self.add_pending(key, pending)
-            try:
-                client._write(self, kind, channel, target, key[1], body)
-            except BaseException:
-                with self.lock:
-                    self.pending.pop(key, None)
-                raise
-        except BaseException:
+            client._write(self, kind, channel, target, key[1], body)
+        except BaseException as exc:
             self._leave_self_read()
+            self.abandon(client, key, channel, cancel=not isinstance(exc, Exception))
             raise
-        self._caller_wait(answer, self_reader=True, deadline=deadline)
-        if not answer.done():
-            assert timeout is not None
-            self.expire(key, timeout)
-            answer.wait(None)  # set by expire(), or by whoever took the entry just before
+        try:
+            self._caller_wait(answer, self_reader=True, deadline=deadline)
+            if not answer.done():
+                assert timeout is not None
+                self.expire(key, timeout)
+                answer.wait(None)  # set by expire(), or by whoever took the entry just before
+        except BaseException:  # an interrupt (Ctrl-C): this request is given up
+            self.abandon(client, key, channel, cancel=True)
+            raise
         return answer.result()
+
+    def abandon(self, client: IpcBusClient, key: tuple[str, int], channel: str,
+                cancel: bool) -> None:
+        """Forget a request whose caller gave up (an interrupt, or its frame could not be
+        written); ``cancel``: its frame may have gone out, tell the receivers (best effort).
+        An answer that comes later is dropped."""
+        with self.lock:
+            pending = self.pending.pop(key, None)
+        if pending is None:
+            return  # answered (or failed) meanwhile
+        if pending.timeout is not None:
+            self.timer.cancel(pending.timeout)
+        if cancel:
+            try:
+                client._write(self, Kind.CANCEL, channel, None, key[1], b"")
+            except Exception:
+                pass
 
     def _nested_wait(self, future: concurrent.futures.Future[Any]) -> None:
         """On the dispatch thread: run what arrives meanwhile, and read if no one does."""
@@ -1221,7 +1254,7 @@ class _Connection:
                 continue
             if not (self.reader_done.is_set() or self.over_budget) \
                     and self.read_role.acquire(False):
-                if self.poller.poll(_READ_WAIT_MS):
+                if self.got or self.poller.poll(_READ_WAIT_MS):
                     read = self._read_or_end()
                     if read is None:
                         continue
@@ -1264,6 +1297,9 @@ class _Connection:
             os.close(fd)
         except OSError:
             pass
+
+
+_send_whole = T.send_whole  # see there: a frame is written whole even when interrupted
 
 
 def _raise_left() -> None:
@@ -1727,11 +1763,11 @@ class IpcBusClient(Emitter[str]):
         try:
             conn.add_pending(key, pending)
             self._write(conn, kind, channel, target, rid, body, fds)
-        except BaseException:
-            with conn.lock:
-                conn.pending.pop(key, None)
-            if pending.timeout is not None:
-                conn.timer.cancel(pending.timeout)
+        except BaseException as exc:
+            # An interrupt may come after the frame went out: cancel it then (but a CANCEL
+            # from a peer the hub may not know yet is a protocol error).
+            conn.abandon(self, key, channel,
+                         cancel=kind != Kind.PEER_ADD and not isinstance(exc, Exception))
             raise
         return future
 

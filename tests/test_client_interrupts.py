@@ -1,0 +1,182 @@
+"""Ctrl-C in a thread blocked in the library (issue 14, item 20): the KeyboardInterrupt
+surfaces in that thread as itself, and the connection stays usable by every other client
+and thread of the process — with real SIGINTs, delivered to the main thread of a real child
+process while it waits for an answer that never comes, and in the middle of a stream of fast
+round trips."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import threading
+from typing import Any, Callable
+
+import pytest
+
+from ipcbus import IpcBusBroker, IpcBusClient, IpcBusEvent
+
+from conftest import Children
+
+ROUNDS = 50
+
+
+def _interrupter(how: str, delay: float) -> threading.Timer:
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def fire() -> None:
+        if how == "thread":
+            signal.pthread_kill(main, signal.SIGINT)
+        else:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Timer(delay, fire)
+    timer.daemon = True
+    return timer
+
+
+def interrupted_requester(address: str, mode: str, out: Any) -> None:
+    """In the child's main thread: ROUNDS requests interrupted by SIGINT, then checks."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    report: dict[str, Any] = {"interrupts": 0, "unexpected": [], "answers": 0}
+    c = IpcBusClient.create().connect(address, peer_name="interrupted")
+    sibling = IpcBusClient.create().connect(address, peer_name="sibling")
+    try:
+        for i in range(ROUNDS if mode == "waiting" else 4 * ROUNDS):
+            timer = _interrupter("thread" if i % 2 else "process", (i % 11) * 0.0005)
+            try:
+                timer.start()
+                if mode == "stream":
+                    for _ in range(100_000):  # ends with the interrupt
+                        c.request("fast", 10.0, i)
+                        report["answers"] += 1
+                else:
+                    c.request("never", 30.0, i)
+                timer.join()  # pragma: no cover - the interrupt comes first
+            except KeyboardInterrupt:
+                report["interrupts"] += 1
+            except BaseException as exc:
+                report["unexpected"].append(repr(exc))
+            finally:
+                try:
+                    timer.join(5)
+                except KeyboardInterrupt:  # pragma: no cover - landed late
+                    report["interrupts"] += 1
+        # The connection is usable by this thread, another thread, both clients, a new one.
+        for i in range(20):
+            assert c.request("fast", 5.0, i).payload == i
+            assert sibling.request("fast", 5.0, i).payload == i
+        other: list[Any] = []
+
+        def from_another_thread() -> None:
+            try:
+                other.extend(c.request("fast", 5.0, k).payload for k in range(20))
+            except BaseException as exc:  # pragma: no cover - reported
+                other.append(repr(exc))
+
+        t = threading.Thread(target=from_another_thread)
+        t.start()
+        t.join(20)
+        report["other_thread"] = other == list(range(20))
+        late = IpcBusClient.create().connect(address, peer_name="late", timeout=5)
+        report["late"] = late.request("fast", 5.0, "late").payload == "late"
+        late.close()
+        report["connected"] = c.connected and sibling.connected
+        conn = c._conn
+        assert conn is not None
+        # Nothing an interrupted caller took is left behind.
+        report["left_behind"] = (len(conn.pending), conn.self_readers, conn.sync_waiters)
+    except BaseException as exc:
+        report["unexpected"].append(f"after the rounds: {exc!r}")
+    finally:
+        out.put(report)
+        sibling.close()
+        c.close()
+
+
+@pytest.mark.parametrize("mode", ["waiting", "stream"])
+@pytest.mark.timeout(120)
+def test_sigint_during_requests_surfaces_as_itself_and_leaves_the_connection_usable(
+        ctx: Any, children: Children, broker: IpcBusBroker, sock_path: str,
+        clients: Callable[..., IpcBusClient], mode: str) -> None:
+    server = clients(sock_path, peer_name="server")
+
+    def fast(event: IpcBusEvent, value: Any) -> None:
+        assert event.request is not None
+        event.request.resolve(value)
+
+    server.on("fast", fast)
+    server.on("never", lambda event, *a: None)
+    server.request("/ipcbus/queryState", 5.0)
+    out = ctx.Queue()
+    children.start(interrupted_requester, sock_path, mode, out)
+    report = out.get(timeout=100)
+    assert report["unexpected"] == []
+    assert report["interrupts"] == (ROUNDS if mode == "waiting" else 4 * ROUNDS)
+    assert report["other_thread"] and report["late"] and report["connected"]
+    assert report["left_behind"] == (0, 0, 0)
+    assert server.connected
+    if mode == "stream":
+        assert report["answers"] > 0
+
+
+def interrupted_sender(address: str, rounds: int, out: Any) -> None:
+    """In the child's main thread: large broadcasts to a slow receiver (so that writes block
+    under back-pressure), interrupted by SIGINT; then the connection must still work."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    report: dict[str, Any] = {"interrupts": 0, "unexpected": [], "sent": 0}
+    c = IpcBusClient.create().connect(address, peer_name="sender")
+    payload = b"x" * (256 * 1024)
+    try:
+        for i in range(rounds):
+            timer = _interrupter("thread" if i % 2 else "process", (i % 11) * 0.001)
+            try:
+                timer.start()
+                for _ in range(100_000):  # ends with the interrupt
+                    c.send("sink", payload)
+                    report["sent"] += 1
+            except KeyboardInterrupt:
+                report["interrupts"] += 1
+            except BaseException as exc:
+                report["unexpected"].append(repr(exc))
+            finally:
+                try:
+                    timer.join(5)
+                except KeyboardInterrupt:  # pragma: no cover - landed late
+                    report["interrupts"] += 1
+        for i in range(20):
+            assert c.request("fast", 5.0, i).payload == i
+        report["connected"] = c.connected
+    except BaseException as exc:
+        report["unexpected"].append(f"after the rounds: {exc!r}")
+    finally:
+        out.put(report)
+        c.close()
+
+
+@pytest.mark.timeout(120)
+def test_sigint_during_writes_under_back_pressure_keeps_frames_whole(
+        ctx: Any, children: Children, sock_path: str,
+        clients: Callable[..., IpcBusClient]) -> None:
+    with IpcBusBroker.create(queue_limit=1 << 20).connect(sock_path):
+        server = clients(sock_path, peer_name="server")
+        received = []
+
+        def sink(event: IpcBusEvent, payload: bytes) -> None:
+            received.append(len(payload))
+            time.sleep(0.0005)  # a slow receiver: the sender's writes block
+
+        def fast(event: IpcBusEvent, value: Any) -> None:
+            assert event.request is not None
+            event.request.resolve(value)
+
+        server.on("sink", sink)
+        server.on("fast", fast)
+        server.request("/ipcbus/queryState", 5.0)
+        out = ctx.Queue()
+        children.start(interrupted_sender, sock_path, 30, out)
+        report = out.get(timeout=100)
+        assert report["unexpected"] == []
+        assert report["interrupts"] == 30 and report["connected"]
+        assert server.connected
+        assert set(received) == {256 * 1024}
