@@ -31,6 +31,23 @@ Threads and ownership:
 * A connection is bound to the process that made it. After ``fork`` the child's copy is
   closed (so the bus still sees the parent's disconnect) and using it raises
   :class:`IpcBusConnectionError`.
+* A client's frames carry one *membership* (:class:`_Membership`) per ``connect()``: the
+  hub's record of the peer (adopted from the answer to PEER_ADD, before anything else of it
+  is written) and a ``left`` flag read under the send lock, set where PEER_REMOVE is written:
+  no frame in a client's name follows its PEER_REMOVE, whatever other threads do.
+* Listeners and handlers may raise anything, ``SystemExit`` and ``KeyboardInterrupt``
+  included: it is logged and the I/O thread goes on. Whatever ends the I/O machinery also
+  shuts the socket down, so that the hub forgets the connection's peers at once.
+* Interrupts (a signal handler raising in the main thread, Ctrl-C's KeyboardInterrupt): every
+  role, count and pending entry a caller takes is given back on every path (try/finally),
+  and an interrupted request sends CANCEL. A frame is never cut: writes store their byte
+  counts from C code (``T.send_whole``), so an interrupt right after a system call is
+  raised once the frame is whole; a read's raw result is kept the same way
+  (``T.recv_kept``) for the next reader. What remains: an interrupt landing in the few
+  bytecodes between taking that kept result and handing its bytes to the decoder, or while
+  frames already decoded are being handled, may lose those frames (and, if bytes were
+  taken, desynchronise the stream: the connection then ends with a protocol error). No
+  such loss was seen in 2 000 interrupts of a stream of round trips.
 """
 from __future__ import annotations
 
