@@ -778,21 +778,27 @@ class _Connection:
         batch: list[P.Frame] = []
         size = 0
         woke = False
-        for frame in frames:
-            if frame.nfds:
-                if len(self.fd_queue) < frame.nfds:
-                    raise IpcBusProtocolError("a frame arrived without its descriptors")
-                frame.fds = self.fd_queue[:frame.nfds]
-                del self.fd_queue[:frame.nfds]
-            kind = frame.kind
-            if kind == _RESPONSE or kind == _REQUEST_FAIL:
-                self._on_answer(frame)
-                woke = woke or self.sync_waiters > 0
-            elif kind == _NOTICE:
-                self._on_notice(frame)
-            else:
-                batch.append(frame)
-                size += len(frame.raw)
+        try:
+            for frame in frames:
+                if frame.nfds:
+                    if len(self.fd_queue) < frame.nfds:
+                        raise IpcBusProtocolError("a frame arrived without its descriptors")
+                    frame.fds = self.fd_queue[:frame.nfds]
+                    del self.fd_queue[:frame.nfds]
+                kind = frame.kind
+                if kind == _RESPONSE or kind == _REQUEST_FAIL:
+                    self._on_answer(frame)
+                    woke = woke or self.sync_waiters > 0
+                elif kind == _NOTICE:
+                    self._on_notice(frame)
+                else:
+                    batch.append(frame)
+                    size += len(frame.raw)
+        except BaseException:
+            for frame in batch:  # never dispatched: their descriptors are ours to close
+                if frame.fds:
+                    T.close_fds(frame.fds)
+            raise
         return batch, size, woke
 
     def _enqueue(self, item: Any, size: int = 0) -> None:
