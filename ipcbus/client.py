@@ -40,9 +40,10 @@ Threads and ownership:
   shuts the socket down, so that the hub forgets the connection's peers at once.
 * Interrupts (a signal handler raising in the main thread, Ctrl-C's KeyboardInterrupt): every
   role, count and pending entry a caller takes is given back on every path (try/finally),
-  and an interrupted request sends CANCEL. A frame is never cut: writes store their byte
-  counts from C code (``T.send_whole``), so an interrupt right after a system call is
-  raised once the frame is whole; a read's raw result is kept the same way
+  and an interrupted request sends CANCEL. A frame is never cut: the main thread's writes
+  (the only thread signal handlers run in; the others keep the plain calls) store their
+  byte counts from C code (``T.send_whole``), so an interrupt right after a system call is
+  raised once the frame is whole; its reads keep their raw result the same way
   (``T.recv_kept``) for the next reader. What remains: an interrupt landing in the few
   bytecodes between taking that kept result and handing its bytes to the decoder, or while
   frames already decoded are being handled, may lose those frames (and, if bytes were
@@ -423,6 +424,7 @@ class _Connection:
         # an interrupt (Ctrl-C in the main thread, reading its own answer) came right after
         # the system call, for the next reader to take first.
         self.got: list[Any] = []
+        self.main_ident = threading.main_thread().ident  # the thread signal handlers run in
         self.send_lock = threading.Lock()
         self.coalesce = coalesce  # bytes of a burst buffered before an inline write; 0: off
         self.out: list[bytes] = []  # a burst's frames, not written yet (under send_lock)
@@ -538,8 +540,10 @@ class _Connection:
             self.out.append(data)
             self.out_size = len(data)
             self._wake_flusher()
-        else:
+        elif _get_ident() == self.main_ident:
             _send_whole(self.transport.sock, (data,))
+        else:
+            self.transport.sock.sendall(data)
         self.last_write = now
 
     def write_now(self, data: bytes, member: _Membership) -> None:
@@ -553,7 +557,10 @@ class _Connection:
                     _raise_left()
                 if self.out:
                     self._flush_locked()
-                _send_whole(self.transport.sock, (data,))
+                if _get_ident() == self.main_ident:
+                    _send_whole(self.transport.sock, (data,))
+                else:
+                    self.transport.sock.sendall(data)
         except OSError as exc:
             self.check_usable()
             raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
@@ -745,12 +752,17 @@ class _Connection:
         returns the frames to dispatch, their size, whether a waiting caller got its answer
         and whether the read filled the buffer (more is likely waiting)."""
         got = self.got
-        room = 0  # of the buffer read into; 0: a read an interrupt cut short, kept in got
-        if not got:
+        if got or _get_ident() == self.main_ident:  # see "Interrupts" at the top
+            room = 0  # of the buffer read into; 0: a read an interrupt cut short, in got
+            if not got:
+                buf = self.decoder.get_buffer()
+                room = len(buf)
+                T.recv_kept(self.transport, buf, got)
+            nbytes, fds = T.recv_result(got.pop())
+        else:  # only the main thread runs signal handlers
             buf = self.decoder.get_buffer()
             room = len(buf)
-            T.recv_kept(self.transport, buf, got)
-        nbytes, fds = T.recv_result(got.pop())
+            nbytes, fds = self.transport.recv_into(buf)
         if fds:
             self.fd_queue.extend(fds)
         if nbytes == 0:
@@ -1323,6 +1335,7 @@ class _Connection:
 
 
 _send_whole = T.send_whole  # see there: a frame is written whole even when interrupted
+_get_ident = threading.get_ident
 
 
 def _raise_left() -> None:
