@@ -1,5 +1,5 @@
-"""A hand-driven bus peer for tests: a real Unix socket, the real handshake, frames written by
-hand (and descriptors with them), frames read with the library's decoder."""
+"""A hand-driven bus peer for tests: a real socket, the real handshake, frames (and
+descriptors) written by hand, frames read with the library's decoder."""
 from __future__ import annotations
 
 import collections
@@ -37,7 +37,8 @@ class RawPeer:
         return cls(sock)
 
     def send(self, data: bytes, fds: list[int] | None = None) -> bool:
-        """Write (descriptors with the first byte); False if the other side had closed."""
+        """Write (descriptors with the first byte); False if the other side had already
+        closed (that may be the point)."""
         try:
             self.sock.settimeout(5.0)
             if fds:
@@ -91,6 +92,26 @@ class RawPeer:
     def frame(self, kind: int, channel: str = "", target: str | None = None, rid: int = 0,
               body: bytes = b"", nfds: int = 0) -> bytes:
         return P.encode_frame(kind, channel, self.info, target, rid, body, nfds)
+
+    def wait_eof(self, timeout: float) -> float | None:
+        """Read (and drop) until the other side closes: the seconds it took, or None."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    self.sock.setblocking(False)
+                    data = self.sock.recv(1 << 16)
+                else:
+                    self.sock.settimeout(remaining)
+                    data = self.sock.recv(1 << 16)
+            except (BlockingIOError, socket.timeout):
+                return None
+            except (ConnectionResetError, BrokenPipeError):
+                return time.monotonic() - t0
+            if not data:
+                return time.monotonic() - t0
 
     def close(self) -> None:
         self.sock.close()

@@ -35,33 +35,45 @@ def _interrupter(how: str, delay: float) -> threading.Timer:
     return timer
 
 
+def _interrupted_rounds(rounds: int, step: float, work: Callable[[int], None],
+                        report: dict[str, Any]) -> None:
+    """``rounds`` times: ``work(i)`` until a SIGINT comes (after ``(i % 11) * step`` s, to
+    this thread or to the process, in turn), counting the KeyboardInterrupts and anything
+    else that surfaces."""
+    for i in range(rounds):
+        timer = _interrupter("thread" if i % 2 else "process", (i % 11) * step)
+        try:
+            timer.start()
+            work(i)
+            timer.join()  # pragma: no cover - the interrupt comes first
+        except KeyboardInterrupt:
+            report["interrupts"] += 1
+        except BaseException as exc:
+            report["unexpected"].append(repr(exc))
+        finally:
+            try:
+                timer.join(5)
+            except KeyboardInterrupt:  # pragma: no cover - landed late
+                report["interrupts"] += 1
+
+
 def interrupted_requester(address: str, mode: str, out: Any) -> None:
     """In the child's main thread: ROUNDS requests interrupted by SIGINT, then checks."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     report: dict[str, Any] = {"interrupts": 0, "unexpected": [], "answers": 0}
     c = IpcBusClient.create().connect(address, peer_name="interrupted")
     sibling = IpcBusClient.create().connect(address, peer_name="sibling")
+
+    def work(i: int) -> None:
+        if mode == "stream":
+            for _ in range(100_000):  # ends with the interrupt
+                c.request("fast", 10.0, i)
+                report["answers"] += 1
+        else:
+            c.request("never", 30.0, i)
+
     try:
-        for i in range(ROUNDS if mode == "waiting" else 4 * ROUNDS):
-            timer = _interrupter("thread" if i % 2 else "process", (i % 11) * 0.0005)
-            try:
-                timer.start()
-                if mode == "stream":
-                    for _ in range(100_000):  # ends with the interrupt
-                        c.request("fast", 10.0, i)
-                        report["answers"] += 1
-                else:
-                    c.request("never", 30.0, i)
-                timer.join()  # pragma: no cover - the interrupt comes first
-            except KeyboardInterrupt:
-                report["interrupts"] += 1
-            except BaseException as exc:
-                report["unexpected"].append(repr(exc))
-            finally:
-                try:
-                    timer.join(5)
-                except KeyboardInterrupt:  # pragma: no cover - landed late
-                    report["interrupts"] += 1
+        _interrupted_rounds(ROUNDS if mode == "waiting" else 4 * ROUNDS, 0.0005, work, report)
         # The connection is usable by this thread, another thread, both clients, a new one.
         for i in range(20):
             assert c.request("fast", 5.0, i).payload == i
@@ -127,23 +139,14 @@ def interrupted_sender(address: str, rounds: int, out: Any) -> None:
     report: dict[str, Any] = {"interrupts": 0, "unexpected": [], "sent": 0}
     c = IpcBusClient.create().connect(address, peer_name="sender")
     payload = b"x" * (256 * 1024)
+
+    def work(i: int) -> None:
+        for _ in range(100_000):  # ends with the interrupt
+            c.send("sink", payload)
+            report["sent"] += 1
+
     try:
-        for i in range(rounds):
-            timer = _interrupter("thread" if i % 2 else "process", (i % 11) * 0.001)
-            try:
-                timer.start()
-                for _ in range(100_000):  # ends with the interrupt
-                    c.send("sink", payload)
-                    report["sent"] += 1
-            except KeyboardInterrupt:
-                report["interrupts"] += 1
-            except BaseException as exc:
-                report["unexpected"].append(repr(exc))
-            finally:
-                try:
-                    timer.join(5)
-                except KeyboardInterrupt:  # pragma: no cover - landed late
-                    report["interrupts"] += 1
+        _interrupted_rounds(rounds, 0.001, work, report)
         for i in range(20):
             assert c.request("fast", 5.0, i).payload == i
         report["connected"] = c.connected

@@ -57,6 +57,7 @@ from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionEr
 from ipcbus import _protocol as P
 from ipcbus._protocol import Kind
 
+from _rawpeer import RawPeer, _raw_ids  # a hand-driven peer on a raw socket
 from conftest import Collector, elapsed, sync, wait_until
 
 TESTS = Path(__file__).resolve().parent
@@ -127,106 +128,6 @@ class RssSampler:
         self._stop.set()
         self._thread.join(2)
         return self.peak
-
-
-# =============================================================================================
-# a hand-driven peer: bytes on a raw socket, frames decoded with the library's decoder
-# =============================================================================================
-_raw_ids = itertools.count(1)
-
-
-class RawPeer:
-    """A connection driven by hand: the test writes bytes, reads frames, watches for EOF."""
-
-    def __init__(self, sock: socket.socket, ptype: str = "socket") -> None:
-        self.sock = sock
-        self.ptype = ptype
-        self.decoder = P.FrameDecoder()
-        self.frames: collections.deque[P.Frame] = collections.deque()
-        self.info: list[Any] | None = None
-
-    @classmethod
-    def unix(cls, path: str, timeout: float = 5.0) -> RawPeer:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
-
-    def send(self, data: bytes) -> bool:
-        """Write; False if the other side had already closed (that may be the point)."""
-        try:
-            self.sock.settimeout(5.0)
-            self.sock.sendall(data)
-            return True
-        except OSError:
-            return False
-
-    def recv_frame(self, timeout: float = 5.0) -> P.Frame:
-        deadline = time.monotonic() + timeout
-        while not self.frames:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no frame")
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise EOFError("closed")
-            self.decoder.feed(data)
-            self.frames.extend(self.decoder.frames())
-        return self.frames.popleft()
-
-    def expect(self, kind: int, timeout: float = 5.0) -> P.Frame:
-        """The next frame of ``kind`` (others are skipped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            frame = self.recv_frame(max(deadline - time.monotonic(), 0.001))
-            if frame.kind == kind:
-                return frame
-
-    def handshake(self) -> dict[str, Any]:
-        self.send(P.encode_frame(Kind.HELLO, body=P.hello_body(os.getpid())))
-        return P.check_welcome(self.recv_frame())
-
-    def join(self, name: str = "raw") -> list[Any]:
-        """Handshake, then become a peer of the bus (PEER_ADD, answered by RESPONSE)."""
-        self.handshake()
-        info = [f"{os.getpid()}.raw{next(_raw_ids)}", name, self.ptype, os.getpid()]
-        self.send(P.encode_frame(Kind.PEER_ADD, sender=info, rid=1))
-        answer = self.expect(Kind.RESPONSE)
-        assert answer.target == info[0] and answer.rid == 1
-        self.info = info
-        return info
-
-    def frame(self, kind: int, channel: str = "", target: str | None = None, rid: int = 0,
-              body: bytes = b"", nfds: int = 0) -> bytes:
-        return P.encode_frame(kind, channel, self.info, target, rid, body, nfds)
-
-    def wait_eof(self, timeout: float) -> float | None:
-        """Read (and drop) until the other side closes: the seconds it took, or None."""
-        t0 = time.monotonic()
-        deadline = t0 + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                if remaining <= 0:
-                    self.sock.setblocking(False)
-                    data = self.sock.recv(1 << 16)
-                else:
-                    self.sock.settimeout(remaining)
-                    data = self.sock.recv(1 << 16)
-            except (BlockingIOError, socket.timeout):
-                return None
-            except (ConnectionResetError, BrokenPipeError):
-                return time.monotonic() - t0
-            if not data:
-                return time.monotonic() - t0
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # =============================================================================================
