@@ -57,7 +57,7 @@ def _interrupted_rounds(rounds: int, step: float, work: Callable[[int], None],
                 report["interrupts"] += 1
 
 
-def interrupted_requester(address: str, mode: str, out: Any) -> None:
+def interrupted_requester(address: str, mode: str, out: Any, busy: bool = False) -> None:
     """In the child's main thread: ROUNDS requests interrupted by SIGINT, then checks."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     report: dict[str, Any] = {"interrupts": 0, "unexpected": [], "answers": 0}
@@ -72,8 +72,27 @@ def interrupted_requester(address: str, mode: str, out: Any) -> None:
         else:
             c.request("never", 30.0, i)
 
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def meanwhile() -> None:  # another thread's round trips, through the same connection
+        k = 0
+        while not stop.is_set():
+            try:
+                assert sibling.request("fast", 5.0, k).payload == k
+            except BaseException as exc:  # pragma: no cover - reported
+                failures.append(repr(exc))
+            k += 1
+
+    other_thread = threading.Thread(target=meanwhile, daemon=True)
+    if busy:
+        other_thread.start()
     try:
         _interrupted_rounds(ROUNDS if mode == "waiting" else 4 * ROUNDS, 0.0005, work, report)
+        stop.set()
+        if busy:
+            other_thread.join(20)
+        report["unexpected"] += [f"meanwhile: {f}" for f in failures]
         # The connection is usable by this thread, another thread, both clients, a new one.
         for i in range(20):
             assert c.request("fast", 5.0, i).payload == i
@@ -106,7 +125,7 @@ def interrupted_requester(address: str, mode: str, out: Any) -> None:
         c.close()
 
 
-@pytest.mark.parametrize("mode", ["waiting", "stream"])
+@pytest.mark.parametrize("mode", ["waiting", "stream", "stream, another thread too"])
 @pytest.mark.timeout(120)
 def test_sigint_during_requests_surfaces_as_itself_and_leaves_the_connection_usable(
         ctx: Any, children: Children, broker: IpcBusBroker, sock_path: str,
@@ -121,14 +140,14 @@ def test_sigint_during_requests_surfaces_as_itself_and_leaves_the_connection_usa
     server.on("never", lambda event, *a: None)
     server.request("/ipcbus/queryState", 5.0)
     out = ctx.Queue()
-    children.start(interrupted_requester, sock_path, mode, out)
+    children.start(interrupted_requester, sock_path, mode.partition(",")[0], out, "," in mode)
     report = out.get(timeout=100)
     assert report["unexpected"] == []
     assert report["interrupts"] == (ROUNDS if mode == "waiting" else 4 * ROUNDS)
     assert report["other_thread"] and report["late"] and report["connected"]
     assert report["left_behind"] == (0, 0, 0)
     assert server.connected
-    if mode == "stream":
+    if mode != "waiting":
         assert report["answers"] > 0
 
 
