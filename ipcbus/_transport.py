@@ -362,23 +362,19 @@ class StreamTransport:
 def send_whole(sock: socket.socket, buffers: Sequence[bytes | bytearray | memoryview],
                fds: Sequence[int] = ()) -> None:
     """Write one or more whole frames on a blocking socket (the descriptors with the first
-    byte), like :meth:`StreamTransport.sendall`; OSError as from it. An interrupt (a
-    BaseException that is not an Exception) raised before anything was written propagates
-    at once; raised later, it is raised again once everything is written."""
+    byte), like :meth:`StreamTransport.sendall`; OSError as from it. A write that has begun
+    is finished: an interrupt (a BaseException that is not an Exception) meanwhile is raised
+    again once everything is written, so the caller knows the frames went out."""
     counts: list[int] = []
     if len(buffers) == 1 and not fds:  # the common case: one call
-        data = buffers[0]
         try:
-            counts.extend(map(sock.send, (data,)))
+            counts.extend(map(sock.send, (buffers[0],)))
+            if counts[0] == len(buffers[0]):
+                return
         except Exception:
             raise
         except BaseException as exc:
-            if not counts:
-                raise  # nothing written
             _send_rest(sock, buffers, fds, counts, exc)
-        if counts[0] != len(data):
-            _send_rest(sock, buffers, fds, counts, None)
-        return
     _send_rest(sock, buffers, fds, counts, None)
 
 

@@ -574,11 +574,13 @@ class _Connection:
             with self.send_lock:
                 if member.left:
                     return
-                member.left = True
                 if self.out:
                     self._flush_locked()
-                _send_whole(self.transport.sock,
-                            (P.encode_frame(Kind.PEER_REMOVE, sender=member.info),))
+                try:  # (an interrupt before this point: the caller may call leave() again)
+                    _send_whole(self.transport.sock,
+                                (P.encode_frame(Kind.PEER_REMOVE, sender=member.info),))
+                finally:
+                    member.left = True
         except OSError as exc:
             self.check_usable()
             raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
@@ -1566,9 +1568,15 @@ class IpcBusClient(Emitter[str]):
         with conn.lock:
             conn.clients[info[0]] = self
             conn.client_list = tuple(conn.clients.values())
-        future: concurrent.futures.Future[Any] | None = None
+        future: _AnswerFuture | None = _AnswerFuture()
         try:
-            future = self._start_request(Kind.PEER_ADD, "", None, wait, b"", conn=conn)
+            try:
+                self._start_request(Kind.PEER_ADD, "", None, wait, b"", conn=conn,
+                                    future=future)
+            except Exception:
+                future = None  # not written
+                raise
+            assert future is not None
             response = conn.wait(future)
             self._adopt(conn, member, response.payload)
             with self._lock:  # ordered with _first_listener/_last_listener
@@ -1617,34 +1625,51 @@ class IpcBusClient(Emitter[str]):
     def close(self, timeout: float | None = None) -> None:
         """Leave the bus: what was sent is delivered, pending requests fail. Idempotent."""
         wait = resolve_timeout(timeout)
+        interrupted: BaseException | None = None
         with self._state_lock:
             conn = self._conn
             if conn is None:
                 return
             self._conn = None
-            member = self._member
-            if conn.pid != os.getpid() or conn.forked:
-                member.left = True
-                return
-            with conn.lock:
-                if conn.clients.get(self._peer_id or "") is self:
-                    del conn.clients[self._peer_id or ""]
-                conn.client_list = tuple(conn.clients.values())
-                last = not conn.clients
-                mine = [k for k, p in conn.pending.items() if p.client is self]
-                pending = [conn.pending.pop(k) for k in mine]
-            for p in pending:
-                _set(p.future, exc=IpcBusConnectionError(
-                    f"request on {p.channel!r} failed: the client was closed"))
-            # Sends racing with this close from other threads are written before the
-            # PEER_REMOVE (and routed), or raise IpcBusConnectionError: never after it.
-            _leave(conn, member)
-            if last:
-                with _registry_lock:
-                    if _connections.get(conn.key) is conn:
-                        del _connections[conn.key]
-                conn.close(wait)
-        self._connection_ended(conn)
+            while True:  # every step may run again: an interrupt is raised once all are done
+                try:
+                    ended = self._leave_connection(conn, wait)
+                    break
+                except Exception:
+                    raise
+                except BaseException as exc:  # Ctrl-C: the client is closed all the same
+                    interrupted = interrupted or exc
+        if ended:
+            self._connection_ended(conn)
+        if interrupted is not None:
+            raise interrupted
+
+    def _leave_connection(self, conn: _Connection, wait: float | None) -> bool:
+        """The steps of :meth:`close`, each of which may be run again; False if the
+        connection is not this process's."""
+        member = self._member
+        if conn.pid != os.getpid() or conn.forked:
+            member.left = True
+            return False
+        with conn.lock:
+            if conn.clients.get(self._peer_id or "") is self:
+                del conn.clients[self._peer_id or ""]
+            conn.client_list = tuple(conn.clients.values())
+            last = not conn.clients
+            mine = [k for k, p in conn.pending.items() if p.client is self]
+            pending = [conn.pending.pop(k) for k in mine]
+        for p in pending:
+            _set(p.future, exc=IpcBusConnectionError(
+                f"request on {p.channel!r} failed: the client was closed"))
+        # Sends racing with this close from other threads are written before the
+        # PEER_REMOVE (and routed), or raise IpcBusConnectionError: never after it.
+        _leave(conn, member)
+        if last:
+            with _registry_lock:
+                if _connections.get(conn.key) is conn:
+                    del _connections[conn.key]
+            conn.close(wait)
+        return True
 
     def on_closed(self, handler: Callable[[], None]) -> Self:
         """Call ``handler()`` (on the dispatch thread) when this client's connection ends."""
@@ -1786,13 +1811,15 @@ class IpcBusClient(Emitter[str]):
 
     def _start_request(self, kind: int, channel: str, target: str | None,
                        timeout: float | None, body: P.Body, fds: list[int] | None = None,
-                       conn: _Connection | None = None) -> concurrent.futures.Future[Any]:
+                       conn: _Connection | None = None, future: _AnswerFuture | None = None
+                       ) -> concurrent.futures.Future[Any]:
         if conn is None:
             conn = self._connection()
         assert self._peer_id is not None
         rid = next(_rids)
         key = (self._peer_id, rid)
-        future = _AnswerFuture()
+        if future is None:
+            future = _AnswerFuture()
         pending = _Pending(self, channel, future)
         if timeout is not None:  # armed first: the answer may come before _write returns
             pending.timeout = conn.timer.call_at(time.monotonic() + timeout,
@@ -1801,10 +1828,11 @@ class IpcBusClient(Emitter[str]):
             conn.add_pending(key, pending)
             self._write(conn, kind, channel, target, rid, body, fds)
         except BaseException as exc:
-            # An interrupt may come after the frame went out: cancel it then (but a CANCEL
-            # from a peer the hub may not know yet is a protocol error).
-            conn.abandon(self, key, channel,
-                         cancel=kind != Kind.PEER_ADD and not isinstance(exc, Exception))
+            if isinstance(exc, Exception):  # not written
+                conn.abandon(self, key, channel, cancel=False)
+            elif kind != Kind.PEER_ADD:  # an interrupt, once the frame went out: cancel it
+                conn.abandon(self, key, channel, cancel=True)
+            # (an interrupted PEER_ADD stays pending: see _join)
             raise
         return future
 

@@ -15,7 +15,7 @@ import pytest
 
 from ipcbus import IpcBusBroker, IpcBusClient, IpcBusEvent
 
-from conftest import Children
+from conftest import Children, wait_until
 
 ROUNDS = 50
 
@@ -202,3 +202,62 @@ def test_sigint_during_writes_under_back_pressure_keeps_frames_whole(
         assert report["interrupts"] == 30 and report["connected"]
         assert server.connected
         assert set(received) == {256 * 1024}
+
+
+def interrupted_joiner(address: str, rounds: int, out: Any) -> None:
+    """In the child's main thread: connect() and close() of new clients, interrupted by
+    SIGINT at varying points, while a sibling client keeps the connection open."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    report: dict[str, Any] = {"interrupts": 0, "unexpected": [], "joined": 0}
+    sibling = IpcBusClient.create().connect(address, peer_name="sibling")
+    made: list[IpcBusClient] = []
+
+    def work(i: int) -> None:
+        for _ in range(100_000):  # ends with the interrupt
+            c = IpcBusClient.create()
+            made.append(c)
+            c.on("x", lambda event, *a: None)
+            c.connect(address, peer_name="flaky")
+            report["joined"] += 1
+            c.close()
+
+    try:
+        _interrupted_rounds(rounds, 0.0002, work, report)
+        for c in made:
+            c.close()  # those an interrupt caught inside connect() or close()
+        for i in range(20):
+            assert sibling.request("fast", 5.0, i).payload == i
+        late = IpcBusClient.create().connect(address, peer_name="late", timeout=5)
+        report["late"] = late.request("fast", 5.0, "late").payload == "late"
+        late.close()
+        report["connected"] = sibling.connected
+    except BaseException as exc:
+        report["unexpected"].append(f"after the rounds: {exc!r}")
+    finally:
+        out.put(report)
+        sibling.request("/ipcbus/queryState", 5.0)  # everything above has been routed
+        out.put("routed")
+        sibling.close()
+
+
+@pytest.mark.timeout(120)
+def test_sigint_during_connect_and_close_leaves_no_peer_behind(
+        ctx: Any, children: Children, broker: IpcBusBroker, sock_path: str,
+        clients: Callable[..., IpcBusClient]) -> None:
+    server = clients(sock_path, peer_name="server")
+    server.on("fast", lambda event, value: event.request and event.request.resolve(value))
+    server.request("/ipcbus/queryState", 5.0)
+    out = ctx.Queue()
+    children.start(interrupted_joiner, sock_path, 60, out)
+    report = out.get(timeout=100)
+    assert out.get(timeout=20) == "routed"
+    assert report["unexpected"] == []
+    assert report["interrupts"] == 60 and report["joined"] > 0
+    assert report["late"] and report["connected"]
+
+    def nothing_left() -> bool:  # no peer (nor its subscription) left behind by an interrupt
+        state = broker.query_state()
+        return "flaky" not in [p["name"] for p in state["peers"]] \
+            and "x" not in state["channels"]
+
+    wait_until(nothing_left, timeout=5)  # (a PEER_REMOVE may follow a late PEER_ADD answer)
