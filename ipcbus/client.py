@@ -40,11 +40,13 @@ Threads and ownership:
   shuts the socket down, so that the hub forgets the connection's peers at once.
 * Interrupts (a signal handler raising in the main thread, Ctrl-C's KeyboardInterrupt): every
   role, count and pending entry a caller takes is given back on every path (try/finally),
-  and an interrupted request sends CANCEL. A frame is never cut: the main thread's writes
-  (the only thread signal handlers run in; the others keep the plain calls) store their
-  byte counts from C code (``T.send_whole``), so an interrupt right after a system call is
-  raised once the frame is whole; its reads keep their raw result the same way
-  (``T.recv_kept``) for the next reader. What remains: an interrupt landing in the few
+  and an interrupted request sends CANCEL. A write that has begun is finished before the
+  interrupt is raised: the main thread's writes (the only thread signal handlers run in;
+  the others keep the plain calls) store their byte counts from C code (``T.send_whole``),
+  so even an interrupt right after a system call finds the count; its reads keep their
+  raw result the same way (``T.recv_kept``) for the next reader. ``close()`` runs all its
+  steps when interrupted, then raises; an interrupted ``connect()`` leaves once the hub
+  answers its PEER_ADD. What remains: an interrupt landing in the few
   bytecodes between taking that kept result and handing its bytes to the decoder, or while
   frames already decoded are being handled, may lose those frames (and, if bytes were
   taken, desynchronise the stream: the connection then ends with a protocol error). No
