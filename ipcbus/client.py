@@ -568,6 +568,33 @@ class _Connection:
             self.check_usable()
             raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
 
+    def write_surely(self, data: bytes, member: _Membership) -> None:
+        """:meth:`write_now`, except that an interrupt while waiting for the send lock is
+        raised only once the frame is written."""
+        self.check_usable()
+        interrupted: BaseException | None = None
+        acquired: list[bool] = []
+        while not acquired:
+            try:  # (the result is stored by C code: see T.send_whole)
+                acquired.extend(map(self.send_lock.acquire, (True,)))
+            except Exception:
+                raise
+            except BaseException as exc:
+                interrupted = interrupted or exc
+        try:
+            if member.left:
+                _raise_left()
+            if self.out:
+                self._flush_locked()
+            _send_whole(self.transport.sock, (data,))
+        except OSError as exc:
+            self.check_usable()
+            raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
+        finally:
+            self.send_lock.release()
+        if interrupted is not None:
+            raise interrupted
+
     def leave(self, member: _Membership) -> None:
         """Write the PEER_REMOVE of ``member``, after what its burst left buffered; from
         then on, every write in its name raises (see :class:`_Membership`)."""
@@ -1710,7 +1737,7 @@ class IpcBusClient(Emitter[str]):
         conn = self._conn
         if conn is not None and not conn.closed:
             try:
-                self._write(conn, Kind.SUBSCRIBE, key, None, 1, b"")
+                self._write_subscription(conn, Kind.SUBSCRIBE, key, 1)
             except IpcBusError as exc:
                 log.debug("subscribe to %r not sent: %s", key, exc)
 
@@ -1718,9 +1745,18 @@ class IpcBusClient(Emitter[str]):
         conn = self._conn
         if conn is not None and not conn.closed:
             try:
-                self._write(conn, Kind.UNSUBSCRIBE, key, None, 0, b"")
+                self._write_subscription(conn, Kind.UNSUBSCRIBE, key, 0)
             except IpcBusError as exc:
                 log.debug("unsubscribe from %r not sent: %s", key, exc)
+
+    def _write_subscription(self, conn: _Connection, kind: int, channel: str,
+                            count: int) -> None:
+        """A SUBSCRIBE or UNSUBSCRIBE that goes out once the listener registry has changed,
+        even if the caller is interrupted while it waits for the send lock (the interrupt
+        is raised after): the bus's subscriptions stay in step with our listeners."""
+        member = self._member
+        header = P.encode_header(kind, channel, member.info, None)
+        conn.write_surely(_PREFIX_PACK(len(header), 0, count) + header, member)
 
     # -- sending -----------------------------------------------------------------------------
     def _connection(self) -> _Connection:

@@ -261,3 +261,67 @@ def test_sigint_during_connect_and_close_leaves_no_peer_behind(
             and "x" not in state["channels"]
 
     wait_until(nothing_left, timeout=5)  # (a PEER_REMOVE may follow a late PEER_ADD answer)
+
+
+def interrupted_subscriber(address: str, rounds: int, out: Any, back: Any) -> None:
+    """In the child's main thread: on() and off() that wait for the send lock (held by
+    another thread, as a long write under back-pressure would) when SIGINT comes."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    report: dict[str, Any] = {"interrupts": 0, "unexpected": [], "registered": []}
+    c = IpcBusClient.create().connect(address, peer_name="subscriber")
+    conn = c._conn
+    assert conn is not None
+
+    def listener(event: IpcBusEvent, *args: Any) -> None:
+        pass
+
+    def hold_the_send_lock(held: threading.Event) -> None:
+        with conn.send_lock:
+            held.set()
+            time.sleep(0.02)  # a long write, as seen by the other threads
+
+    try:
+        for op in ("on", "off"):
+            for i in range(rounds):
+                held = threading.Event()
+                holder = threading.Thread(target=hold_the_send_lock, args=(held,))
+                holder.start()
+                held.wait(5)
+                timer = _interrupter("thread", 0.005)
+                try:
+                    timer.start()
+                    getattr(c, op)(f"ch{i}", listener)
+                    timer.join()
+                except KeyboardInterrupt:
+                    report["interrupts"] += 1
+                finally:
+                    timer.join(5)
+                    holder.join(5)
+            report["registered"].append(sorted(c.event_names()))
+            c.request("/ipcbus/queryState", 5.0)  # the (un)subscriptions have been routed
+            out.put(op)
+            back.get(timeout=20)  # the parent has looked
+    except BaseException as exc:
+        report["unexpected"].append(repr(exc))
+    finally:
+        out.put(report)
+        c.close()
+
+
+@pytest.mark.timeout(60)
+def test_sigint_while_on_or_off_waits_for_the_send_lock_keeps_the_bus_in_step(
+        ctx: Any, children: Children, broker: IpcBusBroker, sock_path: str) -> None:
+    out, back = ctx.Queue(), ctx.Queue()
+    rounds = 10
+    children.start(interrupted_subscriber, sock_path, rounds, out, back)
+    names = {f"ch{i}" for i in range(rounds)}
+    assert out.get(timeout=30) == "on"
+    assert names <= set(broker.query_state()["channels"])  # each on() did subscribe
+    back.put("next")
+    assert out.get(timeout=30) == "off"
+    assert not names & set(broker.query_state()["channels"])  # each off() unsubscribed
+    back.put("next")
+    report = out.get(timeout=30)
+    assert report["unexpected"] == []
+    assert report["interrupts"] == 2 * rounds
+    assert report["registered"] == [sorted(names), []]
