@@ -309,17 +309,7 @@ class StreamTransport:
         """
         if not self.can_pass_fds:
             return self.sock.recv_into(buf), []
-        nbytes, ancdata, flags, _ = self.sock.recvmsg_into([buf], _ANC_SIZE)
-        fds: list[int] = []
-        for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(data[:len(data) - (len(data) % _FD_SIZE)])
-                fds.extend(arr)
-        if flags & _MSG_CTRUNC:
-            close_fds(fds)
-            raise IpcBusProtocolError("descriptors were truncated in transit (MSG_CTRUNC)")
-        return nbytes, fds
+        return recv_result(self.sock.recvmsg_into([buf], _ANC_SIZE))
 
     def send(self, buffers: Sequence[bytes | bytearray | memoryview], fds: Sequence[int] = ()
              ) -> int:
@@ -376,6 +366,93 @@ class StreamTransport:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# -- reads and writes that an interrupt cannot cut in two ----------------------------------------
+# A signal handler that raises (Ctrl-C's KeyboardInterrupt, in the main thread) runs at the
+# first check after a system call returns to Python code: the count returned by a send or a
+# receive would be lost, and with it the frame boundaries of a stream that every client of
+# the process shares. ``list.extend(map(call, ...))`` stores the result from C code, before
+# any such check: the count survives, so a write can be finished and a read kept.
+def send_whole(sock: socket.socket, buffers: Sequence[bytes | bytearray | memoryview],
+               fds: Sequence[int] = ()) -> None:
+    """Write one or more whole frames on a blocking socket (the descriptors with the first
+    byte), like :meth:`StreamTransport.sendall`; OSError as from it. A write that has begun
+    is finished: an interrupt (a BaseException that is not an Exception) meanwhile is raised
+    again once everything is written, so the caller knows the frames went out."""
+    counts: list[int] = []
+    if len(buffers) == 1 and not fds:  # the common case: one call
+        try:
+            counts.extend(map(sock.send, (buffers[0],)))
+            if counts[0] == len(buffers[0]):
+                return
+        except Exception:
+            raise
+        except BaseException as exc:
+            _send_rest(sock, buffers, fds, counts, exc)
+    _send_rest(sock, buffers, fds, counts, None)
+
+
+def _send_rest(sock: socket.socket, buffers: Sequence[bytes | bytearray | memoryview],
+               fds: Sequence[int], counts: list[int], interrupted: BaseException | None
+               ) -> None:
+    """Write what ``counts`` (the byte counts written so far) says is left of ``buffers``;
+    interrupts meanwhile are kept, and the first is raised at the end."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    total = sum(len(v) for v in views)
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds \
+        else []
+    while True:
+        try:
+            done = sum(counts)
+            if done >= total:
+                break
+            rest: list[memoryview] = []
+            for view in views:
+                if done >= len(view):
+                    done -= len(view)
+                else:
+                    rest.append(view[done:] if done else view)
+                    done = 0
+            if anc and not counts:
+                counts.extend(map(sock.sendmsg, (rest[:_IOV_MAX],), (anc,)))
+            else:
+                counts.extend(map(sock.sendmsg, (rest[:_IOV_MAX],)))
+        except Exception:
+            raise
+        except BaseException as exc:
+            if interrupted is None:
+                interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+
+
+def recv_kept(transport: StreamTransport, buf: memoryview, out: list[Any]) -> None:
+    """One read into ``buf`` (blocking or not, as the socket is), its raw result appended
+    to ``out`` even when an interrupt is raised right after the system call (see above);
+    :func:`recv_result` decodes it."""
+    if transport.can_pass_fds:
+        out.extend(map(transport.sock.recvmsg_into, ([buf],), (_ANC_SIZE,)))
+    else:
+        out.extend(map(transport.sock.recv_into, (buf,)))
+
+
+def recv_result(raw: Any) -> tuple[int, list[int]]:
+    """(nbytes, fds) of a ``recv_into`` or ``recvmsg_into`` result; IpcBusProtocolError (the
+    descriptors closed) on a truncated control message."""
+    if raw.__class__ is int:
+        return raw, []
+    nbytes, ancdata, flags, _ = raw
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[:len(data) - (len(data) % _FD_SIZE)])
+            fds.extend(arr)
+    if flags & _MSG_CTRUNC:
+        close_fds(fds)
+        raise IpcBusProtocolError("descriptors were truncated in transit (MSG_CTRUNC)")
+    return nbytes, fds
 
 
 # -- handles: what a descriptor was on the sender's side, and the same kind on the receiver's --

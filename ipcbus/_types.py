@@ -17,11 +17,16 @@ __all__ = ["IpcBusPeer", "IpcBusProcess", "IpcBusEvent", "IpcBusRequest",
 class Answerer(Protocol):
     """What an :class:`IpcBusRequest` needs of the client it was delivered to."""
 
+    @property
+    def _member(self) -> Any:
+        """The client's membership of the bus now (the answer goes out in its name)."""
+
     def _pack_answer(self, resolved: bool, value: Any) -> Any:
         """The answer's body; raises (TypeError/ValueError) if ``value`` cannot be sent."""
 
-    def _send_answer(self, channel: str, requester: str, rid: int, body: Any) -> None:
-        """Send the answer to request ``rid`` of ``requester``."""
+    def _send_answer(self, channel: str, requester: str, rid: int, body: Any,
+                     member: Any) -> None:
+        """Send the answer to request ``rid`` of ``requester``, as ``member``."""
 
 
 @dataclass(frozen=True)
@@ -77,11 +82,12 @@ class IpcBusRequest:
     calls are ignored and return False.
     """
 
-    __slots__ = ("_client", "_requester", "_rid", "_channel", "_answered")
+    __slots__ = ("_client", "_member", "_requester", "_rid", "_channel", "_answered")
 
     def __init__(self, client: Answerer, requester: str, rid: int, channel: str,
                  answered: _Answered) -> None:
         self._client = client
+        self._member = client._member  # the answer goes out in the name it was asked of
         self._requester = requester
         self._rid = rid
         self._channel = channel
@@ -107,5 +113,6 @@ class IpcBusRequest:
             if self._answered.done:
                 return False
             self._answered.done = True
-        self._client._send_answer(self._channel, self._requester, self._rid, body)
+        self._client._send_answer(self._channel, self._requester, self._rid, body,
+                                  self._member)
         return True

@@ -94,8 +94,12 @@ class Emitter(Generic[K]):
 
     # removing -----------------------------------------------------------------------------
     def off(self, channel: K, listener: Listener) -> Self:
-        """Remove the most recent registration of ``listener`` on ``channel`` (if any)."""
+        """Remove the most recent registration of ``listener`` on ``channel`` (if any).
+
+        Like Node's ``removeListener``, a ``listener`` that is not callable raises
+        ``TypeError`` (a listener that is not registered is ignored)."""
         k = self._check_key(channel)
+        _check_listener(listener)
         with self._lock:
             entries = self._listeners.get(k)
             if not entries:
@@ -175,6 +179,7 @@ class Callbacks:
             self._items.append(fn)
 
     def remove(self, fn: Callback) -> None:
+        _check_listener(fn)
         with self._lock:
             if fn in self._items:
                 self._items.remove(fn)

@@ -248,7 +248,7 @@ class IpcBusService:
         """Tell proxies the new list of calls (their wrappers list them)."""
         if self._started:
             try:
-                self._client.send(self._event_channel, "status", self.get_status())
+                self._client._send_reserved(self._event_channel, "status", self.get_status())
             except IpcBusError as exc:
                 log.debug("service %r: status update not sent: %s", self._name, exc)
 
@@ -293,7 +293,7 @@ class IpcBusService:
             self._started = True
             try:
                 client.on(self._call_channel, self._on_call)
-                client.send(self._event_channel, "start", self.get_status())
+                client._send_reserved(self._event_channel, "start", self.get_status())
             except BaseException:
                 self._started = False
                 client.off(self._call_channel, self._on_call)
@@ -349,7 +349,7 @@ class IpcBusService:
             raise ValueError(f"{event_name!r} is reserved for the proxies' notifications")
         if not self._started:
             return False
-        self._client.send(self._event_channel, "event", event_name, *args)
+        self._client._send_reserved(self._event_channel, "event", event_name, *args)
         return True
 
     # -- calls ------------------------------------------------------------------------------
@@ -366,7 +366,8 @@ class IpcBusService:
             if call_args[:1] == (True,) and status["started"] and event.sender is not None:
                 # A new proxy: tell it in the notices' order (see the module's docstring).
                 try:
-                    self._client.send_to(event.sender, self._event_channel, "start", status)
+                    self._client._send_to_reserved(event.sender, self._event_channel, "start",
+                                                   status)
                 except IpcBusError as exc:
                     log.debug("service %r: start notice not sent: %s", self._name, exc)
             if request is not None:
@@ -496,7 +497,7 @@ class IpcBusServiceProxy(Emitter[str]):
         # answers with a "start" notice to this peer; with none, the request fails at once.
         client.on(self._event_channel, self._on_notice)
         try:
-            client.request_async(self._call_channel, -1, STATUS_CALL, True)
+            client._request_async_reserved(self._call_channel, -1, STATUS_CALL, True)
         except BaseException:
             client.off(self._event_channel, self._on_notice)
             raise
@@ -562,7 +563,7 @@ class IpcBusServiceProxy(Emitter[str]):
         with no calls, when no service of that name is started on the bus)."""
         self._check_open()
         try:
-            response = self._client.request(self._call_channel, timeout, STATUS_CALL)
+            response = self._client._request_reserved(self._call_channel, timeout, STATUS_CALL)
         except IpcBusRequestTimeoutError:
             raise
         except IpcBusRequestError:
@@ -637,10 +638,10 @@ class IpcBusServiceProxy(Emitter[str]):
                 return
         try:
             if call.oneway:
-                self._client.send(self._call_channel, call.name, *call.args)
+                self._client._send_reserved(self._call_channel, call.name, *call.args)
                 _set(call.future, result=None)
                 return
-            inner = self._client.request_async(self._call_channel, timeout, call.name,
+            inner = self._client._request_async_reserved(self._call_channel, timeout, call.name,
                                                *call.args)
         except Exception as exc:
             if direct:

@@ -303,7 +303,9 @@ def test_hooks_fire_on_zero_to_one_and_one_to_zero_only() -> None:
     em.off("x", noop)
     em.off("x", noop)
     em.off("x", print)
-    em.off("x", "never registered")  # type: ignore[arg-type]
+    em.off("x", lambda *a: None)  # never registered: ignored
+    with pytest.raises(TypeError):  # not a listener at all: raises, as Node's does
+        em.off("x", "never registered")  # type: ignore[arg-type]
     em.off("y", noop)
     assert em.hooks == [("first", "x")]
     assert em.listeners("x") == [len, noop]

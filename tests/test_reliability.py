@@ -57,9 +57,9 @@ from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionEr
 from ipcbus import _protocol as P
 from ipcbus._protocol import Kind
 
+from _rawpeer import RawPeer, _raw_ids  # a hand-driven peer on a raw socket
 from conftest import Collector, elapsed, sync, wait_until
-from _rawbus import (Canary, RawPeer, Target, _raw_ids, clean_after,  # noqa: F401
-                    make_target)
+from _rawbus import Canary, Target, clean_after, make_target  # noqa: F401
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -131,9 +131,6 @@ class RssSampler:
         return self.peak
 
 
-# =============================================================================================
-# a hand-driven peer: bytes on a raw socket, frames decoded with the library's decoder
-# =============================================================================================
 # =============================================================================================
 # 1. bad input never takes the broker or the bridge down
 # =============================================================================================
@@ -589,13 +586,13 @@ def test_service_calls_reach_only_registered_handlers(sock_path: str) -> None:
         try:
             assert service.calls == ["ping"]
             channel = P.service_call_channel("svc")
-            assert user.request(channel, 5.0, "ping").payload == "pong"
+            assert user._request_reserved(channel, 5.0, "ping").payload == "pong"
             for name in ["_secret", "__init__", "__class__", "__reduce__", "__dict__",
                          "register_call_handler", "stop", "os.system", ""]:
                 with pytest.raises(IpcBusRequestError, match="no call"):
-                    user.request(channel, 5.0, name)
+                    user._request_reserved(channel, 5.0, name)
             with pytest.raises(IpcBusRequestError, match="malformed call"):
-                user.request(channel, 5.0, {"__class__": 1})
+                user._request_reserved(channel, 5.0, {"__class__": 1})
             assert impl.touched == []
             assert service.is_started
         finally:

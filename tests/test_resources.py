@@ -28,7 +28,8 @@ from ipcbus import broker as B
 from ipcbus._protocol import Kind
 from ipcbus.spy import IpcBusSpy
 
-from _rawbus import Canary, RawPeer, Target, make_target  # noqa: F401
+from _rawbus import Canary, Target, make_target  # noqa: F401
+from _rawpeer import RawPeer
 from conftest import Children, Collector, sync, wait_until
 
 MiB = 1 << 20

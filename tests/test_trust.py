@@ -22,7 +22,8 @@ from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient,
 from ipcbus import _protocol as P
 from ipcbus._protocol import Kind
 
-from _rawbus import Canary, RawPeer, Target, make_target  # noqa: F401
+from _rawbus import Canary, Target, make_target  # noqa: F401
+from _rawpeer import RawPeer
 from conftest import Collector, sync, wait_until
 
 
