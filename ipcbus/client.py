@@ -1375,6 +1375,12 @@ class IpcBusClient(Emitter[str]):
         each other within 50 µs are written together; a lone send is written at once, and
         requests, answers and control frames are never held back.
         """
+        from .ecipc import parse_address as ecipc_address  # an electron-common-ipc bus
+        if ecipc_address(address, path=path, port=port) is not None:
+            from .ecipc.client import EcipcClient
+            return EcipcClient.adopt(self).connect(  # type: ignore[return-value]
+                address, path=path, port=port, host=host, peer_name=peer_name,
+                timeout=timeout, socket_buffer=socket_buffer, authkey=authkey)
         if peer_name is not None and not isinstance(peer_name, str):
             raise TypeError("peer_name must be a str")
         if socket_buffer is not None and (isinstance(socket_buffer, bool)
