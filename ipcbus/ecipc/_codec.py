@@ -400,7 +400,7 @@ class PacketSplitter:
             raise IpcBusProtocolError(f"unknown packet type 0x{buf[1]:02x}")
         if len(buf) < 6:
             return None
-        content = _U32.unpack_from(buf, 2)[0]
+        content: int = _U32.unpack_from(buf, 2)[0]
         if content > self._max:
             raise IpcBusProtocolError(f"a packet announces {content} bytes, over the limit of"
                                       f" {self._max}")
