@@ -178,7 +178,7 @@ def _jsonable(value: Any) -> Any:
         if not math.isfinite(value):
             raise ValueError(f"{value!r} cannot travel inside a dict (JSON has no NaN or"
                              " infinity); send it as an argument or in a list")
-        return float(value)
+        return _number(float(value))  # JSON.stringify writes integral numbers as integers
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
@@ -325,9 +325,15 @@ def _items(buf: memoryview, start: int, stop: int) -> Iterator[Any]:
         raise IpcBusProtocolError(f"array of {count} items has {stop - pos} bytes left over")
 
 
+def _json_int(digits: str) -> int | float:
+    """A JSON integer as a number: beyond ±2**53 it is a double on the Node side."""
+    value = int(digits)
+    return value if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER else float(value)
+
+
 def _json(raw: memoryview) -> Any:
     try:
-        return json.loads(str(raw, "utf-8"), object_hook=revive)
+        return json.loads(str(raw, "utf-8"), object_hook=revive, parse_int=_json_int)
     except (ValueError, RecursionError) as exc:
         raise IpcBusProtocolError(f"invalid JSON packet: {exc}") from None
 
