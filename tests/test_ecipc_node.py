@@ -70,12 +70,9 @@ def _node_peer(node: NodeProcess) -> dict[str, Any]:
 
 
 def _sync(node: NodeProcess, client: IpcBusClient) -> None:
-    """Both subscriptions are in the broker: a round trip python -> node -> python."""
-    got = Collector()
-    client.on("/sync", got)
-    node("send", client="n1", channel="/sync", args=[1])
-    got.wait(1)
-    client.off("/sync", got)
+    """What both sides sent before (subscriptions included) has reached the broker: a request
+    from Python that the Node process answers (one connection each way, in order)."""
+    assert client.request("/ping", 5, "sync").payload == ["sync"]
 
 
 VALUES: list[Any] = [None, True, False, 0, -7, 2 ** 40, -(2 ** 53), 1.5, "héllo ✓", b"\x00\xff",
@@ -219,6 +216,7 @@ def test_listeners_before_connect_and_off(node: NodeProcess, node_broker: str) -
         node("send", client="n1", channel="/early", args=[1])
         got.wait(1)
         client.off("/early", got)
+        _sync(node, client)
         node("send", client="n1", channel="/early", args=[2])  # not for us any more...
         node("send", client="n1", channel="/marker", args=[3])  # ...and this comes after it
         marker.wait(1)
@@ -284,6 +282,7 @@ def test_node_service_and_python_proxy(node: NodeProcess,
     proxy.on("tick", lambda *args: ticks(None, *args))
     stopped = threading.Event()
     proxy.on("service-event-stop", lambda reason: stopped.set())
+    _sync(node, client)  # the proxy's subscription is in the broker before the start
     node("service", client="n1", name="nsvc")
     wrapper = proxy.connect(5)
     assert proxy.is_started and sorted(proxy.status["calls"]) == ["add", "echo", "fail",
