@@ -213,6 +213,13 @@ def test_service_translation() -> None:
     wrapped = [{"eventName": "service-wrapper-event", "args": ["tick", [1, 2]]}]
     assert S.notice_from_wire(wrapped, None) == ["event", "tick", 1, 2]
     assert S.notice_from_wire(["junk"], None) == []
+    for bad in [("start",), ("start", 5), ("start", {"calls": [1]}), ("event",),
+                ("event", "service-event-start"), ("event", 3), ("other", 1), ()]:
+        with pytest.raises(ValueError):
+            S.notice_to_wire(bad)
+    for bad_call in [(), (3, 1)]:
+        with pytest.raises(ValueError):
+            S.call_to_wire(bad_call)
 
 
 def test_addresses() -> None:

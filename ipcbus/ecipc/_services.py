@@ -31,15 +31,18 @@ from typing import Any
 
 from .. import _protocol as P
 
-__all__ = ["NODE_PREFIX", "STATUS_CALL", "wire_channel", "local_channel", "call_to_wire",
+__all__ = ["NODE_NAMESPACE", "NODE_PREFIX", "STATUS_CALL", "wire_channel", "local_channel", "call_to_wire",
            "call_from_wire", "notice_to_wire", "notice_from_wire", "status_to_wire",
            "status_from_wire", "is_status_probe"]
 
-NODE_PREFIX = "/electron-ipc-bus/ipc-service/"
+NODE_NAMESPACE = "/electron-ipc-bus/"
+"""electron-common-ipc's own channels: a user does not send there (as under ``/ipcbus/``)."""
+NODE_PREFIX = NODE_NAMESPACE + "ipc-service/"
 STATUS_CALL = "__getServiceStatus"
 _START = "service-event-start"
 _STOP = "service-event-stop"
 _WRAPPER_EVENT = "service-wrapper-event"
+_RESERVED_EVENTS = frozenset({_START, _STOP, _WRAPPER_EVENT})
 
 
 def wire_channel(channel: str) -> tuple[str, str | None]:
@@ -68,9 +71,9 @@ def is_status_probe(args: tuple[Any, ...]) -> bool:
 
 
 def call_to_wire(args: tuple[Any, ...]) -> list[Any]:
-    """ipcbus call args ``(name, *a)`` as Node's call message."""
-    if not args:
-        return [{"handlerName": "", "args": []}]
+    """ipcbus call args ``(name, *a)`` as Node's call message (ValueError without a name)."""
+    if not args or not isinstance(args[0], str):
+        raise ValueError("a service call starts with the call's name (a str)")
     if is_status_probe(args):
         args = args[:1]
     return [{"handlerName": args[0], "args": list(args[1:])}]
@@ -107,15 +110,21 @@ def status_from_wire(status: Any, host: dict[str, Any] | None) -> Any:
 
 
 def notice_to_wire(args: tuple[Any, ...]) -> list[Any]:
-    """An ipcbus notice (event channel args) as Node's service event message."""
+    """An ipcbus notice (event channel args) as Node's service event message.
+
+    ValueError for anything else: a Node proxy throws (and its process dies) on a start
+    without a status, or on an event named like its own notices."""
     kind = args[0] if args else None
-    if kind in ("start", "status") and len(args) > 1:
+    if kind in ("start", "status") and len(args) == 2 and isinstance(args[1], dict) \
+            and all(isinstance(c, str) for c in args[1].get("calls", [])):
         return [{"eventName": _START, "args": [status_to_wire(args[1])]}]
-    if kind == "stop":
+    if kind == "stop" and len(args) <= 2:
         return [{"eventName": _STOP, "args": [{"reason": args[1] if len(args) > 1 else ""}]}]
-    if kind == "event" and len(args) > 1:
+    if kind == "event" and len(args) > 1 and isinstance(args[1], str) \
+            and args[1] not in _RESERVED_EVENTS:
         return [{"eventName": args[1], "args": list(args[2:])}]
-    return [{"eventName": str(kind), "args": list(args[1:])}]
+    raise ValueError("not a service notice: the service event channel carries only what"
+                     " IpcBusService sends")
 
 
 def notice_from_wire(args: list[Any], host: dict[str, Any] | None) -> list[Any]:

@@ -544,6 +544,9 @@ class EcipcClient(IpcBusClient):
     def _envelope(self, channel: str, args: tuple[Any, ...]) -> tuple[str, bytes]:
         """(wire channel, encoded args): the service channels translated (see _services)."""
         P.check_channel(channel)
+        if channel.startswith(S.NODE_NAMESPACE):
+            raise ValueError(f"{S.NODE_NAMESPACE}... channels belong to electron-common-ipc"
+                             " itself (for services, use IpcBusService / IpcBusServiceProxy)")
         wire, role = S.wire_channel(channel)
         if role == "call":
             return wire, C.encode_array(S.call_to_wire(args))
