@@ -319,7 +319,12 @@ def test_python_service_and_proxy_through_node_broker(py: Callable[..., IpcBusCl
 def _child_peer(address: str, ready: Any) -> None:
     client = IpcBusClient.create().connect(address, peer_name="child")
     done = threading.Event()
-    client.on("/child", lambda event, x: (event.request.resolve(x + 1), done.set()))
+
+    def answer(event: Any, x: int) -> None:
+        event.request.resolve(x + 1)
+        done.set()
+
+    client.on("/child", answer)
     ready.send(client.peer.id)
     done.wait(20)
     client.close()
