@@ -52,6 +52,9 @@ log = logging.getLogger("ipcbus")
 __all__ = ["EcipcClient"]
 
 _STOP = object()
+DISPATCH_BUDGET = 16 * 1024 * 1024
+"""Bytes of received messages waiting for their listeners before the reader stops reading
+(the broker then holds them: memory here stays bounded whatever a listener does)."""
 _UNSUPPORTED_CHANNELS = ("/ipcbus/queryState", "/ipcbus/serviceAvailable")
 
 
@@ -86,6 +89,8 @@ class _Connection:
         self.timer = _Timer()
         self.splitter = C.PacketSplitter()
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.queued = 0  # bytes of received messages in the queue
+        self.budget = threading.Condition()
         self.dispatch_done = threading.Event()
         self.reader_done = threading.Event()
         self.reader = threading.Thread(target=self._read_loop, daemon=True,
@@ -125,6 +130,10 @@ class _Connection:
                     break
                 for packet in self.splitter.feed(data):
                     self._on_packet(packet)
+                if self.queued > DISPATCH_BUDGET:
+                    with self.budget:  # listeners drain the queue (nested waits included)
+                        while self.queued > DISPATCH_BUDGET and not self.dispatch_done.is_set():
+                            self.budget.wait(0.1)
         except IpcBusProtocolError as exc:
             reason = f"protocol error from the broker: {exc}"
             log.warning("ipcbus ecipc: %s", reason)
@@ -145,7 +154,9 @@ class _Connection:
         if incoming.kind == "RQR":
             self.on_answer(incoming)
         elif incoming.kind == "MES":
-            self.queue.put(incoming)
+            with self.budget:
+                self.queued += len(packet)
+            self.queue.put((incoming, len(packet)))
         else:  # queries of Node's state and bridge commands are not for us
             log.debug("ipcbus ecipc: ignored a %r command", incoming.kind)
 
@@ -234,8 +245,14 @@ class _Connection:
             self._finish_dispatch()
             return False
         try:
-            if isinstance(item, E.Incoming):
+            if isinstance(item, E.Incoming):  # sent by this process
                 self._deliver(item)
+            elif isinstance(item, tuple):  # (message from the broker, its size)
+                with self.budget:
+                    self.queued -= item[1]
+                    if self.queued <= DISPATCH_BUDGET // 2:
+                        self.budget.notify()
+                self._deliver(item[0])
             else:
                 item()
         except Exception:
@@ -308,17 +325,22 @@ class _Connection:
 
     # -- closing ------------------------------------------------------------------------------
     def close(self, timeout: float | None) -> None:
-        """Graceful end: everything written was sent (sendall); stop reading, let the broker
-        see the end of the stream."""
+        """Graceful end: everything written is in the socket (sendall); end our half, let the
+        broker read it all and end its half (it does at once), then the reader stops."""
         with self.lock:
             self.closed = True
             self.close_reason = self.close_reason or "the client was closed"
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            with self.send_lock:
+                self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        if threading.current_thread() is not self.reader:
-            self.reader_done.wait(timeout)
+        if threading.current_thread() is not self.reader and not self.reader_done.wait(timeout):
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.reader_done.wait(1.0)
         if not self.on_dispatch_thread():
             self.dispatch_done.wait(timeout)
 
