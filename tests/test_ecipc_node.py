@@ -414,3 +414,32 @@ def test_close_then_connect_again(node_broker: str, sock_path: str) -> None:
             assert client.request("/back", 5).payload == "plain"
         finally:
             client.close()
+
+
+def test_the_example_runs() -> None:
+    """examples/node_bus.js and examples/node_bus.py, as the README tells a user to run them."""
+    import subprocess
+    import sys
+    from _node import require_node
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = tempfile.mkdtemp(prefix="ecx-", dir="/tmp")
+    path = os.path.join(d, "app.bus")
+    app = subprocess.Popen([require_node(), os.path.join(root, "examples", "node_bus.js"), path],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert app.stdout is not None
+        assert "ready" in app.stdout.readline()
+        py_run = subprocess.run([sys.executable, os.path.join(root, "examples", "node_bus.py"),
+                                 path], capture_output=True, text=True, timeout=30)
+        assert py_run.returncode == 0, py_run.stderr
+        assert "clock.add(2, 3) = 5" in py_run.stdout and "Node said bye" in py_run.stdout
+        assert app.wait(10) == 0
+        node_out = app.stdout.read()
+        assert "py-math.hypot(3, 4) = 5" in node_out and '{"answer":42}' in node_out
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait(5)
+        if app.stdout is not None:
+            app.stdout.close()
+        shutil.rmtree(d, ignore_errors=True)
