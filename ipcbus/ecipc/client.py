@@ -39,7 +39,8 @@ from typing_extensions import Self
 from .. import _protocol as P
 from ..broker import DEFAULT_TIMEOUT, resolve_timeout
 from ..client import (IpcBusClient, IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
-                      IpcBusRequestResponse, _Answered, _set, _target_id, _Timer)
+                      IpcBusRequestResponse, SPIN_WAIT, _Answered, _cpus, _set,
+                      _target_id, _Timer)
 from ..errors import (IpcBusConnectionError, IpcBusError, IpcBusProtocolError,
                       IpcBusRequestError, IpcBusRequestTimeoutError)
 from . import _codec as C
@@ -52,6 +53,7 @@ log = logging.getLogger("ipcbus")
 __all__ = ["EcipcClient"]
 
 _STOP = object()
+_SPIN = SPIN_WAIT if _cpus() > 1 else 0.0  # the core client's setting (IPCBUS_SPIN_US)
 DISPATCH_BUDGET = 16 * 1024 * 1024
 """Bytes of received messages waiting for their listeners before the reader stops reading
 (the broker then holds them: memory here stays bounded whatever a listener does)."""
@@ -260,7 +262,13 @@ class _Connection:
         return True
 
     def wait(self, future: concurrent.futures.Future[Any]) -> Any:
-        """``future.result()``; on the dispatch thread, keep dispatching meanwhile."""
+        """``future.result()``; on the dispatch thread, keep dispatching meanwhile. Another
+        caller looks for its answer for up to ``SPIN_WAIT`` (yielding the CPU) before it
+        sleeps: waking a sleeping thread costs tens of microseconds on a small VM."""
+        if _SPIN and not future.done() and threading.current_thread() is not self.dispatcher:
+            until = time.perf_counter() + _SPIN
+            while not future.done() and time.perf_counter() < until:
+                os.sched_yield()
         if self.on_dispatch_thread():
             while not future.done() and not self.dispatch_done.is_set():
                 try:
