@@ -18,7 +18,8 @@ from ipcbus import IpcBusClient, IpcBusError
 from _node import NodeProcess
 
 CHANNELS = ["/fz/a", "/ipcbus/service/call/fz", "/ipcbus/service/event/fz",
-            "/electron-ipc-bus/ipc-service/fz/call", "/ping", "/ipcbus/queryState"]
+            "/electron-ipc-bus/ipc-service/fz/call", "/ping", "/ipcbus/queryState",
+            "_/undefined/_", "_target_proc_{}_target_x"]
 leaves = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
           | st.binary(max_size=20) | st.datetimes() | st.sets(st.integers(), max_size=2)
           | st.just("_/undefined/_") | st.just({"type": "Date", "data": 1}))

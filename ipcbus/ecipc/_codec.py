@@ -53,7 +53,7 @@ from typing import Any, Iterator
 
 from ..errors import IpcBusProtocolError
 
-__all__ = ["MAX_SAFE_INTEGER", "DEFAULT_MAX_PACKET", "encode", "encode_array", "array_of", "encode_json",
+__all__ = ["MAX_SAFE_INTEGER", "DEFAULT_MAX_PACKET", "encode", "encode_array", "array_of", "sized", "utf8", "decode_plain_json", "encode_json",
            "decode", "decode_array_items", "PacketSplitter", "revive", "normalize"]
 
 MAX_SAFE_INTEGER = 2 ** 53
@@ -81,7 +81,8 @@ _TYPED: dict[int, str | None] = {0: None, 1: None, 2: None, 3: "H", 4: "I", 5: "
 
 
 # -- encoding -------------------------------------------------------------------------------
-def _sized(kind: bytes, content: bytes | bytearray | memoryview) -> bytes:
+def sized(kind: bytes, content: bytes | bytearray | memoryview) -> bytes:
+    """A sized packet (``s``, ``B``, ``o``, ``A``, ``C``) of ``content``."""
     return b"[" + kind + _U32.pack(len(content)) + bytes(content) + b"]"
 
 
@@ -115,7 +116,7 @@ def array_of(packets: list[bytes]) -> bytes:
 def encode_array(values: Any) -> bytes:
     """An ``A`` packet of ``values`` (a list or tuple): the args of a message."""
     try:
-        return _sized(b"A", _U32.pack(len(values)) + b"".join(map(_encode, values)))
+        return sized(b"A", _U32.pack(len(values)) + b"".join(map(_encode, values)))
     except RecursionError:
         raise ValueError("value nested too deeply to be sent") from None
 
@@ -127,7 +128,7 @@ def _encode(value: Any) -> bytes:
     if cls is bool:
         return _TRUE if value else _FALSE
     if cls is str:
-        return _sized(b"s", _utf8(value))
+        return sized(b"s", utf8(value))
     if isinstance(value, int) and not isinstance(value, bool):
         if -0xFFFFFFFF <= value <= 0xFFFFFFFF:
             return (b"[+" if value >= 0 else b"[-") + _U32.pack(abs(value)) + b"]"
@@ -136,21 +137,22 @@ def _encode(value: Any) -> bytes:
     if isinstance(value, float):
         return b"[d" + _F64.pack(value) + b"]"
     if isinstance(value, (list, tuple)):
-        return _sized(b"A", _U32.pack(len(value)) + b"".join(map(_encode, value)))
+        return sized(b"A", _U32.pack(len(value)) + b"".join(map(_encode, value)))
     if isinstance(value, dict):
-        return _sized(b"o", _utf8(encode_json(value)))
+        return sized(b"o", utf8(encode_json(value)))
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return _sized(b"B", memoryview(value).cast("B") if isinstance(value, memoryview)
+        return sized(b"B", memoryview(value).cast("B") if isinstance(value, memoryview)
                       else value)
     if isinstance(value, str):
-        return _sized(b"s", _utf8(value))
+        return sized(b"s", utf8(value))
     if isinstance(value, _dt.datetime):
         return b"[D" + _F64.pack(_date_ms(value)) + b"]"
     raise TypeError(f"{cls.__name__} cannot be sent to electron-common-ipc (None, bool, int,"
                     " float, str, bytes, list, tuple, dict with str keys, datetime)")
 
 
-def _utf8(text: str) -> bytes:
+def utf8(text: str) -> bytes:
+    """UTF-8 of ``text``; ValueError (not a crash on the Node side) for lone surrogates."""
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -334,6 +336,17 @@ def _json_int(digits: str) -> int | float:
 def _json(raw: memoryview) -> Any:
     try:
         return json.loads(str(raw, "utf-8"), object_hook=revive, parse_int=_json_int)
+    except (ValueError, RecursionError) as exc:
+        raise IpcBusProtocolError(f"invalid JSON packet: {exc}") from None
+
+
+def decode_plain_json(packet: memoryview) -> Any:
+    """The JSON of an ``o`` packet without json-helpers' revival (headers have none)."""
+    kind, start, stop = _header(packet, 0, len(packet))
+    if kind != 0x6F or stop + 1 != len(packet):
+        raise IpcBusProtocolError("expected a JSON packet")
+    try:
+        return json.loads(str(packet[start:stop], "utf-8"))
     except (ValueError, RecursionError) as exc:
         raise IpcBusProtocolError(f"invalid JSON packet: {exc}") from None
 

@@ -29,6 +29,7 @@ builds the headers above, from checked values.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple
 
 from ..client import IpcBusPeer, IpcBusProcess
@@ -74,9 +75,18 @@ def to_peer(raw: Any) -> IpcBusPeer | None:
 
 
 def _header(fields: dict[str, Any]) -> bytes:
+    """The header packet. Its fields are ours (checked channel, peer, ids) or peers read from
+    the wire, so plain JSON serves; the full mapping only if they hold something else."""
     if fields.get("kind") not in KINDS:  # never give the Node broker a kind it would throw on
         raise ValueError(f"not a kind this side sends: {fields.get('kind')!r}")
-    return C.encode(fields)
+    try:
+        text = _dumps(fields)
+    except (TypeError, ValueError):
+        return C.encode(fields)
+    return C.sized(b"o", C.utf8(text))
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
 def command(kind: str, peer: dict[str, Any], channel: str | None = None) -> bytes:
@@ -113,7 +123,7 @@ def parse(packet: bytes) -> Incoming:
     items = C.decode_array_items(packet)
     if not items or len(items) > 2:
         raise IpcBusProtocolError(f"a top-level array of {len(items)} items")
-    header = C.decode(items[0])
+    header = C.decode_plain_json(items[0])
     if not isinstance(header, dict) or not isinstance(header.get("kind"), str):
         raise IpcBusProtocolError("a header without a kind")
     return Incoming(header["kind"], header, items[1] if len(items) == 2 else None)

@@ -95,14 +95,16 @@ class _Connection:
         self.budget = threading.Condition()
         self.dispatch_done = threading.Event()
         self.reader_done = threading.Event()
-        self.reader = threading.Thread(target=self._read_loop, daemon=True,
-                                       name=f"ipcbus-ecipc-reader {key}")
-        self.dispatcher = threading.Thread(target=self._dispatch_loop, daemon=True,
-                                           name=f"ipcbus-ecipc-dispatch {key}")
+        self.read_role = threading.Lock()
+        self.dispatch_lock = threading.Lock()
+        self.dispatch_owner: int | None = None
+        self.kick = threading.Condition()  # the read role is free, or work was queued
+        self.workers = [threading.Thread(target=self._io_loop, daemon=True,
+                                         name=f"ipcbus-ecipc-io-{i} {key}") for i in (1, 2)]
 
     def start(self) -> None:
-        self.reader.start()
-        self.dispatcher.start()
+        for worker in self.workers:
+            worker.start()
 
     # -- writing ------------------------------------------------------------------------------
     def check_usable(self) -> None:
@@ -122,20 +124,45 @@ class _Connection:
             self.check_usable()
             raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
 
-    # -- reading (reader thread) --------------------------------------------------------------
-    def _read_loop(self) -> None:
+    # -- reading and dispatching (the two I/O threads) ----------------------------------------
+    def _io_loop(self) -> None:
+        """Take turns: whoever holds the read role reads; a thread that has read messages
+        gives the role up to the other and runs their listeners itself (no hand-off). A
+        thread without the role sleeps on ``kick`` until the role is free or work is queued
+        (both are told under ``kick``: no wake-up is missed)."""
+        while not self.reader_done.is_set():
+            with self.kick:
+                reading = self.read_role.acquire(blocking=False)
+                if not reading and self.queue.empty():
+                    self.kick.wait()
+                    continue
+            if reading:
+                try:
+                    if not self.reader_done.is_set():
+                        self._read_once()
+                finally:
+                    with self.kick:
+                        self.read_role.release()
+                        self.kick.notify()
+            self._drain()
+            if self.queued > DISPATCH_BUDGET:  # a listener is stuck: stop reading for now
+                with self.budget:
+                    while self.queued > DISPATCH_BUDGET and not self.dispatch_done.is_set():
+                        self.budget.wait(0.1)
+        self._drain()
+
+    def _wake(self) -> None:
+        with self.kick:
+            self.kick.notify_all()
+
+    def _read_once(self) -> None:
         reason = "the broker closed the connection"
         try:
-            while True:
-                data = self.sock.recv(256 * 1024)
-                if not data:
-                    break
+            data = self.sock.recv(256 * 1024)
+            if data:
                 for packet in self.splitter.feed(data):
                     self._on_packet(packet)
-                if self.queued > DISPATCH_BUDGET:
-                    with self.budget:  # listeners drain the queue (nested waits included)
-                        while self.queued > DISPATCH_BUDGET and not self.dispatch_done.is_set():
-                            self.budget.wait(0.1)
+                return
         except IpcBusProtocolError as exc:
             reason = f"protocol error from the broker: {exc}"
             log.warning("ipcbus ecipc: %s", reason)
@@ -146,6 +173,24 @@ class _Connection:
             log.exception("ipcbus ecipc: reader failed")
             reason = f"reader failed: {exc!r}"
         self._on_lost(reason)
+
+    def _drain(self) -> None:
+        """Run what is queued, in order, unless the other thread is at it already."""
+        while self.dispatch_lock.acquire(blocking=False):
+            self.dispatch_owner = threading.get_ident()
+            try:
+                while True:
+                    try:
+                        item = self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not self._run_one(item):
+                        return
+            finally:
+                self.dispatch_owner = None
+                self.dispatch_lock.release()
+            if self.queue.empty() or self.dispatch_done.is_set():
+                return  # (an item queued after our last look is run by the next _drain)
 
     def _on_packet(self, packet: bytes) -> None:
         try:
@@ -230,17 +275,20 @@ class _Connection:
             pass
         self.reader_done.set()
         self.queue.put(_STOP)
+        self._wake()
 
-    # -- dispatching (dispatch thread) --------------------------------------------------------
     def on_dispatch_thread(self) -> bool:
-        return threading.current_thread() is self.dispatcher
+        return self.dispatch_owner == threading.get_ident()
 
     def call_soon(self, fn: Callable[[], None]) -> None:
-        self.queue.put(fn)
+        """Run ``fn`` where listeners run, after what is queued."""
+        self.put(fn)
 
-    def _dispatch_loop(self) -> None:
-        while self._run_one(self.queue.get()):
-            pass
+    def put(self, item: Any) -> None:
+        """Queue ``item`` for the listeners' side and wake an idle I/O thread."""
+        self.queue.put(item)
+        if not self.on_dispatch_thread():
+            self._wake()
 
     def _run_one(self, item: Any) -> bool:
         if item is _STOP:
@@ -265,7 +313,7 @@ class _Connection:
         """``future.result()``; on the dispatch thread, keep dispatching meanwhile. Another
         caller looks for its answer for up to ``SPIN_WAIT`` (yielding the CPU) before it
         sleeps: waking a sleeping thread costs tens of microseconds on a small VM."""
-        if _SPIN and not future.done() and threading.current_thread() is not self.dispatcher:
+        if _SPIN and not future.done() and not self.on_dispatch_thread():
             until = time.perf_counter() + _SPIN
             while not future.done() and time.perf_counter() < until:
                 os.sched_yield()
@@ -343,7 +391,7 @@ class _Connection:
                 self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        if threading.current_thread() is not self.reader and not self.reader_done.wait(timeout):
+        if threading.current_thread() not in self.workers and not self.reader_done.wait(timeout):
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -605,7 +653,7 @@ class EcipcClient(IpcBusClient):
             conn.write(E.message("MES", wire, self._peer_json, body, target=target_raw,
                                  request=request_raw))
         if any(channel in c._listeners for c in conn.client_list):
-            conn.queue.put(E.Incoming("MES", header, memoryview(body), True))
+            conn.put(E.Incoming("MES", header, memoryview(body), True))
 
     def send(self, channel: str, *args: Any) -> None:
         """Broadcast ``args`` to every listener of ``channel`` on the bus (ours included)."""
