@@ -9,6 +9,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -443,3 +444,83 @@ def test_the_example_runs() -> None:
         if app.stdout is not None:
             app.stdout.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_slow_listener_does_not_delay_answers(node: NodeProcess,
+                                              py: Callable[..., IpcBusClient]) -> None:
+    client = py()
+    busy, release = threading.Event(), threading.Event()
+
+    def slow(event: Any) -> None:
+        busy.set()
+        release.wait(10)
+
+    client.on("/slow", slow)
+    _sync(node, client)
+    node("send", client="n1", channel="/slow", args=[])
+    try:
+        assert busy.wait(5)
+        started = time.monotonic()
+        assert client.request("/ping", 5, "meanwhile").payload == ["meanwhile"]
+        assert time.monotonic() - started < 2.0
+    finally:
+        release.set()
+
+
+def test_memory_stays_bounded_behind_a_stuck_listener(node: NodeProcess,
+                                                      py: Callable[..., IpcBusClient]) -> None:
+    from ipcbus.ecipc.client import DISPATCH_BUDGET
+    client = py()
+    release = threading.Event()
+    got = Collector()
+    first = threading.Event()
+
+    def stuck(event: Any, seq: int, payload: bytes) -> None:
+        first.set()
+        release.wait(20)
+        got(event, seq)
+
+    client.on("/flood", stuck)
+    _sync(node, client)
+    count, size = 40, 1 << 20  # 40 MiB, over twice the dispatch budget
+    node("flood", client="n1", channel="/flood", count=count, size=size)
+    try:
+        assert first.wait(10)
+        conn = client._econn  # type: ignore[attr-defined]
+        wait_for(lambda: conn.queued > DISPATCH_BUDGET, 10)
+        time.sleep(0.3)  # reading has stopped: the queue does not grow past the budget
+        assert conn.queued <= DISPATCH_BUDGET + 2 * size
+    finally:
+        release.set()
+    assert [a for _, a in got.wait(count, 30)] == [(i,) for i in range(count)]
+
+
+def test_close_from_a_listener_and_on_closed(node: NodeProcess, node_broker: str) -> None:
+    client = IpcBusClient.create().connect(node_broker)
+    closed = threading.Event()
+    client.on_closed(closed.set)
+    client.on("/close-me", lambda event: client.close())
+    _sync(node, client)
+    node("send", client="n1", channel="/close-me", args=[])
+    assert closed.wait(5)
+    with pytest.raises(IpcBusConnectionError):
+        client.send("/x")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_cannot_use_the_parents_connection(
+        node: NodeProcess, py: Callable[..., IpcBusClient]) -> None:
+    client = py()
+    pid = os.fork()
+    if pid == 0:  # the child: the inherited client must refuse, not corrupt the stream
+        code = 1
+        try:
+            client.send("/from-child", 1)
+        except IpcBusConnectionError:
+            code = 0
+        except BaseException:
+            pass
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert client.request("/ping", 5, "parent").payload == ["parent"]  # still fine here

@@ -104,6 +104,11 @@ async function runClient() {
         async off(c) { clients[c.client].removeAllListeners(c.channel); return true; },
         async answer(c) { answers[c.channel] = { mode: c.mode, value: c.value }; return true; },
         async send(c) { clients[c.client].send(c.channel, ...untag(c.args)); return true; },
+        async flood(c) {
+            const payload = Buffer.alloc(c.size, 7);
+            for (let i = 0; i < c.count; ++i) clients[c.client].send(c.channel, i, payload);
+            return true;
+        },
         async sendTo(c) { clients[c.client].sendTo(c.target, c.channel, ...untag(c.args)); return true; },
         async request(c) {
             try {
