@@ -8,12 +8,18 @@ broker. Closing it and connecting elsewhere turns it back into a plain client.
 Threads and ownership (the rules of :mod:`ipcbus.client`, simplified):
 
 * One :class:`_Connection` per (process, address), shared by every client of the process that
-  connects there, as Node's clients share theirs. A *reader* thread reads packets: answers
-  complete their request's future right there; messages go, in arrival order, to a queue.
-* A *dispatch* thread runs the listeners of queued messages, one at a time, in order, never on
-  a caller's thread. A listener that waits (a request, a service call) keeps dispatching from
-  the queue meanwhile (nested dispatch), so it may wait for what a listener of the same
-  process answers.
+  connects there, as Node's clients share theirs. Two *I/O threads* take turns on it: the one
+  holding the *read role* reads packets; answers complete their request's future right there;
+  messages are queued in arrival order, and the thread that read them gives the read role to
+  the other and runs their listeners itself (holding the dispatch lock), so a message needs no
+  hand-off between threads and a listener that blocks never stops the answers other threads
+  wait for.
+* Listeners run one at a time, in arrival order, on an I/O thread, never on a caller's thread.
+  A listener that waits (a request, a service call) keeps running queued listeners meanwhile
+  (nested dispatch), so it may wait for what a listener of the same process answers.
+* Reading stops while more than ``DISPATCH_BUDGET`` (16 MiB) of messages wait for their
+  listeners: a stuck listener turns into back-pressure at the broker, not into memory here.
+* A caller waiting for its answer looks for it for up to ``SPIN_WAIT`` before it sleeps.
 * Any thread may send: a packet is written whole under the send lock, so the packets of one
   sender leave in the order of its calls.
 * The broker does not send a packet back to the connection it came from: a process delivers
@@ -21,6 +27,8 @@ Threads and ownership (the rules of :mod:`ipcbus.client`, simplified):
   a listener receives what a remote one would.
 * A request has no "no listener" failure and a peer that leaves sends no notice (the protocol
   has neither): requests end with their answer or their timeout.
+* A connection belongs to the process that made it: after ``fork`` the child's copy is closed
+  and using it raises :class:`~ipcbus.IpcBusConnectionError`.
 """
 from __future__ import annotations
 
