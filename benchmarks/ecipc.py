@@ -138,23 +138,29 @@ def _py_source(address: str, channel: str, count: int, size: int) -> None:
 
 
 # -- measurements -------------------------------------------------------------------------------
+def _receiver(lang: str, node_args: list[str], target: Any, args: tuple[Any, ...],
+              ready: Connection) -> tuple[Node | None, Any]:
+    """Start the receiving role: a Node process, or a spawned Python one that says ready."""
+    if lang == "node":
+        return Node(NODE_ROLE, *node_args), None
+    child = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    child.start()
+    if not ready.poll(60):
+        raise RuntimeError(f"python {node_args[0]} did not start")
+    ready.recv()
+    return None, child
+
+
 def rtt(where: str, requester: str, responder: str, n: int) -> tuple[float, float]:
     ctx = multiprocessing.get_context("spawn")
     address = f"ecipc:{where}"
     channel = f"/bench/rtt/{requester}-{responder}"
     stop_r, stop_w = ctx.Pipe(duplex=False)
     ready_r, ready_w = ctx.Pipe(duplex=False)
-    node_responder = None
-    child = None
+    node_responder, child = None, None
     try:
-        if responder == "node":
-            node_responder = Node(NODE_ROLE, "respond", where, channel)
-        else:
-            child = ctx.Process(target=_py_respond, args=(address, channel, ready_w, stop_r))
-            child.start()
-            if not ready_r.poll(60):
-                raise RuntimeError("python responder did not start")
-            ready_r.recv()
+        node_responder, child = _receiver(responder, ["respond", where, channel], _py_respond,
+                                          (address, channel, ready_w, stop_r), ready_r)
         if requester == "node":
             req = Node(NODE_ROLE, "request", where, channel, str(n))
             try:
@@ -179,17 +185,10 @@ def stream(where: str, sender: str, receiver: str, count: int, size: int) -> flo
     address = f"ecipc:{where}"
     channel = f"/bench/stream/{sender}-{receiver}-{size}"
     parent, child_end = ctx.Pipe()
-    sink_node = None
-    child = None
+    sink_node, child = None, None
     try:
-        if receiver == "node":
-            sink_node = Node(NODE_ROLE, "sink", where, channel, str(count))
-        else:
-            child = ctx.Process(target=_py_sink, args=(address, channel, count, child_end))
-            child.start()
-            if not parent.poll(60):
-                raise RuntimeError("python sink did not start")
-            parent.recv()
+        sink_node, child = _receiver(receiver, ["sink", where, channel, str(count)], _py_sink,
+                                     (address, channel, count, child_end), parent)
         if sender == "node":
             src = Node(NODE_ROLE, "source", where, channel, str(count), str(size))
         else:
