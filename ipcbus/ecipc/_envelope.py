@@ -97,16 +97,24 @@ def command(kind: str, peer: dict[str, Any], channel: str | None = None) -> byte
     return C.array_of([_header(fields)])
 
 
-def message(kind: str, channel: str, peer: dict[str, Any], args: bytes, *,
-            target: dict[str, Any] | None = None,
-            request: dict[str, Any] | None = None) -> bytes:
-    """A ``[header, args]`` message packet; ``args`` is an encoded array packet."""
+def message_header(kind: str, channel: str, peer: dict[str, Any], *,
+                   target: dict[str, Any] | None = None,
+                   request: dict[str, Any] | None = None) -> bytes:
+    """The header packet of a message (a sender may reuse it: it depends on nothing else)."""
     fields: dict[str, Any] = {"kind": kind, "channel": channel, "peer": peer, "isRawData": True}
     if target is not None:
         fields["target"] = target
     if request is not None:
         fields["request"] = request
-    return C.array_of([_header(fields), args])
+    return _header(fields)
+
+
+def message(kind: str, channel: str, peer: dict[str, Any], args: bytes, *,
+            target: dict[str, Any] | None = None,
+            request: dict[str, Any] | None = None) -> bytes:
+    """A ``[header, args]`` message packet; ``args`` is an encoded array packet."""
+    return C.array_of([message_header(kind, channel, peer, target=target, request=request),
+                       args])
 
 
 class Incoming(NamedTuple):

@@ -504,6 +504,7 @@ class EcipcClient(IpcBusClient):
 
     _econn: _Connection | None
     _peer_json: dict[str, Any]
+    _headers_ec: dict[str, tuple[str, bytes]]  # broadcast headers by channel, for reuse
 
     @classmethod
     def adopt(cls, client: IpcBusClient) -> EcipcClient:
@@ -542,6 +543,7 @@ class EcipcClient(IpcBusClient):
             peer = IpcBusPeer(f"{os.getpid()}.{uuid.uuid4().hex[:12]}", name,
                               IpcBusProcess("socket", os.getpid()))
             self._peer_json = E.peer_json(peer)
+            self._headers_ec = {}
             C.encode(self._peer_json)  # a name that cannot cross fails here
             self._peer_id = peer.id
             try:
@@ -644,8 +646,13 @@ class EcipcClient(IpcBusClient):
               args: tuple[Any, ...], request: _Pending | None = None,
               rid: str | None = None) -> None:
         conn = self._connection()
-        wire, body = self._envelope(channel, args)
         target_id = None if target is None else _target_id(target)
+        cached = self._headers_ec.get(channel) if rid is None and target_id is None else None
+        if cached is not None:  # a broadcast on a channel this client has sent on before
+            wire, head = cached
+            body = C.encode_array(args)
+        else:
+            wire, body = self._envelope(channel, args)
         header: dict[str, Any] = {"kind": "MES", "channel": wire, "peer": self._peer_json,
                                   "isRawData": True}
         target_raw = None
@@ -656,10 +663,15 @@ class EcipcClient(IpcBusClient):
         if rid is not None:
             request_raw = {"channel": wire, "id": rid}
             header["request"] = request_raw
-        local = target_id is not None and target_id in conn.clients
-        if not local:
-            conn.write(E.message("MES", wire, self._peer_json, body, target=target_raw,
-                                 request=request_raw))
+        if target_id is None or target_id not in conn.clients:
+            if cached is None:
+                head = E.message_header("MES", wire, self._peer_json, target=target_raw,
+                                        request=request_raw)
+                if rid is None and target_id is None and wire == channel:
+                    if len(self._headers_ec) >= 1024:
+                        self._headers_ec.clear()
+                    self._headers_ec[channel] = (wire, head)
+            conn.write(C.array_of([head, body]))
         if any(channel in c._listeners for c in conn.client_list):
             conn.put(E.Incoming("MES", header, memoryview(body), True))
 
