@@ -100,7 +100,7 @@ class HubOptions:
                  slow_consumer_timeout: float = DEFAULT_SLOW_CONSUMER_TIMEOUT,
                  handshake_timeout: float = T.HANDSHAKE_TIMEOUT,
                  allowed_uids: list[int] | None = None,
-                 traffic_log: str | None = None) -> None:
+                 traffic_log: str | None = None, ecipc: bool = False) -> None:
         for name, value in (("max_message", max_message), ("queue_limit", queue_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -116,6 +116,7 @@ class HubOptions:
         if traffic_log is not None and not isinstance(traffic_log, str):
             raise TypeError("traffic_log must be a file path (str)")
         self.traffic_log = traffic_log
+        self.ecipc = bool(ecipc)  # also serve electron-common-ipc clients (ipcbus.ecipc.gateway)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -229,6 +230,9 @@ class Hub:
 
     # -- setup -----------------------------------------------------------------------------------
     def listen(self, address: T.Address) -> T.Address:
+        if self.options.ecipc and not isinstance(address, str):
+            raise ValueError("ecipc=True needs a Unix socket path (Node clients cannot"
+                             " authenticate over TCP)")
         sock = T.listen(address)
         sock.setblocking(False)
         self.owned.add(sock)
@@ -341,6 +345,11 @@ class Hub:
                 log.warning("refused a connection from pid %d: %s", pid, reason)
                 T.send_refusal(sock, reason)  # so its client can say why, not "Broken pipe"
                 sock.close()
+                return
+            if self.options.ecipc:  # the first byte tells the protocols apart
+                from .ecipc.gateway import gateway_of
+                gateway_of(self).classify(sock, f"pid {pid}", lambda s, label: self.call_soon(
+                    lambda: None if self.add_endpoint(s, label) else None))
                 return
             self.add_endpoint(sock, f"pid {pid}")
         elif self._auth_running < MAX_AUTHENTICATIONS:
