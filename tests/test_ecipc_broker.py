@@ -11,6 +11,8 @@ import time
 from typing import Any, Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ipcbus import (IpcBusBroker, IpcBusClient, IpcBusConnectionError, IpcBusRequestError,
                     IpcBusService, IpcBusServiceProxy)
@@ -201,3 +203,51 @@ def test_malformed_node_traffic_closes_only_that_connection(
 def test_tcp_with_ecipc_is_refused() -> None:
     with pytest.raises(IpcBusConnectionError, match="Unix socket"):
         IpcBusBroker.create(ecipc=True).connect(("127.0.0.1", 0))
+
+
+_kinds = st.sampled_from(["HAN", "LICA", "LICR", "LICRA", "LIR", "SHT", "MES", "RQR", "QUST",
+                          "BICOO", "XYZ"])
+_jsonish = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 40, 2 ** 40)
+                        | st.text(max_size=8),
+                        lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+_peer = st.fixed_dictionaries({"id": st.sampled_from(["a", "b", "n1"]) | st.text(max_size=4),
+                               "type": st.integers(0, 6)}) | _jsonish
+_headers = st.fixed_dictionaries(
+    {"kind": _kinds},
+    optional={"peer": _peer, "peers": st.lists(_peer, max_size=2),
+              "channel": st.sampled_from(["/ping", "/x", "/electron-ipc-bus/ipc-service/s/call",
+                                          "/electron-ipc-bus/ipc-service/s/event"])
+              | st.text(max_size=6) | _jsonish,
+              "target": _peer, "request": st.fixed_dictionaries(
+                  {"id": st.text(max_size=4), "channel": st.text(max_size=4)},
+                  optional={"resolve": st.booleans()}) | _jsonish})
+
+
+@pytest.mark.timeout(120)
+@given(st.lists(st.tuples(_headers, st.none() | st.lists(_jsonish, max_size=3)), min_size=1,
+                max_size=8))
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_gateway_survives_arbitrary_node_packets(
+        bus_path: str, node: NodeProcess, packets: list[tuple[dict[str, Any], Any]]) -> None:
+    """Well-framed packets with any header a Node peer could send: the broker serves on."""
+    from ipcbus.ecipc import _codec as C
+    stream = b"".join(C.array_of([C.encode(h)] if args is None else
+                                 [C.encode(h), C.encode_array(args)])
+                      for h, args in packets)
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(bus_path)
+        raw.sendall(stream)
+        raw.shutdown(socket.SHUT_WR)
+        raw.settimeout(10)
+        try:
+            while raw.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+    client = IpcBusClient.create().connect(bus_path)
+    try:
+        assert _sync(client).name == "n1"
+    finally:
+        client.close()

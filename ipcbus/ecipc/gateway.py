@@ -146,7 +146,9 @@ class _NodeConnection:
         header, kind = incoming.header, incoming.kind
         if kind == "HAN":
             for raw in self._peers_of(header):
-                if raw["id"] not in self.peers:
+                if self.gateway.node_peer(raw) is not None:  # ids are unique on the bus
+                    log.warning("ecipc gateway: %s: peer id %r is taken", self.label, raw["id"])
+                elif raw["id"] not in self.peers:
                     self._add_peer(raw)
             return
         # a connection acts only for the peers it registered itself
