@@ -11,7 +11,9 @@ the rounds:
 * request round trip, 100 B ``Buffer``/``bytes`` payload, answered with it: Node → Node,
   Python → Node, Node → Python, Python → Python (p50 and p99 µs, at the requester);
 * a stream of 1 KiB and 64 KiB messages one way: Node → Node, Python → Node, Node → Python
-  (messages/s and MB/s at the receiver, from its first message to its last).
+  (messages/s and MB/s at the receiver, from its first message to its last);
+* then the same through a Python broker that serves both protocols
+  (``IpcBusBroker.create(ecipc=True)``; Python peers connect to it natively).
 """
 from __future__ import annotations
 
@@ -151,9 +153,10 @@ def _receiver(lang: str, node_args: list[str], target: Any, args: tuple[Any, ...
     return None, child
 
 
-def rtt(where: str, requester: str, responder: str, n: int) -> tuple[float, float]:
+def rtt(where: str, requester: str, responder: str, n: int, prefix: str = "ecipc:"
+        ) -> tuple[float, float]:
     ctx = multiprocessing.get_context("spawn")
-    address = f"ecipc:{where}"
+    address = f"{prefix}{where}"  # Python peers: "ecipc:" on a Node broker, none on ours
     channel = f"/bench/rtt/{requester}-{responder}"
     stop_r, stop_w = ctx.Pipe(duplex=False)
     ready_r, ready_w = ctx.Pipe(duplex=False)
@@ -179,10 +182,11 @@ def rtt(where: str, requester: str, responder: str, n: int) -> tuple[float, floa
             end.close()
 
 
-def stream(where: str, sender: str, receiver: str, count: int, size: int) -> float:
+def stream(where: str, sender: str, receiver: str, count: int, size: int,
+           prefix: str = "ecipc:") -> float:
     """Seconds from the receiver's first message to its last."""
     ctx = multiprocessing.get_context("spawn")
-    address = f"ecipc:{where}"
+    address = f"{prefix}{where}"  # Python peers: "ecipc:" on a Node broker, none on ours
     channel = f"/bench/stream/{sender}-{receiver}-{size}"
     parent, child_end = ctx.Pipe()
     sink_node, child = None, None
@@ -228,28 +232,42 @@ def main() -> None:
           f" electron-common-ipc 16.0.4; load {os.getloadavg()[0]:.2f}")
     d = tempfile.mkdtemp(prefix="ecbench-", dir="/tmp")
     where = os.path.join(d, "bus.sock")
-    broker = Node(AGENT, "broker", where)
     try:
-        print("\nrequest round trip through the Node broker, 100 B (median of rounds)")
-        print(f"{'requester -> responder':<26}{'p50 µs':>10}{'p99 µs':>10}")
-        for requester, responder in [("node", "node"), ("python", "node"), ("node", "python"),
-                                     ("python", "python")]:
-            runs = [rtt(where, requester, responder, args.requests) for _ in range(args.rounds)]
-            p50 = statistics.median(r[0] for r in runs)
-            p99 = statistics.median(r[1] for r in runs)
-            print(f"{requester + ' -> ' + responder:<26}{p50:>10.0f}{p99:>10.0f}", flush=True)
-        print("\nstream one way through the Node broker (median of rounds)")
-        print(f"{'sender -> receiver':<26}{'size':>8}{'msg/s':>12}{'MB/s':>10}")
-        for size, count in [(1024, args.messages), (65536, max(200, args.messages // 20))]:
-            for sender, receiver in [("node", "node"), ("python", "node"), ("node", "python")]:
-                secs = statistics.median(stream(where, sender, receiver, count, size)
-                                         for _ in range(args.rounds))
-                rate = (count - 1) / secs
-                print(f"{sender + ' -> ' + receiver:<26}{size:>8}{rate:>12.0f}"
-                      f"{rate * size / 1e6:>10.1f}", flush=True)
+        for title, prefix in [("the Node broker", "ecipc:"),
+                              ("the Python broker (IpcBusBroker.create(ecipc=True))", "")]:
+            if prefix:
+                broker: Any = Node(AGENT, "broker", where)
+            else:
+                from ipcbus import IpcBusBroker
+                where = os.path.join(d, "py.sock")
+                broker = IpcBusBroker.create(ecipc=True).connect(where)
+            try:
+                measure(title, where, prefix, args)
+            finally:
+                broker.close()
     finally:
-        broker.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def measure(title: str, where: str, prefix: str, args: argparse.Namespace) -> None:
+    print(f"\nrequest round trip through {title}, 100 B (median of rounds)")
+    print(f"{'requester -> responder':<26}{'p50 µs':>10}{'p99 µs':>10}")
+    for requester, responder in [("node", "node"), ("python", "node"), ("node", "python"),
+                                 ("python", "python")]:
+        runs = [rtt(where, requester, responder, args.requests, prefix)
+                for _ in range(args.rounds)]
+        p50 = statistics.median(r[0] for r in runs)
+        p99 = statistics.median(r[1] for r in runs)
+        print(f"{requester + ' -> ' + responder:<26}{p50:>10.0f}{p99:>10.0f}", flush=True)
+    print(f"\nstream one way through {title} (median of rounds)")
+    print(f"{'sender -> receiver':<26}{'size':>8}{'msg/s':>12}{'MB/s':>10}")
+    for size, count in [(1024, args.messages), (65536, max(200, args.messages // 20))]:
+        for sender, receiver in [("node", "node"), ("python", "node"), ("node", "python")]:
+            secs = statistics.median(stream(where, sender, receiver, count, size, prefix)
+                                     for _ in range(args.rounds))
+            rate = (count - 1) / secs
+            print(f"{sender + ' -> ' + receiver:<26}{size:>8}{rate:>12.0f}"
+                  f"{rate * size / 1e6:>10.1f}", flush=True)
 
 
 if __name__ == "__main__":
