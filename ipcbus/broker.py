@@ -989,7 +989,8 @@ class IpcBusBroker:
     128 MiB), ``max_fds`` (per message, 64), ``queue_limit`` (per receiver, 64 MiB),
     ``slow_consumer_timeout`` (s, 10), ``handshake_timeout`` (s, 5), ``allowed_uids`` (extra
     uids let in on a Unix socket), ``traffic_log`` (a path: a row per routed message, CSV if
-    it ends in ``.csv``, else JSON lines; default ``$IPCBUS_LOG``), and ``context`` (a multiprocessing context or start method
+    it ends in ``.csv``, else JSON lines; default ``$IPCBUS_LOG``), ``ecipc`` (also serve
+    electron-common-ipc clients on the Unix socket: :mod:`ipcbus.ecipc.gateway`), and ``context`` (a multiprocessing context or start method
     name; ``"spawn"`` by default, since a process with threads must not fork).
     """
 
