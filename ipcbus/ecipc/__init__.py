@@ -7,7 +7,8 @@ proxies interoperate with Node's ``CreateIpcBusService`` / ``CreateIpcBusService
 
 Modules: :mod:`._codec` (socket-serializer framing and the value mapping), :mod:`._envelope`
 (commands, messages, peers), :mod:`._services` (the service protocols), :mod:`.client` (the
-shared connection and :class:`~ipcbus.ecipc.client.EcipcClient`). The first three are pure.
+shared connection and :class:`~ipcbus.ecipc.client.EcipcClient`), :mod:`.gateway` (Node peers
+on a Python broker: ``IpcBusBroker.create(ecipc=True)``). The first three are pure.
 
 What electron-common-ipc's protocol cannot do, and what happens instead:
 

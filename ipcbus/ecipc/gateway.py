@@ -369,8 +369,12 @@ class Gateway:
                  ipcbus: Callable[[socket.socket, str], None]) -> None:
         """On a thread: peek at the first byte; an ipcbus peer goes to ``ipcbus(sock,
         label)``, an electron-common-ipc one is served here."""
-        threading.Thread(target=self._classify, args=(sock, label, ipcbus), daemon=True,
-                         name=f"ipcbus-ecipc-gateway {label}").start()
+        try:
+            threading.Thread(target=self._classify, args=(sock, label, ipcbus), daemon=True,
+                             name=f"ipcbus-ecipc-gateway {label}").start()
+        except RuntimeError as exc:  # cannot start a thread: refuse this one, serve the others
+            log.warning("refused a connection (%s): %s", label, exc)
+            sock.close()
 
     def _classify(self, sock: socket.socket, label: str,
                   ipcbus: Callable[[socket.socket, str], None]) -> None:
