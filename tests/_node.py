@@ -6,6 +6,7 @@ started is killed at the end.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
@@ -14,7 +15,7 @@ import shutil
 import subprocess
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -129,6 +130,17 @@ class NodeProcess:
             for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
                 if stream is not None:
                     stream.close()
+
+
+@contextlib.contextmanager
+def node_client(path: str, name: str = "n1") -> Iterator[NodeProcess]:
+    """A Node process with one client named ``name`` connected to the bus at ``path``."""
+    proc = NodeProcess("client", path)
+    try:
+        proc("connect", name=name)
+        yield proc
+    finally:
+        proc.close()
 
 
 def wait_for(predicate: Any, timeout: float = 5.0) -> None:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from ipcbus import (IpcBusBroker, IpcBusClient, IpcBusConnectionError, IpcBusRequestError,
                     IpcBusService, IpcBusServiceProxy)
 
-from _node import NodeProcess, untag, wait_for
+from _node import NodeProcess, node_client, untag, wait_for
 from conftest import Collector
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,28 +37,15 @@ def bus_path() -> Iterator[str]:
 
 @pytest.fixture
 def node(bus_path: str) -> Iterator[NodeProcess]:
-    proc = NodeProcess("client", bus_path)
-    try:
-        proc("connect", name="n1")
+    """A Node process with one connected client named "n1"."""
+    with node_client(bus_path) as proc:
         yield proc
-    finally:
-        proc.close()
 
 
 @pytest.fixture
-def py(bus_path: str) -> Iterator[Callable[..., IpcBusClient]]:
-    made: list[IpcBusClient] = []
-
-    def make(name: str = "py") -> IpcBusClient:
-        client = IpcBusClient.create().connect(bus_path, peer_name=name)
-        made.append(client)
-        return client
-
-    try:
-        yield make
-    finally:
-        for client in reversed(made):
-            client.close()
+def py(bus_path: str, clients: Callable[..., IpcBusClient]) -> Callable[..., IpcBusClient]:
+    """Connected Python clients (closed at the end), by peer name."""
+    return lambda name="py": clients(bus_path, peer_name=name)
 
 
 def _sync(client: IpcBusClient) -> Any:

@@ -18,7 +18,7 @@ from ipcbus import (IpcBusClient, IpcBusConnectionError, IpcBusPeer, IpcBusReque
                     IpcBusService, IpcBusServiceProxy, IpcBusTimeoutError)
 from ipcbus.ecipc.client import EcipcClient
 
-from _node import NodeProcess, tag, untag, wait_for
+from _node import NodeProcess, node_client, tag, untag, wait_for
 from conftest import Collector
 
 pytestmark = pytest.mark.timeout(60)
@@ -42,28 +42,14 @@ def node_broker() -> Iterator[str]:
 @pytest.fixture
 def node(node_broker: str) -> Iterator[NodeProcess]:
     """A Node process with one connected client named "n1"."""
-    proc = NodeProcess("client", node_broker[len("ecipc:"):])
-    try:
-        proc("connect", name="n1")
+    with node_client(node_broker[len("ecipc:"):]) as proc:
         yield proc
-    finally:
-        proc.close()
 
 
 @pytest.fixture
-def py(node_broker: str) -> Iterator[Callable[..., IpcBusClient]]:
-    made: list[IpcBusClient] = []
-
-    def make(name: str = "py") -> IpcBusClient:
-        client = IpcBusClient.create().connect(node_broker, peer_name=name)
-        made.append(client)
-        return client
-
-    try:
-        yield make
-    finally:
-        for client in reversed(made):
-            client.close()
+def py(node_broker: str, clients: Callable[..., IpcBusClient]) -> Callable[..., IpcBusClient]:
+    """Connected Python clients (closed at the end), by peer name."""
+    return lambda name="py": clients(node_broker, peer_name=name)
 
 
 def _node_peer(node: NodeProcess) -> dict[str, Any]:
