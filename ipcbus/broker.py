@@ -346,10 +346,14 @@ class Hub:
                 T.send_refusal(sock, reason)  # so its client can say why, not "Broken pipe"
                 sock.close()
                 return
-            if self.options.ecipc:  # the first byte tells the protocols apart
+            if self.options.ecipc:  # the first byte tells the protocols apart (issue 19)
                 from .ecipc.gateway import gateway_of
-                gateway_of(self).classify(sock, f"pid {pid}", lambda s, label: self.call_soon(
-                    lambda: None if self.add_endpoint(s, label) else None))
+
+                def as_ipcbus(conn: socket.socket, label: str) -> None:  # on its thread
+                    def add() -> None:
+                        self.add_endpoint(conn, label)
+                    self.call_soon(add)
+                gateway_of(self).classify(sock, f"pid {pid}", as_ipcbus)
                 return
             self.add_endpoint(sock, f"pid {pid}")
         elif self._auth_running < MAX_AUTHENTICATIONS:
