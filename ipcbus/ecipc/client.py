@@ -10,10 +10,12 @@ Threads and ownership (the rules of :mod:`ipcbus.client`, simplified):
 * One :class:`_Connection` per (process, address), shared by every client of the process that
   connects there, as Node's clients share theirs. Two *I/O threads* take turns on it: the one
   holding the *read role* reads packets; answers complete their request's future right there;
-  messages are queued in arrival order, and the thread that read them gives the read role to
-  the other and runs their listeners itself (holding the dispatch lock), so a message needs no
-  hand-off between threads and a listener that blocks never stops the answers other threads
-  wait for.
+  messages are queued in arrival order, and the thread that read them gives the read role up
+  and runs their listeners itself (holding the dispatch lock), so a message needs no hand-off
+  between threads. The other thread takes the role when a request is pending (so a listener
+  that blocks never stops the answers other threads wait for), when work is queued, or after
+  a second (so a lost connection is noticed behind a stuck listener); it is not woken for
+  every message.
 * Listeners run one at a time, in arrival order, on an I/O thread, never on a caller's thread.
   A listener that waits (a request, a service call) keeps running queued listeners meanwhile
   (nested dispatch), so it may wait for what a listener of the same process answers.
@@ -135,14 +137,17 @@ class _Connection:
     # -- reading and dispatching (the two I/O threads) ----------------------------------------
     def _io_loop(self) -> None:
         """Take turns: whoever holds the read role reads; a thread that has read messages
-        gives the role up to the other and runs their listeners itself (no hand-off). A
-        thread without the role sleeps on ``kick`` until the role is free or work is queued
-        (both are told under ``kick``: no wake-up is missed)."""
+        gives the role up and runs their listeners itself (no hand-off). The other thread
+        sleeps on ``kick`` and takes the free role when someone may need it read: a request
+        is pending (its answer must not wait behind a slow listener), work was queued, or a
+        second has passed (a lost connection is noticed even behind a stuck listener).
+        Waking it only then keeps a wake-up off the path of every message. Both sides look
+        under ``kick``: no wake-up is missed."""
         while not self.reader_done.is_set():
             with self.kick:
                 reading = self.read_role.acquire(blocking=False)
                 if not reading and self.queue.empty():
-                    self.kick.wait()
+                    self.kick.wait(1.0)
                     continue
             if reading:
                 try:
@@ -151,7 +156,8 @@ class _Connection:
                 finally:
                     with self.kick:
                         self.read_role.release()
-                        self.kick.notify()
+                        if self.pending:
+                            self.kick.notify()
             self._drain()
             if self.queued > DISPATCH_BUDGET:  # a listener is stuck: stop reading for now
                 with self.budget:
@@ -162,6 +168,12 @@ class _Connection:
     def _wake(self) -> None:
         with self.kick:
             self.kick.notify_all()
+
+    def need_reader(self) -> None:
+        """A request was registered: make sure a thread reads (for its answer)."""
+        with self.kick:
+            if not self.read_role.locked():
+                self.kick.notify()
 
     def _read_once(self) -> None:
         reason = "the broker closed the connection"
@@ -722,6 +734,7 @@ class EcipcClient(IpcBusClient):
         with conn.lock:
             conn.check_usable()
             conn.pending[rid] = pending
+        conn.need_reader()
         try:
             self._post(channel, target, args, pending, rid)
         except BaseException:
