@@ -510,3 +510,11 @@ def test_forked_child_cannot_use_the_parents_connection(
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert client.request("/ping", 5, "parent").payload == ["parent"]  # still fine here
+
+
+def test_a_name_that_cannot_cross_opens_nothing(node_broker: str) -> None:
+    from ipcbus.ecipc import client as ecipc_client
+    before = dict(ecipc_client._connections)
+    with pytest.raises(ValueError):
+        IpcBusClient.create().connect(node_broker, peer_name="\ud800")
+    assert ecipc_client._connections == before

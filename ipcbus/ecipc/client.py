@@ -531,7 +531,11 @@ class EcipcClient(IpcBusClient):
                 timeout: float | None = None, socket_buffer: int | None = None,
                 authkey: bytes | None = None) -> Self:
         """Join the electron-common-ipc bus at ``"ecipc:PATH"``, ``"ecipc:PORT"`` or
-        ``"ecipc:HOST:PORT"``; any other address connects as a plain ipcbus client."""
+        ``"ecipc:HOST:PORT"``; any other address connects as a plain ipcbus client.
+
+        ``timeout`` bounds the socket connection (there is no handshake answer to wait for);
+        ``socket_buffer`` is accepted and ignored; ``authkey`` raises ``ValueError`` (the
+        protocol has no authentication)."""
         ecipc = parse_address(address, path=path, port=port)
         if ecipc is None:
             with self._state_lock:
@@ -550,13 +554,13 @@ class EcipcClient(IpcBusClient):
         with self._state_lock:
             if self._econn is not None and not self._econn.closed:
                 raise IpcBusConnectionError("this client is already connected")
-            conn = _open_connection(ecipc, wait if wait is not None else 3600.0)
             name = peer_name if peer_name is not None else f"python-{os.getpid()}"
             peer = IpcBusPeer(f"{os.getpid()}.{uuid.uuid4().hex[:12]}", name,
                               IpcBusProcess("socket", os.getpid()))
             self._peer_json = E.peer_json(peer)
             self._headers_ec = {}
-            C.encode(self._peer_json)  # a name that cannot cross fails here
+            C.encode(self._peer_json)  # a name that cannot cross fails here, before connecting
+            conn = _open_connection(ecipc, wait if wait is not None else 3600.0)
             self._peer_id = peer.id
             try:
                 with self._lock:  # listeners added before connect() are subscribed now
