@@ -12,6 +12,7 @@ from .broker import IpcBusBroker
 from .client import (IpcBusClient, IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
                      IpcBusRequestResponse)
 from .service import IpcBusService, IpcBusServiceProxy, IpcBusServiceWrapper
+from .ecipc import client as _ecipc  # noqa: F401  (registers the "ecipc:" addresses)
 from ._transport import create_channel
 from .errors import (IpcBusConnectionError, IpcBusError, IpcBusProtocolError, IpcBusRequestError,
                      IpcBusRequestTimeoutError, IpcBusServiceError, IpcBusTimeoutError)

@@ -96,7 +96,8 @@ class HubOptions:
                  slow_consumer_timeout: float = DEFAULT_SLOW_CONSUMER_TIMEOUT,
                  handshake_timeout: float = T.HANDSHAKE_TIMEOUT,
                  allowed_uids: list[int] | None = None,
-                 traffic_log: str | None = None, links: str = "owner") -> None:
+                 traffic_log: str | None = None, links: str = "owner",
+                 ecipc: bool = False) -> None:
         for name, value in (("max_message", max_message), ("queue_limit", queue_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -115,6 +116,7 @@ class HubOptions:
         if links not in LINK_POLICIES:
             raise ValueError(f"links must be one of {sorted(LINK_POLICIES)}, got {links!r}")
         self.links = links
+        self.ecipc = bool(ecipc)  # also serve electron-common-ipc clients (ipcbus.ecipc.gateway)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -262,6 +264,9 @@ class Hub:
 
     # -- setup -----------------------------------------------------------------------------------
     def listen(self, address: T.Address) -> T.Address:
+        if self.options.ecipc and not isinstance(address, str):
+            raise ValueError("ecipc=True needs a Unix socket path (Node clients cannot"
+                             " authenticate over TCP)")
         sock = T.listen(address)
         sock.setblocking(False)
         self.owned.add(sock)
@@ -393,6 +398,15 @@ class Hub:
                 log.warning("refused a connection from pid %d: %s", pid, reason)
                 T.send_refusal(sock, reason)  # so its client can say why, not "Broken pipe"
                 sock.close()
+                return
+            if self.options.ecipc:  # the first byte tells the protocols apart (issue 19)
+                from .ecipc.gateway import gateway_of
+
+                def as_ipcbus(conn: socket.socket, label: str) -> None:  # on its thread
+                    def add() -> None:
+                        self.add_endpoint(conn, label, ptype="socket", pid=pid, cred_pid=pid)
+                    self.call_soon(add)
+                gateway_of(self).classify(sock, f"pid {pid}", as_ipcbus)
                 return
             self.add_endpoint(sock, f"pid {pid}", ptype="socket", pid=pid, cred_pid=pid)
         elif self._auth_running < MAX_AUTHENTICATIONS:
@@ -1137,7 +1151,8 @@ class IpcBusBroker:
     128 MiB), ``max_fds`` (per message, 64), ``queue_limit`` (per receiver, 64 MiB),
     ``slow_consumer_timeout`` (s, 10), ``handshake_timeout`` (s, 5), ``allowed_uids`` (extra
     uids let in on a Unix socket), ``traffic_log`` (a path: a row per routed message, CSV if
-    it ends in ``.csv``, else JSON lines; default ``$IPCBUS_LOG``), and ``context`` (a multiprocessing context or start method
+    it ends in ``.csv``, else JSON lines; default ``$IPCBUS_LOG``), ``ecipc`` (also serve
+    electron-common-ipc clients on the Unix socket: :mod:`ipcbus.ecipc.gateway`), and ``context`` (a multiprocessing context or start method
     name; ``"spawn"`` by default, since a process with threads must not fork).
     """
 

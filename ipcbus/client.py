@@ -77,6 +77,7 @@ from typing_extensions import Self
 from . import _protocol as P
 from . import _transport as T
 from ._protocol import Kind
+from . import _schemes
 from ._local import bridge_of_this_process
 from ._timeouts import resolve_timeout
 from ._types import (IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest, IpcBusRequestResponse,
@@ -1488,6 +1489,11 @@ class IpcBusClient(Emitter[str]):
         :class:`~ipcbus.IpcBusConnectionError` when there is no bus at the address, the key is
         wrong, the handshake times out or the client is already connected.
         """
+        joined = _schemes.join(self, address, path, port, dict(  # e.g. "ecipc:...": Node's bus
+            host=host, peer_name=peer_name, timeout=timeout, socket_buffer=socket_buffer,
+            authkey=authkey))
+        if joined is not None:
+            return joined  # type: ignore[no-any-return]
         if peer_name is not None and not isinstance(peer_name, str):
             raise TypeError("peer_name must be a str")
         if peer_name is not None and (problem := P.check_peer_name(peer_name)) is not None:
