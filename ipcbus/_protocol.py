@@ -80,7 +80,7 @@ MAX_CONTROL_BODY = 64 * 1024
 # peer (a forwarded SUBSCRIBE, an answer) stays far under MAX_HEADER.
 MAX_PEER_ID = 128
 MAX_PEER_NAME = 4096
-PEER_TYPES = frozenset({"main", "pipe", "socket"})
+PEER_TYPES = frozenset({"main", "pipe", "socket", "node"})  # node: a Node peer via a gateway
 # Subscriptions are reference counts: one SUBSCRIBE adds at most MAX_SUBSCRIBE_STEP, and a
 # peer's count on one channel stays under MAX_SUBSCRIBE_COUNT (so the bus's state always
 # encodes); a peer listens to at most MAX_CHANNELS_PER_PEER channels.

@@ -31,7 +31,8 @@ class Answerer(Protocol):
 
 @dataclass(frozen=True)
 class IpcBusProcess:
-    """Where a peer runs: ``type`` is "main", "pipe" or "socket"; ``pid`` its process id."""
+    """Where a peer runs: ``type`` is "main", "pipe", "socket" (or "node", a Node peer); ``pid``
+    its process id (as the hub recorded it: 0 for a Node peer)."""
 
     type: str
     pid: int

@@ -1193,6 +1193,9 @@ class IpcBusBroker:
           connection the broker admits; ``"none"``: nobody. A link speaks for the peers of a
           whole side and is not paused like an ordinary sender, so the broker grants the role;
           a bridge refused it gets ``IpcBusConnectionError`` naming this option.
+        - ``ecipc`` (bool; default False): also serve electron-common-ipc (Node/Electron)
+          clients on the same Unix socket; the first byte of a connection tells the protocols
+          apart (``ipcbus.ecipc.gateway``). Not with a TCP address.
         - ``context`` (a multiprocessing context or a start method name; default ``"spawn"``):
           how the broker's child process is started.
 

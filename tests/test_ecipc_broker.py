@@ -68,6 +68,8 @@ def test_broadcasts_both_ways(node: NodeProcess, py: Callable[..., IpcBusClient]
     node("on", client="n1", channel="/p2n")
     node_peer = _sync(client)
     assert node_peer.name == "n1"
+    # the hub records a Node peer as such (a gateway connection), with pid 0: Node sends none
+    assert (node_peer.process.type, node_peer.process.pid) == ("node", 0)
     values = [None, True, 7, -(2 ** 40), 1.5, "é", b"\x00\x01", [1, [2]], {"k": [b"\x02"]}]
     client.send("/p2n", *values)
     event = node.event()

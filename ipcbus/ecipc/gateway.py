@@ -42,6 +42,7 @@ import weakref
 from typing import Any, Callable
 
 from .. import _protocol as P
+from .. import _local
 from ..client import IpcBusClient, IpcBusEvent, IpcBusPeer, IpcBusRequest
 from ..errors import IpcBusError, IpcBusProtocolError, IpcBusRequestError
 from . import _codec as C
@@ -176,8 +177,7 @@ class _NodeConnection:
 
     def _add_peer(self, raw: dict[str, Any]) -> None:
         name = raw.get("name")
-        client = IpcBusClient.create().connect(
-            self.gateway.address,
+        client = IpcBusClient.create().connect(  # no address: this process's gateway
             peer_name=name if isinstance(name, str) and name else f"node-{raw['id']}")
         peer = _NodePeer(dict(raw), self, client)
         with self.lock:
@@ -364,11 +364,16 @@ def _host(peer: IpcBusPeer) -> dict[str, Any]:
 
 
 class Gateway:
-    """The electron-common-ipc side of a broker: its Node connections and their peers."""
+    """The electron-common-ipc side of a broker: its Node connections and their peers.
 
-    def __init__(self, address: str, handshake_timeout: float) -> None:
-        self.address = address
-        self.handshake_timeout = handshake_timeout
+    Its hub clients join through socketpairs the hub serves as connections of type "node"
+    (the hub records that type, and pid 0: Node does not tell), registered as this process's
+    local hub (``ipcbus._local``), so ``IpcBusClient.connect()`` with no address joins here."""
+
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+        self.address = hub.address
+        self.handshake_timeout = hub.options.handshake_timeout
         self.lock = threading.Lock()
         self.by_node: dict[str, _NodePeer] = {}
         self.by_client: dict[str, _NodePeer] = {}
@@ -397,6 +402,18 @@ class Gateway:
             ipcbus(sock, label)
             return
         _NodeConnection(self, sock, f"node {label}").serve()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.hub._closed)
+
+    def attach_local(self) -> socket.socket:
+        """A socket for a hub client of a Node peer (see the class docstring)."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        hub = self.hub
+        hub.owned.add(mine)
+        hub.call_soon(lambda: hub.add_endpoint(mine, "node", ptype="node", pid=0, cred_pid=0))
+        return theirs
 
     def remember(self, peer: _NodePeer) -> None:
         with self.lock:
@@ -433,6 +450,9 @@ def gateway_of(hub: Any) -> Gateway:
     with _gateways_lock:
         gateway = _gateways.get(hub)
         if gateway is None:
-            gateway = Gateway(hub.address, hub.options.handshake_timeout)
+            gateway = Gateway(hub)
             _gateways[hub] = gateway
+            with _local.lock:
+                if _local.bridge_of_this_process() is None:
+                    _local.register(gateway)
         return gateway
