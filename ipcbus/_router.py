@@ -713,16 +713,17 @@ class Router:
         target = frame.target
         if target is None:
             raise IpcBusProtocolError("RESPONSE without a target")
-        from_upstream = endpoint is self.upstream
-        if from_upstream and target in self.joining \
-                and self._join_answer(target, frame.rid, True, ""):
-            return
         key = (target, frame.rid)
         pending = self.pending.get(key)
+        if endpoint is self.upstream:
+            if target in self.joining and self._join_answer(target, frame.rid, True, ""):
+                return
+            answerer: str | None = UPSTREAM
+        else:
+            answerer = frame.sender[0] if frame.sender is not None else None
         if pending is None:
             return  # a late answer (the first one won), or the requester has gone
-        if not (UPSTREAM in pending.receivers if from_upstream
-                else frame.sender_id in pending.receivers):
+        if answerer not in pending.receivers:
             # Only a peer the request was delivered to may answer it (SPEC "Trust").
             self.dropped["forged_answers"] += 1
             self.warn.warning("forged", "%s: dropped an answer from %s to request %d of %r,"
