@@ -47,7 +47,6 @@ round trip (str, bytes, int, float, bool, None).
 """
 from __future__ import annotations
 
-import ctypes
 import enum
 import logging
 import struct
@@ -56,6 +55,7 @@ from typing import Any, Iterator, List, Union
 
 import msgpack
 
+from ._bigbytes import new_bytes as _new_bytes
 from .errors import IpcBusProtocolError
 
 log = logging.getLogger("ipcbus")
@@ -64,9 +64,6 @@ MAGIC = "ipcbus"
 VERSION = 2  # 2: the rid moved from the header to the prefix
 
 PREFIX = struct.Struct("!HIQ")  # header length, body length, rid
-_SEND, _SEND_TO = 7, 8  # Kind.SEND, Kind.SEND_TO, for the decoder's hot loop
-# the kinds a spy or a traffic log sees: messages between peers, not the bus's own bookkeeping
-MESSAGE_KINDS = frozenset({7, 8, 9, 10, 11})  # SEND, SEND_TO, REQUEST, RESPONSE, REQUEST_FAIL
 PREFIX_SIZE = PREFIX.size
 MAX_HEADER = 8192
 MAX_CHANNEL = 1024
@@ -116,6 +113,10 @@ class Kind(enum.IntEnum):
 
 
 KINDS = frozenset(int(k) for k in Kind)
+_SEND, _SEND_TO = int(Kind.SEND), int(Kind.SEND_TO)  # plain ints for the decoder's hot loop
+# the kinds a spy or a traffic log sees: messages between peers, not the bus's own bookkeeping
+MESSAGE_KINDS = frozenset(int(k) for k in (Kind.SEND, Kind.SEND_TO, Kind.REQUEST, Kind.RESPONSE,
+                                          Kind.REQUEST_FAIL))
 
 # Special channels answered by the broker and the bridge themselves.
 QUERY_STATE_CHANNEL = "/ipcbus/queryState"
@@ -372,31 +373,6 @@ class DecodedFrame(Frame):
         self.args = args
 
 
-def _bytes_maker() -> Any:
-    """CPython's ``PyBytes_FromStringAndSize(NULL, n)``: a new bytes object whose contents are
-    not set yet, for C code (here: the kernel, through a writable view) to fill before anyone
-    else sees it. None where that is not available or does not behave (then large arguments
-    take the ordinary path: received into a buffer, then copied by msgpack)."""
-    try:
-        make = ctypes.pythonapi.PyBytes_FromStringAndSize
-        make.restype, make.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
-        where = ctypes.pythonapi.PyBytes_AsString
-        where.restype, where.argtypes = ctypes.c_void_p, (ctypes.py_object,)
-        probe = make(None, 5)
-        memoryview((ctypes.c_ubyte * 5).from_address(where(probe))).cast("B")[:] = b"probe"
-        if probe != b"probe" or hash(probe) != hash(b"probe"):
-            return None
-    except Exception:  # not CPython, no ctypes
-        return None
-
-    def new_bytes(n: int) -> tuple[bytes, memoryview]:
-        obj = make(None, n)
-        return obj, memoryview((ctypes.c_ubyte * n).from_address(where(obj))).cast("B")
-
-    return new_bytes
-
-
-_new_bytes = _bytes_maker()
 _SCAN = 4096  # arguments before a large bytes argument are decoded early if within this
 
 

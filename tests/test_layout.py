@@ -74,3 +74,16 @@ def test_the_package_has_no_import_cycle() -> None:
 def test_a_cycle_is_found_when_there_is_one() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_wire_protocol_and_the_router_are_pure() -> None:
+    """``_protocol.py`` and ``_router.py`` touch no socket, thread, poller or C memory: they
+    take bytes and frames, and give frames and decisions (the large-bytes receive, which
+    needs ``ctypes``, lives in ``_bigbytes.py``)."""
+    for name in ("_protocol.py", "_router.py"):
+        tree = ast.parse((PACKAGE / name).read_text())
+        imported = {a.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.Import) for a in node.names}
+        imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and not node.level}
+        assert not imported & {"socket", "threading", "select", "selectors", "ctypes"}, name
