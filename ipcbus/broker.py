@@ -6,21 +6,12 @@ output queues and the back-pressure policy, and hands each decoded frame to the 
 :class:`IpcBusBroker` is the handle the parent keeps: it starts the hub in a
 ``multiprocessing`` child (``spawn`` by default) and talks to it over a Connection pipe.
 
-Back-pressure (SPEC "Limits and policies"): when an endpoint's queue exceeds ``queue_limit``,
-the hub stops reading from the endpoint whose frame overflowed it, until the queue drains
-below half the limit; an endpoint that stays over the limit for ``slow_consumer_timeout``
-seconds is disconnected with the reason "slow consumer". Nothing is dropped silently.
-
-A *relay* endpoint (a bridge's link to a broker, on either side) carries every channel of a
-whole side of the bus, so pausing it for one receiver stalls them all. A receiver overflowed by
-a relay therefore goes on queueing past ``queue_limit`` without pausing it, up to a hard cap of
-twice the limit (``HARD_LIMIT_FACTOR``). Past the cap, a receiver that has written nothing for
-a quarter of ``slow_consumer_timeout`` (stopped, or not reading) is disconnected as a "slow
-consumer" at once; one that is still reading, only slower than the far side sends, pauses the
-relay like any sender (back-pressure, not loss), and is disconnected as a slow consumer if it
-then stops making progress for that quarter timeout, or, as any receiver, when it stays over
-the limit for ``slow_consumer_timeout``. Memory stays bounded by the cap (plus at most one
-read's worth); a stopped receiver holds a link for at most a quarter of the timeout.
+Back-pressure and the slow-consumer rule (SPEC "Limits and policies") are decided by
+:class:`ipcbus._backpressure.BackPressure` (pure, clock injected, unit-tested; its docstring
+states the rules, relays included); the hub tells it what happened to each output queue and
+carries out what it answers: pause or resume reading from a source, disconnect a receiver.
+Nothing is dropped silently. Memory stays bounded by the limit (for a relay's receivers, the
+hard cap) plus at most one read's worth.
 
 A slow consumer's disconnect (:meth:`Hub.disconnect`) drops its undelivered queue at once
 (keeping only the rest of a frame already partly written, so the stream stays frame-aligned),
@@ -41,12 +32,14 @@ import socket
 import sys
 import threading
 import time
+import types
 import weakref
 from typing import Any, Callable
 
 import msgpack
 from typing_extensions import Self
 
+from . import _backpressure as BP
 from . import _protocol as P
 from . import _transport as T
 from ._router import Peer, Router
@@ -85,6 +78,7 @@ _BATCH = 512
 # admits; "none": no links.
 LINK_POLICIES = frozenset({"owner", "any", "none"})
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+_GONE_RELAY = types.SimpleNamespace(relay=True, paused=True)  # a relay dropped meanwhile
 _FD_KINDS = frozenset({int(P.Kind.SEND), int(P.Kind.SEND_TO)})  # frames that carry descriptors
 
 
@@ -186,19 +180,15 @@ class _Endpoint:
         self.out_fds += len(own)
         hub = self.hub
         hub.dirty.add(self)
-        if self.out_bytes > hub.options.queue_limit:
-            if self.full_since is None:
-                self.full_since = self.progress_at = time.monotonic()
+        if self.out_bytes > hub.queue_limit:  # see ipcbus._backpressure
             source = hub.current
-            # A connection that feeds its own queue is held like any other sender.
-            if source is not None and not source.paused:
-                if not source.relay:
-                    hub.pause(source)
-                    self.blocked.add(source)
-                elif self.out_bytes > hub.hard_limit:
-                    # A link is not paused for a receiver that stopped reading: decided once
-                    # the frame being routed is done and the queues are flushed.
-                    hub.overflowed[self] = source
+            verdict = hub.back_pressure.queued(self, source)
+            if verdict == BP.PAUSE:
+                assert source is not None
+                hub.pause(source)
+            elif verdict == BP.OVERFLOW:  # decided once the queues are flushed
+                assert source is not None
+                hub.overflowed[self] = source
 
     def _over_limit(self, raw: bytes | bytearray, count: int) -> bool:
         """Whether the body of a frame in ``raw`` (one, or a run) is over ``max_in``."""
@@ -229,8 +219,9 @@ class Hub:
         self.dirty: set[_Endpoint] = set()
         # receivers past the hard cap, fed by a relay: disconnect, or pause that relay
         self.overflowed: dict[_Endpoint, _Endpoint] = {}
-        self.hard_limit = HARD_LIMIT_FACTOR * options.queue_limit
-        self.relay_stall = options.slow_consumer_timeout / 4
+        self.queue_limit = options.queue_limit
+        self.back_pressure = BP.BackPressure(options.queue_limit, options.slow_consumer_timeout,
+                                             hard_factor=HARD_LIMIT_FACTOR)
         self.current: _Endpoint | None = None
         self.listener: socket.socket | None = None
         self.address: T.Address | None = None
@@ -681,24 +672,19 @@ class Hub:
             self._relay_overflowed()
 
     def _relay_overflowed(self) -> None:
-        """Receivers a relay filled past the hard cap: one that has read nothing (neither a
-        write to it nor bytes taken from the kernel's queue, see _reading) for ``relay_stall``
-        s is a slow consumer; one still reading pauses the relay."""
+        """Receivers a relay filled past the hard cap (``BackPressure.overflowed``)."""
         overflowed, self.overflowed = self.overflowed, {}
-        now = time.monotonic()
+        policy = self.back_pressure
         for ep, relay in overflowed.items():
             if ep not in self.endpoints or ep.closing is not None \
-                    or ep.out_bytes <= self.hard_limit:
+                    or ep.out_bytes <= policy.hard_limit:
                 continue
-            if self._reading(ep):
-                ep.progress_at = now
-            if now - ep.progress_at >= self.relay_stall:
-                self.disconnect(ep, "slow consumer", detail=(
-                    f"its queue passed the hard cap of {self.hard_limit} bytes, fed by a link,"
-                    f" and it read nothing for {now - ep.progress_at:.2f} s"))
-            elif relay in self.endpoints and not relay.paused:
+            source = relay if relay in self.endpoints else _GONE_RELAY
+            verdict = policy.overflowed(ep, source, self._reading(ep))
+            if verdict == BP.DISCONNECT:
+                self.disconnect(ep, "slow consumer", detail=policy.overflow_detail(ep))
+            elif verdict == BP.PAUSE:
                 self.pause(relay)
-                ep.blocked.add(relay)
 
     def _flush(self, ep: _Endpoint) -> None:
         if ep not in self.endpoints:
@@ -716,9 +702,7 @@ class Hub:
                 return
             ep.out_bytes -= sent
             if ep.full_since is not None:
-                if sent:
-                    ep.progress_at = time.monotonic()
-                self._drained(ep)
+                self._written(ep, sent)
             if sent == len(view):
                 out.clear()
                 ep.head_sent = 0
@@ -755,8 +739,8 @@ class Hub:
                 for i in range(len(views)):
                     out[i][1] = []
             ep.out_bytes -= sent
-            if ep.full_since is not None and sent:
-                ep.progress_at = time.monotonic()
+            if ep.full_since is not None:
+                self._written(ep, sent)
             left = sent
             while left:
                 head = out[0][0]
@@ -770,20 +754,16 @@ class Hub:
                     left = 0
             if sent < total:
                 self._want_write(ep, True)
-                self._drained(ep)
                 return
         self._want_write(ep, False)
-        self._drained(ep)
         if ep.closing is not None:
             self._finish_close(ep)
 
-    def _drained(self, ep: _Endpoint) -> None:
-        if ep.full_since is not None and ep.out_bytes <= self.options.queue_limit // 2:
-            ep.full_since = None
-            blocked, ep.blocked = ep.blocked, set()
-            for source in blocked:
-                if source in self.endpoints and not self._still_blocked(source):
-                    self.resume(source)
+    def _written(self, ep: _Endpoint, sent: int) -> None:
+        """Some of ``ep``'s queue went out: the sources it held may be read again."""
+        for source in self.back_pressure.written(ep, sent):
+            if source in self.endpoints and not self._still_blocked(source):
+                self.resume(source)
 
     def _still_blocked(self, source: _Endpoint) -> bool:
         return any(source in other.blocked for other in self.endpoints)
@@ -838,21 +818,17 @@ class Hub:
             self._next_trim = now + _TRIM_INTERVAL
             for ep in self.endpoints:
                 ep.decoder.trim()
+        check = self.back_pressure.check
         for ep in list(self.endpoints):
             if not ep.ready and now > ep.deadline:
                 self.drop(ep, "handshake not completed in time")
-            elif ep.full_since is not None and \
-                    now - ep.full_since > self.options.slow_consumer_timeout:
-                self.disconnect(ep, "slow consumer")
-            elif ep.blocked and any(source.relay for source in ep.blocked):
-                if self._reading(ep):
-                    ep.progress_at = now
-                elif now - ep.progress_at > self.relay_stall:
-                    self.disconnect(ep, "slow consumer", detail=(
-                        f"it holds a link paused and read nothing for"
-                        f" {now - ep.progress_at:.2f} s"))
-            elif ep.closing is not None and now > ep.deadline:
-                self._finish_close(ep)
+            elif ep.closing is not None:
+                if now > ep.deadline:
+                    self._finish_close(ep)
+            elif ep.full_since is not None or ep.blocked:
+                detail = check(ep, lambda ep=ep: self._reading(ep))  # type: ignore[misc]
+                if detail is not None:
+                    self.disconnect(ep, "slow consumer", detail=detail)
 
     def _reading(self, ep: _Endpoint) -> bool:
         """Whether the peer has read some of what the kernel holds for it since the last look.
