@@ -160,3 +160,12 @@ def running(procs: list[Any]) -> Iterator[list[Any]]:
             if p.is_alive():
                 p.kill()
                 p.join(5)
+
+
+def pid_of(proc: Any) -> int:
+    """The pid of a started process (``Process.pid`` is typed Optional: None before start,
+    which must never reach ``os.kill``, where -1 or 0 would signal many processes)."""
+    pid = proc.pid
+    assert isinstance(pid, int) and pid > 0, f"{proc!r} has not started"
+    return pid
+

@@ -16,7 +16,7 @@ import pytest
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionError,
                     IpcBusEvent, IpcBusRequestError)
 
-from conftest import Collector, running, sync, wait_until
+from conftest import Collector, pid_of, running, sync, wait_until
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def hang_on_request(conn: Any) -> None:
 
 def bridge_owner(start_method: str, report: Any) -> None:
     """A 'main' process with a bridge and two pipe children; the test kills it."""
-    ctx = multiprocessing.get_context(start_method)
+    ctx: Any = multiprocessing.get_context(start_method)
     bridge = IpcBusBridge.create().connect()
     kids = [ctx.Process(target=orphan, args=(bridge.open_pipe(), report), daemon=False)
             for _ in range(2)]
@@ -169,7 +169,7 @@ def test_pipe_child_killed_disappears(bridge: IpcBusBridge) -> None:
             future = main.request_async("hang", 30.0)
             wait_until(lambda: bridge.query_state()["pending_requests"] == 1)
             killed = time.monotonic()
-            os.kill(proc.pid, signal.SIGKILL)
+            os.kill(pid_of(proc), signal.SIGKILL)
             with pytest.raises(IpcBusRequestError, match="left the bus"):
                 future.result(5)
             assert time.monotonic() - killed < 1.0
@@ -191,7 +191,7 @@ def test_bridge_process_killed_children_notice(start_method: str) -> None:
         assert [r[0] for r in first] == ["owner", "ready", "ready"], first
         kids.extend(pid for _, pid in first[1:])
         killed = time.monotonic()
-        os.kill(owner.pid, signal.SIGKILL)
+        os.kill(pid_of(owner), signal.SIGKILL)
         results = [report.get(timeout=10) for _ in kids]
     for kind, pid, noticed, outcome, later in results:
         assert kind == "closed" and pid in kids
@@ -263,7 +263,8 @@ def test_order_of_10000_messages_across_the_link(linked: Any, ctx: Any) -> None:
         seq, sender_ready = Collector(), Collector()
         receiver.on("seq", seq)
         main.on("sender-ready", sender_ready)
-        sync(receiver), sync(main)
+        sync(receiver)
+        sync(main)
         proc = ctx.Process(target=ordered_sender, args=(bridge.open_pipe(), count))
         with running([proc]):
             sender_ready.wait(1, timeout=30)

@@ -414,7 +414,7 @@ def test_client_channel_validation_everywhere(broker: IpcBusBroker, clients: Any
         with pytest.raises(exc):
             a.send_to(a.peer, bad, 1)
     with pytest.raises(TypeError):
-        a.on("ok", "not callable")  # type: ignore[arg-type]
+        a.on("ok", "not callable")
     assert a.event_names() == []
     sync(a)
     assert "ok" not in broker_channels(broker)

@@ -19,7 +19,7 @@ import socket
 import stat
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -28,7 +28,7 @@ from ipcbus import _protocol as P
 from ipcbus import _transport as T
 from ipcbus._protocol import Kind
 
-from conftest import Collector, elapsed, sync, wait_until
+from conftest import Children, Collector, elapsed, sync, wait_until
 
 READY_TIMEOUT = 30.0
 
@@ -102,6 +102,7 @@ def _tcp_peer(address: Any, ready_q: Any, go: Any, result_q: Any, stop: Any) -> 
     if go.poll(30):
         try:
             r = client.request("tcp-parent", 5, "hi")
+            assert r.event.sender is not None
             result_q.put(("ok", r.payload, r.event.sender.process.pid))
         except BaseException as exc:
             result_q.put(("error", repr(exc), None))
@@ -152,11 +153,16 @@ def echo_canary(client: IpcBusClient) -> None:
 
 # -- the broker dies ------------------------------------------------------------------------------
 @pytest.mark.timeout(30)
-def test_broker_killed_client_in_this_process(broker, clients):
+def test_broker_killed_client_in_this_process(
+        broker: IpcBusBroker, clients: Callable[..., IpcBusClient]) -> None:
     c = clients(broker.address)
     closed_at: list[float] = []
     closed = threading.Event()
-    c.on_closed(lambda: (closed_at.append(time.monotonic()), closed.set()))
+    def on_closed() -> None:
+        closed_at.append(time.monotonic())
+        closed.set()
+
+    c.on_closed(on_closed)
     c.on("hang", lambda e, *a: None)
     sync(c)
     fut = c.request_async("hang", 30)
@@ -183,7 +189,7 @@ def test_broker_killed_client_in_this_process(broker, clients):
 
 
 @pytest.mark.timeout(60)
-def test_broker_killed_client_in_child(broker, children):
+def test_broker_killed_client_in_child(broker: IpcBusBroker, children: Children) -> None:
     ready_q, result_q = children.ctx.Queue(), children.ctx.Queue()
     p = children.start(_client_sees_broker_death, broker.address, ready_q, result_q)
     assert ready_q.get(timeout=READY_TIMEOUT) == p.pid
@@ -205,7 +211,7 @@ def test_broker_killed_client_in_child(broker, children):
 
 # -- graceful close ---------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_close_delivers_everything_sent(broker, children):
+def test_close_delivers_everything_sent(broker: IpcBusBroker, children: Children) -> None:
     n = 5000
     ready_q, result_q = children.ctx.Queue(), children.ctx.Queue()
     p = children.start(_flood_receiver, broker.address, n, ready_q, result_q, children.stop)
@@ -223,7 +229,8 @@ def test_close_delivers_everything_sent(broker, children):
 
 
 @pytest.mark.timeout(30)
-def test_close_fails_pending_and_unsubscribes(broker, clients):
+def test_close_fails_pending_and_unsubscribes(
+        broker: IpcBusBroker, clients: Callable[..., IpcBusClient]) -> None:
     keeper = clients(broker.address, peer_name="keeper")  # shares the connection with `a`
     keeper.on("hang", lambda e, *a: None)
     flushed = Collector()
@@ -275,7 +282,7 @@ def test_close_fails_pending_and_unsubscribes(broker, clients):
 
 
 @pytest.mark.timeout(30)
-def test_close_last_client_of_the_process(broker):
+def test_close_last_client_of_the_process(broker: IpcBusBroker) -> None:
     c = IpcBusClient.create().connect(broker.address, peer_name="solo")
     try:
         calls: list[int] = []
@@ -309,7 +316,8 @@ def test_close_last_client_of_the_process(broker):
 
 # -- TCP ---------------------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_tcp_port_zero_authkey(children, clients):
+def test_tcp_port_zero_authkey(
+        children: Children, clients: Callable[..., IpcBusClient]) -> None:
     broker = IpcBusBroker.create().connect(port=0)
     try:
         addr = broker.address
@@ -332,7 +340,7 @@ def test_tcp_port_zero_authkey(children, clients):
         sync(c)
         r = c.request("tcp-echo", 5, 1)
         assert r.payload == {"pid": p.pid, "args": [1]}
-        assert r.event.sender.process.pid == p.pid
+        assert r.event.sender is not None and r.event.sender.process.pid == p.pid
         assert r.event.sender.process.type == "socket"
 
         go_w.send_bytes(b"go")
@@ -346,10 +354,10 @@ def test_tcp_port_zero_authkey(children, clients):
 
 
 @pytest.mark.timeout(30)
-def test_tcp_tuple_address(clients):
+def test_tcp_tuple_address(clients: Callable[..., IpcBusClient]) -> None:
     broker = IpcBusBroker.create().connect(("127.0.0.1", 0))
     try:
-        assert broker.address[1] > 0
+        assert isinstance(broker.address, tuple) and broker.address[1] > 0
         c = clients(broker.address)
         echo_canary(c)
         assert c.request("canary", 5, 1).payload == ["canary", 1]
@@ -359,7 +367,7 @@ def test_tcp_tuple_address(clients):
 
 # -- Unix socket access -------------------------------------------------------------------------------
 @pytest.mark.timeout(10)
-def test_peer_uid_decision():
+def test_peer_uid_decision() -> None:
     allowed = T.peer_uid_allowed
     assert allowed(1000, 1000, None)
     assert allowed(1000, 1000, [])
@@ -375,8 +383,8 @@ def test_peer_uid_decision():
 
 
 @pytest.mark.timeout(30)
-def test_socket_file_is_owner_only(broker):
-    st = os.stat(broker.address)
+def test_socket_file_is_owner_only(broker: IpcBusBroker) -> None:
+    st = os.stat(str(broker.address))
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert st.st_uid == os.getuid()
@@ -384,7 +392,8 @@ def test_socket_file_is_owner_only(broker):
 
 # -- fork ---------------------------------------------------------------------------------------------
 @pytest.mark.timeout(30)
-def test_client_inherited_through_fork(broker, clients):
+def test_client_inherited_through_fork(
+        broker: IpcBusBroker, clients: Callable[..., IpcBusClient]) -> None:
     c = clients(broker.address)
     got = Collector()
     c.on("fork-chan", got)
@@ -420,7 +429,8 @@ def test_client_inherited_through_fork(broker, clients):
 
 # -- stale and live socket files ----------------------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_stale_socket_replaced_live_one_kept(sock_path, clients):
+def test_stale_socket_replaced_live_one_kept(
+        sock_path: str, clients: Callable[..., IpcBusClient]) -> None:
     b1 = IpcBusBroker.create().connect(sock_path)
     b2 = b3 = None
     try:
@@ -469,7 +479,7 @@ def _huge_frame() -> bytes:
     return P.PREFIX.pack(len(header), 2 * 1024 ** 3, 0) + header + b"\0" * 4096
 
 
-GARBAGE = {
+GARBAGE: dict[str, Callable[[], bytes]] = {
     "random": lambda: random.Random(20261124).randbytes(64 * 1024),
     "hello-then-garbage": lambda: _hello() + b"\xde\xad\xbe\xef" * 1024,
     "hello-then-bad-header": lambda: _hello() + P.PREFIX.pack(16, 0, 0) + b"\xc1" * 16,
@@ -483,7 +493,8 @@ GARBAGE = {
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("kind", list(GARBAGE))
-def test_garbage_drops_only_that_connection(broker, clients, kind):
+def test_garbage_drops_only_that_connection(
+        broker: IpcBusBroker, clients: Callable[..., IpcBusClient], kind: str) -> None:
     canary = clients(broker.address)
     echo_canary(canary)
     assert canary.request("canary", 5, 0).payload == ["canary", 0]
@@ -491,7 +502,7 @@ def test_garbage_drops_only_that_connection(broker, clients, kind):
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         raw.settimeout(5)
-        raw.connect(broker.address)
+        raw.connect(str(broker.address))
         try:
             raw.sendall(GARBAGE[kind]())
         except OSError:
@@ -508,7 +519,8 @@ def test_garbage_drops_only_that_connection(broker, clients, kind):
 
 
 @pytest.mark.timeout(30)
-def test_silent_connection_dropped_after_handshake_deadline(sock_path, clients):
+def test_silent_connection_dropped_after_handshake_deadline(
+        sock_path: str, clients: Callable[..., IpcBusClient]) -> None:
     b = IpcBusBroker.create(handshake_timeout=0.5).connect(sock_path)
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     partial = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -15,7 +15,7 @@ import pytest
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionError,
                     IpcBusEvent, IpcBusRequestError, create_channel)
 
-from conftest import Collector, running, sync, wait_until
+from conftest import Collector, pid_of, running, sync, wait_until
 
 
 def fd_count(pid: int | None = None) -> int:
@@ -142,12 +142,16 @@ def test_pipe_socket_and_channel_end_reach_a_child_and_work(bus: Any, ctx: Any) 
             mine, theirs = socket.socketpair()
             near, far = create_channel()
             main.post_message("ports", "hello", ports=[w, theirs, far])
-            os.close(w), theirs.close(), far.close()  # the child has its own duplicates
+            os.close(w)  # the child has its own duplicates
+            theirs.close()
+            far.close()
             near.send_bytes(b"ping")
             assert os.read(r, 100) == b"kid:hello"
             assert mine.recv(100) == b"kid on a AF_UNIX socket"
             assert near.poll(10) and near.recv_bytes() == b"ping answered by kid"
-            os.close(r), mine.close(), near.close()
+            os.close(r)
+            mine.close()
+            near.close()
         assert child.exitcode == 0
     finally:
         main.close()
@@ -220,7 +224,7 @@ def test_receiver_killed_with_descriptors_in_flight(broker: IpcBusBroker) -> Non
         child = ctx.Process(target=sit_still, args=(broker.address,))
         with running([child]):
             ready.wait(1, timeout=30)
-            os.kill(child.pid, signal.SIGSTOP)  # stops reading: descriptors pile up
+            os.kill(pid_of(child), signal.SIGSTOP)  # stops reading: descriptors pile up
             blob = b"x" * 65536
             for _ in range(400):  # 26 MB: past both kernel buffers (4 MiB each, doubled)
                 r, w = os.pipe()
@@ -229,7 +233,7 @@ def test_receiver_killed_with_descriptors_in_flight(broker: IpcBusBroker) -> Non
                 os.close(w)
             sync(main)
             assert fd_count(broker.process.pid) > baseline + 2  # held for the stopped receiver
-            os.kill(child.pid, signal.SIGKILL)
+            os.kill(pid_of(child), signal.SIGKILL)
         wait_until(lambda: fd_count(broker.process.pid) == baseline, timeout=5)
         assert broker.query_state()["peers"][0]["name"] == "sender"
     finally:
@@ -252,7 +256,8 @@ def test_tcp_refuses_descriptors_and_sends_nothing(sock_path: str) -> None:
                 client.post_message("x", "data", ports=[w])
             client.send("x", "marker")
             assert got.wait(1)[0][1] == ("marker",)  # the refused message never arrived
-            os.close(r), os.close(w)
+            os.close(r)
+            os.close(w)
         finally:
             client.close()
         with IpcBusBridge.create().connect(tcp_broker.address) as bridge:
@@ -267,7 +272,8 @@ def test_tcp_refuses_descriptors_and_sends_nothing(sock_path: str) -> None:
                     local.post_message("y", "data", ports=[w])
                 local.send("y", "marker")
                 assert got.wait(1)[0][1] == ("marker",)
-                os.close(r), os.close(w)
+                os.close(r)
+                os.close(w)
             finally:
                 local.close()
                 remote.close()
@@ -288,7 +294,7 @@ def test_bad_ports_raise_at_the_call(broker: IpcBusBroker, clients: Any) -> None
     with pytest.raises(TypeError):
         client.post_message("x", 1, ports=[True])
     with pytest.raises(TypeError):
-        client.post_message("x", 1, ports=w)  # type: ignore[arg-type]
+        client.post_message("x", 1, ports=w)
     with pytest.raises(ValueError):
         client.post_message("x", 1, ports=[closed])
     with pytest.raises(ValueError):
@@ -303,7 +309,8 @@ def test_bad_ports_raise_at_the_call(broker: IpcBusBroker, clients: Any) -> None
     assert got.wait(1)[0][1] == ("marker",)
     sync(client)
     assert len(got.items) == 1
-    os.close(r), os.close(w)
+    os.close(r)
+    os.close(w)
 
 
 @pytest.mark.timeout(30)
@@ -312,7 +319,8 @@ def test_post_message_to_one_peer_and_without_ports(broker: IpcBusBroker, client
     got_b, got_c = Collector(), Collector()
     b.on("p", got_b)
     c.on("p", got_c)
-    sync(b), sync(c)
+    sync(b)
+    sync(c)
     r, w = os.pipe()
     a.post_message_to(b.peer, "p", {"k": 1}, ports=[w])
     ((event, args),) = got_b.wait(1)
@@ -325,4 +333,5 @@ def test_post_message_to_one_peer_and_without_ports(broker: IpcBusBroker, client
     assert got_c.wait(1)[0][1] == ("plain",) and got_c.items[0][0].ports is None
     sync(a)
     assert len(got_c.items) == 1
-    os.close(r), os.close(w)
+    os.close(r)
+    os.close(w)

@@ -53,12 +53,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionError,
-                    IpcBusRequestError, IpcBusService)
+                    IpcBusProtocolError, IpcBusRequestError, IpcBusService)
 from ipcbus import _protocol as P
 from ipcbus._protocol import Kind
 
 from _rawpeer import RawPeer, _raw_ids  # a hand-driven peer on a raw socket
-from conftest import Collector, elapsed, sync, wait_until
+from conftest import Collector, elapsed, pid_of, sync, wait_until
 from _rawbus import Canary, Target, clean_after, make_target  # noqa: F401
 
 TESTS = Path(__file__).resolve().parent
@@ -142,15 +142,18 @@ def _prefixed(header: bytes, body: bytes = b"") -> bytes:
 
 
 def _header(fields: list[Any]) -> bytes:
-    return msgpack.packb(fields, use_bin_type=True)
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
+    return packed
 
 
 def _utf8_header(raw_channel: bytes, sender: list[Any] | None) -> bytes:
     """A SEND header whose channel is a msgpack str holding ``raw_channel`` as is."""
     assert len(raw_channel) < 256
-    return (b"\x95" + msgpack.packb(int(Kind.SEND)) + b"\xd9" + bytes([len(raw_channel)])
-            + raw_channel + msgpack.packb(sender, use_bin_type=True) + msgpack.packb(None)
-            + msgpack.packb(0))
+    header: bytes = (b"\x95" + msgpack.packb(int(Kind.SEND)) + b"\xd9"
+                     + bytes([len(raw_channel)]) + raw_channel
+                     + msgpack.packb(sender, use_bin_type=True) + msgpack.packb(None)
+                     + msgpack.packb(0))
+    return header
 
 
 def _deep(levels: int) -> bytes:
@@ -304,7 +307,7 @@ def bad_headers(draw: Any) -> Callable[[RawPeer], bytes]:
         header = _header(fields + extra)
         try:
             P.decode_header(header)
-        except P.IpcBusProtocolError:
+        except IpcBusProtocolError:
             return _prefixed(header)
         return b""  # happened to be valid: filtered out below
     if raw_header:  # not even msgpack, or not an array
@@ -813,7 +816,7 @@ def flood_scenario(sock_path: str, *, queue_limit: int, slow_timeout: float, cou
         t_other = time.monotonic()
         if others:
             threading.Event().wait(window)  # the other channel's rate before the flood
-        os.kill(stuck.pid, signal.SIGSTOP)
+        os.kill(pid_of(stuck), signal.SIGSTOP)
         settle()
         rss_before = rss(bpid)
         sampler = RssSampler(bpid)
@@ -829,7 +832,7 @@ def flood_scenario(sock_path: str, *, queue_limit: int, slow_timeout: float, cou
         at_gone = flood_sent.value
         if resume_after:
             threading.Event().wait(resume_after)
-        os.kill(stuck.pid, signal.SIGCONT)
+        os.kill(pid_of(stuck), signal.SIGCONT)
         resumed_w.send_bytes(b"resumed")
         stuck_report = report_q.get(timeout=30)
 
@@ -891,10 +894,11 @@ def flood_scenario(sock_path: str, *, queue_limit: int, slow_timeout: float, cou
     finally:
         for r in rates:
             r.stop()
-        try:
-            os.kill(stuck.pid, signal.SIGCONT)
-        except (OSError, TypeError):
-            pass
+        if stuck.pid is not None:  # started
+            try:
+                os.kill(pid_of(stuck), signal.SIGCONT)
+            except OSError:
+                pass
         stop_w.send_bytes(b"stop")
         stop_subs_w.send_bytes(b"stop")
         for p in procs:
@@ -1189,7 +1193,7 @@ def test_stopped_pipe_child_of_a_bridge(caplog: Any) -> None:
         stuck.start()
         ready_q.get(timeout=READY_TIMEOUT)
         wait_until(lambda: bridge.query_state()["pending_requests"] == 1)
-        os.kill(stuck.pid, signal.SIGSTOP)
+        os.kill(pid_of(stuck), signal.SIGSTOP)
         settle()
         before = rss()
         sampler = RssSampler(os.getpid())
@@ -1204,7 +1208,7 @@ def test_stopped_pipe_child_of_a_bridge(caplog: Any) -> None:
         wait_until(lambda: "stuck" not in [p["name"] for p in bridge.query_state()["peers"]],
                    timeout=timeout + 10)
         at_gone = sent[0]
-        os.kill(stuck.pid, signal.SIGCONT)
+        os.kill(pid_of(stuck), signal.SIGCONT)
         resumed_w.send_bytes(b"resumed")
         out = report_q.get(timeout=30)
         wait_until(lambda: sent[0] > at_gone, timeout=5)  # the flooding thread moves on
@@ -1217,10 +1221,11 @@ def test_stopped_pipe_child_of_a_bridge(caplog: Any) -> None:
         assert out["closed"] and "slow consumer" in out["pending"], out
     finally:
         stop.set()
-        try:
-            os.kill(stuck.pid, signal.SIGCONT)
-        except (OSError, TypeError):
-            pass
+        if stuck.pid is not None:  # started
+            try:
+                os.kill(pid_of(stuck), signal.SIGCONT)
+            except OSError:
+                pass
         if flooder.ident is not None:
             flooder.join(5)
         stuck.join(10)
@@ -1304,7 +1309,7 @@ def linked_flood_scenario(sock_path: str, stuck_side: str, caplog: Any,
         wait_until(lambda: all(c.value > 1000 for c in counts.values()), timeout=10)
         t0 = time.monotonic()
         threading.Event().wait(0.5)
-        os.kill(stuck.pid, signal.SIGSTOP)
+        os.kill(pid_of(stuck), signal.SIGSTOP)
         settle_ = time.monotonic()
         before_rss = rss()
         sampler = RssSampler(os.getpid())
@@ -1335,10 +1340,11 @@ def linked_flood_scenario(sock_path: str, stuck_side: str, caplog: Any,
         for r in rates:
             r.stop()
         stop_w.send_bytes(b"stop")
-        try:
-            os.kill(stuck.pid, signal.SIGCONT)
-        except (OSError, TypeError):
-            pass
+        if stuck.pid is not None:  # started
+            try:
+                os.kill(pid_of(stuck), signal.SIGCONT)
+            except OSError:
+                pass
         for sub in subs:
             sub.close()
         stuck.kill()
@@ -1506,7 +1512,7 @@ def test_linked_bridge_process_killed(links_broker: IpcBusBroker, clients: Any) 
                    asker.request_async("hang-pipe", 30.0)]
         wait_until(lambda: links_broker.query_state()["pending_requests"] == 2)
         killed = time.monotonic()
-        os.kill(owner.pid, signal.SIGKILL)
+        os.kill(pid_of(owner), signal.SIGKILL)
         for future in futures:
             exc = future.exception(timeout=5)
             assert isinstance(exc, IpcBusRequestError) and not isinstance(exc, TimeoutError), exc
@@ -1759,7 +1765,7 @@ def test_exit_with_clients_still_connected(broker: IpcBusBroker, tmp_path: Path,
     """A script connects clients (socket / bridge with a pipe child / its own broker),
     sends, leaves a request pending and exits without closing: exit code 0, nothing on
     stderr, within a few seconds; the broker forgets its peers."""
-    arg = {"socket": [broker.address], "bridge": [], "own-broker": [str(tmp_path)]}[mode]
+    arg = {"socket": [str(broker.address)], "bridge": [], "own-broker": [str(tmp_path)]}[mode]
     with elapsed() as t:
         done = subprocess.run([sys.executable, str(TESTS / "_rel_exit.py"), mode, *arg],
                               capture_output=True, text=True, timeout=60, cwd=str(ROOT))
@@ -2030,6 +2036,7 @@ def _storm_one(path: str, how: str) -> None:
             elif how == "half-frame":
                 peer.send(peer.frame(Kind.SEND, "storm-x", body=b"\x91\x01")[:-1])
             elif how == "service":
+                assert peer.info is not None
                 peer.send(peer.frame(Kind.SERVICE_ADD, f"storm-svc-{peer.info[0]}", rid=2))
     except (OSError, EOFError, TimeoutError):
         pass
@@ -2105,13 +2112,13 @@ def test_connection_and_disconnection_storms_leave_the_state_clean(sock_path: st
                 with concurrent.futures.ThreadPoolExecutor(8) as pool:
                     list(pool.map(lambda how: _storm_one(sock_path, how), jobs))
                 for p in doomed:
-                    os.kill(p.pid, signal.SIGKILL)
+                    os.kill(pid_of(p), signal.SIGKILL)
                 results = [report_q.get(timeout=60) for _ in stormers]
 
                 def clean() -> bool:
                     s = broker.query_state()
-                    return (s["peers"] == [] and s["channels"] == {} and s["services"] == {}
-                            and s["pending_requests"] == 0 and s["connections"] == 0)
+                    return bool(s["peers"] == [] and s["channels"] == {} and s["services"] == {}
+                                and s["pending_requests"] == 0 and s["connections"] == 0)
                 wait_until(clean, timeout=10)
             report("storms", raw_connections=len(jobs), process_rounds=6 * 60,
                    killed_processes=len(doomed), seconds_until_clean=round(t[0], 2),
@@ -2174,7 +2181,7 @@ def test_silent_tcp_connections_do_not_stop_the_broker(capfd: Any) -> None:
             sync(canary)
             sampler = ThreadSampler(bpid)
             for _ in range(500):
-                socks.append(socket.create_connection(broker.address, timeout=5))
+                socks.append(socket.create_connection(tcp_address(broker), timeout=5))
             with elapsed() as t:
                 assert canary.request("canary", 5.0, 1).payload == 1
             wait_until(lambda: _threads(bpid) == 1 and broker.query_state()[
@@ -2212,7 +2219,7 @@ def test_good_tcp_client_served_during_a_burst_of_silent_connections(capfd: Any)
         try:
             sampler = ThreadSampler(bpid)
             for _ in range(300):
-                socks.append(socket.create_connection(broker.address, timeout=5))
+                socks.append(socket.create_connection(tcp_address(broker), timeout=5))
             wait_until(lambda: broker.query_state()["tcp_authentications"]["waiting"] > 0)
             with elapsed() as t:
                 good = IpcBusClient.create().connect(broker.address, peer_name="good",
@@ -2474,7 +2481,7 @@ def test_tcp_needs_the_authkey_before_any_frame(capfd: Any) -> None:
                     ("2GiB-frame-first", P.PREFIX.pack(20, 2 * 1024 ** 3, 0) + b"\0" * 4096),
                     ("2GiB-length-as-answer", struct.pack("!i", 0x7FFFFFFF) + b"\0" * 64),
                     ("silence", b"")]:
-                sock = _tcp_raw(addr)
+                sock = _tcp_raw(tcp_address(broker))
                 try:
                     challenge = sock.recv(4096)  # multiprocessing's #CHALLENGE# message
                     if data:
@@ -2625,7 +2632,7 @@ def parent_with_a_forked_child(address: str, how: str, ready_q: Any) -> None:
         child = multiprocessing.get_context("fork").Process(
             target=threading.Event().wait, args=(60,), daemon=True)
         child.start()
-        child_pid = child.pid
+        child_pid = pid_of(child)
     ready_q.put((os.getpid(), child_pid))
     threading.Event().wait(60)
 
@@ -2661,3 +2668,11 @@ def test_forked_child_does_not_hide_the_parents_disconnect(broker: IpcBusBroker,
                 except OSError:
                     pass
         parent.join(5)
+
+
+def tcp_address(broker: IpcBusBroker) -> tuple[str, int]:
+    """The (host, port) of a broker listening on TCP."""
+    address = broker.address
+    assert isinstance(address, tuple)
+    return address
+

@@ -12,12 +12,12 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
 import ipcbus
-from ipcbus import (IpcBusClient, IpcBusPeer, IpcBusRequestError,
+from ipcbus import (IpcBusBroker, IpcBusClient, IpcBusPeer, IpcBusRequestError,
                     IpcBusRequestResponse)
 
 import conftest
@@ -82,7 +82,7 @@ def _serve(path: str, name: str, channels: dict[str, str], ready_q: Any, stop: A
 class Children(conftest.Children):
     """conftest.Children with the ``_serve`` responder of this module."""
 
-    def serve(self, path: str, name: str, channels: dict[str, str],
+    def serve(self, path: Any, name: str, channels: dict[str, str],
               **extra: Any) -> tuple[Any, dict[str, Any]]:
         """A ``_serve`` child; returns (process, {"id", "name", "pid"}) once it is subscribed."""
         q = self.ctx.Queue()
@@ -102,7 +102,8 @@ def children(ctx: Any) -> Iterator[Children]:
 
 
 @pytest.mark.timeout(60)
-def test_request_answered_by_child(broker, children, clients):
+def test_request_answered_by_child(
+        broker: IpcBusBroker, children: Children, clients: Callable[..., IpcBusClient]) -> None:
     p, info = children.serve(broker.address, "responder", {"ask": "echo"})
     c = clients(broker.address)
     r = c.request("ask", 5, 1, "a", b"\x00")
@@ -119,7 +120,8 @@ def test_request_answered_by_child(broker, children, clients):
 
 
 @pytest.mark.timeout(60)
-def test_request_rejected(broker, children, clients):
+def test_request_rejected(
+        broker: IpcBusBroker, children: Children, clients: Callable[..., IpcBusClient]) -> None:
     children.serve(broker.address, "rejecter", {"ask": "reject"})
     c = clients(broker.address)
     with pytest.raises(IpcBusRequestError) as ei:
@@ -130,12 +132,14 @@ def test_request_rejected(broker, children, clients):
 
     with pytest.raises(IpcBusRequestError) as ei:
         c.request("ask", 5, "exc")
+    assert ei.value.response is not None
     err = ei.value.response.err
     assert isinstance(err, str) and "ValueError" in err and "bad" in err
 
 
 @pytest.mark.timeout(60)
-def test_first_answer_wins(broker, children, clients):
+def test_first_answer_wins(
+        broker: IpcBusBroker, children: Children, clients: Callable[..., IpcBusClient]) -> None:
     release = children.ctx.Event()
     done_q = children.ctx.Queue()
     children.serve(broker.address, "fast", {"race": "echo"})
@@ -159,7 +163,8 @@ def test_first_answer_wins(broker, children, clients):
 
 # -- failures at once or at the timeout ----------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_request_timeout_is_cancelled(broker, children, clients):
+def test_request_timeout_is_cancelled(
+        broker: IpcBusBroker, children: Children, clients: Callable[..., IpcBusClient]) -> None:
     got = children.ctx.Event()
     children.serve(broker.address, "mute", {"mute": "never"}, got=got)
     c = clients(broker.address)
@@ -186,7 +191,8 @@ def test_request_timeout_is_cancelled(broker, children, clients):
 
 
 @pytest.mark.timeout(30)
-def test_request_without_listener_fails_at_once(broker, clients):
+def test_request_without_listener_fails_at_once(
+        broker: IpcBusBroker, clients: Callable[..., IpcBusClient]) -> None:
     c = clients(broker.address)
     with elapsed() as t, pytest.raises(IpcBusRequestError) as ei:
         c.request("nobody-listens", 5)
@@ -207,7 +213,8 @@ def test_request_without_listener_fails_at_once(broker, clients):
 
 
 @pytest.mark.timeout(60)
-def test_request_to_reaches_only_the_target(broker, children, clients):
+def test_request_to_reaches_only_the_target(
+        broker: IpcBusBroker, children: Children, clients: Callable[..., IpcBusClient]) -> None:
     _, a = children.serve(broker.address, "A", {"ask": "echo"})
     pb, b = children.serve(broker.address, "B", {"ask": "echo"})
     c = clients(broker.address)
@@ -245,7 +252,8 @@ def _run_to_the_end(threads: list[threading.Thread]) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_request_async_many_threads(broker, children, clients):
+def test_request_async_many_threads(
+        broker: IpcBusBroker, children: Children, clients: Callable[..., IpcBusClient]) -> None:
     children.serve(broker.address, "echo", {"echo": "echo"})
     c = clients(broker.address)
 
@@ -279,8 +287,8 @@ def test_request_async_many_threads(broker, children, clients):
 
 
 @pytest.mark.timeout(60)
-def test_blocking_requests_from_many_threads_and_a_timeout_among_them(broker, children,
-                                                                     clients):
+def test_blocking_requests_from_many_threads_and_a_timeout_among_them(
+        broker: IpcBusBroker, children: Children, clients: Callable[..., IpcBusClient]) -> None:
     """Blocking requests from 6 threads at once (one of them reads the socket, the others
     are handed their answers) while a seventh waits for a request nobody answers: each
     answer reaches its own caller, and the unanswered request times out on time although
@@ -318,7 +326,8 @@ def test_blocking_requests_from_many_threads_and_a_timeout_among_them(broker, ch
 
 
 @pytest.mark.timeout(60)
-def test_responder_killed_mid_request(broker, children, clients):
+def test_responder_killed_mid_request(
+        broker: IpcBusBroker, children: Children, clients: Callable[..., IpcBusClient]) -> None:
     got = children.ctx.Event()
     p, _ = children.serve(broker.address, "doomed", {"doom": "hang"}, got=got)
     c = clients(broker.address)
@@ -338,7 +347,8 @@ def test_responder_killed_mid_request(broker, children, clients):
 
 # -- listeners that request -----------------------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_nested_request_same_client(broker, children, clients):
+def test_nested_request_same_client(
+        broker: IpcBusBroker, children: Children, clients: Callable[..., IpcBusClient]) -> None:
     # the child's "outer" listener requests "inner", answered by the same client in that child
     _, info = children.serve(broker.address, "nest", {"outer": "nested", "inner": "echo"})
     c = clients(broker.address)
@@ -348,7 +358,8 @@ def test_nested_request_same_client(broker, children, clients):
 
 
 @pytest.mark.timeout(60)
-def test_nested_request_other_process(broker, children, clients):
+def test_nested_request_other_process(
+        broker: IpcBusBroker, children: Children, clients: Callable[..., IpcBusClient]) -> None:
     _, info = children.serve(broker.address, "inner-child", {"inner": "echo"})
     a = clients(broker.address, peer_name="A")
     b = clients(broker.address, peer_name="B")
@@ -361,11 +372,12 @@ def test_nested_request_other_process(broker, children, clients):
     sync(a)
     r = b.request("outer", 5, 3)
     assert r.payload == ["outer", "inner-child", [3]]
-    assert r.event.sender.id == a.peer.id
+    assert r.event.sender is not None and r.event.sender.id == a.peer.id
 
 
 @pytest.mark.timeout(30)
-def test_nested_request_same_client_in_this_process(broker, clients):
+def test_nested_request_same_client_in_this_process(
+        broker: IpcBusBroker, clients: Callable[..., IpcBusClient]) -> None:
     a = clients(broker.address)
     a.on("inner", lambda e, x: e.request.resolve(x * 2))
     a.on("outer", lambda e, x: e.request.resolve(a.request("inner", 5, x).payload + 1))
@@ -376,7 +388,8 @@ def test_nested_request_same_client_in_this_process(broker, clients):
 
 
 @pytest.mark.timeout(60)
-def test_slow_listener_does_not_delay_answers(broker, children, clients):
+def test_slow_listener_does_not_delay_answers(
+        broker: IpcBusBroker, children: Children, clients: Callable[..., IpcBusClient]) -> None:
     children.serve(broker.address, "quick", {"fast": "echo"})
     a = clients(broker.address)
     started, release = threading.Event(), threading.Event()
@@ -415,7 +428,8 @@ def _stream(path: str, n: int, ready_q: Any, stop: Any) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_requests_in_a_loop_while_messages_stream_in(broker, children, clients):
+def test_requests_in_a_loop_while_messages_stream_in(
+        broker: IpcBusBroker, children: Children, clients: Callable[..., IpcBusClient]) -> None:
     """A thread that reads its own answers (no other reader at that moment) queues the
     messages it reads on the way for the I/O threads: all arrive, in order, and no listener
     runs on the requesting thread."""
@@ -450,14 +464,15 @@ def test_requests_in_a_loop_while_messages_stream_in(broker, children, clients):
 
 # -- arguments -------------------------------------------------------------------------------------
 @pytest.mark.timeout(30)
-def test_bad_arguments_send_nothing(broker, clients):
+def test_bad_arguments_send_nothing(
+        broker: IpcBusBroker, clients: Callable[..., IpcBusClient]) -> None:
     receiver = clients(broker.address, peer_name="receiver")
     got = Collector()
     receiver.on("ch", got)
     sync(receiver)
     s = clients(broker.address, peer_name="sender")
 
-    bad_calls = [
+    bad_calls: list[Callable[[], object]] = [
         lambda: s.send("ch", object()),
         lambda: s.send("ch", {1, 2}),
         lambda: s.send("ch", "ok", [object()]),
@@ -466,15 +481,15 @@ def test_bad_arguments_send_nothing(broker, clients):
         lambda: s.request_async("ch", 1, object()),
         lambda: s.request_to(receiver.peer, "ch", 1, {1}),
         lambda: s.send_to(receiver.peer, "ch", object()),
-        lambda: s.send(123, "x"),
-        lambda: s.request(123, 1),
-        lambda: s.request_async(123, 1),
-        lambda: s.send_to(receiver.peer, 123, "x"),
-        lambda: s.request("ch", "x"),
-        lambda: s.request_async("ch", "x"),
-        lambda: s.request_to(receiver.peer, "ch", "x"),
-        lambda: s.send_to(42, "ch", "x"),
-        lambda: s.request_to(42, "ch", 1),
+        lambda: s.send(123, "x"),  # type: ignore[arg-type]
+        lambda: s.request(123, 1),  # type: ignore[arg-type]
+        lambda: s.request_async(123, 1),  # type: ignore[arg-type]
+        lambda: s.send_to(receiver.peer, 123, "x"),  # type: ignore[arg-type]
+        lambda: s.request("ch", "x"),  # type: ignore[arg-type]
+        lambda: s.request_async("ch", "x"),  # type: ignore[arg-type]
+        lambda: s.request_to(receiver.peer, "ch", "x"),  # type: ignore[arg-type]
+        lambda: s.send_to(42, "ch", "x"),  # type: ignore[arg-type]
+        lambda: s.request_to(42, "ch", 1),  # type: ignore[arg-type]
     ]
     for i, call in enumerate(bad_calls):
         with pytest.raises(TypeError):
@@ -495,7 +510,8 @@ def test_bad_arguments_send_nothing(broker, clients):
 
 # -- timeout values ----------------------------------------------------------------------------------
 @pytest.mark.timeout(30)
-def test_default_timeout_for_none_and_zero(broker, clients):
+def test_default_timeout_for_none_and_zero(
+        broker: IpcBusBroker, clients: Callable[..., IpcBusClient]) -> None:
     assert ipcbus.DEFAULT_TIMEOUT == 2.0
     mute = clients(broker.address)
     mute.on("mute", lambda e, *a: None)
@@ -515,7 +531,8 @@ def test_default_timeout_for_none_and_zero(broker, clients):
 
 
 @pytest.mark.timeout(30)
-def test_negative_timeout_waits_forever(broker, clients):
+def test_negative_timeout_waits_forever(
+        broker: IpcBusBroker, clients: Callable[..., IpcBusClient]) -> None:
     responder = clients(broker.address)
     timers: list[threading.Timer] = []
 
