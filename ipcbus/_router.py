@@ -280,8 +280,7 @@ class Router:
         the request as if that side had no listener, or tell the sender of a message."""
         self.dropped["over_link_limit"] += 1
         try:
-            hlen = P.PREFIX.unpack_from(raw, 0)[0]
-            rid = P.PREFIX.unpack_from(raw, 0)[2]
+            hlen, _, rid = P.PREFIX.unpack_from(raw, 0)
             kind, channel, sender, _, _ = P.decode_header(
                 memoryview(raw)[P.PREFIX_SIZE:P.PREFIX_SIZE + hlen])
         except IpcBusProtocolError:

@@ -1517,9 +1517,10 @@ class IpcBusClient(Emitter[str]):
                                     socket_buffer=socket_buffer)
             name = peer_name if peer_name is not None else \
                 f"{_process_name()}-{os.getpid()}"
+            if P.check_peer_name(name) is not None:  # a process name the hub would refuse
+                name = f"process-{os.getpid()}"
             peer_id = f"{os.getpid()}.{uuid.uuid4().hex[:12]}"
             info = [peer_id, name, conn.ptype, os.getpid()]
-            P.encode_header(Kind.PEER_ADD, "", info, None)  # a name too long fails here
             self._join(conn, info, wait)
         return self
 
