@@ -74,8 +74,8 @@ from typing_extensions import Self
 
 from . import _protocol as P
 from ._timeouts import resolve_timeout
-from .client import (IpcBusClient, IpcBusEvent, IpcBusRequest, IpcBusRequestResponse, _set,
-                     _Timer)
+from ._timer import Timer as _Timer
+from .client import IpcBusClient, IpcBusEvent, IpcBusRequest, IpcBusRequestResponse, _set
 from .emitter import Emitter, Listener
 from .errors import (IpcBusConnectionError, IpcBusError, IpcBusRequestError, IpcBusServiceError,
                      IpcBusRequestTimeoutError, IpcBusTimeoutError)

@@ -560,8 +560,8 @@ def test_negative_timeout_waits_forever(
 def test_timer_cancel_skips_the_call_and_keeps_the_heap_small() -> None:
     """An answered request cancels its timeout: the call never runs, and cancelled entries
     do not pile up (they are compacted once they are the majority)."""
-    from ipcbus.client import _Timer
-    timer = _Timer()
+    from ipcbus._timer import Timer
+    timer = Timer()
     fired = threading.Event()
     try:
         entries = [timer.call_at(time.monotonic() + 60.0, fired.set) for _ in range(5000)]

@@ -50,7 +50,8 @@ from .. import _protocol as P
 from .._timeouts import DEFAULT_TIMEOUT, resolve_timeout
 from .._types import _Answered
 from ..client import (IpcBusClient, IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
-                      IpcBusRequestResponse, SPIN_WAIT, _cpus, _set, _target_id, _Timer)
+                      IpcBusRequestResponse, SPIN_WAIT, _cpus, _set, _target_id)
+from .._timer import Timer as _Timer
 from ..errors import (IpcBusConnectionError, IpcBusError, IpcBusProtocolError,
                       IpcBusRequestError, IpcBusRequestTimeoutError)
 from . import _codec as C
