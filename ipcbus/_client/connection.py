@@ -1,0 +1,421 @@
+"""One process's connection to one bus, shared by the process's clients: its threads.
+
+The concurrency model, whole:
+
+* **Who reads.** One *reader thread* per connection, and no one else, reads the socket. It
+  decodes frames, attaches received descriptors to them, settles the answers of requests
+  itself (RESPONSE, REQUEST_FAIL: the caller's future is completed on the reader thread),
+  handles notices, and puts every other frame, in order, in the :class:`~.inbox.Inbox`.
+* **Who dispatches.** One *dispatch thread* takes items from the inbox, in order, and runs
+  the listeners (``delivery.py``), ``on_closed`` handlers and ``call_soon`` callables. No
+  listener ever runs on a caller's thread or on the reader: a listener that blocks delays
+  other listeners, never answers.
+* **Who waits how.** A blocking ``request()`` sleeps on its :class:`~.answers.SyncAnswer` (a
+  lock, released by the reader) until its deadline; past it the caller expires the request
+  itself (no timer). ``request_async()`` and the library's own requests get a Future, failed
+  by the *timer* thread (``_timer.py``) at their deadline. A request made *in* a listener,
+  on the dispatch thread, runs the inbox's next items while it waits (*nested dispatch*), so
+  a listener may request what a listener of the same process answers.
+* **When reading stops.** Past ``DISPATCH_BUDGET`` bytes waiting in the inbox the reader
+  waits until the dispatcher has brought them down to half (see ``inbox.py``): a stuck
+  listener becomes back-pressure at the bus, not unbounded memory here.
+* **Which lock guards what.** ``lock``: ``clients``, ``client_list`` (a tuple replaced, never
+  mutated: the dispatcher reads it without the lock), ``pending`` (the request table),
+  ``closed``. ``cond`` (a Condition): the inbox; the reader waits on it when the budget is
+  spent, the dispatcher when the inbox is empty (and a nested wait until its answer comes).
+  ``writer.lock`` (the *send lock*, ``writer.py``): every write. Never two of them at once,
+  except ``lock`` then ``cond`` nowhere and ``cond`` then ``lock`` nowhere: no lock order.
+* **How it ends.** Whatever ends the reader (the end of the stream, a protocol error, a bug)
+  fails every pending request, shuts the socket down (so the hub forgets this connection's
+  peers at once) and queues the end for the dispatcher, which tells the clients
+  (``on_closed``) and finishes. ``close()`` shuts the writing side first, lets the reader see
+  the bus's end of stream, then waits for both threads (from a listener: for the reader).
+* **Interrupts** (a signal handler raising in the main thread, Ctrl-C): only callers run in
+  the main thread; they never read. Every entry a caller adds to ``pending`` is taken back on
+  every path (try/finally), and an interrupted request sends CANCEL. Writes keep their byte
+  counts in C code (``T.send_whole``), so a write begun is finished before the interrupt is
+  raised.
+* **Fork.** A connection is bound to the process that made it. After ``fork`` the child's
+  copy is closed (so the bus still sees the parent's disconnect) and using it raises
+  :class:`IpcBusConnectionError`.
+
+Primitives: two locks (``lock``, the send lock), one condition, two events (``reader_done``,
+``dispatch_done``), the reader and the dispatch thread; the writer's flusher thread and its
+event, and the timer, are started on first use.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import os
+import threading
+from typing import Any, Callable
+
+from .. import _protocol as P
+from .. import _transport as T
+from .._protocol import Kind
+from .._types import IpcBusPeer, IpcBusProcess
+from ..errors import IpcBusConnectionError, IpcBusError, IpcBusProtocolError
+from .answers import settle, settle_answer
+from .delivery import LocalClient, deliver
+from .inbox import Inbox
+from .requests import Requests
+from .writer import Membership, Writer
+
+log = logging.getLogger("ipcbus")
+
+__all__ = ["Connection", "DISPATCH_BUDGET"]
+
+DISPATCH_BUDGET = 16 * 1024 * 1024  # bytes read and not dispatched yet before reading stops
+IDLE = 0.05  # seconds of an empty inbox after which the large receive buffer is let go
+_STOP = object()  # queued when the connection has ended
+_RESPONSE, _REQUEST_FAIL = int(Kind.RESPONSE), int(Kind.REQUEST_FAIL)
+_NOTICE, _SPY_COPY = int(Kind.NOTICE), int(Kind.SPY_COPY)
+_RECYCLE = P.FrameDecoder.CHUNK  # larger frames get a buffer of their own, which is reused
+_get_ident = threading.get_ident
+rids = itertools.count(1)  # request ids, unique in the process
+
+
+class Lost(Exception):
+    """The bus closed the connection (end of stream)."""
+
+
+class Connection:
+    """One process's connection to one bus, shared by its clients."""
+
+    def __init__(self, key: Any, transport: T.StreamTransport, decoder: P.FrameDecoder,
+                 welcome: dict[str, Any], ptype: str, coalesce: int = 0) -> None:
+        self.key = key
+        self.pid = os.getpid()
+        self.transport = transport
+        self.decoder = decoder
+        decoder.direct_bytes = True  # large bytes arguments arrive in their own object
+        self.welcome = welcome
+        self.ptype = ptype
+        self.max_message: int = welcome["max_message"]
+        self.can_pass_fds = bool(welcome.get("fds")) and transport.can_pass_fds
+        self.writer = Writer(transport, coalesce, self.max_message)
+        self.send_lock = self.writer.lock
+        self.fd_queue: list[int] = []  # received descriptors not attached to a frame yet
+        self.lock = threading.Lock()  # clients, client_list, requests.pending, closed
+        self.clients: dict[str, LocalClient] = {}
+        self.client_list: tuple[LocalClient, ...] = ()  # snapshot of clients, for dispatch
+        self.closed = False
+        self.close_reason = ""
+        self.forked = False
+        self.requests = Requests(self, self.lock, rids)
+        self.peers: dict[str, IpcBusPeer] = {}
+        self.cond = threading.Condition(threading.Lock())  # the inbox
+        self.inbox = Inbox(DISPATCH_BUDGET, IDLE)
+        self.dispatch_ident: int | None = None
+        self.reader_done = threading.Event()  # the connection has ended
+        self.dispatch_done = threading.Event()  # ...and everything queued was dispatched
+        self.forget: Callable[[], None] = _nothing  # drops it from the process's registry
+        self.exit_flush: Any = None  # a multiprocessing.util.Finalize, cancelled at the end
+        self._threads = [threading.Thread(target=self._read_loop, daemon=True,
+                                          name=f"ipcbus-io-reader {key}"),
+                         threading.Thread(target=self._dispatch_loop, daemon=True,
+                                          name=f"ipcbus-io-dispatch {key}")]
+
+    def start(self) -> None:
+        batch, size = self._handle_frames(self.decoder.frames())  # read with the WELCOME
+        if batch:
+            self.inbox.put(batch, size)
+        for thread in self._threads:
+            thread.start()
+
+    def check_usable(self) -> None:
+        if self.forked:  # set in the child by the at-fork hook: no getpid() per call
+            raise IpcBusConnectionError(
+                f"this client was connected in process {self.pid} and inherited through fork;"
+                " connect a new client in this process")
+        if self.closed:
+            raise IpcBusConnectionError(f"the bus connection has closed: {self.close_reason}")
+
+    # -- writing ----------------------------------------------------------------------------
+    def send(self, member: Membership, kind: int, channel: str, target: str | None, rid: int,
+             body: P.Body, fds: list[int] | None = None) -> None:
+        """Write one frame in the name of ``member`` (see ``writer.py``)."""
+        if self.forked or self.closed:
+            self.check_usable()
+        try:
+            self.writer.frame(member, kind, channel, target, rid, body, fds)
+        except OSError as exc:
+            self._write_failed(exc)
+
+    def send_surely(self, member: Membership, data: bytes) -> None:
+        """Write a frame even if interrupted while waiting (see ``Writer.write_surely``)."""
+        self.check_usable()
+        try:
+            self.writer.write_surely(data, member)
+        except OSError as exc:
+            self._write_failed(exc)
+
+    def leave(self, member: Membership) -> None:
+        """Write the PEER_REMOVE of ``member``; no frame in its name follows."""
+        self.check_usable()
+        try:
+            self.writer.leave(member)
+        except OSError as exc:
+            self._write_failed(exc)
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.check_usable()
+        raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
+
+    # -- the reader thread --------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                if not self.inbox.may_read:
+                    with self.cond:
+                        while not self.inbox.may_read:
+                            self.cond.wait()
+                buf = self.decoder.get_buffer()
+                nbytes, fds = self.transport.recv_into(buf)
+                if fds:
+                    self.fd_queue.extend(fds)
+                if nbytes == 0:
+                    raise Lost("the bus closed the connection")
+                self.decoder.buffer_updated(nbytes)
+                batch, size = self._handle_frames(self.decoder.frames())
+                if batch:
+                    with self.cond:
+                        self.inbox.put(batch, size)
+                        self.cond.notify_all()
+        except BaseException as exc:
+            self._lost(exc)
+
+    def _handle_frames(self, frames: list[P.Frame]) -> tuple[list[P.Frame], int]:
+        """Attach descriptors; settle answers, handle notices; return the frames left for
+        the dispatcher and their size."""
+        batch: list[P.Frame] = []
+        size = 0
+        try:
+            for frame in frames:
+                if frame.nfds:
+                    if len(self.fd_queue) < frame.nfds:
+                        raise IpcBusProtocolError("a frame arrived without its descriptors")
+                    frame.fds = self.fd_queue[:frame.nfds]
+                    del self.fd_queue[:frame.nfds]
+                kind = frame.kind
+                if kind == _RESPONSE or kind == _REQUEST_FAIL:
+                    self._on_answer(frame)
+                elif kind == _NOTICE:
+                    self._on_notice(frame)
+                else:
+                    batch.append(frame)
+                    size += len(frame.raw)
+        except BaseException:
+            for frame in batch:  # never dispatched: their descriptors are ours to close
+                if frame.fds:
+                    T.close_fds(frame.fds)
+            raise
+        return batch, size
+
+    def _on_answer(self, frame: P.Frame) -> None:
+        pending = self.requests.take((frame.target, frame.rid))  # type: ignore[arg-type]
+        if frame.fds:
+            T.close_fds(frame.fds)
+        if pending is not None and not pending.future.done():
+            settle_answer(pending, frame, self.peer_of(frame.sender))
+
+    def _on_notice(self, frame: P.Frame) -> None:
+        T.close_fds(frame.fds)
+        try:
+            body = P.unpack_control(frame.body)
+        except IpcBusProtocolError:
+            return
+        if not isinstance(body, dict):
+            return
+        if "closing" in body:
+            self.close_reason = f"disconnected by the bus: {body['closing']}"
+            log.warning("%s", self.close_reason)
+        elif "error" in body:
+            log.warning("bus: %s", body["error"])
+
+    def peer_of(self, info: Any) -> IpcBusPeer | None:
+        if info is None:
+            return None
+        peer = self.peers.get(info[0])
+        if peer is None:
+            if len(self.peers) > 4096:
+                self.peers.clear()
+            peer = IpcBusPeer(info[0], info[1], IpcBusProcess(info[2], info[3]))
+            self.peers[info[0]] = peer
+        return peer
+
+    def _lost(self, exc: BaseException) -> None:
+        if isinstance(exc, Lost):
+            reason = str(exc)
+        elif isinstance(exc, IpcBusProtocolError):
+            reason = f"protocol error from the bus: {exc}"
+            log.error("%s", reason)
+        elif isinstance(exc, OSError):
+            reason = "the bus closed the connection" if self.closed else \
+                f"connection to the bus lost: {exc}"
+        else:  # a bug: report it, fail everything
+            reason = f"internal error in the reader: {exc!r}"
+            log.error("ipcbus reader failed", exc_info=exc)
+        self._on_lost(reason)
+
+    def _on_lost(self, reason: str) -> None:
+        """The end of the reader, whatever the cause: fail what is pending, let the hub see
+        the end at once, tell the dispatcher."""
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.close_reason = self.close_reason or reason
+            pending = self.requests.take_all_locked()
+        self.requests.timer.stop()
+        if self.exit_flush is not None:
+            self.exit_flush.cancel()
+        for p in pending:
+            settle(p.future, exc=IpcBusConnectionError(
+                f"request on {p.channel!r} failed: {self.close_reason}"))
+        T.close_fds(self.fd_queue)
+        self.fd_queue.clear()
+        self.transport.shutdown()
+        self.writer.stop()
+        self.forget()
+        self.reader_done.set()
+        with self.cond:
+            self.inbox.put(_STOP)
+            self.cond.notify_all()
+
+    # -- the dispatch thread -------------------------------------------------------------------
+    def _dispatch_loop(self) -> None:
+        self.dispatch_ident = _get_ident()
+        size = 0
+        try:
+            while True:
+                got = self._next(size, None)
+                assert got is not None
+                item, size = got
+                if item is _STOP:
+                    break
+                self._run(item, size)
+        except BaseException:  # pragma: no cover - a bug: report it, end dispatching
+            log.exception("ipcbus dispatch thread failed")
+        finally:
+            self._finish_dispatch()
+
+    def _next(self, done_size: int, awaited: Any) -> tuple[Any, int] | None:
+        """Account for the item just run (``done_size`` bytes), then take the next one,
+        waiting for it; None once ``awaited`` (a nested wait's future) is done."""
+        inbox = self.inbox
+        with self.cond:
+            if inbox.release(done_size):
+                self.cond.notify_all()  # the reader may read again
+            while True:
+                if awaited is not None and awaited.done():
+                    return None  # a nested wait's answer came: it runs nothing more
+                got = inbox.take()
+                if got is not None:
+                    return got
+                self.cond.wait(inbox.wait_timeout())
+                if inbox.went_idle():
+                    self.decoder.drop_spare()  # quiet: no large buffer kept meanwhile
+
+    def _run(self, item: Any, size: int) -> None:
+        """Run one item of the inbox: a batch of frames, or a callable."""
+        if item.__class__ is list:
+            for frame in item:
+                try:
+                    deliver(frame, self.client_list, self.peer_of, self._refuse_request)
+                except BaseException:  # a listener's SystemExit too: see delivery.py
+                    log.exception("ipcbus: error while dispatching")
+                if size > _RECYCLE and frame.kind != _SPY_COPY:
+                    self.decoder.recycle(frame)
+        else:
+            try:
+                item()
+            except BaseException:
+                log.exception("ipcbus: error while dispatching")
+
+    def _finish_dispatch(self) -> None:
+        with self.lock:
+            clients = list(self.clients.values())
+            self.clients.clear()
+            self.client_list = ()
+        for client in clients:
+            client._connection_ended(self)
+        self.dispatch_done.set()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the dispatch thread, after what is queued."""
+        with self.cond:
+            self.inbox.put(fn)
+            self.cond.notify_all()
+
+    def on_dispatch_thread(self) -> bool:
+        return _get_ident() == self.dispatch_ident
+
+    def _refuse_request(self, frame: P.Frame) -> None:
+        with self.lock:
+            any_client = next(iter(self.clients.values()), None)
+        if any_client is None or frame.sender_id is None:
+            return
+        try:
+            self.send(any_client._member, Kind.REQUEST_FAIL, frame.channel, frame.sender_id,
+                      frame.rid, P.pack_payload(f"no listener for {frame.channel!r}"))
+        except IpcBusError:
+            pass
+
+    def set_clients(self, update: Callable[[dict[str, LocalClient]], Any]) -> Any:
+        """Change ``clients`` under the lock (``update`` gets the dict); the dispatcher's
+        snapshot follows."""
+        with self.lock:
+            result = update(self.clients)
+            self.client_list = tuple(self.clients.values())
+        return result
+
+    # -- waiting -----------------------------------------------------------------------------
+    def nested_wait(self, future: concurrent.futures.Future[Any]) -> None:
+        """On the dispatch thread: run what arrives until ``future`` is done."""
+        def wake(_: Any) -> None:
+            with self.cond:
+                self.cond.notify_all()
+
+        future.add_done_callback(wake)
+        size = 0
+        while True:
+            got = self._next(size, future)
+            if got is None:
+                return
+            item, size = got
+            if item is _STOP:  # the end: the outer loop finishes it
+                with self.cond:
+                    self.inbox.put_back(item)
+                return
+            self._run(item, size)
+
+    # -- the end -----------------------------------------------------------------------------
+    def close(self, timeout: float | None) -> None:
+        """Graceful end: no more writes, let the bus read everything, wait for its EOF."""
+        self.writer.end(shutdown_write=True)
+        with self.cond:
+            if self.inbox.close():
+                self.cond.notify_all()  # a reader held by the budget reads to the end
+        if not self.reader_done.wait(timeout):
+            self.transport.shutdown()
+            self.reader_done.wait(1.0)
+        if not self.on_dispatch_thread():
+            self.dispatch_done.wait(timeout)
+        self.transport.close()
+
+    def after_fork_in_child(self) -> None:
+        self.forked = True
+        self.closed = True
+        self.close_reason = "inherited through fork"
+        self.writer.ended = True
+        try:
+            fd = self.transport.sock.detach()
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _nothing() -> None:
+    pass
