@@ -35,7 +35,7 @@ from . import _transport as T
 from ._protocol import Kind
 from . import _schemes
 from ._client import answers as _answers, connection as _connection, delivery as _delivery
-from ._client import opening as _opening, writer as _writer
+from ._client import joining as _joining, opening as _opening, writer as _writer
 from ._timeouts import resolve_timeout
 from ._types import (IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
                      IpcBusRequestResponse)
@@ -90,23 +90,6 @@ _open_connection = _opening.open_connection
 _resolve = _opening.resolve
 _Membership = _writer.Membership
 _NOT_JOINED = _writer.NOT_JOINED
-
-
-def _leave_if_joined(conn: _Connection, member: _Membership,
-                     future: concurrent.futures.Future[Any]) -> None:
-    """A ``connect()`` was interrupted before the hub answered its PEER_ADD: if the answer
-    is yes, leave (the peer would otherwise stay on the bus until the connection ends)."""
-    if future.cancelled() or future.exception() is not None:
-        member.left = True
-    else:
-        _leave(conn, member)
-
-
-def _leave(conn: _Connection, member: _Membership) -> None:
-    try:
-        conn.leave(member)
-    except IpcBusError:
-        member.left = True
 
 
 # -- the client ------------------------------------------------------------------------------
@@ -179,16 +162,7 @@ class IpcBusClient(Emitter[str]):
             authkey=authkey))
         if joined is not None:
             return joined  # type: ignore[no-any-return]
-        if peer_name is not None and not isinstance(peer_name, str):
-            raise TypeError("peer_name must be a str")
-        if peer_name is not None and (problem := P.check_peer_name(peer_name)) is not None:
-            raise ValueError(problem)  # the hub would refuse it (and drop the connection)
-        if socket_buffer is not None and (isinstance(socket_buffer, bool)
-                                          or not isinstance(socket_buffer, int)
-                                          or socket_buffer < 0):
-            raise ValueError("socket_buffer must be an int >= 0 (bytes; 0 = no coalescing)")
-        if authkey is not None and not isinstance(authkey, (bytes, bytearray)):
-            raise TypeError("authkey must be bytes")
+        _check_connect_args(peer_name, socket_buffer, authkey)
         wait = resolve_timeout(timeout)
         with self._state_lock:
             if self._conn is not None and not self._conn.closed:
@@ -200,72 +174,12 @@ class IpcBusClient(Emitter[str]):
             conn = _open_connection(key, make_socket, tcp=tcp, ptype=ptype, timeout=limit,
                                     authkey=bytes(authkey) if authkey is not None else None,
                                     socket_buffer=socket_buffer)
-            name = peer_name if peer_name is not None else \
-                f"{_process_name()}-{os.getpid()}"
-            if P.check_peer_name(name) is not None:  # a process name the hub would refuse
-                name = f"process-{os.getpid()}"
-            peer_id = f"{os.getpid()}.{uuid.uuid4().hex[:12]}"
-            info = [peer_id, name, conn.ptype, os.getpid()]
-            self._join(conn, info, wait)
+            _joining.join(self, conn, _new_peer(peer_name, conn.ptype), wait)
         return self
-
-    def _join(self, conn: _Connection, info: list[Any], wait: float | None) -> None:
-        """PEER_ADD, and once the hub has answered it (never before: through a linked bridge
-        the peer exists only then), SUBSCRIBE for the listeners added before ``connect()``.
-        The answer may carry the hub's record of this peer (``{"pid": ..., "peer": [id,
-        name, type, pid]}``): every later frame carries exactly that."""
-        member = self._member = _Membership(info)
-        self._set_peer(info)
-        self._closed_fired = False
-        conn.set_clients(lambda clients: clients.__setitem__(info[0], self))
-        future: _AnswerFuture | None = _AnswerFuture()
-        try:
-            try:
-                conn.requests.start(self, Kind.PEER_ADD, "", None, wait, b"", future=future)
-            except Exception:
-                future = None  # not written
-                raise
-            assert future is not None
-            response = conn.requests.wait(future)
-            self._adopt(conn, member, response.payload)
-            with self._lock:  # ordered with _first_listener/_last_listener
-                self._conn = conn  # joined: sends and subscriptions go out from now on
-                for channel in self._listeners:
-                    conn.send(member, Kind.SUBSCRIBE, channel, None, 1, b"")
-        except BaseException as exc:
-            self._conn = None
-            conn.set_clients(self._drop_from)
-            if future is None or (future.done() and future.exception() is not None):
-                member.left = True  # never joined (or PEER_ADD not known to be written)
-            elif future.done():
-                _leave(conn, member)  # joined, but what followed failed
-            else:  # interrupted while the hub decides: leave if it says yes
-                future.add_done_callback(lambda f: _leave_if_joined(conn, member, f))
-            self._peer = None
-            if isinstance(exc, IpcBusRequestError):
-                raise IpcBusConnectionError(f"the bus refused this peer: {exc}") from None
-            raise
 
     def _set_peer(self, info: list[Any]) -> None:
         self._peer_id = info[0]
         self._peer = IpcBusPeer(info[0], info[1], IpcBusProcess(info[2], info[3]))
-
-    def _adopt(self, conn: _Connection, member: _Membership, payload: Any) -> None:
-        """Take the hub's record of this peer, from the answer to PEER_ADD (an older hub
-        answers with its pid only: the declared tuple stands)."""
-        peer = payload.get("peer") if isinstance(payload, dict) else None
-        if not (isinstance(peer, list) and len(peer) == 4 and isinstance(peer[0], str)
-                and peer[0] and isinstance(peer[1], str) and isinstance(peer[2], str)
-                and isinstance(peer[3], int)) or peer == member.info:
-            return
-        def move(clients: dict[str, Any]) -> None:
-            self._drop_from(clients)
-            clients[peer[0]] = self
-
-        conn.set_clients(move)
-        member.info = list(peer)
-        member.headers.clear()
-        self._set_peer(member.info)
 
     def close(self, timeout: float | None = None) -> None:
         """Leave the bus: what was sent is delivered, pending requests fail. Idempotent."""
@@ -278,7 +192,7 @@ class IpcBusClient(Emitter[str]):
             self._conn = None
             while True:  # every step may run again: an interrupt is raised once all are done
                 try:
-                    ended = self._leave_connection(conn, wait)
+                    ended = _joining.leave_connection(self, conn, wait)
                     break
                 except Exception:
                     raise
@@ -288,31 +202,6 @@ class IpcBusClient(Emitter[str]):
             self._connection_ended(conn)
         if interrupted is not None:
             raise interrupted
-
-    def _leave_connection(self, conn: _Connection, wait: float | None) -> bool:
-        """The steps of :meth:`close`, each of which may be run again; False if the
-        connection is not this process's."""
-        member = self._member
-        if conn.pid != os.getpid() or conn.forked:
-            member.left = True
-            return False
-        with conn.lock:
-            self._drop_from(conn.clients)
-            conn.client_list = tuple(conn.clients.values())
-            last = not conn.clients
-            pending = conn.requests.take_all_locked(self)
-        for p in pending:
-            if p.timeout is not None:
-                conn.requests.timer.cancel(p.timeout)
-            _set(p.future, exc=IpcBusConnectionError(
-                f"request on {p.channel!r} failed: the client was closed"))
-        # Sends racing with this close from other threads are written before the
-        # PEER_REMOVE (and routed), or raise IpcBusConnectionError: never after it.
-        _leave(conn, member)
-        if last:
-            _forget(conn)
-            conn.close(wait)
-        return True
 
     def _drop_from(self, clients: dict[str, Any]) -> None:
         """Remove this client from a connection's ``clients`` (under its lock)."""
@@ -478,22 +367,8 @@ class IpcBusClient(Emitter[str]):
 
     def _post(self, kind: int, channel: str, target: str | None, message: Any,
               ports: list[Any] | None) -> None:
-        if ports is None:
-            ports = []  # no handles: still routed and acknowledged (no listener raises)
-        if not isinstance(ports, (list, tuple)):
-            raise TypeError(f"ports must be a list, not {type(ports).__name__}")
-        conn = self._connection()
-        limit = min(int(conn.welcome.get("max_fds", P.DEFAULT_MAX_FDS)), P.MAX_FDS)
-        if len(ports) > limit:
-            raise ValueError(f"{len(ports)} ports in one message; the bus takes at most {limit}")
-        described = [T.port_descriptor(port) for port in ports]
-        body = P.pack_payload([[message], [kind_ for _, kind_ in described]] if ports
-                              else [message])
-        if ports and not conn.can_pass_fds:
-            raise IpcBusConnectionError("this bus connection (TCP) cannot carry descriptors;"
-                                        " nothing was sent")
-        future = self._start_request(kind, channel, target, resolve_timeout(None), body,
-                                     [fd for fd, _ in described])
+        body, fds = _post_body(self._connection(), message, ports)
+        future = self._start_request(kind, channel, target, resolve_timeout(None), body, fds)
         try:
             self._wait(future)
         except IpcBusRequestError as exc:
@@ -595,4 +470,46 @@ def _target_id(target: object) -> str:
 
 def _process_name() -> str:
     return multiprocessing.current_process().name
+
+
+def _check_connect_args(peer_name: object, socket_buffer: object, authkey: object) -> None:
+    """TypeError/ValueError for arguments of ``connect()`` the hub or the socket refuse."""
+    if peer_name is not None and not isinstance(peer_name, str):
+        raise TypeError("peer_name must be a str")
+    if peer_name is not None and (problem := P.check_peer_name(peer_name)) is not None:
+        raise ValueError(problem)  # the hub would refuse it (and drop the connection)
+    if socket_buffer is not None and (isinstance(socket_buffer, bool)
+                                      or not isinstance(socket_buffer, int)
+                                      or socket_buffer < 0):
+        raise ValueError("socket_buffer must be an int >= 0 (bytes; 0 = no coalescing)")
+    if authkey is not None and not isinstance(authkey, (bytes, bytearray)):
+        raise TypeError("authkey must be bytes")
+
+
+def _new_peer(peer_name: str | None, ptype: str) -> list[Any]:
+    """The peer tuple a client declares in its PEER_ADD: [id, name, type, pid]."""
+    name = peer_name if peer_name is not None else f"{_process_name()}-{os.getpid()}"
+    if P.check_peer_name(name) is not None:  # a process name the hub would refuse
+        name = f"process-{os.getpid()}"
+    return [f"{os.getpid()}.{uuid.uuid4().hex[:12]}", name, ptype, os.getpid()]
+
+
+def _post_body(conn: _Connection, message: Any, ports: list[Any] | None
+               ) -> tuple[bytes, list[int]]:
+    """The body and descriptors of a ``post_message``; raises, sending nothing, for ports
+    the bus cannot carry."""
+    if ports is None:
+        ports = []  # no handles: still routed and acknowledged (no listener raises)
+    if not isinstance(ports, (list, tuple)):
+        raise TypeError(f"ports must be a list, not {type(ports).__name__}")
+    limit = min(int(conn.welcome.get("max_fds", P.DEFAULT_MAX_FDS)), P.MAX_FDS)
+    if len(ports) > limit:
+        raise ValueError(f"{len(ports)} ports in one message; the bus takes at most {limit}")
+    described = [T.port_descriptor(port) for port in ports]
+    body = P.pack_payload([[message], [kind_ for _, kind_ in described]] if ports
+                          else [message])
+    if ports and not conn.can_pass_fds:
+        raise IpcBusConnectionError("this bus connection (TCP) cannot carry descriptors;"
+                                    " nothing was sent")
+    return body, [fd for fd, _ in described]
 
