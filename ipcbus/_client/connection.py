@@ -61,6 +61,7 @@ from .answers import settle, settle_answer
 from .delivery import LocalClient, deliver
 from .inbox import Inbox
 from .requests import Requests
+from .spin import SPIN_WAIT, Spin, cpus
 from .writer import Membership, Writer
 
 log = logging.getLogger("ipcbus")
@@ -68,6 +69,7 @@ log = logging.getLogger("ipcbus")
 __all__ = ["Connection", "DISPATCH_BUDGET"]
 
 DISPATCH_BUDGET = 16 * 1024 * 1024  # bytes read and not dispatched yet before reading stops
+HAND_OVER = os.environ.get("IPCBUS_HAND_OVER", "1") != "0"  # see inbox.py
 IDLE = 0.05  # seconds of an empty inbox after which the large receive buffer is let go
 _STOP = object()  # queued when the connection has ended
 _RESPONSE, _REQUEST_FAIL = int(Kind.RESPONSE), int(Kind.REQUEST_FAIL)
@@ -104,19 +106,18 @@ class Connection:
         self.closed = False
         self.close_reason = ""
         self.forked = False
-        self.requests = Requests(self, self.lock, rids)
+        spin = SPIN_WAIT if SPIN_WAIT and cpus() > 1 else 0.0
+        self.requests = Requests(self, self.lock, rids, Spin(spin))
         self.peers: dict[str, IpcBusPeer] = {}
         self.cond = threading.Condition(threading.Lock())  # the inbox
-        self.inbox = Inbox(DISPATCH_BUDGET, IDLE)
-        self.dispatch_ident: int | None = None
+        self.inbox = Inbox(DISPATCH_BUDGET, IDLE, hand_over=HAND_OVER)
+        self.dispatch_owner: int | None = None  # the thread holding the dispatcher's role
         self.reader_done = threading.Event()  # the connection has ended
         self.dispatch_done = threading.Event()  # ...and everything queued was dispatched
         self.forget: Callable[[], None] = _nothing  # drops it from the process's registry
         self.exit_flush: Any = None  # a multiprocessing.util.Finalize, cancelled at the end
-        self._threads = [threading.Thread(target=self._read_loop, daemon=True,
-                                          name=f"ipcbus-io-reader {key}"),
-                         threading.Thread(target=self._dispatch_loop, daemon=True,
-                                          name=f"ipcbus-io-dispatch {key}")]
+        self._threads = [threading.Thread(target=self._io_loop, daemon=True,
+                                          name=f"ipcbus-io-{i} {key}") for i in (1, 2)]
 
     def start(self) -> None:
         batch, size = self._handle_frames(self.decoder.frames())  # read with the WELCOME
@@ -164,28 +165,70 @@ class Connection:
         self.check_usable()
         raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
 
-    # -- the reader thread --------------------------------------------------------------------
-    def _read_loop(self) -> None:
+    # -- the I/O threads ----------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        """An I/O thread: take a role (see ``inbox.py``), play it, again, until the end."""
+        try:
+            while (role := self._take_role()) is not None:
+                if role == "read":
+                    self._read_turn()
+                else:
+                    self._dispatch_turn(0)
+        except BaseException as exc:  # pragma: no cover - a bug: report it, end it all
+            log.exception("ipcbus I/O thread failed")
+            self._on_lost(f"internal error in an I/O thread: {exc!r}")
+            self._finish_dispatch()
+
+    def _take_role(self) -> str | None:
+        """Wait until this thread may read or dispatch (its role), or the end (None)."""
+        inbox = self.inbox
+        with self.cond:
+            while not self.dispatch_done.is_set():
+                role = inbox.next_role()
+                if role is not None:
+                    if role == "dispatch":
+                        self.dispatch_owner = _get_ident()
+                    return role
+                self.cond.wait(inbox.wait_timeout())
+                if inbox.went_idle():
+                    self.decoder.drop_spare()  # quiet: no large buffer kept meanwhile
+        return None
+
+    def _read_turn(self) -> None:
+        """Holding the reader's role: read until this thread runs what it read itself
+        (hand-over), the budget is spent, or the stream ends."""
+        inbox = self.inbox
         try:
             while True:
-                if not self.inbox.may_read:
-                    with self.cond:
-                        while not self.inbox.may_read:
-                            self.cond.wait()
-                buf = self.decoder.get_buffer()
-                nbytes, fds = self.transport.recv_into(buf)
-                if fds:
-                    self.fd_queue.extend(fds)
-                if nbytes == 0:
-                    raise Lost("the bus closed the connection")
-                self.decoder.buffer_updated(nbytes)
-                batch, size = self._handle_frames(self.decoder.frames())
-                if batch:
-                    with self.cond:
-                        self.inbox.put(batch, size)
-                        self.cond.notify_all()
+                batch, size = self._read_once()
+                if not batch:
+                    continue
+                with self.cond:
+                    mine = inbox.read_done(batch, size)
+                    if mine:
+                        self.dispatch_owner = _get_ident()
+                    elif not inbox.may_read:
+                        inbox.stop_reading()
+                    self.cond.notify_all()  # the other thread: read, or dispatch
+                if mine or not inbox.reading:
+                    break
         except BaseException as exc:
             self._lost(exc)
+            return
+        if mine:
+            self._run(batch, size)
+            self._dispatch_turn(size)
+
+    def _read_once(self) -> tuple[list[P.Frame], int]:
+        """One read: the frames it completed for the dispatcher, and their size."""
+        buf = self.decoder.get_buffer()
+        nbytes, fds = self.transport.recv_into(buf)
+        if fds:
+            self.fd_queue.extend(fds)
+        if nbytes == 0:
+            raise Lost("the bus closed the connection")
+        self.decoder.buffer_updated(nbytes)
+        return self._handle_frames(self.decoder.frames())
 
     def _handle_frames(self, frames: list[P.Frame]) -> tuple[list[P.Frame], int]:
         """Attach descriptors; settle answers, handle notices; return the frames left for
@@ -281,42 +324,41 @@ class Connection:
         self.forget()
         self.reader_done.set()
         with self.cond:
+            self.inbox.stop_reading(ended=True)
             self.inbox.put(_STOP)
             self.cond.notify_all()
 
-    # -- the dispatch thread -------------------------------------------------------------------
-    def _dispatch_loop(self) -> None:
-        self.dispatch_ident = _get_ident()
-        size = 0
-        try:
-            while True:
-                got = self._next(size, None)
-                assert got is not None
-                item, size = got
-                if item is _STOP:
-                    break
-                self._run(item, size)
-        except BaseException:  # pragma: no cover - a bug: report it, end dispatching
-            log.exception("ipcbus dispatch thread failed")
-        finally:
-            self._finish_dispatch()
+    # -- dispatching --------------------------------------------------------------------------
+    def _dispatch_turn(self, done_size: int) -> None:
+        """Holding the dispatcher's role (having run an item of ``done_size`` bytes): run
+        what is queued, in order, then give the role up."""
+        size = done_size
+        while (got := self._next(size, None)) is not None:
+            item, size = got
+            if item is _STOP:
+                self._finish_dispatch()
+                return
+            self._run(item, size)
 
     def _next(self, done_size: int, awaited: Any) -> tuple[Any, int] | None:
-        """Account for the item just run (``done_size`` bytes), then take the next one,
-        waiting for it; None once ``awaited`` (a nested wait's future) is done."""
+        """Account for the item just run (``done_size`` bytes), then take the next one.
+        None: the queue is empty and the role was given up, or (a nested wait: ``awaited``
+        is its future) the answer came; a nested wait sleeps until one or the other."""
         inbox = self.inbox
         with self.cond:
             if inbox.release(done_size):
-                self.cond.notify_all()  # the reader may read again
+                self.cond.notify_all()  # reading may resume
             while True:
                 if awaited is not None and awaited.done():
-                    return None  # a nested wait's answer came: it runs nothing more
+                    return None
                 got = inbox.take()
                 if got is not None:
                     return got
-                self.cond.wait(inbox.wait_timeout())
-                if inbox.went_idle():
-                    self.decoder.drop_spare()  # quiet: no large buffer kept meanwhile
+                if awaited is None:
+                    inbox.stop_dispatching()
+                    self.dispatch_owner = None
+                    return None
+                self.cond.wait()
 
     def _run(self, item: Any, size: int) -> None:
         """Run one item of the inbox: a batch of frames, or a callable."""
@@ -342,6 +384,8 @@ class Connection:
         for client in clients:
             client._connection_ended(self)
         self.dispatch_done.set()
+        with self.cond:
+            self.cond.notify_all()  # the other thread ends too
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the dispatch thread, after what is queued."""
@@ -350,7 +394,8 @@ class Connection:
             self.cond.notify_all()
 
     def on_dispatch_thread(self) -> bool:
-        return _get_ident() == self.dispatch_ident
+        """Whether the calling thread holds the dispatcher's role (runs listeners)."""
+        return _get_ident() == self.dispatch_owner
 
     def _refuse_request(self, frame: P.Frame) -> None:
         with self.lock:

@@ -1,9 +1,22 @@
-"""The client's read/dispatch scheduling, as decisions: the dispatch queue and its budget.
+"""The client's read/dispatch scheduling, as decisions: who reads, who dispatches, the
+dispatch queue and its budget.
 
 Pure code with an injected clock; not thread-safe (the connection holds its condition's
-lock around every call). The connection's reader thread puts what it read here; its dispatch
-thread takes it out, in order, and runs the listeners. The rules, in one place:
+lock around every call). A connection has two I/O threads and two *roles*: the *reader*
+reads the socket and puts what it read here; the *dispatcher* takes items out, in order, and
+runs the listeners. Each role has at most one holder; an idle I/O thread asks
+:meth:`Inbox.next_role`. The rules, in one place:
 
+* **Who does what next.** An idle thread takes the dispatcher's role if items wait and no
+  one dispatches, else the reader's if no one reads and reading is allowed, else it sleeps.
+  The reader keeps its role while it reads; the dispatcher gives its role up when the queue
+  is empty.
+* **Hand-over** (``hand_over``, the one switch): a reader that has read messages while no
+  one dispatches and nothing is queued runs them itself at once, holding the dispatcher's
+  role, and gives the reader's role to the other thread (:meth:`read_done`). The message
+  then needs no hand-off between threads (each costs a thread wake-up: tens of microseconds
+  on a small VM), and a listener that blocks still holds up no answer: the other thread
+  reads meanwhile. Off: one thread reads, the other dispatches.
 * **Order.** Items (a batch of frames, or a callable of ``call_soon``) come out in the order
   they were put, one at a time; a nested wait (a listener's request, on the dispatch thread)
   takes them from the same queue, so the order holds across nesting.
@@ -32,10 +45,14 @@ __all__ = ["Inbox"]
 class Inbox:
     """The dispatch queue of one connection (``clock``: seconds, monotonic)."""
 
-    def __init__(self, budget: int, idle: float,
+    def __init__(self, budget: int, idle: float, *, hand_over: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.budget = budget
         self.idle = idle
+        self.hand_over = hand_over
+        self.reading = False  # a thread holds the reader's role
+        self.dispatching = False  # a thread holds the dispatcher's role
+        self.ended = False  # the stream has ended: no one reads again
         self._clock = clock
         self._q: collections.deque[tuple[Any, int]] = collections.deque()
         self.queued_bytes = 0
@@ -88,11 +105,48 @@ class Inbox:
         self.closing = True
         return was
 
+    # -- roles ------------------------------------------------------------------------------
+    def next_role(self) -> str | None:
+        """For an idle I/O thread: ``"dispatch"`` (it now holds that role), ``"read"`` (the
+        same), or None: sleep until notified (or :meth:`wait_timeout`)."""
+        if self._q and not self.dispatching:
+            self.dispatching = True
+            return "dispatch"
+        if not self.reading and not self.ended and self.may_read:
+            self.reading = True
+            return "read"
+        return None
+
+    def read_done(self, item: Any, size: int) -> bool:
+        """The reader has read ``item`` (``size`` bytes): True if it runs it itself now (it
+        holds the dispatcher's role instead of the reader's; its bytes count until
+        :meth:`release`), False if it was queued (it reads on while :attr:`may_read`, else
+        gives its role up with :meth:`stop_reading`)."""
+        if self.hand_over and not self.dispatching and not self._q:
+            self.dispatching = True
+            self.reading = False
+            self.queued_bytes += size
+            if self.queued_bytes > self.budget:
+                self.over_budget = True
+            self._empty_since = None
+            return True
+        self.put(item, size)
+        return False
+
+    def stop_reading(self, ended: bool = False) -> None:
+        """The reader gives its role up (the budget is spent; ``ended``: for good)."""
+        self.reading = False
+        self.ended = self.ended or ended
+
+    def stop_dispatching(self) -> None:
+        """The dispatcher gives its role up (the queue is empty)."""
+        self.dispatching = False
+
     def wait_timeout(self) -> float | None:
-        """How long an idle dispatcher may sleep before :meth:`went_idle` is due (None:
-        until woken)."""
+        """How long an idle thread may sleep before :meth:`went_idle` is due (None: until
+        woken)."""
         if self._q:
-            return 0.0
+            return None  # someone dispatches: it notifies when it gives its role up
         if self._empty_since is None:
             self._empty_since = self._clock()
         elif self._empty_since < 0:
