@@ -174,3 +174,139 @@ def test_a_reader_and_a_dispatcher_that_obey_the_inbox(steps: list[tuple[str, in
     while dispatch_one():  # the dispatcher drains the rest
         pass
     assert got == put and box.queued_bytes == 0 and box.may_read and not reader_asleep
+
+
+# -- roles: who reads, who dispatches ---------------------------------------------------------
+def test_an_idle_thread_dispatches_first_then_reads_then_sleeps() -> None:
+    box, _ = inbox()
+    box.put("welcome", 10)
+    assert box.next_role() == "dispatch"
+    assert box.next_role() == "read"
+    assert box.next_role() is None  # both roles held
+    box.stop_dispatching()
+    assert box.next_role() is None  # nothing queued, someone reads
+    assert box.wait_timeout() == pytest.approx(IDLE)
+
+
+def test_a_reader_runs_what_it_read_itself_when_no_one_dispatches() -> None:
+    """Hand-over: the message needs no hand-off; the other thread takes up reading."""
+    box, _ = inbox()
+    assert box.next_role() == "read"
+    assert box.read_done("batch", 100) is True
+    assert box.dispatching and not box.reading and len(box) == 0
+    assert box.queued_bytes == 100  # counted until its listeners ran
+    assert box.next_role() == "read"  # the other thread
+    assert box.read_done("next", 5) is False  # someone dispatches: queued
+    assert box.reading and box.take() == ("next", 5)
+    assert box.release(100) is False and box.queued_bytes == 5
+
+
+def test_a_reader_queues_behind_what_is_queued() -> None:
+    """Order: a batch read while an earlier item waits is never run before it."""
+    box, _ = inbox()
+    assert box.next_role() == "read"
+    box.put(print)  # a call_soon from another thread, not taken yet
+    assert box.read_done("batch", 1) is False
+    assert [box.take(), box.take()] == [(print, 0), ("batch", 1)]
+
+
+def test_without_hand_over_one_thread_reads_and_the_other_dispatches() -> None:
+    clock = Clock()
+    box = Inbox(BUDGET, IDLE, hand_over=False, clock=clock)
+    assert box.next_role() == "read"
+    assert box.read_done("batch", 1) is False
+    assert box.reading and box.next_role() == "dispatch"
+
+
+def test_a_reader_over_the_budget_gives_its_role_up_until_half_is_dispatched() -> None:
+    box, _ = inbox()
+    assert box.next_role() == "dispatch"  # a long listener holds the dispatcher's role
+    box.put("x", 0)  # (something for it to take later)
+    assert box.next_role() == "read"
+    assert box.read_done("big", BUDGET + 1) is False
+    assert not box.may_read
+    box.stop_reading()
+    assert box.next_role() is None  # nobody may read; the dispatcher holds its role
+    box.take()
+    box.take()
+    assert box.release(BUDGET + 1) is True
+    assert box.next_role() == "read"
+
+
+def test_after_the_end_no_one_reads_again() -> None:
+    box, _ = inbox()
+    assert box.next_role() == "read"
+    box.stop_reading(ended=True)
+    box.put("end")
+    assert box.next_role() == "dispatch"
+    assert box.next_role() is None
+    box.close()
+    assert box.next_role() is None
+
+
+thread_steps = st.lists(st.tuples(
+    st.integers(min_value=0, max_value=1),
+    st.sampled_from(["step", "step", "step", "soon", "close", "nothing"]),
+    st.integers(min_value=0, max_value=BUDGET)), max_size=150)
+
+
+@settings(max_examples=300, deadline=None)
+@given(thread_steps, st.booleans())
+def test_two_threads_taking_roles(steps: list[tuple[int, str, int]], hand_over: bool) -> None:
+    """Two I/O threads that do what the inbox says, in any interleaving: each role has at
+    most one holder; what is dispatched is what was read (and called soon), in order; and
+    once no more arrives, the thread that does not read dispatches everything."""
+    clock = Clock()
+    box = Inbox(BUDGET, IDLE, hand_over=hand_over, clock=clock)
+    role: list[str | None] = [None, None]
+    running: list[int] = [0, 0]  # bytes of the item a dispatcher is running
+    arrived: list[int] = []
+    dispatched: list[int] = []
+    seq = 0
+
+    def step(t: int, nbytes: int, reads: bool) -> bool:
+        """One move of thread ``t``; False if it is asleep or blocked."""
+        nonlocal seq
+        if role[t] is None:
+            role[t] = box.next_role()
+            return role[t] is not None
+        if role[t] == "read":
+            if not reads or nbytes == 0:
+                return False  # blocked in recv (or a read that completed no frame)
+            arrived.append(seq)
+            if box.read_done(seq, nbytes):
+                dispatched.append(seq)  # run at once, by the thread that read it
+                role[t], running[t] = "dispatch", nbytes
+            elif not box.may_read:
+                box.stop_reading()
+                role[t] = None
+            seq += 1
+            return True
+        box.release(running[t])
+        running[t] = 0
+        got = box.take()
+        if got is None:
+            box.stop_dispatching()
+            role[t] = None
+        else:
+            dispatched.append(got[0])
+            running[t] = got[1]
+        return True
+
+    for t, action, nbytes in steps:
+        if action == "step":
+            step(t, nbytes, reads=True)
+        elif action == "soon":
+            box.put(seq)
+            arrived.append(seq)
+            seq += 1
+        elif action == "close":
+            box.close()
+        assert role.count("read") == int(box.reading), "one reader at most, the one told"
+        assert role.count("dispatch") == int(box.dispatching), "one dispatcher at most"
+        assert dispatched == arrived[:len(dispatched)], "order kept"
+    for _ in range(4 * len(arrived) + 10):  # no more input: run until no one can move
+        if not (step(0, 0, reads=False) | step(1, 0, reads=False)):
+            break
+    assert dispatched == arrived and len(box) == 0, "nothing left behind"
+    assert box.queued_bytes == sum(running)

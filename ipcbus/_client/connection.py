@@ -2,46 +2,54 @@
 
 The concurrency model, whole:
 
-* **Who reads.** One *reader thread* per connection, and no one else, reads the socket. It
-  decodes frames, attaches received descriptors to them, settles the answers of requests
-  itself (RESPONSE, REQUEST_FAIL: the caller's future is completed on the reader thread),
-  handles notices, and puts every other frame, in order, in the :class:`~.inbox.Inbox`.
-* **Who dispatches.** One *dispatch thread* takes items from the inbox, in order, and runs
-  the listeners (``delivery.py``), ``on_closed`` handlers and ``call_soon`` callables. No
-  listener ever runs on a caller's thread or on the reader: a listener that blocks delays
-  other listeners, never answers.
-* **Who waits how.** A blocking ``request()`` sleeps on its :class:`~.answers.SyncAnswer` (a
-  lock, released by the reader) until its deadline; past it the caller expires the request
-  itself (no timer). ``request_async()`` and the library's own requests get a Future, failed
-  by the *timer* thread (``_timer.py``) at their deadline. A request made *in* a listener,
-  on the dispatch thread, runs the inbox's next items while it waits (*nested dispatch*), so
-  a listener may request what a listener of the same process answers.
-* **When reading stops.** Past ``DISPATCH_BUDGET`` bytes waiting in the inbox the reader
-  waits until the dispatcher has brought them down to half (see ``inbox.py``): a stuck
+* **Two I/O threads, two roles.** A connection has two I/O threads and two roles, each held
+  by at most one of them at a time: the *reader* reads the socket; the *dispatcher* runs
+  listeners. An idle I/O thread asks the :class:`~.inbox.Inbox` which role it takes; the
+  rules (who reads next, when reading stops, the order) are there, as a pure unit.
+* **Who reads.** Only the reader, never a caller. It decodes frames, attaches received
+  descriptors, settles the answers of requests itself (RESPONSE, REQUEST_FAIL: the caller's
+  future is completed on the reader), handles notices, and hands every other frame on.
+* **Who dispatches.** Frames go to the inbox, in order, and the dispatcher runs their
+  listeners (``delivery.py``), ``on_closed`` handlers and ``call_soon`` callables, then gives
+  its role up when the inbox is empty. *Hand-over*: a reader that has read messages while
+  no one dispatches and nothing waits runs them itself, at once, taking the dispatcher's
+  role and leaving the reader's to the other thread (no thread hand-off on the path of a
+  message; ``IPCBUS_HAND_OVER=0`` turns it off). A listener that blocks holds up other
+  listeners, never answers: the other thread reads meanwhile. No listener runs on a
+  caller's thread.
+* **Who waits how.** A blocking ``request()`` sleeps on its :class:`~.answers.SyncAnswer`
+  (a lock the reader releases) until its deadline, past which the caller expires the
+  request itself (no timer).
+  ``request_async()`` and the library's own requests get a Future, failed by the *timer*
+  thread (``_timer.py``) at their deadline. A request made *in* a listener (by the thread
+  holding the dispatcher's role) runs the inbox's next items while it waits (*nested
+  dispatch*), so a listener may request what a listener of the same process answers.
+* **When reading stops.** Past ``DISPATCH_BUDGET`` bytes read and not yet dispatched, the
+  reader gives its role up until the dispatcher has brought them down to half: a stuck
   listener becomes back-pressure at the bus, not unbounded memory here.
 * **Which lock guards what.** ``lock``: ``clients``, ``client_list`` (a tuple replaced, never
-  mutated: the dispatcher reads it without the lock), ``pending`` (the request table),
-  ``closed``. ``cond`` (a Condition): the inbox; the reader waits on it when the budget is
-  spent, the dispatcher when the inbox is empty (and a nested wait until its answer comes).
-  ``writer.lock`` (the *send lock*, ``writer.py``): every write. Never two of them at once,
-  except ``lock`` then ``cond`` nowhere and ``cond`` then ``lock`` nowhere: no lock order.
-* **How it ends.** Whatever ends the reader (the end of the stream, a protocol error, a bug)
-  fails every pending request, shuts the socket down (so the hub forgets this connection's
-  peers at once) and queues the end for the dispatcher, which tells the clients
-  (``on_closed``) and finishes. ``close()`` shuts the writing side first, lets the reader see
-  the bus's end of stream, then waits for both threads (from a listener: for the reader).
+  mutated: the dispatcher reads it without the lock), the request table
+  (``requests.pending``), ``closed``. ``cond`` (a Condition): the inbox and the roles; idle
+  I/O threads and nested waits sleep on it. ``writer.lock`` (the *send lock*,
+  ``writer.py``): every write. Each is held briefly and never while taking another.
+* **How it ends.** Whatever ends the reading (the end of the stream, a protocol error, a
+  bug) fails every pending request, shuts the socket down (so the hub forgets this
+  connection's peers at once) and queues the end; the dispatcher tells the clients
+  (``on_closed``) and both threads finish. ``close()`` shuts the writing side first, lets
+  the reader see the bus's end of stream, then waits for both (from a listener: for the
+  reading only).
 * **Interrupts** (a signal handler raising in the main thread, Ctrl-C): only callers run in
-  the main thread; they never read. Every entry a caller adds to ``pending`` is taken back on
-  every path (try/finally), and an interrupted request sends CANCEL. Writes keep their byte
-  counts in C code (``T.send_whole``), so a write begun is finished before the interrupt is
-  raised.
+  the main thread, and they never read. Every entry a caller adds to the request table is
+  taken back on every path (try/finally); an interrupted request sends CANCEL. Writes keep
+  their byte counts in C code (``T.send_whole``): a write begun is finished before the
+  interrupt is raised.
 * **Fork.** A connection is bound to the process that made it. After ``fork`` the child's
   copy is closed (so the bus still sees the parent's disconnect) and using it raises
   :class:`IpcBusConnectionError`.
 
-Primitives: two locks (``lock``, the send lock), one condition, two events (``reader_done``,
-``dispatch_done``), the reader and the dispatch thread; the writer's flusher thread and its
-event, and the timer, are started on first use.
+Primitives per connection: two locks (``lock``, the send lock), one condition, two events
+(``reader_done``, ``dispatch_done``), two I/O threads; started on first use: the writer's
+flusher thread (and its event) and the timer thread.
 """
 from __future__ import annotations
 
@@ -61,7 +69,6 @@ from .answers import settle, settle_answer
 from .delivery import LocalClient, deliver
 from .inbox import Inbox
 from .requests import Requests
-from .spin import SPIN_WAIT, Spin, cpus
 from .writer import Membership, Writer
 
 log = logging.getLogger("ipcbus")
@@ -106,8 +113,7 @@ class Connection:
         self.closed = False
         self.close_reason = ""
         self.forked = False
-        spin = SPIN_WAIT if SPIN_WAIT and cpus() > 1 else 0.0
-        self.requests = Requests(self, self.lock, rids, Spin(spin))
+        self.requests = Requests(self, self.lock, rids)
         self.peers: dict[str, IpcBusPeer] = {}
         self.cond = threading.Condition(threading.Lock())  # the inbox
         self.inbox = Inbox(DISPATCH_BUDGET, IDLE, hand_over=HAND_OVER)

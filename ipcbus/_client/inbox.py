@@ -18,20 +18,22 @@ runs the listeners. Each role has at most one holder; an idle I/O thread asks
   on a small VM), and a listener that blocks still holds up no answer: the other thread
   reads meanwhile. Off: one thread reads, the other dispatches.
 * **Order.** Items (a batch of frames, or a callable of ``call_soon``) come out in the order
-  they were put, one at a time; a nested wait (a listener's request, on the dispatch thread)
-  takes them from the same queue, so the order holds across nesting.
+  they were put, one at a time; a batch is run by the reader that read it only when nothing
+  is queued before it; a nested wait (a listener's request, by the dispatcher) takes items
+  from the same queue, so the order holds across nesting.
 * **When reading stops.** Bytes of frames queued and not dispatched yet are counted. Past
-  ``budget`` the reader stops reading (the hub then holds the senders: back-pressure, and a
-  stuck listener becomes a "slow consumer" there instead of unbounded memory here); it reads
-  again once the dispatcher has brought the count down to half the budget. Answers wait for
-  reading too, so a request made in a listener keeps dispatching while it waits,
-  which drains the queue. Once the connection is closing, reading never
-  stops again (the end of the stream must be seen).
-* **When a nested wait dispatches.** While the awaited answer has not come, a waiter on the
-  dispatch thread takes the next item like the dispatcher does; it sleeps only when the
-  queue is empty, and stops taking items once its answer has come.
-* **When the connection is idle.** After ``idle`` seconds with an empty queue, the dispatcher
-  is told once (:meth:`went_idle`): the connection lets its large receive buffer go.
+  ``budget`` the reader gives its role up (the hub then holds the senders: back-pressure,
+  and a stuck listener becomes a "slow consumer" there instead of unbounded memory here);
+  someone reads again once the dispatcher has brought the count down to half the budget
+  (:meth:`release` says so). Answers wait for reading too, so a request made in a listener
+  keeps dispatching while it waits, which drains the queue. Once the connection is closing,
+  reading never stops again (the end of the stream must be seen); once the stream has
+  ended, no one reads again.
+* **When a nested wait dispatches.** While the awaited answer has not come, a waiter holding
+  the dispatcher's role takes the next item like the dispatcher does; it sleeps only when
+  the queue is empty (keeping the role), and stops taking items once its answer has come.
+* **When the connection is idle.** After ``idle`` seconds with an empty queue, an idle
+  thread is told once (:meth:`went_idle`): the connection lets its large receive buffer go.
 """
 from __future__ import annotations
 

@@ -25,7 +25,6 @@ from .._types import IpcBusEvent, IpcBusRequestResponse
 from ..errors import IpcBusConnectionError, IpcBusRequestTimeoutError
 from .answers import AnswerFuture, Pending, SyncAnswer, settle
 from .delivery import LocalClient
-from .spin import Spin, spin_until
 from .writer import Membership
 
 __all__ = ["Requests", "Key"]
@@ -50,9 +49,8 @@ class Link(Protocol):
 class Requests:
     """The requests in flight on one connection."""
 
-    def __init__(self, link: Link, lock: threading.Lock, rids: Any, spin: Spin) -> None:
+    def __init__(self, link: Link, lock: threading.Lock, rids: Any) -> None:
         self.link = link
-        self.spin = spin
         self.lock = lock
         self.rids = rids
         self.pending: dict[Key, Pending] = {}
@@ -105,9 +103,6 @@ class Requests:
             self.abandon(client, key, channel, cancel=not isinstance(exc, Exception))
             raise
         try:
-            end = self.spin.until(time.perf_counter())
-            if end:
-                self.spin.outcome(spin_until(answer.done, end))
             if not answer.wait(timeout):
                 assert timeout is not None
                 self.expire(key, timeout)
