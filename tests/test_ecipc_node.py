@@ -455,7 +455,7 @@ def test_slow_listener_does_not_delay_answers(node: NodeProcess,
 
 def test_memory_stays_bounded_behind_a_stuck_listener(node: NodeProcess,
                                                       py: Callable[..., IpcBusClient]) -> None:
-    from ipcbus.ecipc.client import DISPATCH_BUDGET
+    from ipcbus.ecipc._connection import DISPATCH_BUDGET
     client = py()
     release = threading.Event()
     got = Collector()
@@ -513,8 +513,8 @@ def test_forked_child_cannot_use_the_parents_connection(
 
 
 def test_a_name_that_cannot_cross_opens_nothing(node_broker: str) -> None:
-    from ipcbus.ecipc import client as ecipc_client
-    before = dict(ecipc_client._connections)
+    from ipcbus.ecipc._connection import connections
+    before = connections.items()
     with pytest.raises(ValueError):
         IpcBusClient.create().connect(node_broker, peer_name="\ud800")
-    assert ecipc_client._connections == before
+    assert connections.items() == before
