@@ -21,8 +21,8 @@ Threads and ownership:
 * A caller waiting for its answer sleeps on its future (no polling).
 * Any thread may send: a packet is written whole under the send lock, so the packets of one
   sender leave in the order of its calls.
-* ``lock`` guards the clients, the pending requests and ``closed``; it is never held while
-  writing or running a listener.
+* ``lock`` guards the clients and ``closed``; the requests in flight (:mod:`._requests`)
+  have their own. Neither is held while writing or running a listener.
 * A connection belongs to the process that made it: after ``fork`` the child's copy is closed
   and using it raises :class:`~ipcbus.IpcBusConnectionError`.
 
@@ -39,22 +39,19 @@ import socket
 import threading
 from typing import Any, Callable, Mapping, Protocol
 
-from .. import _protocol as P
+from .._pending import settle
 from .._registry import ConnectionRegistry
-from .._timer import Timer as _Timer
-from .._types import (Answerer, IpcBusEvent, IpcBusPeer, IpcBusRequest, IpcBusRequestResponse,
-                      _Answered)
-from ..client import _set
+from .._types import Answerer, IpcBusEvent, IpcBusPeer, IpcBusRequest, _Answered
 from ..emitter import Listener
-from ..errors import IpcBusConnectionError, IpcBusProtocolError, IpcBusRequestError
+from ..errors import IpcBusConnectionError, IpcBusProtocolError
 from . import _codec as C
 from . import _envelope as E
 from . import _services as S
+from ._requests import Requests, settle_answer
 
 log = logging.getLogger("ipcbus")
 
-__all__ = ["Connection", "Member", "Pending", "DISPATCH_BUDGET", "connections",
-           "open_connection"]
+__all__ = ["Connection", "Member", "DISPATCH_BUDGET", "connections", "open_connection"]
 
 _STOP = object()
 DISPATCH_BUDGET = 16 * 1024 * 1024
@@ -83,20 +80,6 @@ class Member(Answerer, Protocol):
     def _connection(self) -> Connection: ...
 
 
-class Pending:
-    """One request in flight: its future, who asked, and how its answer is read."""
-
-    __slots__ = ("future", "client", "channel", "timeout", "status", "probe")
-
-    def __init__(self, client: Member, channel: str) -> None:
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self.client = client
-        self.channel = channel
-        self.timeout: list[Any] | None = None
-        self.status = False  # a service status call: the answer gets ipcbus's keys
-        self.probe = False  # a proxy's first status call: a started answer is a start notice
-
-
 class Connection:
     """One process's connection to one electron-common-ipc broker, shared by its clients."""
 
@@ -104,16 +87,15 @@ class Connection:
         self.key = key
         self.sock = sock
         self.pid = os.getpid()
-        self.lock = threading.Lock()  # clients, pending, closed
+        self.lock = threading.Lock()  # clients, closed
         self.send_lock = threading.Lock()
         self.clients: dict[str, Member] = {}
         self.client_list: tuple[Member, ...] = ()
-        self.pending: dict[str, Pending] = {}
+        self.requests = Requests()  # in flight, by request id (thread-safe on its own)
         self.peers: dict[str, dict[str, Any]] = {}  # raw peers seen, for send_to targets
         self.closed = False
         self.close_reason = ""
         self.forked = False
-        self.timer = _Timer()
         self.splitter = C.PacketSplitter()
         self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.queued = 0  # bytes of received messages in the queue
@@ -171,7 +153,7 @@ class Connection:
                 finally:
                     with self.kick:
                         self.read_role.release()
-                        if self.pending:
+                        if self.requests:
                             self.kick.notify()
             self._drain()
             if self.queued > DISPATCH_BUDGET:  # a listener is stuck: stop reading for now
@@ -252,54 +234,19 @@ class Connection:
 
     def on_answer(self, incoming: E.Incoming) -> None:
         """An RQR (from the broker, or from a local listener): complete its request."""
-        header = incoming.header
-        rid = header.get("channel")
-        with self.lock:
-            pending = self.pending.pop(rid, None) if isinstance(rid, str) else None
-        if pending is None:
-            return
-        if pending.timeout is not None:
-            self.timer.cancel(pending.timeout)
-        raw = header.get("peer")
-        sender = self.peer_of(raw)
-        event = IpcBusEvent(pending.channel, sender)
-        request = header.get("request")
-        resolved = isinstance(request, dict) and request.get("resolve") is True
-        try:
-            args = E.decode_args(incoming.args)
-        except IpcBusProtocolError as exc:
-            _set(pending.future, exc=IpcBusRequestError(
-                f"request on {pending.channel!r}: undecodable answer: {exc}",
-                IpcBusRequestResponse(event, err=str(exc))))
-            return
-        value = args[0] if args else None
-        if not resolved:
-            err = value if isinstance(value, str) else C.encode_json(value) \
-                if isinstance(value, (dict, list)) else str(value)
-            _set(pending.future, exc=IpcBusRequestError(
-                f"request on {pending.channel!r} was rejected: {err}",
-                IpcBusRequestResponse(event, err=err)))
-            return
-        if pending.status:
-            host = None if sender is None else {"id": sender.id, "name": sender.name,
-                                                "pid": sender.process.pid}
-            value = S.status_from_wire(value, host)
-            if pending.probe and isinstance(value, dict) and value.get("started"):
-                name = pending.channel[len(P.SERVICE_CALL_PREFIX):]
-                self.call_soon(lambda: pending.client._notify(
-                    P.service_event_channel(name), ["start", value], sender))
-        _set(pending.future, result=IpcBusRequestResponse(event, payload=value))
+        rid = incoming.header.get("channel")
+        pending = self.requests.take(rid) if isinstance(rid, str) else None
+        if pending is not None:
+            sender = self.peer_of(incoming.header.get("peer"))
+            settle_answer(pending, incoming, sender, self.call_soon)
 
     def _on_lost(self, reason: str) -> None:
         with self.lock:
             if not self.closed:
                 self.closed = True
                 self.close_reason = reason
-            pending = list(self.pending.values())
-            self.pending.clear()
-        self.timer.stop()
-        for p in pending:
-            _set(p.future, exc=IpcBusConnectionError(
+        for p in self.requests.close(self.close_reason):
+            settle(p.future, exc=IpcBusConnectionError(
                 f"request on {p.channel!r} failed: {self.close_reason}"))
         connections.discard(self.key, self)
         try:

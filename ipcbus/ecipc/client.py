@@ -9,8 +9,10 @@ What is where:
 
 * this module: the client (connect, close, subscriptions, sending, requests, what the
   protocol cannot do);
-* :mod:`._connection`: the connection the clients of a process share, its two I/O threads,
-  its pending requests and the dispatch of listeners (its docstring gives the thread rules);
+* :mod:`._connection`: the connection the clients of a process share, its two I/O threads
+  and the dispatch of listeners (its docstring gives the thread rules);
+* :mod:`._requests`: the requests in flight (the library's request table) and how an answer
+  settles one;
 * :mod:`._services`: the translation of ipcbus's service protocol to Node's.
 
 What the protocol imposes:
@@ -26,7 +28,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import time
 import uuid
 from typing import Any, Callable
 
@@ -35,15 +36,16 @@ from typing_extensions import Self
 from .. import _protocol as P
 from .. import _schemes
 from .._timeouts import DEFAULT_TIMEOUT, resolve_timeout
-from ..client import (IpcBusClient, IpcBusEvent, IpcBusPeer, IpcBusProcess,
-                      IpcBusRequestResponse, _set, _target_id)
-from ..errors import IpcBusConnectionError, IpcBusError, IpcBusRequestError, \
-    IpcBusRequestTimeoutError
+from .._pending import settle
+from .._types import IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequestResponse, target_id
+from ..client import IpcBusClient
+from ..errors import IpcBusConnectionError, IpcBusError, IpcBusRequestError
 from . import _codec as C
 from . import _envelope as E
 from . import _services as S
 from . import parse_address
-from ._connection import Connection, Pending, connections, open_connection
+from ._connection import Connection, connections, open_connection
+from ._requests import Pending
 
 log = logging.getLogger("ipcbus")
 
@@ -140,12 +142,8 @@ class EcipcClient(IpcBusClient):
                 conn.clients.pop(self._peer_id or "", None)
                 conn.client_list = tuple(conn.clients.values())
                 last = not conn.clients
-                mine = [k for k, p in conn.pending.items() if p.client is self]
-                pending = [conn.pending.pop(k) for k in mine]
-            for p in pending:
-                if p.timeout is not None:
-                    conn.timer.cancel(p.timeout)
-                _set(p.future, exc=IpcBusConnectionError(
+            for p in conn.requests.take_of(self):
+                settle(p.future, exc=IpcBusConnectionError(
                     f"request on {p.channel!r} failed: the client was closed"))
             if not conn.closed:
                 try:
@@ -204,8 +202,8 @@ class EcipcClient(IpcBusClient):
               args: tuple[Any, ...], request: Pending | None = None,
               rid: str | None = None) -> None:
         conn = self._connection()
-        target_id = None if target is None else _target_id(target)
-        cached = self._headers_ec.get(channel) if rid is None and target_id is None else None
+        to = None if target is None else target_id(target)
+        cached = self._headers_ec.get(channel) if rid is None and to is None else None
         if cached is not None:  # a broadcast on a channel this client has sent on before
             wire, head = cached
             body = C.encode_array(args)
@@ -214,18 +212,18 @@ class EcipcClient(IpcBusClient):
         header: dict[str, Any] = {"kind": "MES", "channel": wire, "peer": self._peer_json,
                                   "isRawData": True}
         target_raw = None
-        if target_id is not None:
-            target_raw = E.target_json(target_id, conn.peers.get(target_id))
+        if to is not None:
+            target_raw = E.target_json(to, conn.peers.get(to))
             header["target"] = target_raw
         request_raw = None
         if rid is not None:
             request_raw = {"channel": wire, "id": rid}
             header["request"] = request_raw
-        if target_id is None or target_id not in conn.clients:
+        if to is None or to not in conn.clients:
             if cached is None:
                 head = E.message_header("MES", wire, self._peer_json, target=target_raw,
                                         request=request_raw)
-                if rid is None and target_id is None and wire == channel:
+                if rid is None and to is None and wire == channel:
                     if len(self._headers_ec) >= 1024:
                         self._headers_ec.clear()
                     self._headers_ec[channel] = (wire, head)
@@ -250,7 +248,7 @@ class EcipcClient(IpcBusClient):
     def request_to(self, target: IpcBusPeer | str, channel: str, timeout: float | None,
                    *args: Any) -> IpcBusRequestResponse:
         """Like :meth:`request`, to the listeners of one peer only."""
-        _target_id(target)
+        target_id(target)
         return self._wait(self._request(channel, target, timeout, args))
 
     def request_async(self, channel: str, timeout: float | None, *args: Any
@@ -290,34 +288,14 @@ class EcipcClient(IpcBusClient):
             if pending.probe and wait is None:
                 wait = DEFAULT_TIMEOUT  # no host: Node's bus would never tell
         rid = uuid.uuid4().hex
-        if wait is not None:
-            pending.timeout = conn.timer.call_at(time.monotonic() + wait,
-                                                 lambda: self._expire(conn, rid, wait))
-        with conn.lock:
-            conn.check_usable()
-            conn.pending[rid] = pending
+        conn.requests.add(rid, pending, wait)
         conn.need_reader()
         try:
             self._post(channel, target, args, pending, rid)
         except BaseException:
-            with conn.lock:
-                conn.pending.pop(rid, None)
-            if pending.timeout is not None:
-                conn.timer.cancel(pending.timeout)
-            raise
+            conn.requests.take(rid)  # never sent: nobody else settles it, and the caller
+            raise                    # gets the exception
         return pending.future
-
-    @staticmethod
-    def _expire(conn: Connection, rid: str, timeout: float) -> None:
-        with conn.lock:
-            pending = conn.pending.pop(rid, None)
-        if pending is None:
-            return
-        response = IpcBusRequestResponse(IpcBusEvent(pending.channel, None),
-                                         err=f"timed out after {timeout:g} s")
-        _set(pending.future, exc=IpcBusRequestTimeoutError(
-            f"request on {pending.channel!r} timed out after {timeout:g} s (on an"
-            " electron-common-ipc bus a request with no listener ends this way)", response))
 
     def _notify(self, channel: str, args: list[Any], sender: IpcBusPeer | None) -> None:
         """Run this client's listeners of ``channel`` (a notice made up from an answer)."""
