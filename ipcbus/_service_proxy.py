@@ -1,15 +1,15 @@
 """The caller side of a service: :class:`IpcBusServiceProxy` and its calls (see
 :mod:`ipcbus.service` for the protocol and the rules of queued and in-flight calls).
 
-A call is a :class:`_Call`: *queued* while the service is not started (sent, in order, when
-"start" arrives; failed by the timer at its deadline), then *in flight* (a bus request; its
-answer, its timeout, the service's stop or the proxy's close settles it).
+Its calls are :class:`~ipcbus._service_calls.ServiceCall` objects in a
+:class:`~ipcbus._service_calls.CallQueue`: *queued* while the service is not started (sent, in
+order, when "start" arrives; failed by the timer at their deadline), then *in flight* (a bus
+request; its answer, its timeout, the service's stop or the proxy's close settles it).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import functools
-import itertools
 import logging
 import threading
 import time
@@ -22,7 +22,9 @@ from ._service_common import (SERVICE_EVENT_START, SERVICE_EVENT_STOP, STATUS_CA
                               on_closed_weak, timer, wait)
 from ._service_wrapper import IpcBusServiceWrapper
 from ._timeouts import resolve_timeout
-from .client import IpcBusClient, IpcBusEvent, IpcBusRequestResponse, _set
+from ._pending import settle
+from ._service_calls import CallQueue, ServiceCall
+from .client import IpcBusClient, IpcBusEvent
 from .emitter import Emitter
 from .errors import (IpcBusConnectionError, IpcBusRequestError, IpcBusRequestTimeoutError,
                      IpcBusTimeoutError)
@@ -30,25 +32,6 @@ from .errors import (IpcBusConnectionError, IpcBusRequestError, IpcBusRequestTim
 log = logging.getLogger("ipcbus")
 
 __all__ = ["IpcBusServiceProxy"]
-
-_call_ids = itertools.count(1)
-
-
-class _Call:
-    """One call of a proxy: queued, in flight, or done (its future)."""
-
-    __slots__ = ("id", "name", "args", "timeout", "deadline", "oneway", "future")
-
-    def __init__(self, name: str, args: tuple[Any, ...], timeout: float | None,
-                 oneway: bool) -> None:
-        self.id = next(_call_ids)
-        self.name = name
-        self.args = args
-        self.timeout = timeout  # seconds, None = forever
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.oneway = oneway
-        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
 
 class IpcBusServiceProxy(Emitter[str]):
     """The client side of service ``name``: calls, status, and the service's events.
@@ -73,16 +56,13 @@ class IpcBusServiceProxy(Emitter[str]):
         self._call_timeout = resolve_timeout(call_timeout)
         self._call_channel = P.service_call_channel(name)
         self._event_channel = P.service_event_channel(name)
-        # _lock orders sends and state changes; _inflight_lock is never held while writing,
-        # so the reader thread (which completes calls) never waits behind a blocked send.
+        # _lock orders sends and state changes, and guards the queued calls (see CallQueue).
         self._lock = threading.RLock()
-        self._inflight_lock = threading.Lock()
         self._started = False
         self._closed = False
         self._close_reason = ""
         self._status: dict[str, Any] = {"started": False, "calls": [], "host": None}
-        self._queue: dict[int, _Call] = {}
-        self._inflight: dict[int, _Call] = {}
+        self._calls = CallQueue()
         self._start_waiters: list[concurrent.futures.Future[Any]] = []
         self._wrapper: IpcBusServiceWrapper[IpcBusServiceProxy] = IpcBusServiceWrapper(self)
         if not client.connected:
@@ -144,7 +124,7 @@ class IpcBusServiceProxy(Emitter[str]):
             future: concurrent.futures.Future[Any] = concurrent.futures.Future()
             self._start_waiters.append(future)
         if limit is not None:
-            timer().call_at(time.monotonic() + limit, lambda: _set(future, exc=IpcBusTimeoutError(
+            timer().call_at(time.monotonic() + limit, lambda: settle(future, exc=IpcBusTimeoutError(
                 f"service {self._name!r} did not start within {limit:g} s")))
         try:
             wait(self._client, future)
@@ -198,89 +178,70 @@ class IpcBusServiceProxy(Emitter[str]):
         warning) if it does not start within the call timeout."""
         self._submit(call_name, args, True)
 
-    def _submit(self, call_name: str, args: tuple[Any, ...], oneway: bool) -> _Call:
+    def _submit(self, call_name: str, args: tuple[Any, ...], oneway: bool) -> ServiceCall:
         check_name(call_name, "call name")
-        call = _Call(call_name, args, self._call_timeout, oneway)
+        call = ServiceCall(self._name, self._call_channel, call_name, args, self._call_timeout,
+                           oneway)
         with self._lock:
             self._check_open()
             if self._started:
                 self._send(call, direct=True)
                 return call
             P.pack_payload([call_name, *args])  # bad arguments raise now, nothing is queued
-            self._queue[call.id] = call
+            self._calls.queue(call)
         if call.deadline is not None:
-            timer().call_at(call.deadline, functools.partial(self._expire_queued, call))
+            timer().call_at(call.deadline, self._expire_queued)
         return call
 
-    def _label(self, call: _Call) -> str:
-        return f"{self._name}.{call.name}()"
-
-    def _response(self, err: str) -> IpcBusRequestResponse:
-        return IpcBusRequestResponse(IpcBusEvent(self._call_channel, None), err=err)
-
-    def _timeout_error(self, call: _Call, why: str = "") -> IpcBusRequestTimeoutError:
-        assert call.timeout is not None
-        msg = f"{self._label(call)} timed out after {call.timeout:g} s{why}"
-        return IpcBusRequestTimeoutError(msg, self._response(msg))
-
-    def _send(self, call: _Call, direct: bool) -> None:
+    def _send(self, call: ServiceCall, direct: bool) -> None:
         """Send ``call`` now (with ``_lock`` held, so calls leave in order). ``direct``: raise
         argument and connection errors to the caller instead of failing the future."""
         timeout: float = -1.0
         if call.deadline is not None:
             timeout = call.deadline - time.monotonic()
             if timeout <= 0:
-                _set(call.future, exc=self._timeout_error(call))
+                settle(call.future, exc=call.timeout_error())
                 return
         try:
             if call.oneway:
                 self._client._send_reserved(self._call_channel, call.name, *call.args)
-                _set(call.future, result=None)
+                settle(call.future, result=None)
                 return
-            inner = self._client._request_async_reserved(self._call_channel, timeout, call.name,
-                                               *call.args)
+            self._calls.sending(call)
+            inner = self._client._request_async_reserved(self._call_channel, timeout,
+                                                         call.name, *call.args)
         except Exception as exc:
+            if not call.oneway and not self._calls.take_inflight(call):
+                return  # the service's stop took it meanwhile, and failed it
             if direct:
                 raise
-            _set(call.future, exc=self._wrap_error(call, exc))
+            settle(call.future, exc=call.failed(exc))
             return
-        with self._inflight_lock:
-            self._inflight[call.id] = call
         inner.add_done_callback(functools.partial(self._on_answer, call))
 
-    def _on_answer(self, call: _Call, inner: concurrent.futures.Future[Any]) -> None:
+    def _on_answer(self, call: ServiceCall, inner: concurrent.futures.Future[Any]) -> None:
         """The request of ``call`` is done (on the reader or timer thread: no sends here)."""
-        with self._inflight_lock:
-            self._inflight.pop(call.id, None)
+        if not self._calls.take_inflight(call):
+            return  # failed meanwhile by the service's stop or the proxy's close
         if inner.cancelled():
+            call.future.cancel()
             return
         exc = inner.exception()
         if exc is None:
-            _set(call.future, result=inner.result().payload)
+            settle(call.future, result=inner.result().payload)
         else:
-            _set(call.future, exc=self._wrap_error(call, exc))
+            settle(call.future, exc=call.failed(exc))
 
-    def _wrap_error(self, call: _Call, exc: BaseException) -> BaseException:
-        """The error of a failed request, told as a failed call of this service."""
-        if isinstance(exc, IpcBusRequestTimeoutError):
-            return self._timeout_error(call)
-        if isinstance(exc, IpcBusRequestError):
-            err = exc.response.err if exc.response is not None else str(exc)
-            return IpcBusRequestError(f"{self._label(call)} failed: {err}", exc.response)
-        if isinstance(exc, IpcBusConnectionError):
-            return IpcBusConnectionError(f"{self._label(call)} failed: {exc}")
-        return exc
-
-    def _expire_queued(self, call: _Call) -> None:
-        """Timer: ``call`` is still queued at its deadline (the service did not start)."""
+    def _expire_queued(self) -> None:
+        """Timer: fail the calls still queued at their deadline (the service did not start)."""
         with self._lock:
-            if self._queue.pop(call.id, None) is None:
-                return
+            due = self._calls.take_expired(time.monotonic())
         why = f": service {self._name!r} did not start"
-        if call.oneway:
-            log.warning("send_call %s dropped: service %r did not start within %g s",
-                        self._label(call), self._name, call.timeout)
-        _set(call.future, exc=self._timeout_error(call, why))
+        for call in due:
+            if call.oneway:
+                log.warning("send_call %s dropped: service %r did not start within %g s",
+                            call.label, self._name, call.timeout)
+            settle(call.future, exc=call.timeout_error(why))
 
     # -- notices (on the dispatch thread) ---------------------------------------------------
     def _on_notice(self, event: IpcBusEvent, *args: Any) -> None:
@@ -309,14 +270,12 @@ class IpcBusServiceProxy(Emitter[str]):
             was = self._started
             self._started = True
             self._status = {**status, "started": True}
-            queued = list(self._queue.values())
-            self._queue.clear()
-            for call in queued:  # in the order they were made, before any new call
+            for call in self._calls.take_queued():  # in order, before any new call
                 if not call.future.done():
                     self._send(call, direct=False)
             waiters, self._start_waiters = self._start_waiters, []
         for waiter in waiters:
-            _set(waiter, result=True)
+            settle(waiter, result=True)
         if not was:
             log.debug("proxy: service %r started", self._name)
             self._emit(SERVICE_EVENT_START, dict(self._status))
@@ -328,19 +287,18 @@ class IpcBusServiceProxy(Emitter[str]):
             was = self._started
             self._started = False
             self._status = {**self._status, "started": False}
-            with self._inflight_lock:
-                inflight = list(self._inflight.values())
-                self._inflight.clear()
-        self._fail(inflight, lambda call: IpcBusRequestError(
-            f"{self._label(call)} failed: {reason}", self._response(reason)))
+            inflight = self._calls.take_all_inflight()
+        self._fail(inflight, lambda call: IpcBusRequestError(f"{call.label} failed: {reason}",
+                                                             call.response(reason)))
         if was:
             log.debug("proxy: service %r stopped: %s", self._name, reason)
             self._emit(SERVICE_EVENT_STOP, reason)
 
-    def _fail(self, calls: list[_Call], error: Callable[[_Call], BaseException]) -> None:
+    def _fail(self, calls: list[ServiceCall], error: Callable[[ServiceCall], BaseException]
+              ) -> None:
         for call in calls:
             if not call.future.done():
-                _set(call.future, exc=error(call))
+                settle(call.future, exc=error(call))
 
     def _emit(self, key: str, *args: Any) -> None:
         for listener in self._take(key):
@@ -361,16 +319,11 @@ class IpcBusServiceProxy(Emitter[str]):
             was = self._started
             self._started = False
             self._status = {**self._status, "started": False}
-            pending = list(self._queue.values())
-            self._queue.clear()
-            with self._inflight_lock:
-                pending += self._inflight.values()
-                self._inflight.clear()
+            pending = self._calls.close(reason)
             waiters, self._start_waiters = self._start_waiters, []
-        self._fail(pending, lambda call: IpcBusConnectionError(
-            f"{self._label(call)} failed: {reason}"))
+        self._fail(pending, lambda call: IpcBusConnectionError(f"{call.label} failed: {reason}"))
         for waiter in waiters:
-            _set(waiter, exc=IpcBusConnectionError(
+            settle(waiter, exc=IpcBusConnectionError(
                 f"waiting for service {self._name!r}: {reason}"))
         if was:
             self._emit(SERVICE_EVENT_STOP, reason)
