@@ -18,7 +18,8 @@ from typing_extensions import Self
 
 from . import _protocol as P
 from ._service_common import RESERVED_EVENTS, STATUS_CALL, check_name, on_closed_weak
-from .client import IpcBusClient, IpcBusEvent, IpcBusRequest
+from ._types import IpcBusEvent, IpcBusRequest
+from .client import IpcBusClient
 from .errors import (IpcBusError, IpcBusRequestError, IpcBusRequestTimeoutError,
                      IpcBusServiceError, IpcBusTimeoutError)
 

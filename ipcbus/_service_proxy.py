@@ -24,7 +24,8 @@ from ._service_wrapper import IpcBusServiceWrapper
 from ._timeouts import resolve_timeout
 from ._pending import settle
 from ._service_calls import CallQueue, ServiceCall
-from .client import IpcBusClient, IpcBusEvent
+from ._types import IpcBusEvent
+from .client import IpcBusClient
 from .emitter import Emitter
 from .errors import (IpcBusConnectionError, IpcBusRequestError, IpcBusRequestTimeoutError,
                      IpcBusTimeoutError)

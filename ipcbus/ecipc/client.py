@@ -35,8 +35,8 @@ from typing_extensions import Self
 
 from .. import _protocol as P
 from .. import _schemes
-from .._timeouts import DEFAULT_TIMEOUT, resolve_timeout
 from .._pending import settle
+from .._timeouts import DEFAULT_TIMEOUT, resolve_timeout
 from .._types import IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequestResponse, target_id
 from ..client import IpcBusClient
 from ..errors import IpcBusConnectionError, IpcBusError, IpcBusRequestError
