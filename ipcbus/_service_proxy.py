@@ -18,12 +18,12 @@ from typing import Any, Callable, Iterable
 from typing_extensions import Self
 
 from . import _protocol as P
+from ._pending import settle
+from ._service_calls import CallQueue, ServiceCall
 from ._service_common import (SERVICE_EVENT_START, SERVICE_EVENT_STOP, STATUS_CALL, check_name,
                               on_closed_weak, timer, wait)
 from ._service_wrapper import IpcBusServiceWrapper
 from ._timeouts import resolve_timeout
-from ._pending import settle
-from ._service_calls import CallQueue, ServiceCall
 from ._types import IpcBusEvent
 from .client import IpcBusClient
 from .emitter import Emitter
