@@ -18,7 +18,9 @@ Threads and ownership:
   (nested dispatch), so it may wait for what a listener of the same process answers.
 * Reading stops while more than :data:`DISPATCH_BUDGET` (16 MiB) of messages wait for their
   listeners: a stuck listener turns into back-pressure at the broker, not into memory here.
-* A caller waiting for its answer sleeps on its future (no polling).
+* A caller waiting for its answer (not on the dispatch thread) first polls its future for up
+  to :data:`SPIN_WAIT`, yielding the CPU, then sleeps on it: on a small VM, waking a sleeping
+  thread costs more than a short answer takes (figures in ``docs/performance.md``).
 * Any thread may send: a packet is written whole under the send lock, so the packets of one
   sender leave in the order of its calls.
 * ``lock`` guards the clients and ``closed``; the requests in flight (:mod:`._requests`)
@@ -37,6 +39,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from typing import Any, Callable, Mapping, Protocol
 
 from .._pending import settle
@@ -51,12 +54,36 @@ from ._requests import Requests, settle_answer
 
 log = logging.getLogger("ipcbus")
 
-__all__ = ["Connection", "Member", "DISPATCH_BUDGET", "connections", "open_connection"]
+__all__ = ["Connection", "Member", "DISPATCH_BUDGET", "SPIN_WAIT", "connections",
+           "open_connection"]
 
 _STOP = object()
 DISPATCH_BUDGET = 16 * 1024 * 1024
 """Bytes of received messages waiting for their listeners before the reader stops reading
 (the broker then holds them: memory here stays bounded whatever a listener does)."""
+
+
+def _spin_setting(environ: Mapping[str, str] = os.environ, cpus: int | None = None) -> float:
+    """SPIN_WAIT in seconds: ``IPCBUS_ECIPC_SPIN_US`` (microseconds; 0 turns it off), else
+    200 µs; always 0 in a process that may run on one CPU only (the answer could not come
+    while it polls)."""
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # pragma: no cover - not Linux
+            cpus = os.cpu_count() or 1
+    value = environ.get("IPCBUS_ECIPC_SPIN_US", "")
+    try:
+        spin = max(0.0, float(value)) / 1e6 if value else 200e-6
+    except ValueError:
+        log.warning("IPCBUS_ECIPC_SPIN_US=%r is not a number of microseconds: using 200",
+                    value)
+        spin = 200e-6
+    return spin if cpus > 1 else 0.0
+
+
+SPIN_WAIT = _spin_setting()
+"""How long a caller waiting for its answer polls before it sleeps (seconds)."""
 
 
 class Member(Answerer, Protocol):
@@ -290,7 +317,12 @@ class Connection:
         return True
 
     def wait(self, future: concurrent.futures.Future[Any]) -> Any:
-        """``future.result()``; on the dispatch thread, keep dispatching meanwhile."""
+        """``future.result()``; on the dispatch thread, keep dispatching meanwhile; elsewhere
+        poll for up to ``SPIN_WAIT`` before sleeping."""
+        if SPIN_WAIT and not future.done() and not self.on_dispatch_thread():
+            until = time.perf_counter() + SPIN_WAIT
+            while not future.done() and time.perf_counter() < until:
+                os.sched_yield()
         if self.on_dispatch_thread():
             while not future.done() and not self.dispatch_done.is_set():
                 try:
