@@ -1,5 +1,6 @@
-"""The connection an electron-common-ipc client process shares: I/O threads, pending requests,
-listener dispatch (see :mod:`ipcbus.ecipc.client` for the client on top of it).
+"""The connection an electron-common-ipc client process shares: its I/O threads and the dispatch
+of listeners (the client on top of it: :mod:`ipcbus.ecipc.client`; its requests in flight:
+:mod:`ipcbus.ecipc._requests`).
 
 Threads and ownership:
 
