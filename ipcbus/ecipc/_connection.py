@@ -24,8 +24,8 @@ Threads and ownership:
   thread costs more than a short answer takes (figures in ``docs/performance.md``).
 * Any thread may send: a packet is written whole under the send lock, so the packets of one
   sender leave in the order of its calls.
-* ``lock`` guards the clients and ``closed``; the requests in flight (:mod:`._requests`)
-  have their own. Neither is held while writing or running a listener.
+* ``lock`` guards the clients, ``closed`` and the requests in flight (:mod:`._requests`);
+  it is never held while writing, running a listener or settling a future.
 * A connection belongs to the process that made it: after ``fork`` the child's copy is closed
   and using it raises :class:`~ipcbus.IpcBusConnectionError`.
 
@@ -115,11 +115,11 @@ class Connection:
         self.key = key
         self.sock = sock
         self.pid = os.getpid()
-        self.lock = threading.Lock()  # clients, closed
+        self.lock = threading.Lock()  # clients, closed, the requests in flight
         self.send_lock = threading.Lock()
         self.clients: dict[str, Member] = {}
         self.client_list: tuple[Member, ...] = ()
-        self.requests = Requests()  # in flight, by request id (thread-safe on its own)
+        self.requests = Requests(self.lock)  # in flight, by request id
         self.peers: dict[str, dict[str, Any]] = {}  # raw peers seen, for send_to targets
         self.closed = False
         self.close_reason = ""

@@ -2,7 +2,7 @@
 
 :class:`Requests` keeps them in the library's one request table
 (:class:`ipcbus._pending.RequestTable`, keyed by the request id that electron-common-ipc
-answers on), under its own lock, with their deadlines on one :class:`~ipcbus._timer.Timer`.
+answers on), under the connection's lock, with their deadlines on one :class:`~ipcbus._timer.Timer`.
 The table's rule holds here: whoever takes a request out settles it, exactly once — the
 answer (:meth:`Requests.take`), its deadline (the timer), its client's ``close()``
 (:meth:`Requests.take_of`) or the end of the connection (:meth:`Requests.close`).
@@ -55,10 +55,11 @@ class Pending:
 
 class Requests:
     """The connection's requests in flight (thread-safe: any thread adds, the reader takes
-    answers, the timer takes expired ones)."""
+    answers, the timer takes expired ones). ``lock`` guards the table: the connection's own
+    lock (a new one if None); it is never held while calling out of this class."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, lock: threading.Lock | None = None) -> None:
+        self._lock = threading.Lock() if lock is None else lock
         self._table: RequestTable[str, Pending] = RequestTable()
         self._timer = Timer()
 
