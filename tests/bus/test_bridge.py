@@ -16,7 +16,7 @@ import pytest
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionError,
                     IpcBusEvent, IpcBusRequestError)
 
-from conftest import Collector, pid_of, running, sync, wait_until
+from helpers import Collector, pid_of, running, sync, wait_until
 
 
 @pytest.fixture

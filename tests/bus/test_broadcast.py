@@ -9,7 +9,7 @@ import pytest
 
 from ipcbus import IpcBusBroker, IpcBusClient, IpcBusEvent
 
-from conftest import Collector, sync
+from helpers import Collector, sync
 
 N = 20_000
 

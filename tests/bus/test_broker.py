@@ -13,7 +13,7 @@ import pytest
 from ipcbus import (IpcBusBroker, IpcBusClient, IpcBusConnectionError, IpcBusRequestError)
 from ipcbus import _transport as T
 
-from conftest import Collector, sync, wait_until
+from helpers import Collector, sync, wait_until
 
 
 @pytest.mark.timeout(30)

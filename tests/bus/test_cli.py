@@ -18,7 +18,7 @@ from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionEr
 from ipcbus._cli import parse_value, to_json
 from ipcbus._transport import default_authkey
 
-from conftest import Collector, sync, wait_until
+from helpers import Collector, sync, wait_until
 
 KEY_ENV = "IPCBUS_AUTHKEY"
 

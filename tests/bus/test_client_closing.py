@@ -14,7 +14,7 @@ from ipcbus import (IpcBusBroker, IpcBusClient, IpcBusConnectionError, IpcBusEve
                     IpcBusRequestError)
 from ipcbus import _protocol as P
 
-from conftest import Children, Collector, elapsed, sync, wait_until
+from helpers import Children, Collector, elapsed, sync, wait_until
 
 
 # -- item 21: close() then connect() again -----------------------------------------------------

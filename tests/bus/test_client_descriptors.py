@@ -18,8 +18,8 @@ from ipcbus import _transport as T
 from ipcbus import client as client_module
 from ipcbus._protocol import Kind
 
-from _rawpeer import RawPeer
-from conftest import Children, Collector, sync, wait_until
+from helpers.rawpeer import RawPeer
+from helpers import Children, Collector, sync, wait_until
 
 
 def fd_count(pid: int | None = None) -> int:

@@ -15,7 +15,7 @@ import pytest
 
 from ipcbus import IpcBusBroker, IpcBusClient, IpcBusEvent
 
-from conftest import Children, wait_until
+from helpers import Children, wait_until
 
 ROUNDS = 50
 

@@ -17,7 +17,7 @@ import pytest
 import ipcbus.client as client_module
 from ipcbus import IpcBusBroker, IpcBusClient, IpcBusEvent
 
-from conftest import elapsed, sync, wait_until
+from helpers import elapsed, sync, wait_until
 
 MiB = 1024 * 1024
 

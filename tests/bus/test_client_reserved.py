@@ -11,7 +11,7 @@ from ipcbus import IpcBusBroker, IpcBusClient, IpcBusRequestError, IpcBusService
 from ipcbus import IpcBusServiceProxy
 from ipcbus import _protocol as P
 
-from conftest import Collector, sync
+from helpers import Collector, sync
 
 RESERVED = ["/ipcbus/", "/ipcbus/x", "/ipcbus/queryStateX", P.service_call_channel("clock"),
             P.service_event_channel("clock"), "/ipcbus/directory"]

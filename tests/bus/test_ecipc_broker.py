@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from ipcbus import (IpcBusBroker, IpcBusClient, IpcBusConnectionError, IpcBusRequestError,
                     IpcBusService, IpcBusServiceProxy)
 
-from _node import NodeProcess, node_client, untag, wait_for
-from conftest import Collector
+from helpers.node import NodeProcess, node_client, untag, wait_for
+from helpers import Collector
 
 pytestmark = pytest.mark.timeout(60)
 

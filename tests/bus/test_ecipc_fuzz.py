@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from ipcbus import IpcBusClient, IpcBusError
 
-from _node import NodeProcess
+from helpers.node import NodeProcess
 
 CHANNELS = ["/fz/a", "/ipcbus/service/call/fz", "/ipcbus/service/event/fz",
             "/electron-ipc-bus/ipc-service/fz/call", "/ping", "/ipcbus/queryState",

@@ -18,8 +18,8 @@ from ipcbus import (IpcBusClient, IpcBusConnectionError, IpcBusPeer, IpcBusReque
                     IpcBusService, IpcBusServiceProxy, IpcBusTimeoutError)
 from ipcbus.ecipc.client import EcipcClient
 
-from _node import NodeProcess, node_client, tag, untag, wait_for
-from conftest import Collector
+from helpers.node import NodeProcess, node_client, tag, untag, wait_for
+from helpers import Collector
 
 pytestmark = pytest.mark.timeout(60)
 UTC = dt.timezone.utc
@@ -407,8 +407,8 @@ def test_the_example_runs() -> None:
     """examples/node_bus.js and examples/node_bus.py, as the README tells a user to run them."""
     import subprocess
     import sys
-    from _node import require_node
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from helpers.node import require_node
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     d = tempfile.mkdtemp(prefix="ecx-", dir="/tmp")
     path = os.path.join(d, "app.bus")
     app = subprocess.Popen([require_node(), os.path.join(root, "examples", "node_bus.js"), path],

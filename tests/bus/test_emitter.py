@@ -11,7 +11,7 @@ import pytest
 from ipcbus import IpcBusBroker, IpcBusClient, IpcBusEvent
 from ipcbus.emitter import Emitter
 
-from conftest import Collector, sync, wait_until
+from helpers import Collector, sync, wait_until
 
 
 # =============================================================================================

@@ -8,7 +8,7 @@ import pytest
 
 from ipcbus import IpcBusBroker, IpcBusClient
 
-from conftest import sync
+from helpers import sync
 
 
 def _listener(event: Any, *args: Any) -> None:

@@ -14,7 +14,7 @@ import pytest
 from ipcbus import IpcBusBroker, IpcBusClient
 from ipcbus.spy import IpcBusSpy, TrafficRecord
 
-from conftest import Collector, sync, wait_until
+from helpers import Collector, sync, wait_until
 
 
 class Records:

@@ -11,7 +11,7 @@ import pytest
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusRequestError,
                     IpcBusService, IpcBusServiceProxy, create_channel)
 
-from conftest import Collector, sync
+from helpers import Collector, sync
 
 
 class Lamp:

@@ -15,7 +15,7 @@ import pytest
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionError,
                     IpcBusEvent, IpcBusRequestError, create_channel)
 
-from conftest import Collector, pid_of, running, sync, wait_until
+from helpers import Collector, pid_of, running, sync, wait_until
 
 
 def fd_count(pid: int | None = None) -> int:

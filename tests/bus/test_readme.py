@@ -15,7 +15,7 @@ import pytest
 from ipcbus import IpcBusBridge, IpcBusBroker, IpcBusClient
 from ipcbus.broker import HubOptions
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(), re.S | re.M)
 MAIN_GUARD = 'if __name__ == "__main__":'
 FRAGMENT = "# fragment:"

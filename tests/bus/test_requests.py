@@ -20,8 +20,8 @@ import ipcbus
 from ipcbus import (IpcBusBroker, IpcBusClient, IpcBusPeer, IpcBusRequestError,
                     IpcBusRequestResponse)
 
-import conftest
-from conftest import Collector, elapsed, sync, wait_until
+import helpers
+from helpers import Collector, elapsed, sync, wait_until
 
 READY_TIMEOUT = 30.0  # a spawn child on a busy machine can take a while to import
 
@@ -79,8 +79,8 @@ def _serve(path: str, name: str, channels: dict[str, str], ready_q: Any, stop: A
 
 
 # -- answers -----------------------------------------------------------------------------------
-class Children(conftest.Children):
-    """conftest.Children with the ``_serve`` responder of this module."""
+class Children(helpers.Children):
+    """helpers.Children with the ``_serve`` responder of this module."""
 
     def serve(self, path: Any, name: str, channels: dict[str, str],
               **extra: Any) -> tuple[Any, dict[str, Any]]:

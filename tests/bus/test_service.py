@@ -24,9 +24,9 @@ from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionEr
                     IpcBusServiceProxy, IpcBusTimeoutError)
 from ipcbus.service import SERVICE_EVENT_START, SERVICE_EVENT_STOP, IpcBusServiceError
 
-from conftest import Collector, running, sync, wait_until
+from helpers import Collector, running, sync, wait_until
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 READY = 30.0  # bound for a child to come up (spawn imports take a while on a busy machine)
 
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
-NODE_DIR = os.path.join(os.path.dirname(__file__), "node")
+NODE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "node")
 AGENT = os.path.join(NODE_DIR, "agent.js")
 NODE = shutil.which("node")
 

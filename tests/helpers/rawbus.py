@@ -14,8 +14,8 @@ import pytest
 from ipcbus import IpcBusBridge, IpcBusBroker, IpcBusClient
 
 
-from _rawpeer import RawPeer
-from conftest import sync, wait_until
+from helpers.rawpeer import RawPeer
+from helpers import sync, wait_until
 
 # =============================================================================================
 # the thing under attack: a broker (its log on stderr, captured by capfd) or a bridge (its

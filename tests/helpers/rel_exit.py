@@ -1,8 +1,8 @@
-"""Exit the interpreter with ipcbus clients still connected (used by test_reliability.py).
+"""Exit the interpreter with ipcbus clients still connected (used by reliability/test_leaks.py).
 
-    python tests/_rel_exit.py socket PATH     clients of the broker at PATH
-    python tests/_rel_exit.py bridge          a bridge, main clients, a spawned pipe child
-    python tests/_rel_exit.py own-broker DIR  a broker started here, and its clients
+    python tests/helpers/rel_exit.py socket PATH     clients of the broker at PATH
+    python tests/helpers/rel_exit.py bridge          a bridge, main clients, a spawned pipe child
+    python tests/helpers/rel_exit.py own-broker DIR  a broker started here, and its clients
 
 Each mode connects clients, subscribes, sends, leaves a request pending, and returns without
 closing anything. The test asserts exit code 0, an empty stderr, and a prompt exit.

@@ -28,7 +28,7 @@ from ipcbus import _protocol as P
 from ipcbus import _transport as T
 from ipcbus._protocol import Kind
 
-from conftest import Children, Collector, elapsed, sync, wait_until
+from helpers import Children, Collector, elapsed, sync, wait_until
 
 READY_TIMEOUT = 30.0
 

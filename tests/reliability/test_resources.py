@@ -28,9 +28,9 @@ from ipcbus import broker as B
 from ipcbus._protocol import Kind
 from ipcbus.spy import IpcBusSpy
 
-from _rawbus import BridgeTarget, Canary, Target, make_target  # noqa: F401
-from _rawpeer import RawPeer
-from conftest import Children, Collector, sync, wait_until
+from helpers.rawbus import BridgeTarget, Canary, Target, make_target  # noqa: F401
+from helpers.rawpeer import RawPeer
+from helpers import Children, Collector, sync, wait_until
 
 MiB = 1 << 20
 

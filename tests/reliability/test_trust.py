@@ -22,9 +22,9 @@ from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient,
 from ipcbus import _protocol as P
 from ipcbus._protocol import Kind
 
-from _rawbus import Canary, Target, make_target  # noqa: F401
-from _rawpeer import RawPeer
-from conftest import Collector, sync, wait_until
+from helpers.rawbus import Canary, Target, make_target  # noqa: F401
+from helpers.rawpeer import RawPeer
+from helpers import Collector, sync, wait_until
 
 
 def peer_record(target: Target, peer_id: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from ipcbus.ecipc import _envelope as E
 from ipcbus.ecipc import _services as S
 from ipcbus.ecipc import parse_address
 
-from _node import NodeProcess
+from helpers.node import NodeProcess
 
 UTC = dt.timezone.utc
 safe_ints = st.integers(-C.MAX_SAFE_INTEGER, C.MAX_SAFE_INTEGER)
