@@ -34,11 +34,12 @@ from . import _protocol as P
 from . import _transport as T
 from ._protocol import Kind
 from . import _schemes
+from ._pending import settle as _settle
 from ._client import answers as _answers, connection as _connection, delivery as _delivery
 from ._client import joining as _joining, opening as _opening, writer as _writer
 from ._timeouts import resolve_timeout
 from ._types import (IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
-                     IpcBusRequestResponse)
+                     IpcBusRequestResponse, target_id)
 from .emitter import Callbacks, Emitter
 from .errors import (IpcBusConnectionError, IpcBusError, IpcBusRequestError,
                      IpcBusRequestTimeoutError)
@@ -53,38 +54,13 @@ _SEND, _SEND_TO, _REQUEST, _RESPONSE = (int(Kind.SEND), int(Kind.SEND_TO), int(K
 _PREFIX_PACK = P.PREFIX.pack
 
 
-def _spin_setting() -> float:
-    """SPIN_WAIT from the environment (IPCBUS_SPIN_US, microseconds), else 200 µs."""
-    value = os.environ.get("IPCBUS_SPIN_US", "")
-    try:
-        return max(0.0, float(value)) / 1e6 if value else 200e-6
-    except ValueError:
-        log.warning("IPCBUS_SPIN_US=%r is not a number of microseconds: using 200", value)
-        return 200e-6
-
-
-# The ecipc client's poll for an answer (the core client no longer polls): kept here, where
-# ipcbus.ecipc.client imports it from, until it has a home of its own.
-SPIN_WAIT = _spin_setting()
-
-
-def _cpus() -> int:
-    """How many CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 # Names other modules and tests know from here (the machinery moved to ipcbus._client).
 _AnswerFuture = _answers.AnswerFuture
-_set = _answers.settle
+_set = _settle
 _Connection = _connection.Connection
 DISPATCH_BUDGET = _connection.DISPATCH_BUDGET
 _rids = _connection.rids
 _ports = _delivery.ports_of
-_connections = _opening._connections
-_after_fork_in_child = _opening._after_fork_in_child
 _forget = _opening.forget
 _open_connection = _opening.open_connection
 _resolve = _opening.resolve
@@ -460,12 +436,7 @@ def _remember_channel(channel: object, allowed: frozenset[str] = _NO_EXCEPTIONS)
     _valid_channels.add(channel)
 
 
-def _target_id(target: object) -> str:
-    if isinstance(target, IpcBusPeer):
-        return target.id
-    if isinstance(target, str) and target:
-        return target
-    raise TypeError(f"target must be an IpcBusPeer or a peer id, not {target!r}")
+_target_id = target_id  # (its home is _types.py)
 
 
 def _process_name() -> str:

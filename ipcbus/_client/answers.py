@@ -18,10 +18,11 @@ from typing import Any
 from .. import _protocol as P
 from .._protocol import Kind
 from .delivery import LocalClient
+from .._pending import settle
 from .._types import IpcBusEvent, IpcBusPeer, IpcBusRequestResponse
 from ..errors import IpcBusProtocolError, IpcBusRequestError
 
-__all__ = ["AnswerFuture", "SyncAnswer", "Pending", "settle", "settle_answer"]
+__all__ = ["AnswerFuture", "SyncAnswer", "Pending", "settle_answer"]
 
 _REQUEST_FAIL = int(Kind.REQUEST_FAIL)
 
@@ -87,18 +88,6 @@ class Pending:
         self.owner = owner
         self.channel = channel
         self.timeout: list[Any] | None = None
-
-
-def settle(future: concurrent.futures.Future[Any] | SyncAnswer, *, result: Any = None,
-           exc: BaseException | None = None) -> None:
-    """Set ``future``'s outcome, unless the user cancelled it meanwhile."""
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass  # cancelled by the user meanwhile
 
 
 def settle_answer(pending: Pending, frame: P.Frame, sender: IpcBusPeer | None) -> None:

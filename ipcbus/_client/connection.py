@@ -63,10 +63,10 @@ from typing import Any, Callable
 from .. import _protocol as P
 from .. import _transport as T
 from .._protocol import Kind
-from .._types import IpcBusPeer, IpcBusProcess
 from ..errors import IpcBusConnectionError, IpcBusError, IpcBusProtocolError
-from .answers import settle, settle_answer
-from .delivery import LocalClient, deliver
+from .._pending import settle
+from .answers import settle_answer
+from .delivery import LocalClient, PeerCache, deliver
 from .inbox import Inbox
 from .requests import Requests
 from .writer import Membership, Writer
@@ -114,7 +114,7 @@ class Connection:
         self.close_reason = ""
         self.forked = False
         self.requests = Requests(self, self.lock, rids)
-        self.peers: dict[str, IpcBusPeer] = {}
+        self.peer_of = PeerCache()  # sender tuples -> IpcBusPeer
         self.cond = threading.Condition(threading.Lock())  # the inbox
         self.inbox = Inbox(DISPATCH_BUDGET, IDLE, hand_over=HAND_OVER)
         self.dispatch_owner: int | None = None  # the thread holding the dispatcher's role
@@ -272,42 +272,12 @@ class Connection:
 
     def _on_notice(self, frame: P.Frame) -> None:
         T.close_fds(frame.fds)
-        try:
-            body = P.unpack_control(frame.body)
-        except IpcBusProtocolError:
-            return
-        if not isinstance(body, dict):
-            return
-        if "closing" in body:
-            self.close_reason = f"disconnected by the bus: {body['closing']}"
-            log.warning("%s", self.close_reason)
-        elif "error" in body:
-            log.warning("bus: %s", body["error"])
-
-    def peer_of(self, info: Any) -> IpcBusPeer | None:
-        if info is None:
-            return None
-        peer = self.peers.get(info[0])
-        if peer is None:
-            if len(self.peers) > 4096:
-                self.peers.clear()
-            peer = IpcBusPeer(info[0], info[1], IpcBusProcess(info[2], info[3]))
-            self.peers[info[0]] = peer
-        return peer
+        closing = notice_closing(frame)
+        if closing is not None:
+            self.close_reason = closing
 
     def _lost(self, exc: BaseException) -> None:
-        if isinstance(exc, Lost):
-            reason = str(exc)
-        elif isinstance(exc, IpcBusProtocolError):
-            reason = f"protocol error from the bus: {exc}"
-            log.error("%s", reason)
-        elif isinstance(exc, OSError):
-            reason = "the bus closed the connection" if self.closed else \
-                f"connection to the bus lost: {exc}"
-        else:  # a bug: report it, fail everything
-            reason = f"internal error in the reader: {exc!r}"
-            log.error("ipcbus reader failed", exc_info=exc)
-        self._on_lost(reason)
+        self._on_lost(lost_reason(exc, self.closed))
 
     def _on_lost(self, reason: str) -> None:
         """The end of the reader, whatever the cause: fail what is pending, let the hub see
@@ -316,8 +286,7 @@ class Connection:
             if not self.closed:
                 self.closed = True
                 self.close_reason = self.close_reason or reason
-            pending = self.requests.take_all_locked()
-        self.requests.timer.stop()
+            pending = self.requests.close(self.close_reason)
         if self.exit_flush is not None:
             self.exit_flush.cancel()
         for p in pending:
@@ -470,3 +439,35 @@ class Connection:
 
 def _nothing() -> None:
     pass
+
+
+def notice_closing(frame: P.Frame) -> str | None:
+    """What a NOTICE says: logged; the reason the bus gives for closing us, if it does."""
+    try:
+        body = P.unpack_control(frame.body)
+    except IpcBusProtocolError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    if "closing" in body:
+        reason = f"disconnected by the bus: {body['closing']}"
+        log.warning("%s", reason)
+        return reason
+    if "error" in body:
+        log.warning("bus: %s", body["error"])
+    return None
+
+
+def lost_reason(exc: BaseException, closed: bool) -> str:
+    """Why reading ended, from what ended it (logged if it is an error)."""
+    if isinstance(exc, Lost):
+        return str(exc)
+    if isinstance(exc, IpcBusProtocolError):
+        reason = f"protocol error from the bus: {exc}"
+        log.error("%s", reason)
+        return reason
+    if isinstance(exc, OSError):
+        return "the bus closed the connection" if closed else \
+            f"connection to the bus lost: {exc}"
+    log.error("ipcbus reader failed", exc_info=exc)  # a bug: report it, fail everything
+    return f"internal error in the reader: {exc!r}"

@@ -23,12 +23,12 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 from .. import _protocol as P
 from .. import _transport as T
 from .._protocol import Kind
-from .._types import IpcBusEvent, IpcBusPeer, IpcBusRequest, _Answered
+from .._types import IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest, _Answered
 from ..errors import IpcBusProtocolError
 
 log = logging.getLogger("ipcbus")
 
-__all__ = ["LocalClient", "deliver", "ports_of"]
+__all__ = ["LocalClient", "PeerCache", "deliver", "ports_of"]
 
 _SEND, _REQUEST, _SPY_COPY = int(Kind.SEND), int(Kind.REQUEST), int(Kind.SPY_COPY)
 _DECODED = P.DecodedFrame
@@ -52,6 +52,25 @@ class LocalClient(Protocol):
 
     def _send_answer(self, channel: str, requester: str, rid: int, body: Any,
                      member: Any) -> None: ...
+
+
+class PeerCache:
+    """The :class:`IpcBusPeer` of a sender tuple ``[id, name, type, pid]``, made once per
+    peer (at most 4096 kept): called as ``peer_of(info)``."""
+
+    def __init__(self) -> None:
+        self.peers: dict[str, IpcBusPeer] = {}
+
+    def __call__(self, info: Any) -> IpcBusPeer | None:
+        if info is None:
+            return None
+        peer = self.peers.get(info[0])
+        if peer is None:
+            if len(self.peers) > 4096:
+                self.peers.clear()
+            peer = IpcBusPeer(info[0], info[1], IpcBusProcess(info[2], info[3]))
+            self.peers[info[0]] = peer
+        return peer
 
 
 def deliver(frame: P.Frame, clients: Sequence[LocalClient],

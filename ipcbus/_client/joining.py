@@ -17,7 +17,8 @@ from typing import Any, Protocol
 from .._protocol import Kind
 from .._types import IpcBusPeer
 from ..errors import IpcBusConnectionError, IpcBusError, IpcBusRequestError
-from .answers import AnswerFuture, settle
+from .._pending import settle
+from .answers import AnswerFuture
 from .connection import Connection
 from .opening import forget
 from .writer import Membership
@@ -138,7 +139,7 @@ def leave_connection(client: Joiner, conn: Connection, wait: float | None) -> bo
         client._drop_from(conn.clients)
         conn.client_list = tuple(conn.clients.values())
         last = not conn.clients
-        pending = conn.requests.take_all_locked(client)
+        pending = conn.requests.take_all_of(client)
     for p in pending:
         if p.timeout is not None:
             conn.requests.timer.cancel(p.timeout)

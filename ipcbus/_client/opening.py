@@ -1,8 +1,9 @@
 """Finding or opening the process's connection for the arguments of ``connect()``.
 
-The process's connections are kept in a registry (``_connections``, one per bus address, per
-TCP key, per bridge or pipe), shared by every client that connects there. After ``fork`` the
-child's copies are closed and the registry is emptied (``_after_fork_in_child``).
+The process's connections are kept in a :class:`~ipcbus._registry.ConnectionRegistry`
+(``connections``: one per bus address, per TCP key, per bridge or pipe), shared by every
+client that connects there. After ``fork`` the child's copies are closed and the registry is
+emptied (by the registry).
 """
 from __future__ import annotations
 
@@ -11,47 +12,30 @@ import multiprocessing.connection
 import multiprocessing.util
 import os
 import socket
-import threading
 from typing import Any, Callable
 
 from .. import _transport as T
 from .._local import bridge_of_this_process
+from .._registry import ConnectionRegistry
 from ..errors import IpcBusConnectionError
 from .connection import Connection
 
 __all__ = ["open_connection", "resolve", "forget"]
 
 DEFAULT_SOCKET_BUFFER = 64 * 1024  # bytes of a burst written at once
-_registry_lock = threading.Lock()
-_connections: dict[Any, Connection] = {}
+connections: ConnectionRegistry[Any, Connection] = ConnectionRegistry()
 
 
 def forget(conn: Connection) -> None:
     """Drop ``conn`` from the registry (it has ended, or its last client left)."""
-    with _registry_lock:
-        if _connections.get(conn.key) is conn:
-            del _connections[conn.key]
-
-
-def _after_fork_in_child() -> None:
-    global _registry_lock
-    _registry_lock = threading.Lock()
-    for conn in list(_connections.values()):
-        conn.after_fork_in_child()
-    _connections.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+    connections.discard(conn.key, conn)
 
 
 def open_connection(key: Any, make_socket: Callable[[], socket.socket], *, tcp: bool,
                     ptype: str, timeout: float, authkey: bytes | None,
                     socket_buffer: int | None) -> Connection:
     """The process's connection for ``key``: the existing one, or a new one (handshake done)."""
-    with _registry_lock:
-        conn = _connections.get(key)
-        if conn is not None and not conn.closed:
-            return conn
+    def make() -> Connection:
         sock = make_socket()
         T.tune_socket(sock)
         try:
@@ -69,9 +53,10 @@ def open_connection(key: Any, make_socket: Callable[[], socket.socket], *, tcp: 
         # (which skips atexit): a burst sent just before the end still goes out.
         conn.exit_flush = multiprocessing.util.Finalize(conn, conn.writer.flush_at_exit,
                                                         exitpriority=10)
-        _connections[key] = conn
         conn.start()
         return conn
+
+    return connections.open(key, make)
 
 
 def _pipe_socket(pipe: multiprocessing.connection.Connection) -> Callable[[], socket.socket]:
@@ -99,10 +84,9 @@ def resolve(address: Any, path: str | None, port: int | None, host: str | None,
         bridge = bridge_of_this_process()
         if bridge is not None:
             return ("bridge", bridge), bridge.attach_local, False, "main"
-        with _registry_lock:
-            for key, conn in _connections.items():
-                if conn.ptype == "pipe" and not conn.closed:
-                    return key, _no_socket, False, "pipe"  # the pipe this process joined with
+        for key, conn in connections.items():
+            if conn.ptype == "pipe" and not conn.closed:
+                return key, _no_socket, False, "pipe"  # the pipe this process joined with
     addr = T.parse_address(address, path=path, port=port, host=host)
     tcp = T.is_tcp(addr)
     # A TCP connection is shared only by clients that proved the same key.

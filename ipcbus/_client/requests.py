@@ -1,10 +1,11 @@
 """A connection's requests: starting them, waiting for their answers, giving them up.
 
-The table of requests in flight (``pending``: ``(requester id, rid) -> Pending``) is guarded
-by the connection's ``lock``. Whoever takes an entry out settles its answer: the reader (an
-answer came), the caller or the timer (its deadline passed: :meth:`Requests.expire`), a
-caller giving up (:meth:`Requests.abandon`), the end of the connection or the close of the
-client that asked.
+The requests in flight are a :class:`~ipcbus._pending.RequestTable` (``table``:
+``(requester id, rid) -> Pending``), the same table the router and the service proxy keep,
+guarded by the connection's ``lock``. Whoever takes an entry out settles its answer: the
+reader (an answer came), the caller or the timer (its deadline passed:
+:meth:`Requests.expire`), a caller giving up (:meth:`Requests.abandon`), the end of the
+connection (:meth:`Requests.close`) or the close of the client that asked.
 
 How a caller waits (see ``connection.py``): a blocking request on any thread but the
 dispatch thread sleeps on a :class:`~.answers.SyncAnswer` until its deadline, then expires
@@ -19,11 +20,12 @@ import time
 from typing import Any, Protocol
 
 from .. import _protocol as P
+from .._pending import RequestTable, TableClosed, settle
 from .._protocol import Kind
 from .._timer import Timer
 from .._types import IpcBusEvent, IpcBusRequestResponse
 from ..errors import IpcBusConnectionError, IpcBusRequestTimeoutError
-from .answers import AnswerFuture, Pending, SyncAnswer, settle
+from .answers import AnswerFuture, Pending, SyncAnswer
 from .delivery import LocalClient
 from .writer import Membership
 
@@ -34,9 +36,6 @@ Key = tuple[str, int]
 
 class Link(Protocol):
     """What requests need of their connection."""
-
-    closed: bool
-    close_reason: str
 
     def send(self, member: Membership, kind: int, channel: str, target: str | None, rid: int,
              body: P.Body, fds: list[int] | None = None) -> None: ...
@@ -53,37 +52,40 @@ class Requests:
         self.link = link
         self.lock = lock
         self.rids = rids
-        self.pending: dict[Key, Pending] = {}
-        self.timer = Timer()
+        self.table: RequestTable[Key, Pending] = RequestTable()
+        self.timer = Timer()  # the deadlines of Futures (a blocking caller keeps its own)
 
     def add(self, key: Key, pending: Pending) -> None:
         with self.lock:
-            if self.link.closed:
+            try:
+                self.table.add(key, pending)
+            except TableClosed as exc:
                 raise IpcBusConnectionError(
-                    f"the bus connection has closed: {self.link.close_reason}")
-            self.pending[key] = pending
+                    f"the bus connection has closed: {exc.reason}") from None
 
     def take(self, key: Key) -> Pending | None:
         """The entry of ``key``, out of the table (its taker settles it), its timeout
         cancelled; None if someone else took it."""
         with self.lock:
-            pending = self.pending.pop(key, None)
+            pending = self.table.take(key)
         if pending is not None and pending.timeout is not None:
             self.timer.cancel(pending.timeout)
         return pending
 
-    def take_all(self, owner: LocalClient | None = None) -> list[Pending]:
-        """Every entry (of ``owner``, if given), out of the table (caller holds no lock)."""
-        with self.lock:
-            return self.take_all_locked(owner)
+    def take_all_of(self, owner: LocalClient) -> list[Pending]:
+        """The entries of ``owner``, out of the table (the caller holds the lock)."""
+        taken = []
+        for key, pending in self.table.items():
+            if pending.owner is owner:
+                self.table.take(key)
+                taken.append(pending)
+        return taken
 
-    def take_all_locked(self, owner: LocalClient | None = None) -> list[Pending]:
-        if owner is None:
-            taken = list(self.pending.values())
-            self.pending.clear()
-            return taken
-        keys = [k for k, p in self.pending.items() if p.owner is owner]
-        return [self.pending.pop(k) for k in keys]
+    def close(self, reason: str) -> list[Pending]:
+        """The connection has ended: every entry, out of the table (the caller holds the
+        lock); later requests raise."""
+        self.timer.stop()
+        return [p for _, p in self.table.close(reason)]
 
     def request(self, client: LocalClient, kind: int, channel: str, target: str | None,
                 timeout: float | None, body: P.Body) -> Any:

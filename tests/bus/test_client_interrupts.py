@@ -116,7 +116,7 @@ def interrupted_requester(address: str, mode: str, out: Any, busy: bool = False)
         conn = c._conn
         assert conn is not None
         # Nothing an interrupted caller took is left behind.
-        report["left_behind"] = len(conn.requests.pending)
+        report["left_behind"] = len(conn.requests.table)
     except BaseException as exc:
         report["unexpected"].append(f"after the rounds: {exc!r}")
     finally:

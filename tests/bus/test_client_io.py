@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-import ipcbus.client as client_module
 from ipcbus import IpcBusBroker, IpcBusClient, IpcBusEvent
 
 from helpers import elapsed, sync, wait_until
@@ -191,12 +190,3 @@ def test_a_slow_answer_costs_the_waiting_caller_little_cpu(broker: IpcBusBroker)
             timer.join()
         client.close()
         server.close()
-
-
-@pytest.mark.parametrize("value,expected", [("", 200e-6), ("0", 0.0), ("50", 50e-6),
-                                            ("-5", 0.0), ("fast", 200e-6)])
-def test_spin_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch, value: str,
-                                           expected: float) -> None:
-    """(Kept for the ecipc client, which still polls for its answers.)"""
-    monkeypatch.setenv("IPCBUS_SPIN_US", value)
-    assert client_module._spin_setting() == pytest.approx(expected)

@@ -183,6 +183,8 @@ def test_an_idle_thread_dispatches_first_then_reads_then_sleeps() -> None:
     assert box.next_role() == "dispatch"
     assert box.next_role() == "read"
     assert box.next_role() is None  # both roles held
+    assert box.take() == ("welcome", 10)
+    box.release(10)
     box.stop_dispatching()
     assert box.next_role() is None  # nothing queued, someone reads
     assert box.wait_timeout() == pytest.approx(IDLE)
@@ -220,15 +222,14 @@ def test_without_hand_over_one_thread_reads_and_the_other_dispatches() -> None:
 
 def test_a_reader_over_the_budget_gives_its_role_up_until_half_is_dispatched() -> None:
     box, _ = inbox()
-    assert box.next_role() == "dispatch"  # a long listener holds the dispatcher's role
-    box.put("x", 0)  # (something for it to take later)
+    box.put("x", 0)
+    assert box.next_role() == "dispatch"  # (a long listener holds the dispatcher's role)
     assert box.next_role() == "read"
-    assert box.read_done("big", BUDGET + 1) is False
+    assert box.read_done("big", BUDGET + 1) is False  # someone dispatches: queued
     assert not box.may_read
     box.stop_reading()
     assert box.next_role() is None  # nobody may read; the dispatcher holds its role
-    box.take()
-    box.take()
+    assert box.take() == ("x", 0) and box.take() == ("big", BUDGET + 1)
     assert box.release(BUDGET + 1) is True
     assert box.next_role() == "read"
 
