@@ -57,7 +57,6 @@ import concurrent.futures
 import itertools
 import logging
 import os
-import select
 import threading
 from typing import Any, Callable
 
@@ -70,8 +69,6 @@ from .answers import settle_answer
 from .delivery import LocalClient, PeerCache, deliver
 from .inbox import Inbox
 from .requests import Requests
-from .answers import SyncAnswer
-from .selfread import SELF_READ, read_own_answer
 from .writer import Membership, Writer
 
 log = logging.getLogger("ipcbus")
@@ -119,11 +116,7 @@ class Connection:
         self.requests = Requests(self, self.lock, rids)
         self.peer_of = PeerCache()  # sender tuples -> IpcBusPeer
         self.cond = threading.Condition(threading.Lock())  # the inbox
-        self.inbox = Inbox(DISPATCH_BUDGET, IDLE, hand_over=HAND_OVER, self_read=SELF_READ)
-        self.got: list[Any] = []  # a read's raw result an interrupt left (see selfread.py)
-        self.main_ident = threading.main_thread().ident  # the thread signal handlers run in
-        self._poller = select.poll()
-        self._poller.register(transport.fileno(), select.POLLIN)
+        self.inbox = Inbox(DISPATCH_BUDGET, IDLE, hand_over=HAND_OVER)
         self.dispatch_owner: int | None = None  # the thread holding the dispatcher's role
         self.reader_done = threading.Event()  # the connection has ended
         self.dispatch_done = threading.Event()  # ...and everything queued was dispatched
@@ -211,22 +204,17 @@ class Connection:
         """Holding the reader's role: read until this thread runs what it read itself
         (hand-over), the budget is spent, or the stream ends."""
         inbox = self.inbox
-        mine = False
         try:
             while True:
                 batch, size = self._read_once()
                 if not batch:
-                    if inbox.callers:  # a caller waits to read its answer: give way
-                        with self.cond:
-                            inbox.stop_reading()
-                        break
                     continue
                 with self.cond:
                     mine = inbox.read_done(batch, size)
                     if mine:
                         self.dispatch_owner = _get_ident()
-                    elif not inbox.may_read or inbox.callers:
-                        inbox.stop_reading()  # the budget is spent, or a caller reads
+                    elif not inbox.may_read:
+                        inbox.stop_reading()
                     self.cond.notify_all()  # the other thread: read, or dispatch
                 if mine or not inbox.reading:
                     break
@@ -237,20 +225,10 @@ class Connection:
             self._run(batch, size)
             self._dispatch_turn(size)
 
-    def poll(self, timeout_ms: int) -> bool:
-        """Whether the socket is readable, waiting up to ``timeout_ms``."""
-        return bool(self._poller.poll(timeout_ms))
-
     def _read_once(self) -> tuple[list[P.Frame], int]:
-        """One read: the frames it completed for the dispatcher, and their size. The main
-        thread keeps the raw result where an interrupt cannot lose it (``got``)."""
-        got = self.got
-        if got or _get_ident() == self.main_ident:
-            if not got:
-                T.recv_kept(self.transport, self.decoder.get_buffer(), got)
-            nbytes, fds = T.recv_result(got.pop())
-        else:
-            nbytes, fds = self.transport.recv_into(self.decoder.get_buffer())
+        """One read: the frames it completed for the dispatcher, and their size."""
+        buf = self.decoder.get_buffer()
+        nbytes, fds = self.transport.recv_into(buf)
         if fds:
             self.fd_queue.extend(fds)
         if nbytes == 0:
@@ -316,12 +294,6 @@ class Connection:
                 f"request on {p.channel!r} failed: {self.close_reason}"))
         T.close_fds(self.fd_queue)
         self.fd_queue.clear()
-        for raw in self.got:
-            try:
-                T.close_fds(T.recv_result(raw)[1])
-            except IpcBusProtocolError:
-                pass  # closed by recv_result
-        self.got.clear()
         self.transport.shutdown()
         self.writer.stop()
         self.forget()
@@ -395,18 +367,6 @@ class Connection:
         with self.cond:
             self.inbox.put(fn)
             self.cond.notify_all()
-
-    def caller_begins(self, caller: object) -> None:
-        with self.cond:
-            self.inbox.caller_begins(caller)
-
-    def caller_ends(self, caller: object) -> None:
-        if caller in self.inbox.callers:
-            with self.cond:
-                self.inbox.caller_ends(caller)
-
-    def read_own(self, answer: SyncAnswer, deadline: float | None) -> None:
-        read_own_answer(self, answer, deadline)
 
     def on_dispatch_thread(self) -> bool:
         """Whether the calling thread holds the dispatcher's role (runs listeners)."""

@@ -17,13 +17,6 @@ runs the listeners. Each role has at most one holder; an idle I/O thread asks
   then needs no hand-off between threads (each costs a thread wake-up; the figures are in
   docs/performance.md), and a listener that blocks still holds up no answer: the other thread
   reads meanwhile. Off: one thread reads, the other dispatches.
-* **Self-read** (``self_read``, the second switch): a caller blocked on a request (not the
-  dispatcher) takes the reader's role if it is free and reads until its own answer comes
-  (:meth:`lend`, :meth:`give_back`): its answer then needs no hand-off either. While such
-  callers are counted (:meth:`caller_begins`), and for ``give_way`` seconds after one got its
-  answer, idle I/O threads leave the socket alone (so that back-to-back requests keep it);
-  they look again every ``give_way`` seconds meanwhile. A caller never runs listeners: what
-  it reads for them is queued.
 * **Order.** Items (a batch of frames, or a callable of ``call_soon``) come out in the order
   they were put, one at a time; a batch is run by the reader that read it only when nothing
   is queued before it; a nested wait (a listener's request, by the dispatcher) takes items
@@ -55,16 +48,10 @@ class Inbox:
     """The dispatch queue of one connection (``clock``: seconds, monotonic)."""
 
     def __init__(self, budget: int, idle: float, *, hand_over: bool = True,
-                 self_read: bool = True, give_way: float = 0.001,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.budget = budget
         self.idle = idle
         self.hand_over = hand_over
-        self.self_read = self_read
-        self.give_way = give_way
-        self.callers: set[object] = set()  # blocking callers that mean to read their answer
-        self.lent_to: object = None  # the caller holding the reader's role, if one does
-        self._gave_way_at: float | None = None  # a caller gave the reader's role back then
         self.reading = False  # a thread holds the reader's role
         self.dispatching = False  # a thread holds the dispatcher's role
         self.ended = False  # the stream has ended: no one reads again
@@ -127,20 +114,10 @@ class Inbox:
         if self._q and not self.dispatching:
             self.dispatching = True
             return "dispatch"
-        if not self.reading and not self.ended and self.may_read and not self._held_back():
+        if not self.reading and not self.ended and self.may_read:
             self.reading = True
             return "read"
         return None
-
-    def _held_back(self) -> bool:
-        """Whether idle I/O threads leave the socket to callers now (see "Self-read")."""
-        if self.callers:
-            return True
-        at = self._gave_way_at
-        if at is not None and self._clock() - at < self.give_way:
-            return True
-        self._gave_way_at = None
-        return False
 
     def read_done(self, item: Any, size: int) -> bool:
         """The reader has read ``item`` (``size`` bytes): True if it runs it itself now (it
@@ -167,56 +144,16 @@ class Inbox:
         """The dispatcher gives its role up (the queue is empty)."""
         self.dispatching = False
 
-    # -- self-read --------------------------------------------------------------------------
-    def caller_begins(self, caller: object) -> None:
-        """A blocking caller (``caller``: a token of its own) is about to send a request;
-        it ends with :meth:`caller_ends` on every path (forgetting it twice is harmless)."""
-        if self.self_read:
-            self.callers.add(caller)
-
-    def caller_ends(self, caller: object) -> None:
-        self.callers.discard(caller)
-
-    def lend(self, caller: object) -> bool:
-        """A counted caller asks for the reader's role: True if it holds it now; False: it
-        waits for its answer instead (it is no longer counted)."""
-        if caller in self.callers and not self.reading and not self.ended and self.may_read:
-            self.reading = True
-            self.lent_to = caller
-            return True
-        self.callers.discard(caller)
-        return False
-
-    def give_back(self, caller: object, answered: bool) -> bool:
-        """The caller is done (reading, if it held the role: ``answered``: it got its
-        answer, and the next request may follow at once: idle threads give way a moment
-        longer). True if an I/O thread should be woken to read now."""
-        self.callers.discard(caller)
-        if self.lent_to is not caller:
-            return False
-        self.reading = False
-        self.lent_to = None
-        self._gave_way_at = self._clock() if answered else None
-        return not answered
-
     def wait_timeout(self) -> float | None:
-        """How long an idle thread may sleep before it should ask again: :meth:`went_idle`
-        is due, or callers may have left the socket (None: until woken)."""
+        """How long an idle thread may sleep before :meth:`went_idle` is due (None: until
+        woken)."""
         if self._q:
             return None  # someone dispatches: it notifies when it gives its role up
-        hold: float | None = None  # a caller reads, or may: look again in a moment
-        if self.lent_to is not None:
-            hold = self.give_way
-        elif not self.reading and not self.ended and self.may_read and self._held_back():
-            at = self._gave_way_at
-            hold = self.give_way if self.callers or at is None else \
-                max(0.0, at + self.give_way - self._clock())
         if self._empty_since is None:
             self._empty_since = self._clock()
         elif self._empty_since < 0:
-            return hold
-        idle = max(0.0, self._empty_since + self.idle - self._clock())
-        return idle if hold is None else min(hold, idle)
+            return None
+        return max(0.0, self._empty_since + self.idle - self._clock())
 
     def went_idle(self) -> bool:
         """True once per quiet period, when the queue has stayed empty ``idle`` seconds."""

@@ -42,12 +42,6 @@ class Link(Protocol):
 
     def on_dispatch_thread(self) -> bool: ...
 
-    def read_own(self, answer: SyncAnswer, deadline: float | None) -> None: ...
-
-    def caller_begins(self, caller: object) -> None: ...
-
-    def caller_ends(self, caller: object) -> None: ...
-
     def nested_wait(self, future: concurrent.futures.Future[Any]) -> None: ...
 
 
@@ -104,27 +98,20 @@ class Requests:
         peer_id = client._peer_id
         assert peer_id is not None
         key = (peer_id, next(self.rids))
-        deadline = time.monotonic() + timeout if timeout is not None else None
         try:
-            try:
-                self.link.caller_begins(answer)  # it may read its answer: see selfread.py
-                self.add(key, Pending(client, channel, answer))
-                self.link.send(client._member, kind, channel, target, key[1], body)
-            except BaseException as exc:
-                self.abandon(client, key, channel, cancel=not isinstance(exc, Exception))
-                raise
-            try:
-                self.link.read_own(answer, deadline)
-                if not answer.wait(None if deadline is None
-                                   else max(0.0, deadline - time.monotonic())):
-                    assert timeout is not None
-                    self.expire(key, timeout)
-                    answer.wait(None)  # set by expire(), or by whoever took the entry
-            except BaseException:  # an interrupt (Ctrl-C): this request is given up
-                self.abandon(client, key, channel, cancel=True)
-                raise
-        finally:
-            self.link.caller_ends(answer)
+            self.add(key, Pending(client, channel, answer))
+            self.link.send(client._member, kind, channel, target, key[1], body)
+        except BaseException as exc:
+            self.abandon(client, key, channel, cancel=not isinstance(exc, Exception))
+            raise
+        try:
+            if not answer.wait(timeout):
+                assert timeout is not None
+                self.expire(key, timeout)
+                answer.wait(None)  # set by expire(), or by whoever took the entry just before
+        except BaseException:  # an interrupt (Ctrl-C): this request is given up
+            self.abandon(client, key, channel, cancel=True)
+            raise
         return answer.result()
 
     def start(self, client: LocalClient, kind: int, channel: str, target: str | None,
