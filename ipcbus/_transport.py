@@ -25,6 +25,7 @@ import termios
 from typing import Any, Iterable, Sequence, Tuple, Union
 
 from . import _protocol as P
+from ._decoder import FrameDecoder
 from .errors import IpcBusConnectionError, IpcBusProtocolError
 
 Address = Union[str, Tuple[str, int]]  # a Unix path, or (host, port)
@@ -512,15 +513,13 @@ def port_from_descriptor(fd: int, kind: str) -> Any:
     raise IpcBusProtocolError(f"unknown port kind {kind!r}")
 
 
-def recv_frame_blocking(transport: StreamTransport, decoder: P.FrameDecoder,
+def recv_frame_blocking(transport: StreamTransport, decoder: FrameDecoder,
                         fd_queue: list[int]) -> P.Frame:
     """Read until one frame is decoded (socket blocking with a timeout); for handshakes."""
     while True:
-        frames = decoder.frames()
-        if frames:
-            # A handshake is one frame: anything after it is handed back for the normal loop.
-            decoder._ready[:0] = frames[1:]
-            return frames[0]
+        frame = decoder.take_frame()  # a handshake is one frame: what follows is the loop's
+        if frame is not None:
+            return frame
         try:
             n, fds = transport.recv_into(decoder.get_buffer())
         except (socket.timeout, BlockingIOError):
@@ -533,7 +532,7 @@ def recv_frame_blocking(transport: StreamTransport, decoder: P.FrameDecoder,
 
 def client_handshake(sock: socket.socket, *, tcp: bool, authkey: bytes | None, timeout: float,
                      relay: bool = False, max_message: int | None = None
-                     ) -> tuple[StreamTransport, P.FrameDecoder, dict[str, Any]]:
+                     ) -> tuple[StreamTransport, FrameDecoder, dict[str, Any]]:
     """Authenticate (TCP), send HELLO, and wait for WELCOME. Returns the ready transport.
     ``relay``: a bridge's link, which takes no frame over ``max_message``."""
     transport = StreamTransport(sock)
@@ -549,7 +548,7 @@ def client_handshake(sock: socket.socket, *, tcp: bool, authkey: bytes | None, t
                                 "relay": relay}
         if max_message is not None:
             body["max_message"] = max_message
-        decoder = P.FrameDecoder()
+        decoder = FrameDecoder()
         fd_queue: list[int] = []
         try:
             transport.sendall([P.encode_frame(P.Kind.HELLO, body=P.pack_payload(body))])
@@ -569,7 +568,7 @@ def client_handshake(sock: socket.socket, *, tcp: bool, authkey: bytes | None, t
     return transport, decoder, welcome
 
 
-def _raise_refusal(transport: StreamTransport, decoder: P.FrameDecoder) -> None:
+def _raise_refusal(transport: StreamTransport, decoder: FrameDecoder) -> None:
     """If the server left a NOTICE before closing, raise it as the handshake's error."""
     fds: list[int] = []
     try:

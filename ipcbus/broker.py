@@ -42,6 +42,7 @@ from typing_extensions import Self
 from . import _backpressure as BP
 from . import _protocol as P
 from . import _transport as T
+from ._decoder import FrameDecoder
 from ._router import Peer, Router
 from ._timeouts import DEFAULT_TIMEOUT, resolve_timeout
 from .spy import TrafficLog
@@ -79,7 +80,7 @@ _BATCH = 512
 LINK_POLICIES = frozenset({"owner", "any", "none"})
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _GONE_RELAY = types.SimpleNamespace(relay=True, paused=True)  # a relay dropped meanwhile
-_FD_KINDS = frozenset({int(P.Kind.SEND), int(P.Kind.SEND_TO)})  # frames that carry descriptors
+
 
 
 class HubOptions:
@@ -137,7 +138,7 @@ class _Endpoint:
         self.transport = transport
         # Until HELLO, nothing larger than a control frame: a peer that has not introduced
         # itself cannot make the broker allocate a large buffer.
-        self.decoder = P.FrameDecoder(P.MAX_CONTROL_BODY, merge_runs=True)
+        self.decoder = FrameDecoder(P.MAX_CONTROL_BODY, merge_runs=True)
         self.fd_queue: collections.deque[int] = collections.deque()
         self.peers: dict[str, Peer] = {}
         self.relay = False
@@ -496,7 +497,7 @@ class Hub:
 
     def add_endpoint(self, sock: socket.socket, label: str, *, ptype: str, pid: int = 0,
                      cred_pid: int | None = None, relay: bool = False,
-                     ready: bool = False, decoder: P.FrameDecoder | None = None) -> _Endpoint:
+                     ready: bool = False, decoder: FrameDecoder | None = None) -> _Endpoint:
         """Serve a connected socket (on the loop thread). ``ptype``/``pid``: who its peers are
         (``cred_pid``: the pid the kernel reported; else the HELLO's is taken); ``relay``: a
         link this hub made; ``ready``: handshake already done; ``decoder``: the one that read
@@ -514,7 +515,7 @@ class Hub:
         if decoder is not None:
             decoder.merge_runs = True
             ep.decoder = decoder
-            if decoder.pending_bytes or decoder._ready:
+            if decoder.has_input:
                 self.call_soon(lambda: self._read(ep) if ep in self.endpoints else None)
         self.endpoints.add(ep)
         ep.events = selectors.EVENT_READ
@@ -579,7 +580,7 @@ class Hub:
     def _take_fds(self, ep: _Endpoint, frame: P.Frame) -> None:
         """Give a frame the descriptors it announces (they arrive with its first byte, or
         with an earlier byte of the same write): it owns them from now on."""
-        if frame.kind not in _FD_KINDS or not ep.ready:
+        if frame.kind not in P.FD_KINDS or not ep.ready:
             raise IpcBusProtocolError(f"a {P.Kind(frame.kind).name} frame cannot carry"
                                       " descriptors")
         if frame.nfds > self._fd_limit(ep):
@@ -795,7 +796,7 @@ class Hub:
             return
         ep.paused = False
         self._set_events(ep, ep.events | selectors.EVENT_READ)
-        if ep.decoder.pending_bytes or ep.decoder._ready:
+        if ep.decoder.has_input:
             self.call_soon(lambda: self._read(ep) if ep in self.endpoints else None)
 
     # -- ending -----------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ from typing import Any, Callable, Optional
 from typing_extensions import Self
 
 from . import _protocol as P
+from ._decoder import FrameDecoder
 from . import _transport as T
 from ._protocol import Kind
 from . import _schemes
@@ -161,7 +162,7 @@ _SEND, _SEND_TO, _REQUEST, _RESPONSE = (int(Kind.SEND), int(Kind.SEND_TO), int(K
 _REQUEST_FAIL, _NOTICE, _SPY_COPY = int(Kind.REQUEST_FAIL), int(Kind.NOTICE), int(Kind.SPY_COPY)
 _PREFIX_PACK = P.PREFIX.pack
 _DECODED = P.DecodedFrame
-_RECYCLE = P.FrameDecoder.CHUNK  # received into a buffer of their own, which is reused
+_RECYCLE = FrameDecoder.CHUNK  # received into a buffer of their own, which is reused
 _registry_lock = threading.Lock()
 _connections: dict[Any, _Connection] = {}
 
@@ -251,7 +252,7 @@ class _Pending:
 class _Connection:
     """One process's connection to one bus, shared by its clients."""
 
-    def __init__(self, key: Any, transport: T.StreamTransport, decoder: P.FrameDecoder,
+    def __init__(self, key: Any, transport: T.StreamTransport, decoder: FrameDecoder,
                  welcome: dict[str, Any], ptype: str, coalesce: int = 0) -> None:
         self.key = key
         self.pid = os.getpid()

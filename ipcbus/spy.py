@@ -29,6 +29,7 @@ from typing_extensions import Self
 from . import _protocol as P
 from ._protocol import Frame, Kind
 from .client import IpcBusClient
+from ._decoder import FrameDecoder
 from .errors import IpcBusProtocolError
 
 log = logging.getLogger("ipcbus")
@@ -165,7 +166,7 @@ class IpcBusSpy:
         return self._client
 
     def _on_copy(self, frame: Frame) -> None:
-        decoder = P.FrameDecoder(max_message=2**32 - 1)
+        decoder = FrameDecoder(max_message=2**32 - 1)
         try:
             decoder.feed(frame.body)
         except IpcBusProtocolError as exc:

@@ -23,9 +23,9 @@ from ipcbus._protocol import (
     PREFIX,
     PREFIX_SIZE,
     Frame,
-    FrameDecoder,
     Kind,
 )
+from ipcbus._decoder import FrameDecoder
 from ipcbus.errors import IpcBusProtocolError
 
 FAST = settings(max_examples=150, deadline=None,
@@ -913,9 +913,9 @@ def test_pack_args_from_many_threads_at_once() -> None:
 def test_recycled_buffer_receives_the_next_large_frame() -> None:
     """A large frame's buffer given back is reused for the next large frame of similar size
     (shrunk in place), and never while something still has a view of it."""
-    body = b"y" * (P.FrameDecoder.CHUNK * 2)
+    body = b"y" * (FrameDecoder.CHUNK * 2)
     frame = P.encode_frame(Kind.SEND, "big", sender=["p", "n", "socket", 1], body=body)
-    dec = P.FrameDecoder()
+    dec = FrameDecoder()
     dec.feed(frame)
     first = dec.frames()[0]
     assert bytes(first.raw) == frame

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipcbus import _protocol as P
-from ipcbus._protocol import Frame, FrameDecoder, Kind
+from ipcbus._decoder import FrameDecoder
+from ipcbus._protocol import Frame, Kind
 from ipcbus._router import RateLimitedLog, Router
 from ipcbus.errors import IpcBusProtocolError
 
