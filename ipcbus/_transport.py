@@ -22,7 +22,7 @@ import socket
 import stat
 import struct
 import termios
-from typing import Any, Iterable, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Sequence, Tuple, Union
 
 from . import _protocol as P
 from ._decoder import FrameDecoder
@@ -292,12 +292,15 @@ def dup_copies(fds: list[int], n: int) -> list[list[int]]:
 class StreamTransport:
     """Bytes and descriptors over one stream socket."""
 
-    __slots__ = ("sock", "can_pass_fds", "_fileno")
+    __slots__ = ("sock", "can_pass_fds", "_fileno", "send_one")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.can_pass_fds = sock.family == socket.AF_UNIX
         self._fileno = sock.fileno()
+        # One ``send`` of one buffer, without descriptors: the number of bytes written
+        # (BlockingIOError if none can be now). The socket's own method: no Python frame.
+        self.send_one: Callable[[memoryview], int] = sock.send
 
     def fileno(self) -> int:
         return self._fileno
@@ -351,6 +354,14 @@ class StreamTransport:
         except (OSError, ValueError):
             return None
         return buf[0]
+
+    def shutdown_read(self) -> None:
+        """Read nothing more: what the peer sends from now on is refused (it gets EPIPE)
+        instead of filling this side's buffers."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     def shutdown_write(self) -> None:
         try:
