@@ -7,8 +7,9 @@ parts, each in a module of its own:
 
 * ``_hub_endpoint.HubEndpoint``: one connection (who its peers are, its decoder, the
   descriptors waiting for their frame) with its output queue (``_outqueue.OutQueue``);
-* ``_handshake``: what a HELLO may ask (the pid, the link role), decided from what the hub
-  knows; ``_hub_auth.TcpAuthenticator``: the TCP authentications, bounded;
+* ``_hub_accept.Acceptor``: the listening socket and admission (credentials, uids), with
+  ``_hub_auth.TcpAuthenticator`` (the TCP authentications, bounded); ``_handshake``: what a
+  HELLO may ask (the pid, the link role), decided from what the hub knows;
 * ``_hub_flow.Flow``: back-pressure and slow consumers carried out, as the pure policy
   ``_backpressure.BackPressure`` decides (clock injected, unit-tested);
 * ``_hub_options.HubOptions``: the limits.
@@ -36,7 +37,7 @@ from . import _protocol as P
 from . import _transport as T
 from ._decoder import FrameDecoder
 from ._handshake import HandshakeRefused, read_hello
-from ._hub_auth import TcpAuthenticator
+from ._hub_accept import Acceptor
 from ._hub_endpoint import HubEndpoint
 from ._hub_flow import Flow
 from ._hub_options import HubOptions
@@ -55,7 +56,6 @@ _CHECK_INTERVAL = 0.01  # deadlines (handshakes, slow consumers, closing) are ch
 CLOSING_GRACE = 10.0
 # A receiver overflowed by a relay (never paused) is disconnected past this many queue limits.
 HARD_LIMIT_FACTOR = 2
-_ACCEPT_BACKOFF = 0.25
 _TRIM_INTERVAL = 1.0  # how often idle read buffers shrink back (FrameDecoder.trim)
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
@@ -77,25 +77,14 @@ class Hub:
             options.queue_limit, options.slow_consumer_timeout, hard_factor=HARD_LIMIT_FACTOR,
             closing_grace=CLOSING_GRACE))
         self.current: HubEndpoint | None = None  # the endpoint whose frames are being routed
-        self.listener: socket.socket | None = None
-        self.address: T.Address | None = None
         self._stop = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._inbox: collections.deque[Callable[[], None]] = collections.deque()
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self.inbox = Inbox(lambda exc: self._contain(None, exc))
+        self.selector.register(self.inbox.fileno(), selectors.EVENT_READ, self.inbox.run)
         self._next_endpoint = 0
         self.owned: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # closed after fork
-        self._accept_paused_until = 0.0  # out of descriptors: accept again after this time
-        self._accept_logged = -1e9
         self._next_trim = 0.0
         self._closed = False
-        self.auth = TcpAuthenticator(
-            authkey if authkey is not None else T.default_authkey(),
-            options.handshake_timeout, self.call_soon,
-            lambda sock, label: self.add_endpoint(sock, label, ptype="socket"))
-        self._socket_file: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
+        self.acceptor = Acceptor(self, authkey if authkey is not None else T.default_authkey())
         self.traffic: TrafficLog | None = None
         if options.traffic_log:
             self.traffic = TrafficLog(options.traffic_log)
@@ -105,31 +94,17 @@ class Hub:
 
     # -- setup -----------------------------------------------------------------------------------
     def listen(self, address: T.Address) -> T.Address:
-        if self.options.ecipc and not isinstance(address, str):
-            raise ValueError("ecipc=True needs a Unix socket path (Node clients cannot"
-                             " authenticate over TCP)")
-        sock = T.listen(address)
-        sock.setblocking(False)
-        self.owned.add(sock)
-        self.listener = sock
-        self.address = address if isinstance(address, str) else sock.getsockname()[:2]
-        if isinstance(address, str):
-            # Closing removes the file only if it is still ours (another broker may have
-            # replaced it meanwhile).
-            st = os.stat(address)
-            self._socket_file = (st.st_dev, st.st_ino)
-        self.selector.register(sock, selectors.EVENT_READ, self._on_accept)
-        return self.address
+        """Accept connections at ``address``; the address bound (the real port for 0)."""
+        return self.acceptor.listen(address)
+
+    @property
+    def address(self) -> T.Address | None:
+        return self.acceptor.address
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the loop thread (thread-safe). Ignored once the hub has shut down."""
-        if self._closed:
-            return
-        self._inbox.append(fn)
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:  # full (the loop will wake anyway), or closed by a shutdown meanwhile
-            pass
+        if not self._closed:
+            self.inbox.put(fn)
 
     def stop(self) -> None:
         self._stop = True
@@ -139,25 +114,6 @@ class Hub:
         self.thread = threading.Thread(target=self.serve_forever, name=name, daemon=True)
         _in_process_hubs.add(self)
         self.thread.start()
-
-    def close_after_fork(self) -> None:
-        """In a forked child: close the inherited copies of every descriptor of this hub, so
-        the parent's peers still see EOF when the parent goes. The loop thread does not exist
-        here, so nothing else touches them."""
-        for sock in list(self.owned):
-            try:
-                os.close(sock.detach())
-            except OSError:
-                pass
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        try:
-            self.selector.close()
-        except Exception:
-            pass
 
     # -- the loop -------------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -195,63 +151,6 @@ class Hub:
                   exc_info=exc)
         if ep is not None and ep in self.endpoints:
             self.drop(ep, f"internal error while serving it: {exc!r}")
-
-    def _on_wake(self, key: selectors.SelectorKey, mask: int) -> None:
-        try:
-            os.read(self._wake_r, 4096)
-        except BlockingIOError:
-            pass
-        while self._inbox:
-            try:
-                self._inbox.popleft()()
-            except Exception as exc:
-                self._contain(None, exc)
-
-    def _on_accept(self, key: selectors.SelectorKey, mask: int) -> None:
-        assert self.listener is not None
-        for _ in range(64):
-            try:
-                sock, addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: back off, keep serving the others
-                now = time.monotonic()
-                if now - self._accept_logged > 10.0:
-                    log.error("accept failed (new connections wait %g s): %s",
-                              _ACCEPT_BACKOFF, exc)
-                    self._accept_logged = now
-                # The listener stays readable: stop watching it for a while instead of spinning.
-                self.selector.unregister(self.listener)
-                self._accept_paused_until = now + _ACCEPT_BACKOFF
-                return
-            self._admit(sock)
-
-    def _admit(self, sock: socket.socket) -> None:
-        if sock.family != socket.AF_UNIX:
-            self.auth.admit(sock)
-            return
-        try:
-            pid, uid, _ = T.peer_credentials(sock)
-        except OSError as exc:
-            log.warning("refused a connection: no peer credentials (%s)", exc)
-            sock.close()
-            return
-        if not T.peer_uid_allowed(uid, os.getuid(), self.options.allowed_uids):
-            reason = f"uid {uid} is not allowed"
-            log.warning("refused a connection from pid %d: %s", pid, reason)
-            T.send_refusal(sock, reason)  # so its client can say why, not "Broken pipe"
-            sock.close()
-            return
-        if self.options.ecipc:  # the first byte tells the protocols apart (issue 19)
-            from .ecipc.gateway import gateway_of
-
-            def as_ipcbus(conn: socket.socket, label: str) -> None:  # on its thread
-                def add() -> None:
-                    self.add_endpoint(conn, label, ptype="socket", pid=pid, cred_pid=pid)
-                self.call_soon(add)
-            gateway_of(self).classify(sock, f"pid {pid}", as_ipcbus)
-            return
-        self.add_endpoint(sock, f"pid {pid}", ptype="socket", pid=pid, cred_pid=pid)
 
     def add_endpoint(self, sock: socket.socket, label: str, *, ptype: str, pid: int = 0,
                      cred_pid: int | None = None, relay: bool = False,
@@ -351,22 +250,7 @@ class Hub:
                 pass
             self.drop(ep, f"handshake refused: {exc}")
             return
-        if hello.relay:
-            ep.relay = True
-            if hello.max_message is not None and hello.max_message < ep.max_in:
-                ep.max_in = hello.max_message  # a link takes no frame over its own limit
-        if ep.cred_pid is None:  # a pipe or TCP: the pid it reports, fixed from now on
-            ep.pid = hello.pid
-            ep.label = f"{ep.label} pid {hello.pid}"
-        if ep.relay:
-            ep.label = f"{ep.label} link"
-        ep.ready = True
-        ep.decoder.max_message = self.options.max_message
-        ep.deliver(P.welcome_frame(os.getpid(), ep.transport.can_pass_fds,
-                                   self.options.max_message, hello.version,
-                                   self.options.max_fds), [])
-        if ep.on_ready is not None:
-            ep.on_ready()
+        ep.welcome(hello)
 
     # -- output ---------------------------------------------------------------------------------
     def _flush_dirty(self) -> None:
@@ -437,11 +321,7 @@ class Hub:
             now = time.monotonic()
         if self.traffic is not None:
             self.traffic.flush()
-        if self._accept_paused_until and now >= self._accept_paused_until:
-            self._accept_paused_until = 0.0
-            assert self.listener is not None
-            self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
-        self.auth.check(now)
+        self.acceptor.check(now)
         if now >= self._next_trim:  # idle connections give their larger read buffer back
             self._next_trim = now + _TRIM_INTERVAL
             for ep in self.endpoints:
@@ -508,23 +388,9 @@ class Hub:
         for ep in list(self.endpoints):
             self.drop(ep, "the bus is closing", quiet=True)
         self._closed = True
-        self.auth.close()
-        if self.listener is not None:
-            try:
-                self.selector.unregister(self.listener)
-            except (KeyError, ValueError):
-                pass
-            self.listener.close()
-            if isinstance(self.address, str) and self._socket_file is not None:
-                try:
-                    st = os.stat(self.address)
-                    if (st.st_dev, st.st_ino) == self._socket_file:
-                        os.unlink(self.address)
-                except OSError:
-                    pass
+        self.acceptor.close()
         self.selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self.inbox.close()
         if self.traffic is not None:
             self.traffic.close()
         _in_process_hubs.discard(self)
@@ -536,16 +402,70 @@ class Hub:
             # slow consumers kept only until their closing NOTICE is written (CLOSING_GRACE)
             "closing_connections": sum(1 for ep in self.endpoints if ep.closing is not None),
             "queued_bytes": sum(ep.out_bytes for ep in self.endpoints),
-            "tcp_authentications": self.auth.state(),
+            "tcp_authentications": self.acceptor.auth.state(),
         }
+
+
+class Inbox:
+    """Calls other threads hand to the loop thread: a queue, and a self-pipe that wakes the
+    loop's ``select``."""
+
+    def __init__(self, contain: Callable[[Exception], None]) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._contain = contain  # an exception of a call: logged, the loop goes on
+
+    def fileno(self) -> int:
+        return self._r
+
+    def put(self, fn: Callable[[], None]) -> None:
+        """Any thread."""
+        self._calls.append(fn)
+        try:
+            os.write(self._w, b"\0")
+        except OSError:  # full (the loop will wake anyway), or closed by a shutdown meanwhile
+            pass
+
+    def run(self, key: Any, mask: int) -> None:
+        """The loop thread, when the pipe is readable: run every call queued."""
+        try:
+            os.read(self._r, 4096)
+        except BlockingIOError:
+            pass
+        while self._calls:
+            try:
+                self._calls.popleft()()
+            except Exception as exc:
+                self._contain(exc)
+
+    def close(self) -> None:
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 _in_process_hubs: weakref.WeakSet[Hub] = weakref.WeakSet()
 
 
 def _close_hubs_after_fork() -> None:
+    """In a forked child: close the inherited copies of every descriptor of the hubs of this
+    process, so the parent's peers still see EOF when the parent goes. Their loop threads do
+    not exist here, so nothing else touches them."""
     for hub in list(_in_process_hubs):
-        hub.close_after_fork()
+        for sock in list(hub.owned):
+            try:
+                os.close(sock.detach())
+            except OSError:
+                pass
+        hub.inbox.close()
+        try:
+            hub.selector.close()
+        except Exception:
+            pass
     _in_process_hubs.clear()
 
 

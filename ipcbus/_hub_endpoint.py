@@ -15,11 +15,13 @@ may wait. Threads: the hub's loop thread only.
 from __future__ import annotations
 
 import collections
+import os
 import time
 from typing import Callable, Protocol
 
 from . import _protocol as P
 from ._decoder import FrameDecoder
+from ._handshake import Hello
 from ._hub_options import HubOptions
 from ._outqueue import OutQueue
 from ._router import Peer, Router
@@ -109,6 +111,26 @@ class HubEndpoint(OutQueue):
                 return True
             offset += P.PREFIX_SIZE + hlen + blen
         return False
+
+    def welcome(self, hello: Hello) -> None:
+        """The HELLO was accepted (``_handshake.read_hello``): the peers of this connection
+        are who the hub decided, and it may now send frames up to the hub's limit."""
+        options = self.hub.options
+        if hello.relay:
+            self.relay = True
+            if hello.max_message is not None and hello.max_message < self.max_in:
+                self.max_in = hello.max_message  # a link takes no frame over its own limit
+        if self.cred_pid is None:  # a pipe or TCP: the pid it reports, fixed from now on
+            self.pid = hello.pid
+            self.label = f"{self.label} pid {hello.pid}"
+        if self.relay:
+            self.label = f"{self.label} link"
+        self.ready = True
+        self.decoder.max_message = options.max_message
+        self.deliver(P.welcome_frame(os.getpid(), self.can_pass_fds, options.max_message,
+                                     hello.version, options.max_fds), [])
+        if self.on_ready is not None:
+            self.on_ready()
 
     # -- the intake's descriptors -------------------------------------------------------------
     @property
