@@ -29,6 +29,15 @@ class Answerer(Protocol):
         """Send the answer to request ``rid`` of ``requester``, as ``member``."""
 
 
+def target_id(target: object) -> str:
+    """The peer id a ``send_to``/``request_to`` target names: an :class:`IpcBusPeer` or an id."""
+    if isinstance(target, IpcBusPeer):
+        return target.id
+    if isinstance(target, str) and target:
+        return target
+    raise TypeError(f"target must be an IpcBusPeer or a peer id, not {target!r}")
+
+
 @dataclass(frozen=True)
 class IpcBusProcess:
     """Where a peer runs: ``type`` is "main", "pipe", "socket" (or "node", a Node peer); ``pid``
