@@ -132,7 +132,7 @@ def assert_clean(router: Router) -> None:
     assert router.peers == {}
     assert router.subscribers == {}
     assert router.channel_endpoints == {}
-    assert router.pending == {}
+    assert not router.pending
     assert router.state()["pending_requests"] == 0
 
 
@@ -222,7 +222,7 @@ def test_frame_from_a_non_peer_of_the_endpoint_is_a_protocol_error(bus: Bus, kin
     with pytest.raises(IpcBusProtocolError):
         bus.handle(e2, kind, "ch", None, "a", 1)
     assert e1.take() == [] and e2.take() == []
-    assert bus.router.pending == {}
+    assert not bus.router.pending
     assert bus.router.subscribers == {"ch": {"a": 1}}
 
 
@@ -502,7 +502,7 @@ def test_request_without_listener_fails_at_once(bus: Bus) -> None:
     bus.request(e1, a, "nobody", 7)
     assert "nobody" in expect_fail(e1, "a", 7)
     assert e2.take() == []
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
 
 def test_request_to_every_listener_first_answer_wins(bus: Bus) -> None:
@@ -517,10 +517,10 @@ def test_request_to_every_listener_first_answer_wins(bus: Bus) -> None:
     assert e2.take_raw() == [bytes(req.raw)]
     assert e3.take_raw() == []
     assert list(bus.router.pending) == [("c", 1)]
-    assert bus.router.pending[("c", 1)].receivers == {"a1", "a2", "b"}
+    assert bus.router.pending.receivers(("c", 1)) == {"a1", "a2", "b"}
     resp = bus.respond(e2, b, "c", 1, "from b")
     assert e3.take_raw() == [bytes(resp.raw)]
-    assert bus.router.pending == {}
+    assert not bus.router.pending
     # a second answer is dropped
     bus.respond(e1, a1, "c", 1, "late")
     assert e1.delivered == e2.delivered == e3.delivered == []
@@ -544,7 +544,7 @@ def test_request_reaches_a_listener_of_the_same_endpoint(bus: Bus) -> None:
     assert ep.take_raw() == [bytes(req.raw)]
     resp = bus.respond(ep, a, "a", 4)
     assert ep.take_raw() == [bytes(resp.raw)]
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
 
 def test_request_id_reused_while_pending_is_a_protocol_error(bus: Bus) -> None:
@@ -571,7 +571,7 @@ def test_request_to(bus: Bus) -> None:
     req = bus.request(e1, a, "ch", 1, target="b")
     assert e2.take_raw() == [bytes(req.raw)]
     assert e3.take_raw() == [] and e1.take_raw() == []
-    assert bus.router.pending[("a", 1)].receivers == {"b"}
+    assert bus.router.pending.receivers(("a", 1)) == {"b"}
     resp = bus.respond(e2, b, "a", 1)
     assert e1.take_raw() == [bytes(resp.raw)]
 
@@ -584,7 +584,7 @@ def test_request_to_a_peer_not_listening_fails(bus: Bus) -> None:
     bus.request(e1, a, "ch", 2, target="b")
     expect_fail(e1, "a", 2)
     assert e2.take() == []
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
 
 def test_request_to_an_unknown_peer_fails(bus: Bus) -> None:
@@ -592,7 +592,7 @@ def test_request_to_an_unknown_peer_fails(bus: Bus) -> None:
     a = bus.add_peer(e1, "a")
     bus.request(e1, a, "ch", 3, target="ghost")
     assert "ghost" in expect_fail(e1, "a", 3)
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
 
 def test_every_receiver_removed_fails_the_request_at_once(bus: Bus) -> None:
@@ -606,10 +606,10 @@ def test_every_receiver_removed_fails_the_request_at_once(bus: Bus) -> None:
     e1.take(), e2.take()
     bus.router.remove_endpoint(e1)
     assert e3.take() == []  # b may still answer
-    assert bus.router.pending[("c", 5)].receivers == {"b"}
+    assert bus.router.pending.receivers(("c", 5)) == {"b"}
     bus.router.remove_endpoint(e2)
     expect_fail(e3, "c", 5)
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
 
 def test_receiver_leaving_by_peer_remove_fails_the_request(bus: Bus) -> None:
@@ -621,7 +621,7 @@ def test_receiver_leaving_by_peer_remove_fails_the_request(bus: Bus) -> None:
     e2.take()
     bus.handle(e2, Kind.PEER_REMOVE, sender=b)
     expect_fail(e1, "a", 6)
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
 
 def test_requester_removed_forgets_pending(bus: Bus) -> None:
@@ -633,7 +633,7 @@ def test_requester_removed_forgets_pending(bus: Bus) -> None:
     bus.request(e1, a, "ch", 2)
     e2.take()
     bus.router.remove_endpoint(e1)
-    assert bus.router.pending == {}
+    assert not bus.router.pending
     # the late answer goes nowhere
     bus.respond(e2, b, "a", 1)
     assert e1.delivered == [] and e2.delivered == []
@@ -658,7 +658,7 @@ def test_cancel_forgets_pending(bus: Bus) -> None:
     bus.handle(e1, Kind.CANCEL, "", a, None, 10)
     bus.router.remove_endpoint(e2)
     assert e1.delivered == []
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
 
 def test_request_fail_from_a_receiver_endpoint_drops_its_receivers(bus: Bus) -> None:
@@ -674,16 +674,16 @@ def test_request_fail_from_a_receiver_endpoint_drops_its_receivers(bus: Bus) -> 
     # e1's process had no listener left: both of its peers are dropped
     bus.fail(e1, a1, "c", 4, "no listener in process 1")
     assert e3.take() == []
-    assert bus.router.pending[("c", 4)].receivers == {"b"}
+    assert bus.router.pending.receivers(("c", 4)) == {"b"}
     bus.fail(e2, b, "c", 4, "no listener in process 2")
     reason = expect_fail(e3, "c", 4)
     assert reason == "no listener in process 2"
-    assert bus.router.pending == {}
+    assert not bus.router.pending
     # a REQUEST_FAIL from an endpoint that is not a receiver changes nothing
     bus.request(e3, c, "ch", 5)
     e1.take(), e2.take()
     bus.fail(e3, c, "c", 5)
-    assert bus.router.pending[("c", 5)].receivers == {"a1", "a2", "b"}
+    assert bus.router.pending.receivers(("c", 5)) == {"a1", "a2", "b"}
     assert e3.take() == []
 
 
@@ -710,12 +710,12 @@ def test_request_from_a_relay_is_not_sent_back_to_it(bus: Bus) -> None:
     req = bus.request(relay, r, "ch", 2)
     assert local.take_raw() == [bytes(req.raw)]
     assert relay.take_raw() == []
-    assert bus.router.pending[("r", 2)].receivers == {"x"}
+    assert bus.router.pending.receivers(("r", 2)) == {"x"}
     # a relay may speak for its side without a sender
     bus.request(local, x, "ch", 3)
     relay.take()
     bus.fail(relay, None, "x", 3)
-    assert bus.router.pending[("x", 3)].receivers == {"x"}
+    assert bus.router.pending.receivers(("x", 3)) == {"x"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -746,7 +746,7 @@ def test_query_state_answered_by_the_router(bus: Bus) -> None:
     assert state["channels"] == {"x": 2, "y": 1}
     assert state["pending_requests"] == 0
     assert e2.take() == []
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
 
 def test_query_state_not_routed_to_listeners_of_that_channel(bus: Bus) -> None:
@@ -767,7 +767,7 @@ def test_service_available_unknown_name(bus: Bus) -> None:
     assert len(frames) == 1
     assert (frames[0].kind, frames[0].target, frames[0].rid) == (Kind.RESPONSE, "a", 3)
     assert body_of(frames[0]) == [True, False]
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
 
 @pytest.mark.parametrize("args", [[], [5], "name", None])
@@ -776,7 +776,7 @@ def test_service_available_without_a_name_fails(bus: Bus, args: Any) -> None:
     a = bus.add_peer(ep, "a")
     bus.handle(ep, Kind.REQUEST, P.SERVICE_AVAILABLE_CHANNEL, a, None, 4, P.pack_payload(args))
     expect_fail(ep, "a", 4)
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
 
 # ---------------------------------------------------------------------------------------------
@@ -806,7 +806,8 @@ def test_remove_endpoint_cleans_everything(bus: Bus) -> None:
     assert "only0" not in bus.router.channel_endpoints
     assert all(eps[0] not in m for m in bus.router.channel_endpoints.values())
     assert all(key[0] not in ("p00", "p01") for key in bus.router.pending)
-    assert all(not ({"p00", "p01"} & p.receivers) for p in bus.router.pending.values())
+    assert all(not ({"p00", "p01"} & bus.router.pending.receivers(key))
+               for key in bus.router.pending)
     assert eps[0].peers == {}
 
     bus.router.remove_endpoint(eps[1])
@@ -870,7 +871,7 @@ def test_upstream_routing() -> None:
     # ... and a REQUEST_FAIL from upstream (no sender: the broker speaks) fails it
     bus.fail(up, None, "a", 1, "no listener for 'far' on the bus")
     assert expect_fail(e1, "a", 1) == "no listener for 'far' on the bus"
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
     # a REQUEST with a local listener goes to it and upstream; an answer from upstream wins
     req = bus.request(e1, a, "ch", 2)
@@ -879,7 +880,7 @@ def test_upstream_routing() -> None:
     assert up.take_raw() == [bytes(req.raw)]
     resp = bus.respond(up, remote, "a", 2, "from far")
     assert e1.take_raw() == [bytes(resp.raw)]
-    assert bus.router.pending == {}
+    assert not bus.router.pending
     # the local answer that comes later is dropped
     bus.respond(e2, b, "a", 2)
     assert e1.delivered == e2.delivered == up.delivered == []
@@ -912,7 +913,7 @@ def test_upstream_fail_only_when_every_side_failed() -> None:
     bus.router.remove_endpoint(up)
     assert bus.router.upstream is None
     expect_fail(e1, "a", 2)
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
 
 def test_upstream_peers_and_send_to() -> None:
@@ -953,11 +954,11 @@ def test_upstream_request_to_an_unknown_peer_goes_upstream() -> None:
     assert ("a", 1) in bus.router.pending
     resp = bus.respond(up, info("elsewhere"), "a", 1)
     assert e1.take_raw() == [bytes(resp.raw)]
-    assert bus.router.pending == {}
+    assert not bus.router.pending
     # a request_to from upstream for a peer unknown here fails back upstream, not in a loop
     bus.request(up, info("r"), "ch", 2, target="ghost")
     expect_fail(up, "r", 2)
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
 
 def test_upstream_with_a_remote_subscriber_gets_a_broadcast_once() -> None:
@@ -1043,7 +1044,7 @@ def test_service_add_with_upstream_is_asked_of_the_broker() -> None:
     assert e1.take_raw() == []
     resp = bus.handle(up, Kind.RESPONSE, "", None, "host", 7, P.pack_payload([True, None]))
     assert e1.take_raw() == [bytes(resp.raw)]
-    assert bus.router.pending == {}
+    assert not bus.router.pending
     rm = bus.handle(e1, Kind.SERVICE_REMOVE, "clock", host)
     assert up.take_raw() == [bytes(rm.raw)]
 
@@ -1091,7 +1092,7 @@ def test_post_to_an_endpoint_that_cannot_pass_fds_sends_nothing(bus: Bus) -> Non
     # peer-to-peer to an unknown peer with an answer asked: REQUEST_FAIL, not a NOTICE
     post(bus, e1, Kind.SEND_TO, "ports", a, "ghost", 6, [10])
     expect_fail(e1, "a", 6)
-    assert bus.router.pending == {}
+    assert not bus.router.pending
 
 
 # ---------------------------------------------------------------------------------------------
