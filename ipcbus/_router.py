@@ -51,6 +51,7 @@ from typing import Any, Callable
 
 from . import _protocol as P
 from ._protocol import Frame, Kind
+from ._router_messages import MessageRouter
 from ._router_requests import SPECIAL_CHANNELS, RequestRouter
 from ._routing import (UPSTREAM, DupFds, Endpoint, Observer, Peer, RateLimitedLog, answer_frame,
                        copies, fail_frame)
@@ -83,6 +84,7 @@ class Router:
         self.subscribers: dict[str, dict[str, int]] = {}
         self.channel_endpoints: dict[str, dict[Endpoint, int]] = {}
         self.requests = RequestRouter(self)
+        self.messages = MessageRouter(self, self.requests, dup_fds)
         self.pending = self.requests.table  # requests in flight (the bus's one request table)
         # service name -> peer id of its host (a linked bridge: the hosts of this side, as
         # the broker granted them; the broker keeps the bus's list)
@@ -97,7 +99,6 @@ class Router:
                         "unknown_targets": 0, "spy_copies_over_limit": 0,
                         "over_link_limit": 0, "descriptor_copies_failed": 0,
                         "direct_subscriptions": 0}
-        self._dup = dup_fds
         self.warn = RateLimitedLog(clock)
         self._state_extra = state_extra
         self._handlers: dict[int, Callable[[Endpoint, Frame], None]] = {
@@ -105,8 +106,8 @@ class Router:
             Kind.PEER_REMOVE: self._on_peer_remove,
             Kind.SUBSCRIBE: self._on_subscribe,
             Kind.UNSUBSCRIBE: self._on_unsubscribe,
-            Kind.SEND: self._on_send,
-            Kind.SEND_TO: self._on_send_to,
+            Kind.SEND: self.messages.on_send,
+            Kind.SEND_TO: self.messages.on_send_to,
             Kind.REQUEST: self._on_request,
             Kind.RESPONSE: self.requests.on_response,
             Kind.REQUEST_FAIL: self.requests.on_request_fail,
@@ -366,139 +367,6 @@ class Router:
             raise IpcBusProtocolError(f"frame from unknown peer {sid!r}")
         return peer
 
-    # -- reserved channels ------------------------------------------------------------------------
-    def _may_send(self, frame: Frame) -> bool:
-        """May this (non-upstream) frame be sent on its reserved channel?"""
-        channel = frame.channel
-        if channel.startswith(P.DIRECT_PREFIX) or channel.startswith(P.SERVICE_CALL_PREFIX):
-            return True
-        if channel.startswith(P.SERVICE_EVENT_PREFIX):
-            host = self.services.get(channel[len(P.SERVICE_EVENT_PREFIX):])
-            if host is not None and host == frame.sender_id:
-                return True
-            self.dropped["forged_events"] += frame.count
-            return False
-        self.dropped["reserved_channel"] += frame.count
-        return False
-
-    def _refuse_reserved(self, endpoint: Endpoint, frame: Frame) -> None:
-        reason = (f"channel {frame.channel!r} is reserved: only the bus and the host of a"
-                  " service send on it")
-        self.warn.warning("reserved", "%s: dropped %s from %s: %s", endpoint.label,
-                          Kind(frame.kind).name, frame.sender_id, reason)
-        if frame.sender_id is not None:
-            if frame.kind == Kind.REQUEST:
-                endpoint.deliver(fail_frame(frame.sender_id, frame.rid, reason), [])
-            else:
-                endpoint.deliver(P.notice_frame(frame.sender_id, error=reason,
-                                                channel=frame.channel), [])
-
-    # -- messages ---------------------------------------------------------------------------
-    def _on_send(self, endpoint: Endpoint, frame: Frame) -> None:
-        upstream = self.upstream
-        if frame.channel.startswith(_RESERVED) and endpoint is not upstream \
-                and not self._may_send(frame):
-            self._refuse_reserved(endpoint, frame)
-            return
-        eps = self.channel_endpoints.get(frame.channel)
-        to_upstream = upstream is not None and endpoint is not upstream
-        # upstream is served once, by the default route, even if it announced subscribers
-        skip = upstream if to_upstream else None
-        if frame.nfds or frame.rid:  # post_message: routed all or nothing, acknowledged
-            targets = [ep for ep in eps or ()
-                       if (ep is not endpoint or not ep.relay) and ep is not skip]
-            self._post(endpoint, frame, targets, to_upstream)
-            return
-        if eps:
-            for ep in eps:
-                if (ep is not endpoint or not ep.relay) and ep is not skip:
-                    ep.deliver(frame.raw, [], frame.count)
-        if to_upstream:
-            assert upstream is not None
-            upstream.deliver(frame.raw, [], frame.count)
-
-    def _on_send_to(self, endpoint: Endpoint, frame: Frame) -> None:
-        if frame.channel.startswith(_RESERVED) and endpoint is not self.upstream \
-                and not self._may_send(frame):
-            self._refuse_reserved(endpoint, frame)
-            return
-        target = frame.target
-        peer = self.peers.get(target) if target is not None else None
-        via_upstream = peer is None and self.upstream is not None and endpoint is not self.upstream
-        if frame.rid and peer is not None and frame.channel not in peer.channels \
-                and frame.sender_id is not None and endpoint is not self.upstream:
-            # post_message_to a peer that does not listen there fails, as request_to does
-            endpoint.deliver(fail_frame(frame.sender_id, frame.rid, (
-                f"peer {peer.name!r} ({peer.id}) has no listener for {frame.channel!r}")), [])
-        elif (frame.nfds or frame.rid) and (peer is not None or via_upstream):
-            self._post(endpoint, frame, [peer.endpoint] if peer is not None else [], via_upstream)
-        elif peer is not None:
-            peer.endpoint.deliver(frame.raw, [], frame.count)
-        elif via_upstream:
-            assert self.upstream is not None
-            self.upstream.deliver(frame.raw, [], frame.count)
-        elif frame.rid and frame.sender_id is not None:
-            endpoint.deliver(fail_frame(frame.sender_id, frame.rid,
-                                         f"no peer {frame.target!r} on the bus"), [])
-        else:
-            self._notice_unknown(endpoint, frame)
-
-    def _post(self, endpoint: Endpoint, frame: Frame, targets: list[Endpoint],
-              via_upstream: bool) -> None:
-        """Deliver a posted message (with descriptors, or acknowledged): to every target, or
-        (if one of them cannot receive descriptors, or their copies cannot all be made) to
-        none. ``rid`` > 0 asks for an answer: RESPONSE with the number of connections reached, or REQUEST_FAIL; through a
-        link the broker gives it."""
-        sender, rid = frame.sender_id, frame.rid
-        if endpoint is self.upstream:
-            rid = 0  # the broker answers the posts that reach us through it
-        if not targets and not via_upstream and not (
-                endpoint.relay and endpoint in self.channel_endpoints.get(frame.channel, ())):
-            if rid and sender is not None:  # (a link's own side listens: it announced so)
-                endpoint.deliver(fail_frame(sender, rid, f"no listener for {frame.channel!r}"
-                                             " on the bus; nothing was sent"), [])
-            return
-        upstream = self.upstream if via_upstream else None
-        unable = [ep for ep in targets if not ep.can_pass_fds] if frame.nfds else []
-        if frame.nfds and upstream is not None and not upstream.can_pass_fds:
-            unable.append(upstream)
-        failure = None
-        if unable:
-            names = ", ".join(sorted({p.name for ep in unable for p in ep.peers.values()}
-                                     or {ep.label for ep in unable}))
-            failure = (f"cannot pass descriptors to {names}: not connected by a Unix socket or"
-                       " pipe; nothing was sent")
-        else:
-            receivers = targets + ([upstream] if upstream is not None else [])
-            try:
-                copies = self._dup(frame.fds, len(receivers))
-            except OSError as exc:
-                self.dropped["descriptor_copies_failed"] += 1
-                self.warn.warning("dup", "%s: could not copy the descriptors of a message on"
-                                  " %r: %s", endpoint.label, frame.channel, exc)
-                failure = f"the bus could not copy the descriptors ({exc}); nothing was sent"
-        if failure is not None:
-            if rid and sender is not None:
-                endpoint.deliver(fail_frame(sender, rid, failure), [])
-            return
-        for ep, fds in zip(targets, copies):
-            ep.deliver(frame.raw, fds, frame.count)
-        if upstream is not None:
-            if rid and sender is not None:
-                self.requests.forwarded((sender, rid), endpoint, frame.channel)
-            upstream.deliver(frame.raw, copies[-1], frame.count)
-        elif rid and sender is not None:
-            endpoint.deliver(answer_frame(sender, rid, len(targets)), [])
-
-    def _notice_unknown(self, endpoint: Endpoint, frame: Frame) -> None:
-        self.dropped["unknown_targets"] += frame.count
-        self.warn.warning("unknown", "%s: dropped %s to unknown peer %r on channel %r",
-                          endpoint.label, Kind(frame.kind).name, frame.target, frame.channel)
-        if frame.sender_id is not None:
-            endpoint.deliver(P.notice_frame(
-                frame.sender_id, error=f"no peer {frame.target!r} on the bus",
-                channel=frame.channel), [])
-
     # -- requests (routed by self.requests: _router_requests.py) -------------------------------
     def _on_request(self, endpoint: Endpoint, frame: Frame) -> None:
         channel = frame.channel
@@ -509,7 +377,7 @@ class Router:
                 target = self.services.get(channel[len(P.SERVICE_CALL_PREFIX):], target)
             elif channel not in SPECIAL_CHANNELS and not channel.startswith(P.DIRECT_PREFIX):
                 self.dropped["reserved_channel"] += 1
-                self._refuse_reserved(endpoint, frame)
+                self.messages.refuse_reserved(endpoint, frame)
                 return
         self.requests.route(endpoint, frame, target)
 
