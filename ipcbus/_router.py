@@ -41,10 +41,16 @@ Trust (SPEC "Trust", "Resources"): the router, not a frame, decides who a peer i
   injected); if they cannot all be made, nothing is delivered and the sender is told.
 * Frames the router builds obey the size limits: an answer or a spy copy over
   ``max_message`` is replaced by a failure or a notice to the asker.
+
+Parts: :class:`Router` (this module) checks every frame's sender and keeps peers (joining
+through a link included), subscriptions and services; it hands messages to
+``_router_messages.MessageRouter`` (broadcasts, peer-to-peer, posts with descriptors,
+reserved channels), requests and answers to ``_router_requests.RequestRouter`` (on the
+bus's one request table, ``_pending.RequestTable``), and spies, statistics and the state to
+``_router_view``. They share the vocabulary of ``_routing`` (Endpoint, Peer, UPSTREAM).
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import time
 from typing import Any, Callable
@@ -53,6 +59,7 @@ from . import _protocol as P
 from ._protocol import Frame, Kind
 from ._router_messages import MessageRouter
 from ._router_requests import SPECIAL_CHANNELS, RequestRouter
+from ._router_view import ChannelStats, Spies, bus_state
 from ._routing import (UPSTREAM, DupFds, Endpoint, Observer, Peer, RateLimitedLog, answer_frame,
                        copies, fail_frame)
 from .errors import IpcBusProtocolError
@@ -64,7 +71,6 @@ log = logging.getLogger("ipcbus")
 _PEER_ADD = int(Kind.PEER_ADD)
 _MESSAGE_KINDS = P.MESSAGE_KINDS
 _RESERVED = P.RESERVED_PREFIX
-_MAX_CHANNEL_STATS = 10_000
 
 
 class Router:
@@ -92,8 +98,9 @@ class Router:
         # Looking in: observers see every message a peer sends (after it is routed); with none
         # attached the cost is one truth test per frame. Spies are observers fed by the router.
         self.observers: list[Observer] = []
-        self.spies: dict[str, str] = {}  # spy peer id -> channel glob ("" = every channel)
-        self.channel_stats: dict[str, list[int]] = {}  # channel -> [messages, bytes]
+        self.spies = Spies(self, self.observers)
+        self.stats = ChannelStats(self.subscribers)
+        self._count = self.stats.count
         # What was refused without closing a connection (SPEC "Trust"), for queryState.
         self.dropped = {"forged_answers": 0, "forged_events": 0, "reserved_channel": 0,
                         "unknown_targets": 0, "spy_copies_over_limit": 0,
@@ -112,11 +119,11 @@ class Router:
             Kind.RESPONSE: self.requests.on_response,
             Kind.REQUEST_FAIL: self.requests.on_request_fail,
             Kind.CANCEL: self.requests.on_cancel,
-            Kind.NOTICE: self._on_notice,
+            Kind.NOTICE: self.messages.on_notice,
             Kind.SERVICE_ADD: self._on_service_add,
             Kind.SERVICE_REMOVE: self._on_service_remove,
-            Kind.SPY_ADD: self._on_spy_add,
-            Kind.SPY_REMOVE: self._on_spy_remove,
+            Kind.SPY_ADD: self.spies.on_add,
+            Kind.SPY_REMOVE: self.spies.on_remove,
         }
 
     # -- entry points ---------------------------------------------------------------------
@@ -153,21 +160,6 @@ class Router:
         if self.observers and kind in _MESSAGE_KINDS:
             for observer in self.observers:
                 observer(endpoint, frame)
-
-    def _count(self, peer: Peer, frame: Frame) -> None:
-        size = len(frame.raw)
-        peer.sent_msgs += frame.count
-        peer.sent_bytes += size
-        stats = self.channel_stats.get(frame.channel)
-        if stats is None:
-            if len(self.channel_stats) >= _MAX_CHANNEL_STATS:  # forget unheard channels first
-                for channel in [c for c in self.channel_stats if c not in self.subscribers]:
-                    del self.channel_stats[channel]
-                if len(self.channel_stats) >= _MAX_CHANNEL_STATS:
-                    return
-            stats = self.channel_stats[frame.channel] = [0, 0]
-        stats[0] += frame.count
-        stats[1] += size
 
     def remove_endpoint(self, endpoint: Endpoint) -> None:
         """Forget a connection that has ended, and everything its peers owned."""
@@ -285,13 +277,12 @@ class Router:
         peer.endpoint.peers.pop(peer_id, None)
         for channel in list(peer.channels):
             self._unsubscribe(peer, channel, 0)
-        if self.spies.pop(peer_id, None) is not None and not self.spies:
-            self.observers.remove(self._mirror)
+        self.spies.peer_gone(peer_id)
         for name, host in list(self.services.items()):
             if host == peer_id:
                 del self.services[name]
                 if self.upstream is None:  # else the broker tells the whole bus
-                    self._broadcast(P.service_event_channel(name), P.pack_payload(
+                    self.messages.broadcast(P.service_event_channel(name), P.pack_payload(
                         ["stop", f"the host of service {name!r} ({peer.name}) has left the"
                                  " bus"]))
         self.requests.receiver_gone(peer_id, f"peer {peer.name!r} ({peer_id}) has left the bus")
@@ -301,7 +292,7 @@ class Router:
 
     # -- subscriptions -------------------------------------------------------------------------
     def _on_subscribe(self, endpoint: Endpoint, frame: Frame) -> None:
-        peer = self._sender(endpoint, frame)
+        peer = self.sender_of(endpoint, frame)
         channel = frame.channel
         if not channel:
             raise IpcBusProtocolError("SUBSCRIBE without a channel")
@@ -334,7 +325,7 @@ class Router:
                                       [])
 
     def _on_unsubscribe(self, endpoint: Endpoint, frame: Frame) -> None:
-        self._unsubscribe(self._sender(endpoint, frame), frame.channel, frame.rid)
+        self._unsubscribe(self.sender_of(endpoint, frame), frame.channel, frame.rid)
 
     def _unsubscribe(self, peer: Peer, channel: str, count: int) -> None:
         """Remove ``count`` references of ``peer`` to ``channel`` (0: all of them)."""
@@ -360,7 +351,7 @@ class Router:
         if self.upstream is not None and peer.endpoint is not self.upstream:
             self.upstream.deliver(P.encode_frame(Kind.UNSUBSCRIBE, channel, peer.info, None, 0), [])
 
-    def _sender(self, endpoint: Endpoint, frame: Frame) -> Peer:
+    def sender_of(self, endpoint: Endpoint, frame: Frame) -> Peer:
         sid = frame.sender_id
         peer = self.peers.get(sid) if sid is not None else None
         if peer is None or peer.endpoint is not endpoint:
@@ -381,17 +372,9 @@ class Router:
                 return
         self.requests.route(endpoint, frame, target)
 
-    def _on_notice(self, endpoint: Endpoint, frame: Frame) -> None:
-        if endpoint is self.upstream and frame.target is not None:
-            peer = self.peers.get(frame.target)
-            if peer is not None:
-                peer.endpoint.deliver(frame.raw, [], frame.count)
-                return
-        log.debug("%s: notice %s", endpoint.label, bytes(frame.body)[:200])
-
     # -- services -------------------------------------------------------------------------------
     def _on_service_add(self, endpoint: Endpoint, frame: Frame) -> None:
-        peer = self._sender(endpoint, frame)
+        peer = self.sender_of(endpoint, frame)
         name = frame.channel
         if not name:
             raise IpcBusProtocolError("SERVICE_ADD without a name")
@@ -411,7 +394,7 @@ class Router:
         endpoint.deliver(answer_frame(peer.id, frame.rid, None), [])
 
     def _on_service_remove(self, endpoint: Endpoint, frame: Frame) -> None:
-        peer = self._sender(endpoint, frame)
+        peer = self.sender_of(endpoint, frame)
         name = frame.channel
         if self.upstream is not None:  # the broker releases the name and tells the bus
             if self.services.get(name) == peer.id:
@@ -421,80 +404,14 @@ class Router:
             del self.services[name]
             # The hub, not the host, tells the proxies: only the hub (and a host) may send on
             # the event channel, and the name is free by the time they hear it.
-            self._broadcast(P.service_event_channel(name), P.pack_payload(
+            self.messages.broadcast(P.service_event_channel(name), P.pack_payload(
                 ["stop", f"service {name!r} was stopped by its host"]))
 
-    # -- spies -------------------------------------------------------------------------------------
-    def _on_spy_add(self, endpoint: Endpoint, frame: Frame) -> None:
-        peer = self._sender(endpoint, frame)
-        if not self.spies:
-            self.observers.append(self._mirror)
-        self.spies[peer.id] = frame.channel
-        endpoint.deliver(answer_frame(peer.id, frame.rid, None), [])
-
-    def _on_spy_remove(self, endpoint: Endpoint, frame: Frame) -> None:
-        peer = self._sender(endpoint, frame)
-        if self.spies.pop(peer.id, None) is not None and not self.spies:
-            self.observers.remove(self._mirror)
-
-    def _mirror(self, endpoint: Endpoint, frame: Frame) -> None:
-        """Give every interested spy a copy of a routed message (its bytes, undecoded); a
-        copy over the message limit is replaced by a notice to that spy."""
-        copy: bytes | None = None
-        for spy_id, pattern in self.spies.items():
-            if pattern and not fnmatch.fnmatchcase(frame.channel, pattern):
-                continue
-            spy = self.peers.get(spy_id)
-            if spy is None:
-                continue
-            if len(frame.raw) > self.max_message:
-                self.dropped["spy_copies_over_limit"] += 1
-                spy.endpoint.deliver(P.notice_frame(spy_id, error=(
-                    f"spy: a message on {frame.channel!r} of {len(frame.raw)} bytes is over"
-                    f" the message limit of {self.max_message}: not copied"),
-                    channel=frame.channel), [])
-                continue
-            if copy is None:
-                copy = bytes(frame.raw)
-            spy.endpoint.deliver(P.encode_frame(Kind.SPY_COPY, frame.channel, None, spy_id, 0,
-                                                copy), [])
-
-    def _broadcast(self, channel: str, body: bytes) -> None:
-        """A SEND made by the router itself (no sender), to the subscribers of ``channel``."""
-        eps = self.channel_endpoints.get(channel)
-        if eps:
-            raw = P.encode_frame(Kind.SEND, channel, None, None, 0, body)
-            for ep in eps:
-                ep.deliver(raw, [])
-
-    # -- state ----------------------------------------------------------------------------------
+    # -- looking in (_router_view.py) --------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """The bus as this router sees it (the answer to ``/ipcbus/queryState``)."""
-        pending_by_peer = self.requests.counts()
-        state: dict[str, Any] = {
-            "pid": self.pid,
-            "peers": [
-                {"id": p.id, "name": p.name, "type": p.type, "pid": p.pid,
-                 "channels": dict(p.channels),
-                 "sent": {"messages": p.sent_msgs, "bytes": p.sent_bytes},
-                 "pending_requests": pending_by_peer.get(p.id, 0),
-                 # what the router delivered to this peer's connection (shared by the clients
-                 # of one process), and what still waits in its queue
-                 "connection": {
-                     "delivered_messages": getattr(p.endpoint, "delivered_msgs", 0),
-                     "delivered_bytes": getattr(p.endpoint, "delivered_bytes", 0),
-                     "queued_bytes": getattr(p.endpoint, "out_bytes", 0)}}
-                for p in self.peers.values()
-            ],
-            "channels": {ch: len(subs) for ch, subs in self.subscribers.items()},
-            "channel_stats": {ch: {"messages": m, "bytes": b,
-                                   "subscribers": len(self.subscribers.get(ch, ()))}
-                              for ch, (m, b) in self.channel_stats.items()},
-            "services": dict(self.services),
-            "dropped": dict(self.dropped),
-            "spies": len(self.spies),
-            "pending_requests": len(self.pending),
-        }
+        state = bus_state(self, self.requests.counts(), len(self.pending), len(self.spies),
+                          self.stats.channels)
         if self._state_extra is not None:
             state.update(self._state_extra())
         return state

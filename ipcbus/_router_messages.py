@@ -19,12 +19,16 @@ in. The rules:
 """
 from __future__ import annotations
 
+import logging
+
 from . import _protocol as P
 from ._protocol import Frame, Kind
 from ._router_requests import RequestRouter
 from ._routing import DupFds, Endpoint, RouterCore, answer_frame, fail_frame
 
 __all__ = ["MessageRouter"]
+
+log = logging.getLogger("ipcbus")
 
 _RESERVED = P.RESERVED_PREFIX
 
@@ -56,7 +60,7 @@ class MessageRouter:
         reason = (f"channel {frame.channel!r} is reserved: only the bus and the host of a"
                   " service send on it")
         self.core.warn.warning("reserved", "%s: dropped %s from %s: %s", endpoint.label,
-                          Kind(frame.kind).name, frame.sender_id, reason)
+                               Kind(frame.kind).name, frame.sender_id, reason)
         if frame.sender_id is not None:
             if frame.kind == Kind.REQUEST:
                 endpoint.deliver(fail_frame(frame.sender_id, frame.rid, reason), [])
@@ -95,9 +99,10 @@ class MessageRouter:
             return
         target = frame.target
         peer = self.core.peers.get(target) if target is not None else None
-        via_upstream = peer is None and self.core.upstream is not None and endpoint is not self.core.upstream
+        upstream = self.core.upstream
+        via_upstream = peer is None and upstream is not None and endpoint is not upstream
         if frame.rid and peer is not None and frame.channel not in peer.channels \
-                and frame.sender_id is not None and endpoint is not self.core.upstream:
+                and frame.sender_id is not None and endpoint is not upstream:
             # post_message_to a peer that does not listen there fails, as request_to does
             endpoint.deliver(fail_frame(frame.sender_id, frame.rid, (
                 f"peer {peer.name!r} ({peer.id}) has no listener for {frame.channel!r}")), [])
@@ -106,8 +111,8 @@ class MessageRouter:
         elif peer is not None:
             peer.endpoint.deliver(frame.raw, [], frame.count)
         elif via_upstream:
-            assert self.core.upstream is not None
-            self.core.upstream.deliver(frame.raw, [], frame.count)
+            assert upstream is not None
+            upstream.deliver(frame.raw, [], frame.count)
         elif frame.rid and frame.sender_id is not None:
             endpoint.deliver(fail_frame(frame.sender_id, frame.rid,
                                          f"no peer {frame.target!r} on the bus"), [])
@@ -118,8 +123,8 @@ class MessageRouter:
               via_upstream: bool) -> None:
         """Deliver a posted message (with descriptors, or acknowledged): to every target, or
         (if one of them cannot receive descriptors, or their copies cannot all be made) to
-        none. ``rid`` > 0 asks for an answer: RESPONSE with the number of connections reached, or REQUEST_FAIL; through a
-        link the broker gives it."""
+        none. ``rid`` > 0 asks for an answer: RESPONSE with the number of connections
+        reached, or REQUEST_FAIL; through a link the broker gives it."""
         sender, rid = frame.sender_id, frame.rid
         if endpoint is self.core.upstream:
             rid = 0  # the broker answers the posts that reach us through it
@@ -145,8 +150,8 @@ class MessageRouter:
                 copies = self.dup(frame.fds, len(receivers))
             except OSError as exc:
                 self.core.dropped["descriptor_copies_failed"] += 1
-                self.core.warn.warning("dup", "%s: could not copy the descriptors of a message on"
-                                  " %r: %s", endpoint.label, frame.channel, exc)
+                self.core.warn.warning("dup", "%s: could not copy the descriptors of a message"
+                                       " on %r: %s", endpoint.label, frame.channel, exc)
                 failure = f"the bus could not copy the descriptors ({exc}); nothing was sent"
         if failure is not None:
             if rid and sender is not None:
@@ -164,8 +169,25 @@ class MessageRouter:
     def notice_unknown(self, endpoint: Endpoint, frame: Frame) -> None:
         self.core.dropped["unknown_targets"] += frame.count
         self.core.warn.warning("unknown", "%s: dropped %s to unknown peer %r on channel %r",
-                          endpoint.label, Kind(frame.kind).name, frame.target, frame.channel)
+                               endpoint.label, Kind(frame.kind).name, frame.target,
+                               frame.channel)
         if frame.sender_id is not None:
             endpoint.deliver(P.notice_frame(
                 frame.sender_id, error=f"no peer {frame.target!r} on the bus",
                 channel=frame.channel), [])
+
+    def on_notice(self, endpoint: Endpoint, frame: Frame) -> None:
+        if endpoint is self.core.upstream and frame.target is not None:
+            peer = self.core.peers.get(frame.target)
+            if peer is not None:
+                peer.endpoint.deliver(frame.raw, [], frame.count)
+                return
+        log.debug("%s: notice %s", endpoint.label, bytes(frame.body)[:200])
+
+    def broadcast(self, channel: str, body: bytes) -> None:
+        """A SEND made by the router itself (no sender), to the subscribers of ``channel``."""
+        eps = self.core.channel_endpoints.get(channel)
+        if eps:
+            raw = P.encode_frame(Kind.SEND, channel, None, None, 0, body)
+            for ep in eps:
+                ep.deliver(raw, [])

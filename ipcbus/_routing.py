@@ -119,5 +119,9 @@ class RouterCore(Protocol):
 
     def state(self) -> dict[str, Any]: ...
 
+    def sender_of(self, endpoint: Endpoint, frame: Frame) -> Peer:
+        """The registered peer of ``endpoint`` that sent ``frame`` (IpcBusProtocolError if
+        there is none)."""
+
     def join_answer(self, peer_id: str, rid: int, accepted: bool, reason: str) -> bool:
         """The broker's answer to a PEER_ADD this bridge forwarded; False if it is not one."""
