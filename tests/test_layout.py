@@ -76,14 +76,70 @@ def test_a_cycle_is_found_when_there_is_one() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+# Pure modules: the wire protocol, the router and its parts, the policies the hub carries out.
+PURE = ("_protocol", "_router", "_routing", "_router_requests", "_router_messages",
+        "_router_view", "_pending", "_backpressure", "_handshake")
+IMPURE = {"socket", "threading", "select", "selectors", "ctypes"}
+
+
+def imported_names(name: str) -> set[str]:
+    """Top-level names of the modules outside the package that ``name`` imports."""
+    tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+    imported = {a.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for a in node.names}
+    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and not node.level}
+    return imported
+
+
 def test_the_wire_protocol_and_the_router_are_pure() -> None:
-    """``_protocol.py`` and ``_router.py`` touch no socket, thread, poller or C memory: they
-    take bytes and frames, and give frames and decisions (the large-bytes receive, which
-    needs ``ctypes``, lives in ``_bigbytes.py``)."""
-    for name in ("_protocol.py", "_router.py"):
-        tree = ast.parse((PACKAGE / name).read_text())
-        imported = {a.name.split(".")[0] for node in ast.walk(tree)
-                    if isinstance(node, ast.Import) for a in node.names}
-        imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and not node.level}
-        assert not imported & {"socket", "threading", "select", "selectors", "ctypes"}, name
+    """``_protocol.py``, ``_router.py`` and the router's parts touch no socket, thread, poller
+    or C memory: they take bytes and frames, and give frames and decisions (the large-bytes
+    receive, which needs ``ctypes``, lives in ``_bigbytes.py``, used by ``_decoder.py``)."""
+    for name in PURE:
+        assert not imported_names(name) & IMPURE, name
+
+
+def test_pure_modules_import_only_pure_modules_of_the_package() -> None:
+    """Purity holds through the package's own imports too: a pure module never reaches a
+    socket or ``ctypes`` through another module of the package."""
+    graph = import_graph()
+    allowed = set(PURE) | {"errors", "_types"}
+    for name in PURE:
+        assert graph[name] <= allowed, (name, graph[name] - allowed)
+
+
+# Issue 15's limits (physical lines; ast lines of a class or function, decorators excluded).
+MODULE_LINES, CLASS_LINES, FUNCTION_LINES = 600, 350, 80
+HUB_AND_ROUTER = ("_protocol", "_decoder", "_bigbytes", "_transport", "_router", "_routing",
+                  "_router_requests", "_router_messages", "_router_view", "_backpressure",
+                  "_handshake", "_outqueue", "_hub", "_hub_accept", "_hub_auth", "_hub_endpoint",
+                  "_hub_flow", "_hub_options", "broker", "bridge", "spy", "traffic")
+
+
+def oversized(path: Path) -> list[str]:
+    """What in ``path`` is over the limits."""
+    text = path.read_text()
+    found = []
+    if text.count("\n") > MODULE_LINES:
+        found.append(f"{path.name}: {text.count(chr(10))} lines")
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            size = (node.end_lineno or node.lineno) - node.lineno + 1
+            limit = CLASS_LINES if isinstance(node, ast.ClassDef) else FUNCTION_LINES
+            if size > limit:
+                found.append(f"{path.name}: {node.name} {size} lines")
+    return found
+
+
+def test_the_hub_the_router_and_the_protocol_keep_the_size_limits() -> None:
+    found = [item for name in HUB_AND_ROUTER for item in oversized(PACKAGE / f"{name}.py")]
+    assert not found, found
+
+
+def test_the_size_check_finds_what_is_over() -> None:
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "big.py"
+        path.write_text("def f() -> None:\n" + "    x = 1\n" * 80)
+        assert oversized(path) == ["big.py: f 81 lines"]
