@@ -64,14 +64,17 @@ class RequestRouter:
                 endpoint.deliver(self._special(channel, frame), [])
                 return
             subs = core.subscribers.get(channel)
-            if subs is not None and len(subs) == 1 and key not in self.table:
+            if subs is not None and len(subs) == 1:
                 # The common case: one listening peer, no link. The same as below, shorter.
                 for peer_id in subs:
                     listener = core.peers[peer_id]
                     if endpoint.relay and listener.endpoint is endpoint:
                         break
-                    self.table.add(key, Pending(requester, endpoint, channel),
-                                   receivers=(peer_id,))
+                    try:
+                        self.table.add(key, Pending(requester, endpoint, channel),
+                                       receivers=(peer_id,))
+                    except KeyError:  # in flight: refused below
+                        break
                     listener.endpoint.deliver(frame.raw, [], frame.count)
                     return
         if key in self.table:
@@ -170,9 +173,9 @@ class RequestRouter:
             answerer: str | None = UPSTREAM
         else:
             answerer = frame.sender[0] if frame.sender is not None else None
-        if key not in self.table:
-            return  # a late answer (the first one won), or the requester has gone
         if answerer is None or not self.table.may_answer(key, answerer):
+            if key not in self.table:
+                return  # a late answer (the first one won), or the requester has gone
             # Only a peer the request was delivered to may answer it (SPEC "Trust").
             core.dropped["forged_answers"] += 1
             core.warn.warning("forged", "%s: dropped an answer from %s to request %d of %r,"

@@ -28,9 +28,10 @@ from typing_extensions import Self
 
 from . import _transport as T
 from ._handshake import LINK_POLICIES
-from ._hub import _READ, _WRITE, CLOSING_GRACE, HARD_LIMIT_FACTOR, Hub
+# The hub's names, reachable from here as before (_Endpoint, _READ, _WRITE: for tests).
+from ._hub import _READ, _WRITE, CLOSING_GRACE, HARD_LIMIT_FACTOR, Hub  # noqa: F401
 from ._hub_auth import MAX_AUTHENTICATIONS
-from ._hub_endpoint import HubEndpoint as _Endpoint
+from ._hub_endpoint import HubEndpoint as _Endpoint  # noqa: F401
 from ._hub_options import DEFAULT_QUEUE_LIMIT, DEFAULT_SLOW_CONSUMER_TIMEOUT, HubOptions
 from ._timeouts import DEFAULT_TIMEOUT, resolve_timeout
 from .errors import IpcBusConnectionError, IpcBusError, IpcBusTimeoutError

@@ -23,7 +23,6 @@ from typing import Any, Callable
 
 from typing_extensions import Self
 
-from . import _protocol as P
 from ._protocol import Frame
 from .client import IpcBusClient
 from ._decoder import FrameDecoder
