@@ -278,23 +278,8 @@ def _json_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--json", action="store_true", help=f"{what} (default: text)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = _common(suppress=True)
-    parser = argparse.ArgumentParser(
-        prog=PROG, description=DESCRIPTION, epilog=EPILOG, parents=[_common(suppress=False)],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    from . import __version__
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help: str, func: Callable[[argparse.Namespace], int],
-                description: str | None = None) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=description or help,
-                           parents=[common])
-        p.set_defaults(func=func)
-        return p
-
-    p = command("broker", "run a broker in the foreground until Ctrl-C or SIGTERM", _cmd_broker)
+def _broker_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``ipcbus broker``: the address and the hub's limits."""
     _address_arg(p)
     p.add_argument("--max-message", type=int, default=128 * _MIB, metavar="BYTES",
                    help="largest message accepted (bytes; default: %(default)s = 128 MiB)")
@@ -311,6 +296,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="who may link a bridge to this broker: any process the broker admits,"
                         " or none (default: %(default)s; a broker started from the command line"
                         " has no owner process to restrict links to)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common(suppress=True)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, parents=[_common(suppress=False)],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, func: Callable[[argparse.Namespace], int],
+                description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description or help,
+                           parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    _broker_args(command("broker", "run a broker in the foreground until Ctrl-C or SIGTERM",
+                         _cmd_broker))
 
     command("demo", "start a broker and three workers that greet each other", _cmd_demo)
 

@@ -14,7 +14,8 @@ import threading
 import time
 
 from .broker import IpcBusBroker
-from .client import IpcBusClient, IpcBusEvent
+from ._types import IpcBusEvent
+from .client import IpcBusClient
 from .errors import IpcBusRequestError, IpcBusTimeoutError
 
 

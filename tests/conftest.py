@@ -1,20 +1,21 @@
-"""Shared fixtures: short socket paths, a broker per test, every start method, bounded waits.
+"""Shared fixtures: short socket paths, a broker per test, every start method, clients and
+children closed at the end.
 
 The broker and socket-path fixtures are those of the public testing kit (``ipcbus.testing``,
-``ipcbus.pytest_plugin``), so the kit is exercised by the whole suite.
+``ipcbus.pytest_plugin``), so the kit is exercised by the whole suite. What tests import
+(``Collector``, ``sync``, ``wait_until``, ``Children``...) is in ``tests/helpers/``.
 """
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
-import threading
-import time
 from typing import Any, Callable, Iterator
 
 import pytest
 
 from ipcbus import IpcBusBroker, IpcBusClient
 from ipcbus.testing import running_broker, temporary_socket_path
+
+from helpers.processes import Children
 
 pytest_plugins = ["ipcbus.pytest_plugin"]
 
@@ -58,75 +59,6 @@ def clients() -> Iterator[Callable[..., IpcBusClient]]:
             c.close()
 
 
-def sync(client: IpcBusClient) -> None:
-    """Round trip to the broker: every frame this client sent before has been routed."""
-    client.request("/ipcbus/queryState", 5.0)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
-    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-
-
-class Collector:
-    """A listener that records (event, args) and lets a test wait for a count."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[Any, tuple[Any, ...]]] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, event: Any, *args: Any) -> None:
-        with self._cond:
-            self.items.append((event, args))
-            self._cond.notify_all()
-
-    @property
-    def args(self) -> list[tuple[Any, ...]]:
-        with self._cond:
-            return [a for _, a in self.items]
-
-    def wait(self, count: int = 1, timeout: float = 5.0) -> list[tuple[Any, tuple[Any, ...]]]:
-        with self._cond:
-            if not self._cond.wait_for(lambda: len(self.items) >= count, timeout):
-                raise AssertionError(f"got {len(self.items)} of {count} messages in {timeout} s")
-            return list(self.items)
-
-
-class Children:
-    """Start module-level targets in ``ctx``; always stop, join (bounded) and kill them.
-
-    ``self.stop`` is the read end of a pipe the children may wait on; ``close()`` writes to it.
-    A pipe, not an Event: setting an Event that a SIGKILLed child was waiting on blocks.
-    """
-
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-        self.stop, self._stop_w = ctx.Pipe(duplex=False)
-        self.procs: list[Any] = []
-
-    def start(self, target: Any, *args: Any) -> Any:
-        p = self.ctx.Process(target=target, args=args, daemon=True)
-        p.start()
-        self.procs.append(p)
-        return p
-
-    def close(self) -> None:
-        self._stop_w.send_bytes(b"stop")  # readable for every child; nobody consumes it
-        for p in self.procs:
-            p.join(5)
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-                p.join(2)
-
-
 @pytest.fixture
 def children(ctx: Any) -> Iterator[Children]:
     kids = Children(ctx)
@@ -134,38 +66,3 @@ def children(ctx: Any) -> Iterator[Children]:
         yield kids
     finally:
         kids.close()
-
-
-@contextlib.contextmanager
-def elapsed() -> Iterator[list[float]]:
-    """``with elapsed() as t:`` ... then ``t[0]`` is the duration of the block."""
-    out: list[float] = []
-    t0 = time.monotonic()
-    try:
-        yield out
-    finally:
-        out.append(time.monotonic() - t0)
-
-
-@contextlib.contextmanager
-def running(procs: list[Any]) -> Iterator[list[Any]]:
-    """Start processes; at the end join them (bounded) and kill what is left."""
-    for p in procs:
-        p.start()
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-
-
-def pid_of(proc: Any) -> int:
-    """The pid of a started process (``Process.pid`` is typed Optional: None before start,
-    which must never reach ``os.kill``, where -1 or 0 would signal many processes)."""
-    pid = proc.pid
-    assert isinstance(pid, int) and pid > 0, f"{proc!r} has not started"
-    return pid
-

@@ -6,9 +6,11 @@
 proxies interoperate with Node's ``CreateIpcBusService`` / ``CreateIpcBusServiceProxy``.
 
 Modules: :mod:`._codec` (socket-serializer framing and the value mapping), :mod:`._envelope`
-(commands, messages, peers), :mod:`._services` (the service protocols), :mod:`.client` (the
-shared connection and :class:`~ipcbus.ecipc.client.EcipcClient`), :mod:`.gateway` (Node peers
-on a Python broker: ``IpcBusBroker.create(ecipc=True)``). The first three are pure.
+(commands, messages, peers), :mod:`._services` (the service protocols), :mod:`._requests`
+(the requests in flight and how an answer settles one), :mod:`._connection` (the connection a
+process's clients share: its I/O threads and listener dispatch), :mod:`.client`
+(:class:`~ipcbus.ecipc.client.EcipcClient`), :mod:`.gateway` (Node peers on a Python broker:
+``IpcBusBroker.create(ecipc=True)``). The first three are pure.
 
 What electron-common-ipc's protocol cannot do, and what happens instead:
 

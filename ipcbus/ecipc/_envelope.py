@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 from typing import Any, NamedTuple
 
-from ..client import IpcBusPeer, IpcBusProcess
+from .._types import IpcBusPeer, IpcBusProcess
 from ..errors import IpcBusProtocolError
 from . import _codec as C
 

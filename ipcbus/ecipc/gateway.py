@@ -43,7 +43,8 @@ from typing import Any, Callable
 
 from .. import _protocol as P
 from .. import _local
-from ..client import IpcBusClient, IpcBusEvent, IpcBusPeer, IpcBusRequest
+from .._types import IpcBusEvent, IpcBusPeer, IpcBusRequest
+from ..client import IpcBusClient
 from ..errors import IpcBusError, IpcBusProtocolError, IpcBusRequestError
 from . import _codec as C
 from . import _envelope as E
