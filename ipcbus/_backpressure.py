@@ -18,6 +18,11 @@ rules, in one place:
   holds the relay like any source, and is a slow consumer if it then stops reading for
   ``relay_stall`` while it holds the relay.
 
+* A slow consumer is cut off, not closed at once: its undelivered queue is dropped (but the
+  rest of a frame partly written), it is read no more, and its descriptor is kept until the
+  closing NOTICE is written or ``closing_grace`` seconds pass, whichever comes first, so a
+  consumer that was stopped and resumes within the grace learns why.
+
 "Reading" means a write to the receiver made progress, or (asked through a callback, since
 only the hub can look) the kernel's queue of unsent bytes for it shrank.
 """
@@ -27,6 +32,7 @@ import time
 from typing import Any, Callable, Protocol
 
 __all__ = ["BackPressure", "Queue", "Source", "PAUSE", "OVERFLOW", "DISCONNECT"]
+
 
 PAUSE = "pause"  # hold the source for this receiver
 OVERFLOW = "overflow"  # a relay filled the receiver past the hard cap: decide after the flush
@@ -53,11 +59,13 @@ class BackPressure:
     """Decisions of one hub (``clock``: seconds, monotonic)."""
 
     def __init__(self, queue_limit: int, slow_consumer_timeout: float, *, hard_factor: int = 2,
+                 closing_grace: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.queue_limit = queue_limit
         self.timeout = slow_consumer_timeout
         self.hard_limit = hard_factor * queue_limit
         self.relay_stall = slow_consumer_timeout / 4
+        self.closing_grace = closing_grace
         self.clock = clock
 
     def queued(self, receiver: Queue, source: Source | None) -> str | None:
@@ -120,6 +128,18 @@ class BackPressure:
                 return (f"it holds a link paused and read nothing for"
                         f" {now - receiver.progress_at:.2f} s")
         return None
+
+    def cut_off(self, receiver: Queue) -> tuple[float, list[Any]]:
+        """``receiver`` is disconnected as a slow consumer: until when its descriptor is kept
+        for the closing NOTICE, and the sources it held (each to be read again unless another
+        receiver still holds it)."""
+        receiver.full_since = None
+        blocked, receiver.blocked = receiver.blocked, set()
+        return self.clock() + self.closing_grace, list(blocked)
+
+    def closing_over(self, deadline: float) -> bool:
+        """Whether a cut-off receiver's grace (``deadline`` from :meth:`cut_off`) is over."""
+        return self.clock() > deadline
 
     def overflow_detail(self, receiver: Queue) -> str:
         """The log's detail of a DISCONNECT from :meth:`overflowed`."""

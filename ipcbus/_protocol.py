@@ -1,7 +1,10 @@
 """The ipcbus wire protocol: frames, headers, payloads and the handshake.
 
-Pure code: bytes in, frames out. Nothing here touches a socket, a thread or a clock, so every
-rule can be tested by feeding bytes to a :class:`FrameDecoder`.
+Pure code: nothing here touches a socket, a thread, a clock or C memory. This module says how
+bytes look on the wire: the limits, the frame kinds (:class:`Kind`, their one source), how a
+header and a payload are encoded and validated, the :class:`Frame` a decoder gives, and the
+handshake's bodies. Cutting frames out of a byte stream is :class:`ipcbus._decoder.FrameDecoder`'s
+job; every rule here can be tested by feeding it bytes.
 
 Frame layout (integers big-endian)::
 
@@ -48,17 +51,13 @@ round trip (str, bytes, int, float, bool, None).
 from __future__ import annotations
 
 import enum
-import logging
 import struct
 import sys
-from typing import Any, Iterator, List, Union
+from typing import Any, List, Union
 
 import msgpack
 
-from ._bigbytes import new_bytes as _new_bytes
 from .errors import IpcBusProtocolError
-
-log = logging.getLogger("ipcbus")
 
 MAGIC = "ipcbus"
 VERSION = 2  # 2: the rid moved from the header to the prefix
@@ -113,7 +112,8 @@ class Kind(enum.IntEnum):
 
 
 KINDS = frozenset(int(k) for k in Kind)
-_SEND, _SEND_TO = int(Kind.SEND), int(Kind.SEND_TO)  # plain ints for the decoder's hot loop
+# the only kinds that may carry descriptors (messages; a hub refuses them on any other frame)
+FD_KINDS = frozenset({int(Kind.SEND), int(Kind.SEND_TO)})
 # the kinds a spy or a traffic log sees: messages between peers, not the bus's own bookkeeping
 MESSAGE_KINDS = frozenset(int(k) for k in (Kind.SEND, Kind.SEND_TO, Kind.REQUEST, Kind.RESPONSE,
                                           Kind.REQUEST_FAIL))
@@ -362,7 +362,7 @@ class Frame:
 
 class DecodedFrame(Frame):
     """A message whose arguments were decoded as it arrived (``args``): a large bytes argument
-    received straight into its own bytes object (see FrameDecoder ``direct_bytes``). ``raw``
+    received straight into its own bytes object (see ``_decoder``, mode 3). ``raw``
     is that bytes object, so ``len(raw)`` still measures the frame; its body is not kept."""
 
     __slots__ = ("args",)
@@ -371,52 +371,6 @@ class DecodedFrame(Frame):
                  rid: int, payload: bytes, args: list[Any]) -> None:
         super().__init__(kind, channel, sender, target, rid, 0, payload, len(payload))
         self.args = args
-
-
-_SCAN = 4096  # arguments before a large bytes argument are decoded early if within this
-
-
-def _find_big_bytes(body: memoryview) -> tuple[list[Any], int, int, int] | bool:
-    """In the first bytes of a message body (a msgpack array): the arguments before its first
-    bin32 of BIG_BYTES or more, the array's length, and where that bin's data starts and how
-    long it is. True if more bytes are needed to tell; False if there is none within the
-    first _SCAN bytes, or anything is unusual."""
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, use_list=True)
-    unpacker.feed(body[:_SCAN])
-    try:
-        count = unpacker.read_array_header()
-        leading: list[Any] = []
-        for _ in range(count):
-            at = unpacker.tell()
-            if at + 5 > len(body):
-                return len(body) < _SCAN
-            if body[at] == 0xC6:
-                length = int.from_bytes(body[at + 1:at + 5], "big")
-                if length >= BIG_BYTES:
-                    return leading, count, at + 5, length
-            leading.append(unpacker.unpack())
-    except msgpack.OutOfData:
-        return len(body) < _SCAN
-    except Exception:  # a tuple-keyed map, not an array: the ordinary path
-        return False
-    return False
-
-
-class _Direct:
-    """A message being received with its large bytes argument straight into ``payload``."""
-
-    __slots__ = ("frame", "leading", "count", "payload", "view", "fill", "tail", "tail_fill")
-
-    def __init__(self, frame: tuple[int, str, Any, Any, int], leading: list[Any], count: int,
-                 payload: bytes, view: memoryview, fill: int, tail: int) -> None:
-        self.frame = frame  # kind, channel, sender, target, rid
-        self.leading = leading
-        self.count = count
-        self.payload = payload
-        self.view = view
-        self.fill = fill
-        self.tail = bytearray(tail)  # the body's bytes after the payload (later arguments)
-        self.tail_fill = 0
 
 
 def _bad(reason: str) -> IpcBusProtocolError:
@@ -453,303 +407,6 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[int, str, Any, 
         raise _bad(f"nfds is not an int in 0..{MAX_FDS}")
     return kind, channel, sender, target, nfds
 
-
-class FrameDecoder:
-    """Turns a byte stream into frames, enforcing the size limits before allocating.
-
-    Use :meth:`get_buffer` / :meth:`buffer_updated` to read straight into the decoder's memory
-    (a frame larger than the chunk gets a buffer of its own and is handed over without a copy),
-    or :meth:`feed` with bytes. Decoded frames are taken with :meth:`frames` or iteration.
-    After an :class:`IpcBusProtocolError` the stream is unusable: close the connection.
-
-    The reusable read buffer is sized lazily: it starts at ``initial`` bytes (16 KiB), so an
-    idle connection costs little, and grows fourfold, up to ``chunk`` (256 KiB), whenever a
-    read fills it to its end (a burst: two such reads reach the full size) or a frame does
-    not fit in it. :meth:`trim`, called now and then by a hub, shrinks it back when every read
-    since the previous call was small (at most half the initial size): an idle or trickling
-    connection gives the memory back, a busy one keeps its buffer.
-    """
-
-    CHUNK = 256 * 1024  # the largest reusable buffer; a frame larger than this gets its own
-    INITIAL = 16 * 1024  # the buffer of a new or idle connection
-
-    def __init__(self, max_message: int = DEFAULT_MAX_MESSAGE, chunk: int = CHUNK,
-                 merge_runs: bool = False, initial: int = INITIAL) -> None:
-        self.max_message = max_message
-        # Merge consecutive SEND / SEND_TO frames with identical header bytes (one sender,
-        # one channel, no descriptors) into one Frame whose ``raw`` spans them all, with
-        # ``count`` > 1: a router forwards the run at once, a client decodes it in a loop.
-        self.merge_runs = merge_runs
-        self._chunk = chunk
-        self._initial = min(initial, chunk)
-        self._size = self._initial  # len(self._buf)
-        self._buf = bytearray(self._size)
-        self._peak = 0  # the largest read since the last trim()
-        self._start = 0  # first unconsumed byte in _buf
-        self._end = 0  # end of valid data in _buf
-        self._big: bytearray | None = None  # dedicated buffer of a frame larger than the chunk
-        self._spare: bytearray | None = None  # a large frame's buffer, given back for reuse
-        self._big_fill = 0
-        self._big_body_offset = 0
-        # A client's decoder receives the large bytes argument of a message straight into
-        # the bytes object it delivers (one copy less: 16 MiB messages cost the subscriber
-        # about 2 ms less each).
-        self.direct_bytes = False
-        self._direct: _Direct | None = None
-        self._ready: list[Frame] = []
-        # Header bytes -> validated fields: a sender's frames on one channel repeat their
-        # header exactly, so most frames skip msgpack decoding and validation.
-        self._headers: dict[bytes, tuple[int, str, Any, Any, int]] = {}
-
-    # -- feeding ---------------------------------------------------------------------------
-    def get_buffer(self) -> memoryview:
-        """A writable view to receive the next bytes into (never empty)."""
-        if self._big is not None:
-            return memoryview(self._big)[self._big_fill:]
-        direct = self._direct
-        if direct is not None:
-            if direct.fill < len(direct.payload):
-                return direct.view[direct.fill:]
-            return memoryview(direct.tail)[direct.tail_fill:]
-        avail = self._end - self._start
-        if avail >= PREFIX_SIZE:
-            hlen, blen, rid = PREFIX.unpack_from(self._buf, self._start)
-            self._check_prefix(hlen, blen, rid)
-            total = PREFIX_SIZE + hlen + blen
-            if total > self._size:
-                started: bool | None = False
-                if total > self._chunk and self.direct_bytes and _new_bytes is not None:
-                    started = self._begin_direct(hlen, blen, rid)
-                    if started:
-                        return self.get_buffer()
-                if total > self._chunk and started is not None:
-                    # Give this frame its own buffer, so a large body is received in place.
-                    big = self._take_spare(total)
-                    big[:avail] = self._buf[self._start:self._end]
-                    self._start = self._end = 0
-                    self._big, self._big_fill = big, avail
-                    self._big_body_offset = PREFIX_SIZE + hlen
-                    return memoryview(big)[avail:]
-                size = self._size
-                while size < total:
-                    size *= 4
-                self._resize(min(size, self._chunk))
-        if self._start and (self._size - self._end) < PREFIX_SIZE + 4096:
-            self._buf[:avail] = self._buf[self._start:self._end]
-            self._start, self._end = 0, avail
-        return memoryview(self._buf)[self._end:]
-
-    def _begin_direct(self, hlen: int, blen: int, rid: int) -> bool | None:
-        """Start receiving a large message's big bytes argument into its own bytes object, if
-        it is a message (no descriptors) whose body begins with such an argument after a few
-        small ones. None: more bytes are needed to tell (and there is room to read them)."""
-        buf, start, end = self._buf, self._start, self._end
-        body_at = start + PREFIX_SIZE + hlen
-        room = self._size - end >= 64 or start >= 4096  # (get_buffer compacts at start)
-        if end <= body_at:
-            return None if room else False
-        key = bytes(buf[start + PREFIX_SIZE:body_at])
-        fields = self._headers.get(key)
-        if fields is None:
-            fields = decode_header(key)
-        kind, channel, sender, target, nfds = fields
-        if nfds or (kind != _SEND and kind != _SEND_TO):
-            return False
-        found = _find_big_bytes(memoryview(buf)[body_at:end])
-        if found is True:
-            return None if room else False
-        if found is False:
-            return False
-        leading, count, data_at, length = found
-        tail = blen - data_at - length
-        have = end - body_at - data_at
-        if tail < 0 or have >= length:  # malformed, or all here anyway: the ordinary path
-            return False
-        assert _new_bytes is not None
-        payload, view = _new_bytes(length)
-        view[:have] = buf[body_at + data_at:end]
-        self._start = self._end = 0
-        self._direct = _Direct((kind, channel, sender, target, rid), leading, count, payload,
-                               view, have, tail)
-        return True
-
-    def _direct_updated(self, direct: _Direct, nbytes: int) -> None:
-        if direct.fill < len(direct.payload):
-            direct.fill += nbytes
-        else:
-            direct.tail_fill += nbytes
-        if direct.fill < len(direct.payload) or direct.tail_fill < len(direct.tail):
-            return
-        self._direct = None
-        direct.view.release()
-        args = direct.leading
-        args.append(direct.payload)
-        kind, channel, sender, target, rid = direct.frame
-        if len(args) < direct.count or direct.tail:
-            try:
-                unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, use_list=True,
-                                            max_buffer_size=max(len(direct.tail), 1))
-                unpacker.feed(direct.tail)
-                for _ in range(direct.count - len(args)):
-                    args.append(unpacker.unpack())
-                if unpacker.tell() != len(direct.tail):
-                    raise ValueError("bytes left after the last argument")
-            except Exception as exc:  # as the ordinary path does with a malformed body
-                log.error("dropped a message on %r from %s: malformed message body: %s: %s",
-                          channel, sender[0] if sender else None, type(exc).__name__, exc)
-                return
-        self._ready.append(DecodedFrame(kind, channel, sender, target, rid, direct.payload,
-                                        args))
-
-    def recycle(self, frame: Frame) -> None:
-        """Take back the buffer of a large frame that has been dispatched (``frame.raw`` is
-        emptied): the next large frame is received into it. Allocating and freeing tens of
-        MiB a frame, from two threads, made glibc return the memory to the kernel and fault
-        it back in at every frame (W4 16 MiB: -40%)."""
-        raw = frame.raw
-        if raw.__class__ is bytearray and len(raw) > self._chunk:
-            frame.raw = b""
-            self._spare = raw
-
-    def drop_spare(self) -> None:
-        """Let the kept large buffer go (the connection is idle): safe from any thread."""
-        self._spare = None
-
-    def _take_spare(self, total: int) -> bytearray:
-        spare, self._spare = self._spare, None
-        # Reused only if nothing else refers to it (no view, no frame): our name and the
-        # argument of getrefcount are its only references.
-        if spare is not None and total <= len(spare) <= 2 * total \
-                and sys.getrefcount(spare) == 2:
-            del spare[total:]  # shrinks in place
-            return spare
-        return bytearray(total)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        """Account for ``nbytes`` written into the last :meth:`get_buffer` view and decode."""
-        if self._direct is not None:
-            self._direct_updated(self._direct, nbytes)
-            return
-        if self._big is not None:
-            self._big_fill += nbytes
-            if self._big_fill == len(self._big):
-                big, self._big = self._big, None
-                self._finish(big, 0, len(big))
-            return
-        self._end += nbytes
-        if nbytes > self._peak:
-            self._peak = nbytes
-        full = self._end == self._size
-        self._parse()
-        if full and self._size < self._chunk:  # more was probably waiting: read more at once
-            self._resize(min(self._size * 4, self._chunk))
-
-    def _resize(self, size: int) -> None:
-        """A new reusable buffer of ``size`` bytes, holding the bytes not decoded yet."""
-        avail = self._end - self._start
-        buf = bytearray(size)
-        buf[:avail] = self._buf[self._start:self._end]
-        self._buf, self._size = buf, size
-        self._start, self._end = 0, avail
-
-    def trim(self) -> None:
-        """Shrink the buffer back to its initial size if every read since the last call was
-        at most half that size and what it holds fits (a hub calls this once a second)."""
-        if self._size > self._initial and self._peak <= self._initial // 2 \
-                and self._end - self._start <= self._initial // 2:
-            self._resize(self._initial)
-        self._peak = 0
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Add bytes read elsewhere."""
-        view = memoryview(data).cast("B")
-        while len(view):
-            buf = self.get_buffer()
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            view = view[n:]
-            self.buffer_updated(n)
-
-    @property
-    def buffer_size(self) -> int:
-        """The size of the reusable read buffer now (for tests and figures)."""
-        return self._size
-
-    # -- decoding --------------------------------------------------------------------------
-    def _check_prefix(self, hlen: int, blen: int, rid: int) -> None:
-        if rid >= 2**63:
-            raise IpcBusProtocolError(f"frame rid {rid} is over 2**63-1")
-        if not 1 <= hlen <= MAX_HEADER:
-            raise IpcBusProtocolError(f"frame header length {hlen} is outside 1..{MAX_HEADER}")
-        if blen > self.max_message:
-            raise IpcBusProtocolError(
-                f"frame announces a body of {blen} bytes, over the limit of {self.max_message}")
-
-    def _parse(self) -> None:
-        buf, start, end = self._buf, self._start, self._end
-        unpack_prefix = PREFIX.unpack_from
-        ready, cache, runs = self._ready, self._headers, self.merge_runs
-        run: Frame | None = None  # the run being extended, and where its bytes start
-        run_key = b""
-        run_start = 0
-        while end - start >= PREFIX_SIZE:
-            hlen, blen, rid = unpack_prefix(buf, start)
-            if not 1 <= hlen <= MAX_HEADER or blen > self.max_message or rid >= 2**63:
-                self._check_prefix(hlen, blen, rid)
-            total = PREFIX_SIZE + hlen + blen
-            if end - start < total:
-                break
-            key = bytes(buf[start + PREFIX_SIZE:start + PREFIX_SIZE + hlen])
-            if run is not None:
-                if key == run_key and not rid:
-                    run.count += 1
-                    start += total
-                    continue
-                run.raw = bytes(buf[run_start:start])
-                run = None
-            fields = cache.get(key)
-            if fields is None:
-                fields = decode_header(key)
-                if len(cache) >= 512:
-                    cache.clear()
-                cache[key] = fields
-            kind, channel, sender, target, nfds = fields
-            frame = Frame(kind, channel, sender, target, rid, nfds, b"", PREFIX_SIZE + hlen)
-            ready.append(frame)
-            if runs and not nfds and not rid and (kind == _SEND or kind == _SEND_TO):
-                run, run_key, run_start = frame, key, start
-            else:
-                frame.raw = bytes(buf[start:start + total])
-            start += total
-        if run is not None:
-            run.raw = bytes(buf[run_start:start])
-        if start == end:
-            start = end = 0
-        self._start, self._end = start, end
-
-    def _finish(self, raw: bytes | bytearray, offset: int, total: int) -> None:
-        hlen, blen, rid = PREFIX.unpack_from(raw, offset)
-        kind, channel, sender, target, nfds = decode_header(
-            memoryview(raw)[offset + PREFIX_SIZE:offset + PREFIX_SIZE + hlen])
-        self._ready.append(Frame(kind, channel, sender, target, rid, nfds, raw,
-                                 PREFIX_SIZE + hlen))
-
-    def frames(self) -> list[Frame]:
-        """Take the frames decoded so far."""
-        ready, self._ready = self._ready, []
-        return ready
-
-    def __iter__(self) -> Iterator[Frame]:
-        return iter(self.frames())
-
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes received that do not form a whole frame yet."""
-        if self._big is not None:
-            return self._big_fill
-        if self._direct is not None:
-            return 1 + self._direct.fill + self._direct.tail_fill  # never 0 in the middle
-        return self._end - self._start
 
 
 def hello_body(pid: int) -> bytes:

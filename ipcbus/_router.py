@@ -41,125 +41,43 @@ Trust (SPEC "Trust", "Resources"): the router, not a frame, decides who a peer i
   injected); if they cannot all be made, nothing is delivered and the sender is told.
 * Frames the router builds obey the size limits: an answer or a spy copy over
   ``max_message`` is replaced by a failure or a notice to the asker.
+
+Parts: :class:`Router` (this module) checks every frame's sender and keeps peers (joining
+through a link included), subscriptions and services; it hands messages to
+``_router_messages.MessageRouter`` (broadcasts, peer-to-peer, posts with descriptors,
+reserved channels), requests and answers to ``_router_requests.RequestRouter`` (on the
+bus's one request table, ``_pending.RequestTable``), and spies, statistics and the state to
+``_router_view``. They share the vocabulary of ``_routing`` (Endpoint, Peer, UPSTREAM).
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from . import _protocol as P
 from ._protocol import Frame, Kind
+from ._router_messages import MessageRouter
+from ._router_requests import SPECIAL_CHANNELS, RequestRouter
+from ._router_view import ChannelStats, Spies, bus_state
+from ._routing import (UPSTREAM, DupFds, Endpoint, Observer, Peer, RateLimitedLog, answer_frame,
+                       copies, fail_frame)
 from .errors import IpcBusProtocolError
+
+__all__ = ["Router", "Endpoint", "Peer", "RateLimitedLog", "UPSTREAM"]
 
 log = logging.getLogger("ipcbus")
 
-UPSTREAM = "\x00upstream"  # pseudo receiver id: the request was also forwarded upstream
-
-
-class Endpoint(Protocol):
-    """What the router needs of a connection."""
-
-    relay: bool  # True for a bridge's link: never echo its own broadcasts back to it
-    can_pass_fds: bool  # a Unix socket (or pipe); False for TCP
-    peers: dict[str, Peer]
-    label: str  # for logs
-    ptype: str  # the type of the peers of this connection ("main", "pipe", "socket")
-    pid: int  # their process (for a relay: unused, its peers declare their own)
-
-    def deliver(self, raw: bytes | bytearray, fds: list[int], count: int = 1) -> None:
-        """Queue a frame's bytes (``count`` > 1: a run of frames) and its descriptors, which
-        the endpoint owns from this call on (the router hands each endpoint its own)."""
-
-
-class Peer:
-    __slots__ = ("id", "name", "type", "pid", "endpoint", "channels", "info", "sent_msgs",
-                 "sent_bytes", "seen")
-
-    def __init__(self, info: list[Any], endpoint: Endpoint) -> None:
-        self.info = info
-        self.seen: Any = info  # the last decoded sender list found equal to ``info``
-        self.id: str = info[0]
-        self.name: str = info[1]
-        self.type: str = info[2]
-        self.pid: int = info[3]
-        self.endpoint = endpoint
-        self.channels: dict[str, int] = {}
-        self.sent_msgs = 0  # messages this peer sent (broadcasts, requests, answers)
-        self.sent_bytes = 0
-
-
-Observer = Callable[["Endpoint", Frame], None]
-# dup_fds(fds, n): n independent copies of ``fds``, or OSError with none of them left open
-DupFds = Callable[[list[int], int], list[list[int]]]
 _PEER_ADD = int(Kind.PEER_ADD)
 _MESSAGE_KINDS = P.MESSAGE_KINDS
-_SPECIAL_CHANNELS = frozenset({P.QUERY_STATE_CHANNEL, P.SERVICE_AVAILABLE_CHANNEL})
 _RESERVED = P.RESERVED_PREFIX
-_MAX_CHANNEL_STATS = 10_000
-_WARN_INTERVAL = 10.0
-
-
-def _copies(fds: list[int], n: int) -> list[list[int]]:
-    """The default ``dup_fds`` of a router without real descriptors (tests): the same
-    numbers for everyone."""
-    return [list(fds) for _ in range(n)]
-
-
-class Pending:
-    __slots__ = ("requester", "endpoint", "channel", "receivers", "service")
-
-    def __init__(self, requester: str, endpoint: Endpoint, channel: str,
-                 receivers: set[str], service: str | None = None) -> None:
-        self.requester = requester
-        self.endpoint = endpoint  # where the answer goes
-        self.channel = channel
-        self.receivers = receivers  # peer ids (and maybe UPSTREAM) that got the request
-        self.service = service  # a SERVICE_ADD forwarded upstream: the name, recorded if granted
-
-
-def _fail_frame(target: str, rid: int, reason: str) -> bytes:
-    return P.encode_frame(Kind.REQUEST_FAIL, target=target, rid=rid, body=P.pack_payload(reason))
-
-
-def _answer_frame(target: str, rid: int, payload: Any) -> bytes:
-    return P.encode_frame(Kind.RESPONSE, target=target, rid=rid,
-                          body=P.pack_payload([True, payload]))
-
-
-class RateLimitedLog:
-    """Warnings a peer can provoke at will (one per frame it sends) are logged at most once
-    per ``interval`` seconds per key, with the number left out since: the log never floods.
-    ``clock`` is injected (seconds, monotonic)."""
-
-    def __init__(self, clock: Callable[[], float], interval: float = _WARN_INTERVAL) -> None:
-        self.clock = clock
-        self.interval = interval
-        self._next: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
-
-    def warning(self, key: str, msg: str, *args: Any) -> bool:
-        """Log ``msg % args`` unless ``key`` was logged less than ``interval`` ago; True if
-        it was logged."""
-        now = self.clock()
-        if now < self._next.get(key, now):
-            self._skipped[key] = self._skipped.get(key, 0) + 1
-            return False
-        self._next[key] = now + self.interval
-        skipped = self._skipped.pop(key, 0)
-        if skipped:
-            msg += " (and %d more like it in the last %g s)"
-            args = (*args, skipped, self.interval)
-        log.warning(msg, *args)
-        return True
 
 
 class Router:
     """Routing state of one broker or bridge."""
 
     def __init__(self, pid: int, *, state_extra: Callable[[], dict[str, Any]] | None = None,
-                 max_message: int = P.DEFAULT_MAX_MESSAGE, dup_fds: DupFds = _copies,
+                 max_message: int = P.DEFAULT_MAX_MESSAGE, dup_fds: DupFds = copies,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.pid = pid
         self.max_message = max_message  # the largest body of a frame the router builds
@@ -171,22 +89,23 @@ class Router:
         # channel -> peer id -> count, and channel -> endpoint -> number of subscribed peers
         self.subscribers: dict[str, dict[str, int]] = {}
         self.channel_endpoints: dict[str, dict[Endpoint, int]] = {}
-        self.pending: dict[tuple[str, int], Pending] = {}
-        self._receiving: dict[str, set[tuple[str, int]]] = {}  # peer id -> pending keys
+        self.requests = RequestRouter(self)
+        self.messages = MessageRouter(self, self.requests, dup_fds)
+        self.pending = self.requests.table  # requests in flight (the bus's one request table)
         # service name -> peer id of its host (a linked bridge: the hosts of this side, as
         # the broker granted them; the broker keeps the bus's list)
         self.services: dict[str, str] = {}
         # Looking in: observers see every message a peer sends (after it is routed); with none
         # attached the cost is one truth test per frame. Spies are observers fed by the router.
         self.observers: list[Observer] = []
-        self.spies: dict[str, str] = {}  # spy peer id -> channel glob ("" = every channel)
-        self.channel_stats: dict[str, list[int]] = {}  # channel -> [messages, bytes]
+        self.spies = Spies(self, self.observers)
+        self.stats = ChannelStats(self.subscribers)
+        self._count = self.stats.count
         # What was refused without closing a connection (SPEC "Trust"), for queryState.
         self.dropped = {"forged_answers": 0, "forged_events": 0, "reserved_channel": 0,
                         "unknown_targets": 0, "spy_copies_over_limit": 0,
                         "over_link_limit": 0, "descriptor_copies_failed": 0,
                         "direct_subscriptions": 0}
-        self._dup = dup_fds
         self.warn = RateLimitedLog(clock)
         self._state_extra = state_extra
         self._handlers: dict[int, Callable[[Endpoint, Frame], None]] = {
@@ -194,17 +113,17 @@ class Router:
             Kind.PEER_REMOVE: self._on_peer_remove,
             Kind.SUBSCRIBE: self._on_subscribe,
             Kind.UNSUBSCRIBE: self._on_unsubscribe,
-            Kind.SEND: self._on_send,
-            Kind.SEND_TO: self._on_send_to,
+            Kind.SEND: self.messages.on_send,
+            Kind.SEND_TO: self.messages.on_send_to,
             Kind.REQUEST: self._on_request,
-            Kind.RESPONSE: self._on_response,
-            Kind.REQUEST_FAIL: self._on_request_fail,
-            Kind.CANCEL: self._on_cancel,
-            Kind.NOTICE: self._on_notice,
+            Kind.RESPONSE: self.requests.on_response,
+            Kind.REQUEST_FAIL: self.requests.on_request_fail,
+            Kind.CANCEL: self.requests.on_cancel,
+            Kind.NOTICE: self.messages.on_notice,
             Kind.SERVICE_ADD: self._on_service_add,
             Kind.SERVICE_REMOVE: self._on_service_remove,
-            Kind.SPY_ADD: self._on_spy_add,
-            Kind.SPY_REMOVE: self._on_spy_remove,
+            Kind.SPY_ADD: self.spies.on_add,
+            Kind.SPY_REMOVE: self.spies.on_remove,
         }
 
     # -- entry points ---------------------------------------------------------------------
@@ -242,21 +161,6 @@ class Router:
             for observer in self.observers:
                 observer(endpoint, frame)
 
-    def _count(self, peer: Peer, frame: Frame) -> None:
-        size = len(frame.raw)
-        peer.sent_msgs += frame.count
-        peer.sent_bytes += size
-        stats = self.channel_stats.get(frame.channel)
-        if stats is None:
-            if len(self.channel_stats) >= _MAX_CHANNEL_STATS:  # forget unheard channels first
-                for channel in [c for c in self.channel_stats if c not in self.subscribers]:
-                    del self.channel_stats[channel]
-                if len(self.channel_stats) >= _MAX_CHANNEL_STATS:
-                    return
-            stats = self.channel_stats[frame.channel] = [0, 0]
-        stats[0] += frame.count
-        stats[1] += size
-
     def remove_endpoint(self, endpoint: Endpoint) -> None:
         """Forget a connection that has ended, and everything its peers owned."""
         for peer_id in list(endpoint.peers):
@@ -266,13 +170,11 @@ class Router:
                 self.joining[peer_id] = (None, recorded, rid)
         if endpoint is self.upstream:
             self.upstream = None
-            for key, pending in list(self.pending.items()):
-                if UPSTREAM in pending.receivers:
-                    self._drop_receiver(key, UPSTREAM, "the link to the broker has closed")
+            self.requests.receiver_gone(UPSTREAM, "the link to the broker has closed")
             joining, self.joining = self.joining, {}
             for peer_id, (ep, _, rid) in joining.items():
                 if ep is not None:
-                    ep.deliver(_fail_frame(peer_id, rid, "the link to the broker has closed"),
+                    ep.deliver(fail_frame(peer_id, rid, "the link to the broker has closed"),
                                [])
 
     def undeliverable(self, endpoint: Endpoint, raw: bytes | bytearray, reason: str) -> None:
@@ -291,13 +193,7 @@ class Router:
         if sender_id is None:
             return
         if kind == Kind.REQUEST:
-            key = (sender_id, rid)
-            pending = self.pending.get(key)
-            if pending is not None:
-                for receiver in [r for r in pending.receivers
-                                 if r in endpoint.peers or (r == UPSTREAM
-                                                            and endpoint is self.upstream)]:
-                    self._drop_receiver(key, receiver, reason)
+            self.requests.side_failed(endpoint, (sender_id, rid), reason)
         elif kind in (Kind.SEND, Kind.SEND_TO):
             origin = self.peers.get(sender_id)
             if origin is not None:
@@ -332,7 +228,7 @@ class Router:
         elif not endpoint.relay and len(endpoint.peers) >= P.MAX_PEERS_PER_CONNECTION:
             reason = f"a connection carries at most {P.MAX_PEERS_PER_CONNECTION} peers"
         if reason is not None:
-            endpoint.deliver(_fail_frame(peer_id, frame.rid, reason), [])
+            endpoint.deliver(fail_frame(peer_id, frame.rid, reason), [])
             return
         if self.upstream is not None:
             # Ids are unique across the bus: the broker accepts the id first (_join_answer).
@@ -351,9 +247,9 @@ class Router:
     def _joined_frame(self, recorded: list[Any], rid: int) -> bytes:
         """The answer to PEER_ADD: this hub's pid and the peer as recorded (which the client
         adopts for every frame it sends)."""
-        return _answer_frame(recorded[0], rid, {"pid": self.pid, "peer": recorded})
+        return answer_frame(recorded[0], rid, {"pid": self.pid, "peer": recorded})
 
-    def _join_answer(self, peer_id: str, rid: int, accepted: bool, reason: str) -> bool:
+    def join_answer(self, peer_id: str, rid: int, accepted: bool, reason: str) -> bool:
         """The broker's answer to a PEER_ADD this bridge forwarded; False if it is not one."""
         entry = self.joining.get(peer_id)
         if entry is None or entry[2] != rid:
@@ -367,7 +263,7 @@ class Router:
             self._add_peer(recorded, endpoint)
             endpoint.deliver(self._joined_frame(recorded, rid), [])
         else:
-            endpoint.deliver(_fail_frame(peer_id, rid, reason), [])
+            endpoint.deliver(fail_frame(peer_id, rid, reason), [])
         return True
 
     def _on_peer_remove(self, endpoint: Endpoint, frame: Frame) -> None:
@@ -381,26 +277,22 @@ class Router:
         peer.endpoint.peers.pop(peer_id, None)
         for channel in list(peer.channels):
             self._unsubscribe(peer, channel, 0)
-        if self.spies.pop(peer_id, None) is not None and not self.spies:
-            self.observers.remove(self._mirror)
+        self.spies.peer_gone(peer_id)
         for name, host in list(self.services.items()):
             if host == peer_id:
                 del self.services[name]
                 if self.upstream is None:  # else the broker tells the whole bus
-                    self._broadcast(P.service_event_channel(name), P.pack_payload(
+                    self.messages.broadcast(P.service_event_channel(name), P.pack_payload(
                         ["stop", f"the host of service {name!r} ({peer.name}) has left the"
                                  " bus"]))
-        for key in list(self._receiving.get(peer_id, ())):
-            self._drop_receiver(key, peer_id, f"peer {peer.name!r} ({peer_id}) has left the bus")
-        self._receiving.pop(peer_id, None)
-        for key in [k for k in self.pending if k[0] == peer_id]:
-            self._forget(key)
+        self.requests.receiver_gone(peer_id, f"peer {peer.name!r} ({peer_id}) has left the bus")
+        self.requests.requester_gone(peer)
         if self.upstream is not None and peer.endpoint is not self.upstream:
             self.upstream.deliver(P.encode_frame(Kind.PEER_REMOVE, sender=peer.info), [])
 
     # -- subscriptions -------------------------------------------------------------------------
     def _on_subscribe(self, endpoint: Endpoint, frame: Frame) -> None:
-        peer = self._sender(endpoint, frame)
+        peer = self.sender_of(endpoint, frame)
         channel = frame.channel
         if not channel:
             raise IpcBusProtocolError("SUBSCRIBE without a channel")
@@ -433,7 +325,7 @@ class Router:
                                       [])
 
     def _on_unsubscribe(self, endpoint: Endpoint, frame: Frame) -> None:
-        self._unsubscribe(self._sender(endpoint, frame), frame.channel, frame.rid)
+        self._unsubscribe(self.sender_of(endpoint, frame), frame.channel, frame.rid)
 
     def _unsubscribe(self, peer: Peer, channel: str, count: int) -> None:
         """Remove ``count`` references of ``peer`` to ``channel`` (0: all of them)."""
@@ -459,363 +351,50 @@ class Router:
         if self.upstream is not None and peer.endpoint is not self.upstream:
             self.upstream.deliver(P.encode_frame(Kind.UNSUBSCRIBE, channel, peer.info, None, 0), [])
 
-    def _sender(self, endpoint: Endpoint, frame: Frame) -> Peer:
+    def sender_of(self, endpoint: Endpoint, frame: Frame) -> Peer:
         sid = frame.sender_id
         peer = self.peers.get(sid) if sid is not None else None
         if peer is None or peer.endpoint is not endpoint:
             raise IpcBusProtocolError(f"frame from unknown peer {sid!r}")
         return peer
 
-    # -- reserved channels ------------------------------------------------------------------------
-    def _may_send(self, frame: Frame) -> bool:
-        """May this (non-upstream) frame be sent on its reserved channel?"""
-        channel = frame.channel
-        if channel.startswith(P.DIRECT_PREFIX) or channel.startswith(P.SERVICE_CALL_PREFIX):
-            return True
-        if channel.startswith(P.SERVICE_EVENT_PREFIX):
-            host = self.services.get(channel[len(P.SERVICE_EVENT_PREFIX):])
-            if host is not None and host == frame.sender_id:
-                return True
-            self.dropped["forged_events"] += frame.count
-            return False
-        self.dropped["reserved_channel"] += frame.count
-        return False
-
-    def _refuse_reserved(self, endpoint: Endpoint, frame: Frame) -> None:
-        reason = (f"channel {frame.channel!r} is reserved: only the bus and the host of a"
-                  " service send on it")
-        self.warn.warning("reserved", "%s: dropped %s from %s: %s", endpoint.label,
-                          Kind(frame.kind).name, frame.sender_id, reason)
-        if frame.sender_id is not None:
-            if frame.kind == Kind.REQUEST:
-                endpoint.deliver(_fail_frame(frame.sender_id, frame.rid, reason), [])
-            else:
-                endpoint.deliver(P.notice_frame(frame.sender_id, error=reason,
-                                                channel=frame.channel), [])
-
-    # -- messages ---------------------------------------------------------------------------
-    def _on_send(self, endpoint: Endpoint, frame: Frame) -> None:
-        upstream = self.upstream
-        if frame.channel.startswith(_RESERVED) and endpoint is not upstream \
-                and not self._may_send(frame):
-            self._refuse_reserved(endpoint, frame)
-            return
-        eps = self.channel_endpoints.get(frame.channel)
-        to_upstream = upstream is not None and endpoint is not upstream
-        # upstream is served once, by the default route, even if it announced subscribers
-        skip = upstream if to_upstream else None
-        if frame.nfds or frame.rid:  # post_message: routed all or nothing, acknowledged
-            targets = [ep for ep in eps or ()
-                       if (ep is not endpoint or not ep.relay) and ep is not skip]
-            self._post(endpoint, frame, targets, to_upstream)
-            return
-        if eps:
-            for ep in eps:
-                if (ep is not endpoint or not ep.relay) and ep is not skip:
-                    ep.deliver(frame.raw, [], frame.count)
-        if to_upstream:
-            assert upstream is not None
-            upstream.deliver(frame.raw, [], frame.count)
-
-    def _on_send_to(self, endpoint: Endpoint, frame: Frame) -> None:
-        if frame.channel.startswith(_RESERVED) and endpoint is not self.upstream \
-                and not self._may_send(frame):
-            self._refuse_reserved(endpoint, frame)
-            return
-        target = frame.target
-        peer = self.peers.get(target) if target is not None else None
-        via_upstream = peer is None and self.upstream is not None and endpoint is not self.upstream
-        if frame.rid and peer is not None and frame.channel not in peer.channels \
-                and frame.sender_id is not None and endpoint is not self.upstream:
-            # post_message_to a peer that does not listen there fails, as request_to does
-            endpoint.deliver(_fail_frame(frame.sender_id, frame.rid, (
-                f"peer {peer.name!r} ({peer.id}) has no listener for {frame.channel!r}")), [])
-        elif (frame.nfds or frame.rid) and (peer is not None or via_upstream):
-            self._post(endpoint, frame, [peer.endpoint] if peer is not None else [], via_upstream)
-        elif peer is not None:
-            peer.endpoint.deliver(frame.raw, [], frame.count)
-        elif via_upstream:
-            assert self.upstream is not None
-            self.upstream.deliver(frame.raw, [], frame.count)
-        elif frame.rid and frame.sender_id is not None:
-            endpoint.deliver(_fail_frame(frame.sender_id, frame.rid,
-                                         f"no peer {frame.target!r} on the bus"), [])
-        else:
-            self._notice_unknown(endpoint, frame)
-
-    def _post(self, endpoint: Endpoint, frame: Frame, targets: list[Endpoint],
-              via_upstream: bool) -> None:
-        """Deliver a posted message (with descriptors, or acknowledged): to every target, or
-        (if one of them cannot receive descriptors, or their copies cannot all be made) to
-        none. ``rid`` > 0 asks for an answer: RESPONSE with the number of connections reached, or REQUEST_FAIL; through a
-        link the broker gives it."""
-        sender, rid = frame.sender_id, frame.rid
-        if endpoint is self.upstream:
-            rid = 0  # the broker answers the posts that reach us through it
-        if not targets and not via_upstream and not (
-                endpoint.relay and endpoint in self.channel_endpoints.get(frame.channel, ())):
-            if rid and sender is not None:  # (a link's own side listens: it announced so)
-                endpoint.deliver(_fail_frame(sender, rid, f"no listener for {frame.channel!r}"
-                                             " on the bus; nothing was sent"), [])
-            return
-        upstream = self.upstream if via_upstream else None
-        unable = [ep for ep in targets if not ep.can_pass_fds] if frame.nfds else []
-        if frame.nfds and upstream is not None and not upstream.can_pass_fds:
-            unable.append(upstream)
-        failure = None
-        if unable:
-            names = ", ".join(sorted({p.name for ep in unable for p in ep.peers.values()}
-                                     or {ep.label for ep in unable}))
-            failure = (f"cannot pass descriptors to {names}: not connected by a Unix socket or"
-                       " pipe; nothing was sent")
-        else:
-            receivers = targets + ([upstream] if upstream is not None else [])
-            try:
-                copies = self._dup(frame.fds, len(receivers))
-            except OSError as exc:
-                self.dropped["descriptor_copies_failed"] += 1
-                self.warn.warning("dup", "%s: could not copy the descriptors of a message on"
-                                  " %r: %s", endpoint.label, frame.channel, exc)
-                failure = f"the bus could not copy the descriptors ({exc}); nothing was sent"
-        if failure is not None:
-            if rid and sender is not None:
-                endpoint.deliver(_fail_frame(sender, rid, failure), [])
-            return
-        for ep, fds in zip(targets, copies):
-            ep.deliver(frame.raw, fds, frame.count)
-        if upstream is not None:
-            if rid and sender is not None:
-                key = (sender, rid)
-                self.pending[key] = Pending(sender, endpoint, frame.channel, {UPSTREAM})
-                self._receiving.setdefault(UPSTREAM, set()).add(key)
-            upstream.deliver(frame.raw, copies[-1], frame.count)
-        elif rid and sender is not None:
-            endpoint.deliver(_answer_frame(sender, rid, len(targets)), [])
-
-    def _notice_unknown(self, endpoint: Endpoint, frame: Frame) -> None:
-        self.dropped["unknown_targets"] += frame.count
-        self.warn.warning("unknown", "%s: dropped %s to unknown peer %r on channel %r",
-                          endpoint.label, Kind(frame.kind).name, frame.target, frame.channel)
-        if frame.sender_id is not None:
-            endpoint.deliver(P.notice_frame(
-                frame.sender_id, error=f"no peer {frame.target!r} on the bus",
-                channel=frame.channel), [])
-
-    # -- requests -----------------------------------------------------------------------------
+    # -- requests (routed by self.requests: _router_requests.py) -------------------------------
     def _on_request(self, endpoint: Endpoint, frame: Frame) -> None:
-        requester = frame.sender[0]  # type: ignore[index]  # checked by handle()
-        key = (requester, frame.rid)
         channel = frame.channel
         target = frame.target
         if channel.startswith(_RESERVED) and endpoint is not self.upstream:
             if channel.startswith(P.SERVICE_CALL_PREFIX):
                 # A service's calls go to its host only (when this side knows the host).
                 target = self.services.get(channel[len(P.SERVICE_CALL_PREFIX):], target)
-            elif channel not in _SPECIAL_CHANNELS and not channel.startswith(P.DIRECT_PREFIX):
+            elif channel not in SPECIAL_CHANNELS and not channel.startswith(P.DIRECT_PREFIX):
                 self.dropped["reserved_channel"] += 1
-                self._refuse_reserved(endpoint, frame)
+                self.messages.refuse_reserved(endpoint, frame)
                 return
-        if target is None and self.upstream is None:
-            if channel in _SPECIAL_CHANNELS:
-                endpoint.deliver(self._special(channel, frame), [])
-                return
-            subs = self.subscribers.get(channel)
-            if subs is not None and len(subs) == 1 and key not in self.pending:
-                # The common case: one listening peer, no link. The same as below, shorter.
-                for peer_id in subs:
-                    listener = self.peers[peer_id]
-                    if endpoint.relay and listener.endpoint is endpoint:
-                        break
-                    self.pending[key] = Pending(requester, endpoint, channel, {peer_id})
-                    keys = self._receiving.get(peer_id)
-                    if keys is None:
-                        self._receiving[peer_id] = {key}
-                    else:
-                        keys.add(key)
-                    listener.endpoint.deliver(frame.raw, [], frame.count)
-                    return
-        if key in self.pending:
-            raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
-        receivers: set[str] = set()
-        targets: list[Endpoint] = []
-        from_upstream = endpoint is self.upstream
-        skip_source = endpoint.relay  # a relay has served its own side already
-        if target is not None:
-            peer = self.peers.get(target)
-            if peer is None:
-                if self.upstream is not None and not from_upstream:
-                    receivers.add(UPSTREAM)
-                    targets.append(self.upstream)
-                else:
-                    endpoint.deliver(_fail_frame(
-                        requester, frame.rid, f"no peer {target!r} on the bus"), [])
-                    return
-            elif channel in peer.channels:
-                receivers.add(peer.id)
-                targets.append(peer.endpoint)
-            else:
-                endpoint.deliver(_fail_frame(
-                    requester, frame.rid,
-                    f"peer {peer.name!r} ({peer.id}) has no listener for {channel!r}"), [])
-                return
-        else:
-            subs = self.subscribers.get(channel)
-            if subs:
-                for peer_id in subs:
-                    peer = self.peers[peer_id]
-                    if skip_source and peer.endpoint is endpoint:
-                        continue
-                    receivers.add(peer_id)
-                eps = self.channel_endpoints[channel]
-                targets.extend(ep for ep in eps if not (skip_source and ep is endpoint))
-            if self.upstream is not None and not from_upstream:
-                receivers.add(UPSTREAM)
-                if self.upstream not in targets:
-                    targets.append(self.upstream)
-            if not receivers:
-                endpoint.deliver(_fail_frame(requester, frame.rid,
-                                             f"no listener for {channel!r} on the bus"), [])
-                return
-        self.pending[key] = Pending(requester, endpoint, channel, receivers)
-        for rid_peer in receivers:
-            self._receiving.setdefault(rid_peer, set()).add(key)
-        for ep in targets:
-            ep.deliver(frame.raw, [], frame.count)
-
-    def _special(self, channel: str, frame: Frame) -> bytes:
-        """The answer to a request on one of _SPECIAL_CHANNELS (within the size limit)."""
-        requester = frame.sender_id
-        assert requester is not None
-        if channel == P.QUERY_STATE_CHANNEL:
-            try:
-                raw = _answer_frame(requester, frame.rid, self.state())
-            except (TypeError, ValueError) as exc:
-                return _fail_frame(requester, frame.rid, f"the state of the bus cannot be"
-                                   f" encoded: {exc}")
-            size = len(raw) - P.PREFIX_SIZE - P.PREFIX.unpack_from(raw, 0)[0]
-            if size > self.max_message:
-                return _fail_frame(requester, frame.rid, (
-                    f"the state of the bus is {size} bytes, over the message limit of"
-                    f" {self.max_message} bytes"))
-            return raw
-        assert channel == P.SERVICE_AVAILABLE_CHANNEL
-        try:
-            args = P.unpack_control(frame.body)
-        except IpcBusProtocolError:
-            args = None
-        if not (isinstance(args, list) and args and isinstance(args[0], str)):
-            return _fail_frame(requester, frame.rid,
-                               f"{P.SERVICE_AVAILABLE_CHANNEL} takes a service name")
-        return _answer_frame(requester, frame.rid, args[0] in self.services)
-
-    def _on_response(self, endpoint: Endpoint, frame: Frame) -> None:
-        target = frame.target
-        if target is None:
-            raise IpcBusProtocolError("RESPONSE without a target")
-        key = (target, frame.rid)
-        pending = self.pending.get(key)
-        if endpoint is self.upstream:
-            if target in self.joining and self._join_answer(target, frame.rid, True, ""):
-                return
-            answerer: str | None = UPSTREAM
-        else:
-            answerer = frame.sender[0] if frame.sender is not None else None
-        if pending is None:
-            return  # a late answer (the first one won), or the requester has gone
-        if answerer not in pending.receivers:
-            # Only a peer the request was delivered to may answer it (SPEC "Trust").
-            self.dropped["forged_answers"] += 1
-            self.warn.warning("forged", "%s: dropped an answer from %s to request %d of %r,"
-                              " which was not delivered to it", endpoint.label,
-                              frame.sender_id, frame.rid, target)
-            return
-        self._forget(key)
-        if pending.service is not None:
-            self.services[pending.service] = pending.requester  # the broker granted it
-        pending.endpoint.deliver(frame.raw, [], frame.count)
-
-    def _on_request_fail(self, endpoint: Endpoint, frame: Frame) -> None:
-        if frame.target is None:
-            raise IpcBusProtocolError("REQUEST_FAIL without a target")
-        try:
-            reason = P.unpack_control(frame.body)
-        except IpcBusProtocolError:
-            reason = "request failed"
-        if endpoint is self.upstream and frame.target in self.joining \
-                and self._join_answer(frame.target, frame.rid, False, str(reason)):
-            return
-        key = (frame.target, frame.rid)
-        if key not in self.pending:
-            return
-        gone = [p for p in self.pending[key].receivers
-                if p in endpoint.peers or (p == UPSTREAM and endpoint is self.upstream)]
-        for peer_id in gone:
-            self._drop_receiver(key, peer_id, str(reason))
-
-    def _on_cancel(self, endpoint: Endpoint, frame: Frame) -> None:
-        assert frame.sender is not None
-        pending = self._forget((frame.sender[0], frame.rid))
-        if pending is not None and UPSTREAM in pending.receivers and self.upstream is not None:
-            self.upstream.deliver(frame.raw, [], frame.count)
-
-    def _on_notice(self, endpoint: Endpoint, frame: Frame) -> None:
-        if endpoint is self.upstream and frame.target is not None:
-            peer = self.peers.get(frame.target)
-            if peer is not None:
-                peer.endpoint.deliver(frame.raw, [], frame.count)
-                return
-        log.debug("%s: notice %s", endpoint.label, bytes(frame.body)[:200])
-
-    def _drop_receiver(self, key: tuple[str, int], receiver: str, reason: str) -> None:
-        pending = self.pending.get(key)
-        if pending is None:
-            return
-        pending.receivers.discard(receiver)
-        keys = self._receiving.get(receiver)
-        if keys is not None:
-            keys.discard(key)
-        if not pending.receivers:
-            self._forget(key)
-            pending.endpoint.deliver(_fail_frame(key[0], key[1], reason), [])
-
-    def _forget(self, key: tuple[str, int]) -> Pending | None:
-        pending = self.pending.pop(key, None)
-        if pending is not None:
-            for receiver in pending.receivers:
-                keys = self._receiving.get(receiver)
-                if keys is not None:
-                    keys.discard(key)
-                    if not keys:
-                        del self._receiving[receiver]
-        return pending
+        self.requests.route(endpoint, frame, target)
 
     # -- services -------------------------------------------------------------------------------
     def _on_service_add(self, endpoint: Endpoint, frame: Frame) -> None:
-        peer = self._sender(endpoint, frame)
+        peer = self.sender_of(endpoint, frame)
         name = frame.channel
         if not name:
             raise IpcBusProtocolError("SERVICE_ADD without a name")
         if self.upstream is not None:
             # The broker keeps the bus's services: ask it, as a request it answers.
-            key = (peer.id, frame.rid)
-            if key in self.pending:
-                raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
-            self.pending[key] = Pending(peer.id, endpoint, name, {UPSTREAM}, service=name)
-            self._receiving.setdefault(UPSTREAM, set()).add(key)
+            self.requests.forwarded((peer.id, frame.rid), endpoint, name, service=name)
             self.upstream.deliver(frame.raw, [], frame.count)
             return
         host = self.services.get(name)
         if host is not None and host != peer.id:
             owner = self.peers.get(host)
-            endpoint.deliver(_fail_frame(peer.id, frame.rid, (
+            endpoint.deliver(fail_frame(peer.id, frame.rid, (
                 f"a service named {name!r} is already started by"
                 f" {owner.name if owner else host!r} ({host})")), [])
             return
         self.services[name] = peer.id
-        endpoint.deliver(_answer_frame(peer.id, frame.rid, None), [])
+        endpoint.deliver(answer_frame(peer.id, frame.rid, None), [])
 
     def _on_service_remove(self, endpoint: Endpoint, frame: Frame) -> None:
-        peer = self._sender(endpoint, frame)
+        peer = self.sender_of(endpoint, frame)
         name = frame.channel
         if self.upstream is not None:  # the broker releases the name and tells the bus
             if self.services.get(name) == peer.id:
@@ -825,82 +404,14 @@ class Router:
             del self.services[name]
             # The hub, not the host, tells the proxies: only the hub (and a host) may send on
             # the event channel, and the name is free by the time they hear it.
-            self._broadcast(P.service_event_channel(name), P.pack_payload(
+            self.messages.broadcast(P.service_event_channel(name), P.pack_payload(
                 ["stop", f"service {name!r} was stopped by its host"]))
 
-    # -- spies -------------------------------------------------------------------------------------
-    def _on_spy_add(self, endpoint: Endpoint, frame: Frame) -> None:
-        peer = self._sender(endpoint, frame)
-        if not self.spies:
-            self.observers.append(self._mirror)
-        self.spies[peer.id] = frame.channel
-        endpoint.deliver(_answer_frame(peer.id, frame.rid, None), [])
-
-    def _on_spy_remove(self, endpoint: Endpoint, frame: Frame) -> None:
-        peer = self._sender(endpoint, frame)
-        if self.spies.pop(peer.id, None) is not None and not self.spies:
-            self.observers.remove(self._mirror)
-
-    def _mirror(self, endpoint: Endpoint, frame: Frame) -> None:
-        """Give every interested spy a copy of a routed message (its bytes, undecoded); a
-        copy over the message limit is replaced by a notice to that spy."""
-        copy: bytes | None = None
-        for spy_id, pattern in self.spies.items():
-            if pattern and not fnmatch.fnmatchcase(frame.channel, pattern):
-                continue
-            spy = self.peers.get(spy_id)
-            if spy is None:
-                continue
-            if len(frame.raw) > self.max_message:
-                self.dropped["spy_copies_over_limit"] += 1
-                spy.endpoint.deliver(P.notice_frame(spy_id, error=(
-                    f"spy: a message on {frame.channel!r} of {len(frame.raw)} bytes is over"
-                    f" the message limit of {self.max_message}: not copied"),
-                    channel=frame.channel), [])
-                continue
-            if copy is None:
-                copy = bytes(frame.raw)
-            spy.endpoint.deliver(P.encode_frame(Kind.SPY_COPY, frame.channel, None, spy_id, 0,
-                                                copy), [])
-
-    def _broadcast(self, channel: str, body: bytes) -> None:
-        """A SEND made by the router itself (no sender), to the subscribers of ``channel``."""
-        eps = self.channel_endpoints.get(channel)
-        if eps:
-            raw = P.encode_frame(Kind.SEND, channel, None, None, 0, body)
-            for ep in eps:
-                ep.deliver(raw, [])
-
-    # -- state ----------------------------------------------------------------------------------
+    # -- looking in (_router_view.py) --------------------------------------------------------
     def state(self) -> dict[str, Any]:
         """The bus as this router sees it (the answer to ``/ipcbus/queryState``)."""
-        pending_by_peer: dict[str, int] = {}
-        for requester, _ in self.pending:
-            pending_by_peer[requester] = pending_by_peer.get(requester, 0) + 1
-        state: dict[str, Any] = {
-            "pid": self.pid,
-            "peers": [
-                {"id": p.id, "name": p.name, "type": p.type, "pid": p.pid,
-                 "channels": dict(p.channels),
-                 "sent": {"messages": p.sent_msgs, "bytes": p.sent_bytes},
-                 "pending_requests": pending_by_peer.get(p.id, 0),
-                 # what the router delivered to this peer's connection (shared by the clients
-                 # of one process), and what still waits in its queue
-                 "connection": {
-                     "delivered_messages": getattr(p.endpoint, "delivered_msgs", 0),
-                     "delivered_bytes": getattr(p.endpoint, "delivered_bytes", 0),
-                     "queued_bytes": getattr(p.endpoint, "out_bytes", 0)}}
-                for p in self.peers.values()
-            ],
-            "channels": {ch: len(subs) for ch, subs in self.subscribers.items()},
-            "channel_stats": {ch: {"messages": m, "bytes": b,
-                                   "subscribers": len(self.subscribers.get(ch, ()))}
-                              for ch, (m, b) in self.channel_stats.items()},
-            "services": dict(self.services),
-            "dropped": dict(self.dropped),
-            "spies": len(self.spies),
-            "pending_requests": len(self.pending),
-        }
+        state = bus_state(self, self.requests.counts(), len(self.pending), len(self.spies),
+                          self.stats.channels)
         if self._state_extra is not None:
             state.update(self._state_extra())
         return state

@@ -22,9 +22,10 @@ import socket
 import stat
 import struct
 import termios
-from typing import Any, Iterable, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Sequence, Tuple, Union
 
 from . import _protocol as P
+from ._decoder import FrameDecoder
 from .errors import IpcBusConnectionError, IpcBusProtocolError
 
 Address = Union[str, Tuple[str, int]]  # a Unix path, or (host, port)
@@ -291,12 +292,15 @@ def dup_copies(fds: list[int], n: int) -> list[list[int]]:
 class StreamTransport:
     """Bytes and descriptors over one stream socket."""
 
-    __slots__ = ("sock", "can_pass_fds", "_fileno")
+    __slots__ = ("sock", "can_pass_fds", "_fileno", "send_one")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.can_pass_fds = sock.family == socket.AF_UNIX
         self._fileno = sock.fileno()
+        # One ``send`` of one buffer, without descriptors: the number of bytes written
+        # (BlockingIOError if none can be now). The socket's own method: no Python frame.
+        self.send_one: Callable[[memoryview], int] = sock.send
 
     def fileno(self) -> int:
         return self._fileno
@@ -350,6 +354,14 @@ class StreamTransport:
         except (OSError, ValueError):
             return None
         return buf[0]
+
+    def shutdown_read(self) -> None:
+        """Read nothing more: what the peer sends from now on is refused (it gets EPIPE)
+        instead of filling this side's buffers."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
 
     def shutdown_write(self) -> None:
         try:
@@ -512,15 +524,13 @@ def port_from_descriptor(fd: int, kind: str) -> Any:
     raise IpcBusProtocolError(f"unknown port kind {kind!r}")
 
 
-def recv_frame_blocking(transport: StreamTransport, decoder: P.FrameDecoder,
+def recv_frame_blocking(transport: StreamTransport, decoder: FrameDecoder,
                         fd_queue: list[int]) -> P.Frame:
     """Read until one frame is decoded (socket blocking with a timeout); for handshakes."""
     while True:
-        frames = decoder.frames()
-        if frames:
-            # A handshake is one frame: anything after it is handed back for the normal loop.
-            decoder._ready[:0] = frames[1:]
-            return frames[0]
+        frame = decoder.take_frame()  # a handshake is one frame: what follows is the loop's
+        if frame is not None:
+            return frame
         try:
             n, fds = transport.recv_into(decoder.get_buffer())
         except (socket.timeout, BlockingIOError):
@@ -533,7 +543,7 @@ def recv_frame_blocking(transport: StreamTransport, decoder: P.FrameDecoder,
 
 def client_handshake(sock: socket.socket, *, tcp: bool, authkey: bytes | None, timeout: float,
                      relay: bool = False, max_message: int | None = None
-                     ) -> tuple[StreamTransport, P.FrameDecoder, dict[str, Any]]:
+                     ) -> tuple[StreamTransport, FrameDecoder, dict[str, Any]]:
     """Authenticate (TCP), send HELLO, and wait for WELCOME. Returns the ready transport.
     ``relay``: a bridge's link, which takes no frame over ``max_message``."""
     transport = StreamTransport(sock)
@@ -549,7 +559,7 @@ def client_handshake(sock: socket.socket, *, tcp: bool, authkey: bytes | None, t
                                 "relay": relay}
         if max_message is not None:
             body["max_message"] = max_message
-        decoder = P.FrameDecoder()
+        decoder = FrameDecoder()
         fd_queue: list[int] = []
         try:
             transport.sendall([P.encode_frame(P.Kind.HELLO, body=P.pack_payload(body))])
@@ -569,7 +579,7 @@ def client_handshake(sock: socket.socket, *, tcp: bool, authkey: bytes | None, t
     return transport, decoder, welcome
 
 
-def _raise_refusal(transport: StreamTransport, decoder: P.FrameDecoder) -> None:
+def _raise_refusal(transport: StreamTransport, decoder: FrameDecoder) -> None:
     """If the server left a NOTICE before closing, raise it as the handshake's error."""
     fds: list[int] = []
     try:

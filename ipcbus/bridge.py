@@ -1,6 +1,6 @@
 """IpcBusBridge: the hub of one process for its pipe children and its own clients.
 
-The bridge runs the broker's :class:`~ipcbus.broker.Hub` (the same router, the same limits)
+The bridge runs the broker's :class:`~ipcbus._hub.Hub` (the same router, the same limits)
 on a daemon thread of the process that creates it. Its endpoints are:
 
 * pipe children: ``open_pipe()`` returns one end of a duplex ``multiprocessing`` Pipe (a Unix
@@ -34,7 +34,8 @@ from typing_extensions import Self
 from . import _transport as T
 from . import _local
 from ._timeouts import resolve_timeout
-from .broker import Hub, HubOptions
+from ._hub import Hub
+from ._hub_options import HubOptions
 from .client import IpcBusClient
 from .errors import IpcBusConnectionError
 

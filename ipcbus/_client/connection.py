@@ -62,6 +62,7 @@ from typing import Any, Callable
 
 from .. import _protocol as P
 from .. import _transport as T
+from .._decoder import FrameDecoder
 from .._protocol import Kind
 from ..errors import IpcBusConnectionError, IpcBusError, IpcBusProtocolError
 from .._pending import settle
@@ -81,7 +82,7 @@ IDLE = 0.05  # seconds of an empty inbox after which the large receive buffer is
 _STOP = object()  # queued when the connection has ended
 _RESPONSE, _REQUEST_FAIL = int(Kind.RESPONSE), int(Kind.REQUEST_FAIL)
 _NOTICE, _SPY_COPY = int(Kind.NOTICE), int(Kind.SPY_COPY)
-_RECYCLE = P.FrameDecoder.CHUNK  # larger frames get a buffer of their own, which is reused
+_RECYCLE = FrameDecoder.CHUNK  # larger frames get a buffer of their own, which is reused
 _get_ident = threading.get_ident
 rids = itertools.count(1)  # request ids, unique in the process
 
@@ -93,7 +94,7 @@ class Lost(Exception):
 class Connection:
     """One process's connection to one bus, shared by its clients."""
 
-    def __init__(self, key: Any, transport: T.StreamTransport, decoder: P.FrameDecoder,
+    def __init__(self, key: Any, transport: T.StreamTransport, decoder: FrameDecoder,
                  welcome: dict[str, Any], ptype: str, coalesce: int = 0) -> None:
         self.key = key
         self.pid = os.getpid()

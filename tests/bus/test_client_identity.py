@@ -14,6 +14,7 @@ import pytest
 
 from ipcbus import IpcBusClient, IpcBusConnectionError
 from ipcbus import _protocol as P
+from ipcbus._decoder import FrameDecoder
 from ipcbus._protocol import Kind
 
 
@@ -25,7 +26,7 @@ class FakeHub:
         self.listener.bind(path)
         self.listener.listen(1)
         self.sock: socket.socket | None = None
-        self.decoder = P.FrameDecoder()
+        self.decoder = FrameDecoder()
         self.frames: queue.Queue[P.Frame] = queue.Queue()
         self.accepted = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from ipcbus import _protocol as P
+from ipcbus._decoder import FrameDecoder
 from ipcbus._protocol import Kind
 
 _raw_ids = itertools.count(1)
@@ -22,7 +23,7 @@ class RawPeer:
     def __init__(self, sock: socket.socket, ptype: str = "socket") -> None:
         self.sock = sock
         self.ptype = ptype
-        self.decoder = P.FrameDecoder()
+        self.decoder = FrameDecoder()
         self.frames: collections.deque[P.Frame] = collections.deque()
         self.info: list[Any] | None = None
         self.fds: list[int] = []  # descriptors received, in order (the test closes them)

@@ -24,6 +24,7 @@ import pytest
 
 from ipcbus import IpcBusBroker, IpcBusClient, IpcBusService
 from ipcbus import _protocol as P
+from ipcbus._decoder import FrameDecoder
 from ipcbus._protocol import Kind
 
 from helpers import elapsed, pid_of, sync, wait_until
@@ -137,11 +138,11 @@ def test_decoder_buffer_starts_small_grows_under_a_burst_and_shrinks_when_idle()
     grows it too (up to CHUNK; larger frames still get a buffer of their own); trim() brings
     it back to INITIAL after an interval of small reads only. Frames decode the same all
     along."""
-    init, chunk = P.FrameDecoder.INITIAL, P.FrameDecoder.CHUNK
+    init, chunk = FrameDecoder.INITIAL, FrameDecoder.CHUNK
     assert init == 16 * 1024 and chunk == 256 * 1024
     a, b = socket.socketpair()
     try:
-        dec = P.FrameDecoder(merge_runs=True)
+        dec = FrameDecoder(merge_runs=True)
         assert dec.buffer_size == init
         frames = [P.encode_frame(Kind.SEND, "c", ["p", "p", "socket", 1],
                                  body=P.pack_payload([i, b"x" * 100])) for i in range(20_000)]
@@ -166,7 +167,7 @@ def test_decoder_buffer_starts_small_grows_under_a_burst_and_shrinks_when_idle()
         # a 100 KiB frame grows the buffer to hold it; a 1 MiB one gets a buffer of its own
         # (the first 16 KiB of it filled the small buffer: that alone grows it once)
         for size, expect in ((100_000, chunk), (1 << 20, 4 * init)):
-            dec = P.FrameDecoder()
+            dec = FrameDecoder()
             frame = P.encode_frame(Kind.SEND, "c", None, body=P.pack_payload(b"y" * size))
             dec.feed(frame)
             (out,) = dec.frames()

@@ -24,6 +24,7 @@ import pytest
 from ipcbus import (IpcBusBroker, IpcBusClient, IpcBusConnectionError, IpcBusRequestError,
                     IpcBusService)
 from ipcbus import _protocol as P
+from ipcbus._decoder import FrameDecoder
 from ipcbus._protocol import Kind
 
 from helpers import sync, wait_until
@@ -172,7 +173,7 @@ def _try_unix(path: str) -> dict[str, Any]:
         if not data:
             out["answer"] = "closed"
         else:
-            dec = P.FrameDecoder()
+            dec = FrameDecoder()
             dec.feed(data)
             frames = dec.frames()
             out["answer"] = Kind(frames[0].kind).name if frames else "partial"

@@ -26,6 +26,7 @@ import pytest
 
 from ipcbus import IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionError
 from ipcbus import _protocol as P
+from ipcbus._decoder import FrameDecoder
 from ipcbus._protocol import Kind
 
 from helpers import pid_of, sync, wait_until
@@ -442,7 +443,7 @@ def test_slow_consumer_disconnect_completes_the_partly_written_frame() -> None:
         assert state["connections"] == 0 and state["closing_connections"] == 1, state
         data, how = _read_all(theirs, first, lambda: hub._flush(ep)
                               if ep in hub.endpoints else None)
-        dec = P.FrameDecoder()
+        dec = FrameDecoder()
         dec.feed(data)
         frames = dec.frames()
         assert dec.pending_bytes == 0  # nothing cut: the stream ended on a frame boundary
@@ -467,8 +468,8 @@ def test_slow_consumer_still_stopped_is_dropped_after_the_grace(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A slow consumer that never reads again is kept only for CLOSING_GRACE (shortened here
     to 0.3 s): then its descriptor is closed, with nothing left queued."""
-    from ipcbus import broker as B
-    monkeypatch.setattr(B, "CLOSING_GRACE", 0.3)
+    from ipcbus import _hub
+    monkeypatch.setattr(_hub, "CLOSING_GRACE", 0.3)  # read when a hub is made
     hub, ep, theirs, _, _ = _hub_endpoint_with_a_backlog()
     try:
         sock = ep.transport.sock
@@ -808,7 +809,7 @@ def test_slow_reader_fed_through_a_link_is_throttled_not_dropped(sock_path: str,
         reader = peers[0]
         wait_until(lambda: broker.query_state()["channels"].get("flood") == 1)
         reader.sock.settimeout(5)
-        dec = P.FrameDecoder()
+        dec = FrameDecoder()
         got, expected, gaps = 0, 0, 0
         go_w.send_bytes(b"go")
         t0 = time.monotonic()

@@ -1,6 +1,8 @@
 """The hub's back-pressure and slow-consumer rules as a unit (``ipcbus._backpressure``): fake
 queues and sources, an injected clock, and a hypothesis simulation of a hub that obeys the
-policy (a held source sends nothing), with the SPEC's promises as invariants."""
+policy (a held source sends nothing), with the SPEC's promises as invariants; then the policy
+carried out (``ipcbus._hub_flow.Flow``) over a fake hub: pause, resume, the slow consumer's
+cut and its closing grace."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,7 +10,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ipcbus import _protocol as P
 from ipcbus._backpressure import DISCONNECT, OVERFLOW, PAUSE, BackPressure
+from ipcbus._hub_flow import Flow
+from ipcbus._outqueue import OutQueue
 
 LIMIT = 1000
 TIMEOUT = 8.0
@@ -203,3 +208,122 @@ def test_a_hub_obeying_the_policy_keeps_its_promises(script: list[Any]) -> None:
             if source.paused and source not in gone:
                 assert holders, f"{source} held by nobody"
                 assert all(ep.out_bytes > LIMIT // 2 for ep in holders)
+
+
+# -- the closing grace -----------------------------------------------------------------------
+def test_a_cut_off_consumer_is_kept_for_the_grace_and_releases_what_it_held() -> None:
+    bp, clock = policy()
+    receiver, sender = Ep("r"), Ep("s")
+    receiver.out_bytes = LIMIT + 1
+    assert bp.queued(receiver, sender) == PAUSE
+    deadline, held = bp.cut_off(receiver)
+    assert held == [sender] and receiver.blocked == set() and receiver.full_since is None
+    assert deadline == clock.now + bp.closing_grace
+    clock.now += bp.closing_grace
+    assert not bp.closing_over(deadline)
+    clock.now += 0.01
+    assert bp.closing_over(deadline)
+
+
+# -- the policy carried out (ipcbus._hub_flow.Flow) with a fake hub ----------------------------
+class FakeTransport:
+    def __init__(self) -> None:
+        self.read_shut = False
+        self.queued = 0  # the kernel's send queue, as SIOCOUTQ would say
+
+    def shutdown_read(self) -> None:
+        self.read_shut = True
+
+    def unsent(self) -> int | None:
+        return self.queued
+
+
+class FakeEndpoint(OutQueue):
+    """A hub endpoint as Flow uses it: an output queue with a few flags."""
+
+    def __init__(self, name: str, relay: bool = False) -> None:
+        super().__init__()
+        self.label = name
+        self.relay = relay
+        self.paused = False
+        self.closing: str | None = None
+        self.deadline = 0.0
+        self.transport = FakeTransport()
+
+    def __repr__(self) -> str:
+        return f"<FakeEndpoint {self.label}>"
+
+
+class FakeHub:
+    def __init__(self, *eps: FakeEndpoint) -> None:
+        self.endpoints: set[Any] = set(eps)
+        self.dirty: set[Any] = set()
+        self.current: Any = None
+        self.log: list[tuple[str, str]] = []
+
+    def pause(self, ep: Any) -> None:
+        ep.paused = True
+        self.log.append(("pause", ep.label))
+
+    def resume(self, ep: Any) -> None:
+        if ep.closing is None:
+            ep.paused = False
+            self.log.append(("resume", ep.label))
+
+    def write_only(self, ep: Any) -> None:
+        self.log.append(("write_only", ep.label))
+
+    def flush(self, ep: Any) -> None:
+        self.log.append(("flush", ep.label))
+
+    def forget(self, ep: Any) -> None:
+        self.log.append(("forget", ep.label))
+
+
+def flow_of(*eps: FakeEndpoint) -> tuple[Any, FakeHub, Clock]:
+    """A Flow over fakes (typed Any: the fakes stand in for the hub and its endpoints)."""
+    clock = Clock()
+    hub = FakeHub(*eps)
+    return Flow(hub, BackPressure(LIMIT, TIMEOUT, clock=clock)), hub, clock
+
+
+def frame_bytes(size: int) -> bytes:
+    return P.encode_frame(P.Kind.SEND, "c", ["s", "s", "socket", 1], body=b"x" * size)
+
+
+def test_flow_pauses_the_source_being_read_and_resumes_it_once_drained() -> None:
+    receiver, sender = FakeEndpoint("r"), FakeEndpoint("s")
+    flow, hub, _ = flow_of(receiver, sender)
+    hub.current = sender
+    receiver.push(frame_bytes(LIMIT), [])
+    flow.queued(receiver)
+    assert sender.paused and hub.log == [("pause", "s")]
+    receiver.out_bytes = LIMIT // 2
+    flow.written(receiver, 100)
+    assert not sender.paused and hub.log[-1] == ("resume", "s")
+
+
+def test_flow_cuts_off_a_slow_consumer_keeping_the_rest_of_its_frame_and_then_drops_it() -> None:
+    receiver, sender = FakeEndpoint("r"), FakeEndpoint("s")
+    flow, hub, clock = flow_of(receiver, sender)
+    hub.current = sender
+    first, second = frame_bytes(LIMIT), frame_bytes(10)
+    receiver.push(first, [])
+    receiver.push(second, [])
+    flow.queued(receiver)
+    receiver.out[0][0] = receiver.out[0][0][100:]  # 100 bytes of the first frame went out
+    receiver.head_sent, receiver.out_bytes = 100, receiver.out_bytes - 100
+    assert not flow.check(receiver)
+    clock.now += TIMEOUT + 0.01
+    assert not flow.check(receiver)  # cut off now, dropped later
+    assert receiver.closing == "slow consumer" and receiver.paused
+    assert receiver.transport.read_shut and not sender.paused  # the sender is read again
+    rest, notice = receiver.out
+    assert len(rest[0]) == len(first) - 100  # the frame being written is completed...
+    assert P.decode_header(notice[0][P.PREFIX_SIZE:P.PREFIX_SIZE + P.PREFIX.unpack_from(
+        notice[0], 0)[0]])[0] == P.Kind.NOTICE  # ...then the reason; the second frame is gone
+    assert ("forget", "r") in hub.log and hub.log[-2:] == [("write_only", "r"), ("flush", "r")]
+    clock.now += 10.0
+    assert not flow.check(receiver)
+    clock.now += 0.01
+    assert flow.check(receiver)  # the grace is over: the hub drops it

@@ -7,6 +7,8 @@ tests run its import rules on the package, and ``test_limits.py`` tests the scri
 """
 from __future__ import annotations
 
+import ast
+
 import limits
 
 
@@ -29,3 +31,39 @@ def test_the_wire_protocol_and_the_router_are_pure() -> None:
     take bytes and frames, and give frames and decisions (the large-bytes receive, which
     needs ``ctypes``, lives in ``_bigbytes.py``)."""
     assert limits.purity_violations() == [], [v.render() for v in limits.purity_violations()]
+
+
+# The router's parts and the policies the hub carries out are pure like the router itself.
+PURE_PARTS = ("_routing", "_router_requests", "_router_messages", "_router_view", "_pending",
+              "_backpressure", "_handshake")
+
+
+def test_the_routers_parts_and_the_hubs_policies_are_pure() -> None:
+    for name in PURE_PARTS:
+        path = limits.PACKAGE / f"{name}.py"
+        assert limits.impure_imports(path, ast.parse(path.read_text())) == [], name
+
+
+def test_pure_modules_reach_nothing_impure_through_the_package() -> None:
+    """Purity holds through the package's own imports too: a pure module never reaches a
+    socket, a thread or ``ctypes`` through another module of the package."""
+    graph = limits.import_graph()
+    pure = set(limits.PURE_MODULES) | set(PURE_PARTS)
+    allowed = pure | {"errors", "_types"}
+    for name in sorted(pure):
+        assert set(graph[name]) <= allowed, (name, set(graph[name]) - allowed)
+
+
+def test_the_hub_the_router_and_the_protocol_keep_the_size_limits() -> None:
+    """The modules of the hub, the router and the wire format (the whole package is checked
+    by ``.ci/limits.py``)."""
+    names = ("_protocol", "_decoder", "_bigbytes", "_transport", "_router", "_routing",
+             "_router_requests", "_router_messages", "_router_view", "_backpressure",
+             "_handshake", "_outqueue", "_hub", "_hub_accept", "_hub_auth", "_hub_endpoint",
+             "_hub_flow", "_hub_options", "broker", "bridge", "spy", "traffic")
+    found = []
+    for name in names:
+        path = limits.PACKAGE / f"{name}.py"
+        text = path.read_text()
+        found += limits.size_violations(path, text, ast.parse(text))
+    assert found == [], [v.render() for v in found]

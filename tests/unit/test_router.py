@@ -1,7 +1,9 @@
 """The Router as pure code: in-memory endpoints, frames in, delivered frames out.
 
 Each endpoint records what the router hands it; the tests decode those bytes with a
-FrameDecoder and assert on kinds, targets, request ids and bodies.
+FrameDecoder and assert on kinds, targets, request ids and bodies. This module holds the
+in-memory bus and tests peers, subscriptions, messages, services and posts; requests are
+test_router_requests.py's, a bridge's link test_router_link.py's, trust test_router_trust.py's.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipcbus import _protocol as P
-from ipcbus._protocol import Frame, FrameDecoder, Kind
+from ipcbus._decoder import FrameDecoder
+from ipcbus._protocol import Frame, Kind
 from ipcbus._router import RateLimitedLog, Router
 from ipcbus.errors import IpcBusProtocolError
 
@@ -131,7 +134,7 @@ def assert_clean(router: Router) -> None:
     assert router.peers == {}
     assert router.subscribers == {}
     assert router.channel_endpoints == {}
-    assert router.pending == {}
+    assert not router.pending
     assert router.state()["pending_requests"] == 0
 
 
@@ -150,6 +153,16 @@ def assert_consistent(router: Router) -> None:
     for peer in router.peers.values():
         for channel, count in peer.channels.items():
             assert router.subscribers[channel][peer.id] == count
+
+
+def expect_fail(ep: FakeEndpoint, requester: str, rid: int) -> str:
+    frames = ep.take()
+    assert len(frames) == 1, frames
+    f = frames[0]
+    assert (f.kind, f.target, f.rid) == (Kind.REQUEST_FAIL, requester, rid)
+    reason = body_of(f)
+    assert isinstance(reason, str) and reason
+    return reason
 
 
 @pytest.fixture
@@ -221,7 +234,7 @@ def test_frame_from_a_non_peer_of_the_endpoint_is_a_protocol_error(bus: Bus, kin
     with pytest.raises(IpcBusProtocolError):
         bus.handle(e2, kind, "ch", None, "a", 1)
     assert e1.take() == [] and e2.take() == []
-    assert bus.router.pending == {}
+    assert not bus.router.pending
     assert bus.router.subscribers == {"ch": {"a": 1}}
 
 
@@ -481,304 +494,6 @@ def test_send_to_unknown_peer_notice(bus: Bus) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# requests
-# ---------------------------------------------------------------------------------------------
-
-def expect_fail(ep: FakeEndpoint, requester: str, rid: int) -> str:
-    frames = ep.take()
-    assert len(frames) == 1, frames
-    f = frames[0]
-    assert (f.kind, f.target, f.rid) == (Kind.REQUEST_FAIL, requester, rid)
-    reason = body_of(f)
-    assert isinstance(reason, str) and reason
-    return reason
-
-
-def test_request_without_listener_fails_at_once(bus: Bus) -> None:
-    e1, e2 = bus.endpoint("e1"), bus.endpoint("e2")
-    a = bus.add_peer(e1, "a")
-    bus.add_peer(e2, "b")
-    bus.request(e1, a, "nobody", 7)
-    assert "nobody" in expect_fail(e1, "a", 7)
-    assert e2.take() == []
-    assert bus.router.pending == {}
-
-
-def test_request_to_every_listener_first_answer_wins(bus: Bus) -> None:
-    e1, e2, e3 = bus.endpoint("e1"), bus.endpoint("e2"), bus.endpoint("e3")
-    a1, a2 = bus.add_peer(e1, "a1"), bus.add_peer(e1, "a2")
-    b = bus.add_peer(e2, "b")
-    c = bus.add_peer(e3, "c")
-    for peer, ep in ((a1, e1), (a2, e1), (b, e2)):
-        bus.subscribe(ep, peer, "svc")
-    req = bus.request(e3, c, "svc", 1, body=["q"])
-    assert e1.take_raw() == [bytes(req.raw)]  # once per endpoint
-    assert e2.take_raw() == [bytes(req.raw)]
-    assert e3.take_raw() == []
-    assert list(bus.router.pending) == [("c", 1)]
-    assert bus.router.pending[("c", 1)].receivers == {"a1", "a2", "b"}
-    resp = bus.respond(e2, b, "c", 1, "from b")
-    assert e3.take_raw() == [bytes(resp.raw)]
-    assert bus.router.pending == {}
-    # a second answer is dropped
-    bus.respond(e1, a1, "c", 1, "late")
-    assert e1.delivered == e2.delivered == e3.delivered == []
-    # and a late failure too
-    bus.fail(e1, a2, "c", 1)
-    assert e1.delivered == e2.delivered == e3.delivered == []
-
-
-def test_request_reaches_a_listener_of_the_same_endpoint(bus: Bus) -> None:
-    ep = bus.endpoint("e")
-    a = bus.add_peer(ep, "a")
-    b = bus.add_peer(ep, "b")
-    bus.subscribe(ep, b, "ch")
-    req = bus.request(ep, a, "ch", 3)
-    assert ep.take_raw() == [bytes(req.raw)]
-    resp = bus.respond(ep, b, "a", 3)
-    assert ep.take_raw() == [bytes(resp.raw)]
-    # even the requester's own listener (a request its own client must answer)
-    bus.subscribe(ep, a, "self")
-    req = bus.request(ep, a, "self", 4)
-    assert ep.take_raw() == [bytes(req.raw)]
-    resp = bus.respond(ep, a, "a", 4)
-    assert ep.take_raw() == [bytes(resp.raw)]
-    assert bus.router.pending == {}
-
-
-def test_request_id_reused_while_pending_is_a_protocol_error(bus: Bus) -> None:
-    e1, e2 = bus.endpoint("e1"), bus.endpoint("e2")
-    a = bus.add_peer(e1, "a")
-    b = bus.add_peer(e2, "b")
-    bus.subscribe(e2, b, "ch")
-    bus.request(e1, a, "ch", 1)
-    with pytest.raises(IpcBusProtocolError):
-        bus.request(e1, a, "ch", 1)
-    # the same rid from another requester is a different request
-    bus.request(e2, b, "ch", 1)
-    assert set(bus.router.pending) == {("a", 1), ("b", 1)}
-
-
-def test_request_to(bus: Bus) -> None:
-    e1, e2, e3 = bus.endpoint("e1"), bus.endpoint("e2"), bus.endpoint("e3")
-    a = bus.add_peer(e1, "a")
-    b = bus.add_peer(e2, "b")
-    c = bus.add_peer(e3, "c")
-    bus.subscribe(e2, b, "ch")
-    bus.subscribe(e3, c, "ch")
-    # to a listening peer: only its endpoint gets it
-    req = bus.request(e1, a, "ch", 1, target="b")
-    assert e2.take_raw() == [bytes(req.raw)]
-    assert e3.take_raw() == [] and e1.take_raw() == []
-    assert bus.router.pending[("a", 1)].receivers == {"b"}
-    resp = bus.respond(e2, b, "a", 1)
-    assert e1.take_raw() == [bytes(resp.raw)]
-
-
-def test_request_to_a_peer_not_listening_fails(bus: Bus) -> None:
-    e1, e2 = bus.endpoint("e1"), bus.endpoint("e2")
-    a = bus.add_peer(e1, "a")
-    b = bus.add_peer(e2, "b")
-    bus.subscribe(e2, b, "other")
-    bus.request(e1, a, "ch", 2, target="b")
-    expect_fail(e1, "a", 2)
-    assert e2.take() == []
-    assert bus.router.pending == {}
-
-
-def test_request_to_an_unknown_peer_fails(bus: Bus) -> None:
-    e1 = bus.endpoint("e1")
-    a = bus.add_peer(e1, "a")
-    bus.request(e1, a, "ch", 3, target="ghost")
-    assert "ghost" in expect_fail(e1, "a", 3)
-    assert bus.router.pending == {}
-
-
-def test_every_receiver_removed_fails_the_request_at_once(bus: Bus) -> None:
-    e1, e2, e3 = bus.endpoint("e1"), bus.endpoint("e2"), bus.endpoint("e3")
-    a = bus.add_peer(e1, "a")
-    b = bus.add_peer(e2, "b")
-    c = bus.add_peer(e3, "c")
-    bus.subscribe(e1, a, "ch")
-    bus.subscribe(e2, b, "ch")
-    bus.request(e3, c, "ch", 5)
-    e1.take(), e2.take()
-    bus.router.remove_endpoint(e1)
-    assert e3.take() == []  # b may still answer
-    assert bus.router.pending[("c", 5)].receivers == {"b"}
-    bus.router.remove_endpoint(e2)
-    expect_fail(e3, "c", 5)
-    assert bus.router.pending == {}
-
-
-def test_receiver_leaving_by_peer_remove_fails_the_request(bus: Bus) -> None:
-    e1, e2 = bus.endpoint("e1"), bus.endpoint("e2")
-    a = bus.add_peer(e1, "a")
-    b = bus.add_peer(e2, "b")
-    bus.subscribe(e2, b, "ch")
-    bus.request(e1, a, "ch", 6)
-    e2.take()
-    bus.handle(e2, Kind.PEER_REMOVE, sender=b)
-    expect_fail(e1, "a", 6)
-    assert bus.router.pending == {}
-
-
-def test_requester_removed_forgets_pending(bus: Bus) -> None:
-    e1, e2 = bus.endpoint("e1"), bus.endpoint("e2")
-    a = bus.add_peer(e1, "a")
-    b = bus.add_peer(e2, "b")
-    bus.subscribe(e2, b, "ch")
-    bus.request(e1, a, "ch", 1)
-    bus.request(e1, a, "ch", 2)
-    e2.take()
-    bus.router.remove_endpoint(e1)
-    assert bus.router.pending == {}
-    # the late answer goes nowhere
-    bus.respond(e2, b, "a", 1)
-    assert e1.delivered == [] and e2.delivered == []
-
-
-def test_cancel_forgets_pending(bus: Bus) -> None:
-    e1, e2 = bus.endpoint("e1"), bus.endpoint("e2")
-    a = bus.add_peer(e1, "a")
-    b = bus.add_peer(e2, "b")
-    bus.subscribe(e2, b, "ch")
-    bus.request(e1, a, "ch", 8)
-    bus.request(e1, a, "ch", 9)
-    e2.take()
-    bus.handle(e1, Kind.CANCEL, "", a, None, 8)
-    assert list(bus.router.pending) == [("a", 9)]
-    bus.respond(e2, b, "a", 8)
-    assert e1.delivered == []  # dropped
-    # the receiver leaving does not fail a cancelled request
-    bus.respond(e2, b, "a", 9)
-    e1.take()
-    bus.request(e1, a, "ch", 10)
-    bus.handle(e1, Kind.CANCEL, "", a, None, 10)
-    bus.router.remove_endpoint(e2)
-    assert e1.delivered == []
-    assert bus.router.pending == {}
-
-
-def test_request_fail_from_a_receiver_endpoint_drops_its_receivers(bus: Bus) -> None:
-    e1, e2, e3 = bus.endpoint("e1"), bus.endpoint("e2"), bus.endpoint("e3")
-    a1, a2 = bus.add_peer(e1, "a1"), bus.add_peer(e1, "a2")
-    b = bus.add_peer(e2, "b")
-    c = bus.add_peer(e3, "c")
-    bus.subscribe(e1, a1, "ch")
-    bus.subscribe(e1, a2, "ch")
-    bus.subscribe(e2, b, "ch")
-    bus.request(e3, c, "ch", 4)
-    e1.take(), e2.take()
-    # e1's process had no listener left: both of its peers are dropped
-    bus.fail(e1, a1, "c", 4, "no listener in process 1")
-    assert e3.take() == []
-    assert bus.router.pending[("c", 4)].receivers == {"b"}
-    bus.fail(e2, b, "c", 4, "no listener in process 2")
-    reason = expect_fail(e3, "c", 4)
-    assert reason == "no listener in process 2"
-    assert bus.router.pending == {}
-    # a REQUEST_FAIL from an endpoint that is not a receiver changes nothing
-    bus.request(e3, c, "ch", 5)
-    e1.take(), e2.take()
-    bus.fail(e3, c, "c", 5)
-    assert bus.router.pending[("c", 5)].receivers == {"a1", "a2", "b"}
-    assert e3.take() == []
-
-
-def test_request_fail_without_target_is_a_protocol_error(bus: Bus) -> None:
-    ep = bus.endpoint("e")
-    a = bus.add_peer(ep, "a")
-    with pytest.raises(IpcBusProtocolError):
-        bus.handle(ep, Kind.REQUEST_FAIL, "", a, None, 1, P.pack_payload("x"))
-    with pytest.raises(IpcBusProtocolError):
-        bus.handle(ep, Kind.RESPONSE, "", a, None, 1, P.pack_payload([True, 1]))
-
-
-def test_request_from_a_relay_is_not_sent_back_to_it(bus: Bus) -> None:
-    relay = bus.endpoint("link", relay=True)
-    local = bus.endpoint("local")
-    r = bus.add_peer(relay, "r")
-    r2 = bus.add_peer(relay, "r2")
-    bus.subscribe(relay, r2, "ch")
-    # only a listener on the relay's own side: nobody here can answer
-    bus.request(relay, r, "ch", 1)
-    expect_fail(relay, "r", 1)
-    x = bus.add_peer(local, "x")
-    bus.subscribe(local, x, "ch")
-    req = bus.request(relay, r, "ch", 2)
-    assert local.take_raw() == [bytes(req.raw)]
-    assert relay.take_raw() == []
-    assert bus.router.pending[("r", 2)].receivers == {"x"}
-    # a relay may speak for its side without a sender
-    bus.request(local, x, "ch", 3)
-    relay.take()
-    bus.fail(relay, None, "x", 3)
-    assert bus.router.pending[("x", 3)].receivers == {"x"}
-
-
-# ---------------------------------------------------------------------------------------------
-# special channels
-# ---------------------------------------------------------------------------------------------
-
-def test_query_state_answered_by_the_router(bus: Bus) -> None:
-    e1, e2 = bus.endpoint("e1", ptype="pipe", pid=11), bus.endpoint("e2", pid=22)
-    a = bus.add_peer(e1, "a", name="alpha", type_="main", pid=1)  # the endpoint decides
-    b = bus.add_peer(e2, "b", name="beta", type_="socket", pid=22)
-    bus.subscribe(e1, a, "x", 2)
-    bus.subscribe(e2, b, "x")
-    bus.subscribe(e2, b, "y")
-    bus.request(e1, a, P.QUERY_STATE_CHANNEL, 1)
-    frames = e1.take()
-    assert len(frames) == 1
-    resp = frames[0]
-    assert (resp.kind, resp.target, resp.rid) == (Kind.RESPONSE, "a", 1)
-    ok, state = body_of(resp)
-    assert ok is True
-    assert state["pid"] == bus.router.pid
-    peers = {p["id"]: p for p in state["peers"]}
-    assert set(peers) == {"a", "b"}
-    assert peers["a"]["name"] == "alpha" and peers["a"]["type"] == "pipe"
-    assert peers["a"]["pid"] == 11
-    assert peers["a"]["channels"] == {"x": 2}
-    assert peers["b"]["channels"] == {"x": 1, "y": 1}
-    assert state["channels"] == {"x": 2, "y": 1}
-    assert state["pending_requests"] == 0
-    assert e2.take() == []
-    assert bus.router.pending == {}
-
-
-def test_query_state_not_routed_to_listeners_of_that_channel(bus: Bus) -> None:
-    e1, e2 = bus.endpoint("e1"), bus.endpoint("e2")
-    a = bus.add_peer(e1, "a")
-    b = bus.add_peer(e2, "b")
-    bus.subscribe(e2, b, P.QUERY_STATE_CHANNEL)
-    bus.request(e1, a, P.QUERY_STATE_CHANNEL, 1)
-    assert [f.kind for f in e1.take()] == [Kind.RESPONSE]
-    assert e2.take() == []
-
-
-def test_service_available_unknown_name(bus: Bus) -> None:
-    ep = bus.endpoint("e")
-    a = bus.add_peer(ep, "a")
-    bus.request(ep, a, P.SERVICE_AVAILABLE_CHANNEL, 3, body=["no-such-service"])
-    frames = ep.take()
-    assert len(frames) == 1
-    assert (frames[0].kind, frames[0].target, frames[0].rid) == (Kind.RESPONSE, "a", 3)
-    assert body_of(frames[0]) == [True, False]
-    assert bus.router.pending == {}
-
-
-@pytest.mark.parametrize("args", [[], [5], "name", None])
-def test_service_available_without_a_name_fails(bus: Bus, args: Any) -> None:
-    ep = bus.endpoint("e")
-    a = bus.add_peer(ep, "a")
-    bus.handle(ep, Kind.REQUEST, P.SERVICE_AVAILABLE_CHANNEL, a, None, 4, P.pack_payload(args))
-    expect_fail(ep, "a", 4)
-    assert bus.router.pending == {}
-
-
-# ---------------------------------------------------------------------------------------------
 # remove_endpoint
 # ---------------------------------------------------------------------------------------------
 
@@ -805,7 +520,8 @@ def test_remove_endpoint_cleans_everything(bus: Bus) -> None:
     assert "only0" not in bus.router.channel_endpoints
     assert all(eps[0] not in m for m in bus.router.channel_endpoints.values())
     assert all(key[0] not in ("p00", "p01") for key in bus.router.pending)
-    assert all(not ({"p00", "p01"} & p.receivers) for p in bus.router.pending.values())
+    assert all(not ({"p00", "p01"} & bus.router.pending.receivers(key))
+               for key in bus.router.pending)
     assert eps[0].peers == {}
 
     bus.router.remove_endpoint(eps[1])
@@ -816,163 +532,6 @@ def test_remove_endpoint_cleans_everything(bus: Bus) -> None:
     # removing twice is harmless
     bus.router.remove_endpoint(eps[0])
     assert_clean(bus.router)
-
-
-# ---------------------------------------------------------------------------------------------
-# upstream (a bridge linked to a broker)
-# ---------------------------------------------------------------------------------------------
-
-def test_upstream_routing() -> None:
-    bus = Bus()
-    up = bus.endpoint("upstream", relay=True)
-    bus.router.upstream = up
-    e1, e2 = bus.endpoint("e1"), bus.endpoint("e2")
-
-    # PEER_ADD of a local peer: answered locally and announced upstream
-    a = bus.add_peer(e1, "a")
-    frames = up.take()
-    assert [(f.kind, f.sender) for f in frames] == [(Kind.PEER_ADD, a)]
-    b = bus.add_peer(e2, "b")
-    assert [(f.kind, f.sender) for f in up.take()] == [(Kind.PEER_ADD, b)]
-
-    # SUBSCRIBE of local peers: forwarded upstream on the first reference only
-    bus.subscribe(e1, a, "ch")
-    frames = up.take()
-    assert [(f.kind, f.channel, f.sender_id) for f in frames] == [(Kind.SUBSCRIBE, "ch", "a")]
-    bus.subscribe(e1, a, "ch")
-    assert up.take() == []
-    bus.subscribe(e2, b, "ch")
-    assert [(f.kind, f.channel, f.sender_id) for f in up.take()] == [(Kind.SUBSCRIBE, "ch", "b")]
-
-    # a local SEND: local subscribers (sender's own endpoint included) and upstream, once each
-    sent = bus.handle(e1, Kind.SEND, "ch", a, body=P.pack_payload(["m1"]))
-    assert e1.take_raw() == [bytes(sent.raw)]
-    assert e2.take_raw() == [bytes(sent.raw)]
-    assert up.take_raw() == [bytes(sent.raw)]
-    # a SEND with no local subscriber still goes upstream
-    sent = bus.handle(e1, Kind.SEND, "remote-only", a)
-    assert up.take_raw() == [bytes(sent.raw)]
-    assert e1.take_raw() == [] and e2.take_raw() == []
-
-    # a SEND coming from upstream: local subscribers, never back upstream
-    remote = info("r", "remote")
-    sent = bus.handle(up, Kind.SEND, "ch", remote)
-    assert e1.take_raw() == [bytes(sent.raw)]
-    assert e2.take_raw() == [bytes(sent.raw)]
-    assert up.take_raw() == []
-
-    # a REQUEST with no local listener goes upstream instead of failing
-    req = bus.request(e1, a, "far", 1)
-    assert up.take_raw() == [bytes(req.raw)]
-    assert e1.take_raw() == []
-    assert ("a", 1) in bus.router.pending
-    # ... and a REQUEST_FAIL from upstream (no sender: the broker speaks) fails it
-    bus.fail(up, None, "a", 1, "no listener for 'far' on the bus")
-    assert expect_fail(e1, "a", 1) == "no listener for 'far' on the bus"
-    assert bus.router.pending == {}
-
-    # a REQUEST with a local listener goes to it and upstream; an answer from upstream wins
-    req = bus.request(e1, a, "ch", 2)
-    assert e1.take_raw() == [bytes(req.raw)]
-    assert e2.take_raw() == [bytes(req.raw)]
-    assert up.take_raw() == [bytes(req.raw)]
-    resp = bus.respond(up, remote, "a", 2, "from far")
-    assert e1.take_raw() == [bytes(resp.raw)]
-    assert bus.router.pending == {}
-    # the local answer that comes later is dropped
-    bus.respond(e2, b, "a", 2)
-    assert e1.delivered == e2.delivered == up.delivered == []
-
-    # UNSUBSCRIBE and PEER_REMOVE of local peers are forwarded upstream
-    bus.unsubscribe(e2, b, "ch", 0)
-    assert [(f.kind, f.channel, f.sender_id) for f in up.take()] == \
-        [(Kind.UNSUBSCRIBE, "ch", "b")]
-    bus.handle(e2, Kind.PEER_REMOVE, sender=b)
-    assert [(f.kind, f.sender_id) for f in up.take()] == [(Kind.PEER_REMOVE, "b")]
-
-
-def test_upstream_fail_only_when_every_side_failed() -> None:
-    bus = Bus()
-    up = bus.endpoint("upstream", relay=True)
-    bus.router.upstream = up
-    e1, e2 = bus.endpoint("e1"), bus.endpoint("e2")
-    a = bus.add_peer(e1, "a")
-    b = bus.add_peer(e2, "b")
-    bus.subscribe(e2, b, "ch")
-    for ep in (e1, e2, up):
-        ep.delivered.clear()
-    bus.request(e1, a, "ch", 1)
-    bus.fail(up, None, "a", 1)
-    assert e1.take() == []  # b may still answer
-    bus.fail(e2, b, "a", 1, "b gave up")
-    assert expect_fail(e1, "a", 1) == "b gave up"
-    # and the link closing fails a request that only upstream could answer
-    bus.request(e1, a, "far", 2)
-    bus.router.remove_endpoint(up)
-    assert bus.router.upstream is None
-    expect_fail(e1, "a", 2)
-    assert bus.router.pending == {}
-
-
-def test_upstream_peers_and_send_to() -> None:
-    bus = Bus()
-    up = bus.endpoint("upstream", relay=True)
-    bus.router.upstream = up
-    e1 = bus.endpoint("e1")
-    a = bus.add_peer(e1, "a")
-    up.delivered.clear()
-    # a SEND_TO a peer this router does not know goes upstream, no NOTICE
-    sent = bus.handle(e1, Kind.SEND_TO, "ch", a, "elsewhere")
-    assert up.take_raw() == [bytes(sent.raw)]
-    assert e1.take_raw() == []
-    # a remote peer announced by upstream gets no answer and no echo
-    r = info("r")
-    bus.handle(up, Kind.PEER_ADD, sender=r, rid=0)
-    assert up.take_raw() == [] and e1.take_raw() == []
-    assert bus.router.peers["r"].endpoint is up
-    # a SEND_TO from upstream to a local peer reaches it
-    sent = bus.handle(up, Kind.SEND_TO, "ch", r, "a")
-    assert e1.take_raw() == [bytes(sent.raw)]
-    # special channels go upstream when linked (the broker knows the whole bus)
-    req = bus.request(e1, a, P.QUERY_STATE_CHANNEL, 9)
-    assert up.take_raw() == [bytes(req.raw)]
-    assert e1.take_raw() == []
-
-
-def test_upstream_request_to_an_unknown_peer_goes_upstream() -> None:
-    bus = Bus()
-    up = bus.endpoint("upstream", relay=True)
-    bus.router.upstream = up
-    e1 = bus.endpoint("e1")
-    a = bus.add_peer(e1, "a")
-    up.delivered.clear()
-    req = bus.request(e1, a, "ch", 1, target="elsewhere")
-    assert up.take_raw() == [bytes(req.raw)]
-    assert e1.take_raw() == []
-    assert ("a", 1) in bus.router.pending
-    resp = bus.respond(up, info("elsewhere"), "a", 1)
-    assert e1.take_raw() == [bytes(resp.raw)]
-    assert bus.router.pending == {}
-    # a request_to from upstream for a peer unknown here fails back upstream, not in a loop
-    bus.request(up, info("r"), "ch", 2, target="ghost")
-    expect_fail(up, "r", 2)
-    assert bus.router.pending == {}
-
-
-def test_upstream_with_a_remote_subscriber_gets_a_broadcast_once() -> None:
-    """Once per endpoint holds for the upstream too, when it has announced a subscribed peer."""
-    bus = Bus()
-    up = bus.endpoint("upstream", relay=True)
-    bus.router.upstream = up
-    e1 = bus.endpoint("e1")
-    a = bus.add_peer(e1, "a")
-    r = info("r")
-    bus.handle(up, Kind.PEER_ADD, sender=r, rid=0)
-    bus.handle(up, Kind.SUBSCRIBE, "ch", r, rid=1)
-    up.delivered.clear()
-    assert bus.router.channel_endpoints == {"ch": {up: 1}}
-    sent = bus.handle(e1, Kind.SEND, "ch", a)
-    assert up.take_raw() == [bytes(sent.raw)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1042,7 +601,7 @@ def test_service_add_with_upstream_is_asked_of_the_broker() -> None:
     assert e1.take_raw() == []
     resp = bus.handle(up, Kind.RESPONSE, "", None, "host", 7, P.pack_payload([True, None]))
     assert e1.take_raw() == [bytes(resp.raw)]
-    assert bus.router.pending == {}
+    assert not bus.router.pending
     rm = bus.handle(e1, Kind.SERVICE_REMOVE, "clock", host)
     assert up.take_raw() == [bytes(rm.raw)]
 
@@ -1090,81 +649,7 @@ def test_post_to_an_endpoint_that_cannot_pass_fds_sends_nothing(bus: Bus) -> Non
     # peer-to-peer to an unknown peer with an answer asked: REQUEST_FAIL, not a NOTICE
     post(bus, e1, Kind.SEND_TO, "ports", a, "ghost", 6, [10])
     expect_fail(e1, "a", 6)
-    assert bus.router.pending == {}
-
-
-# ---------------------------------------------------------------------------------------------
-# joining through a linked bridge: the broker accepts the id first
-# ---------------------------------------------------------------------------------------------
-
-def _linked(bus: Bus) -> FakeEndpoint:
-    up = bus.endpoint("upstream", relay=True)
-    bus.router.upstream = up
-    return up
-
-
-def test_a_join_waits_for_the_broker_and_frames_before_it_are_refused(bus: Bus) -> None:
-    up = _linked(bus)
-    e1 = bus.endpoint("e1", ptype="pipe", pid=7)
-    bus.handle(e1, Kind.PEER_ADD, sender=info("p", "child", "main", 1), rid=3)
-    assert e1.take() == []  # not answered yet
-    asked = up.take()
-    assert [(f.kind, f.sender, f.rid) for f in asked] == [(Kind.PEER_ADD, ["p", "child", "pipe", 7],
-                                                           3)]
-    with pytest.raises(IpcBusProtocolError, match="not a peer of this connection"):
-        bus.handle(e1, Kind.SUBSCRIBE, "ch", ["p", "child", "pipe", 7], rid=1)
-    # a second join of the same id meanwhile is refused at once
-    e2 = bus.endpoint("e2")
-    bus.handle(e2, Kind.PEER_ADD, sender=info("p"), rid=9)
-    assert "taken" in expect_fail(e2, "p", 9)
-
-
-def test_a_join_refused_by_the_broker_is_refused_here(bus: Bus) -> None:
-    up = _linked(bus)
-    e1 = bus.endpoint("e1")
-    bus.handle(e1, Kind.PEER_ADD, sender=info("p"), rid=3)
-    up.take()
-    bus.fail(up, None, "p", 3, "peer id 'p' is taken")
-    assert expect_fail(e1, "p", 3) == "peer id 'p' is taken"
-    assert "p" not in bus.router.peers and bus.router.joining == {}
-
-
-def test_a_joiner_that_leaves_before_the_answer_gives_the_id_back(bus: Bus) -> None:
-    up = _linked(bus)
-    e1 = bus.endpoint("e1")
-    bus.handle(e1, Kind.PEER_ADD, sender=info("p"), rid=3)
-    asked = up.take()[0]
-    bus.router.remove_endpoint(e1)
-    bus.handle(up, Kind.RESPONSE, target="p", rid=3, body=P.pack_payload([True, None]))
-    assert [(f.kind, f.sender) for f in up.take()] == [(Kind.PEER_REMOVE, asked.sender)]
-    assert e1.take() == [] and "p" not in bus.router.peers
-
-
-def test_joins_in_flight_fail_when_the_link_closes(bus: Bus) -> None:
-    up = _linked(bus)
-    e1 = bus.endpoint("e1")
-    bus.handle(e1, Kind.PEER_ADD, sender=info("p"), rid=3)
-    bus.router.remove_endpoint(up)
-    assert "link to the broker has closed" in expect_fail(e1, "p", 3)
-    # with no link any more, the same id joins at once
-    assert bus.add_peer(e1, "p")[0] == "p"
-
-
-def test_a_frame_over_a_links_limit_fails_the_request_or_tells_the_sender(bus: Bus) -> None:
-    link = bus.endpoint("link", relay=True)
-    far = bus.add_peer(link, "far", type_="pipe")
-    bus.subscribe(link, far, "ch")
-    e1 = bus.endpoint("e1")
-    a = bus.add_peer(e1, "a")
-    req = bus.request(e1, a, "ch", 4)
-    link.take()
-    bus.router.undeliverable(link, req.raw, "over the limit of the link")
-    assert expect_fail(e1, "a", 4) == "over the limit of the link"
-    sent = bus.handle(e1, Kind.SEND, "ch", a, body=P.pack_payload([1]))
-    bus.router.undeliverable(link, sent.raw, "over the limit of the link")
-    notice = e1.take()
-    assert [(f.kind, f.target) for f in notice] == [(Kind.NOTICE, "a")]
-    assert bus.router.state()["dropped"]["over_link_limit"] == 2
+    assert not bus.router.pending
 
 
 def test_peer_provoked_warnings_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:

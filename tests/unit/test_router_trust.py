@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipcbus import _protocol as P
-from ipcbus._protocol import Frame, FrameDecoder, Kind
+from ipcbus._decoder import FrameDecoder
+from ipcbus._protocol import Frame, Kind
 from ipcbus._router import Router
 from ipcbus.errors import IpcBusProtocolError
 
@@ -153,6 +154,6 @@ def _take(ep: FakeEndpoint, router: Router, requests: dict[tuple[str, int], set[
         ledger_fds.extend(fds)
     assert len(set(ledger_fds)) == len(ledger_fds), "a descriptor given twice"
     # the endpoint owns what it was given: forget it in the ledger
-    ledger = router._dup.__self__  # type: ignore[attr-defined]
+    ledger = router.messages.dup.__self__  # type: ignore[attr-defined]
     ledger.live.difference_update(ledger_fds)
     ep.delivered.clear()

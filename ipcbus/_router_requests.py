@@ -1,0 +1,241 @@
+"""The router's requests: where a request goes, who may answer it, and when it fails.
+
+Pure, like the router (``_router.Router`` owns one :class:`RequestRouter` and hands it the
+REQUEST, RESPONSE, REQUEST_FAIL and CANCEL frames once the sender is checked). Requests in
+flight are kept in the bus's one request table (``_pending.RequestTable``), keyed by
+``(requester id, rid)``, with the peers the request was delivered to as its *receivers*
+(``UPSTREAM`` for a bridge's link, when it went to the broker too). The rules:
+
+* A request goes to every peer listening on its channel (or to its target only); a request
+  nobody can receive fails at once (REQUEST_FAIL to the requester).
+* Only a receiver may answer (SPEC "Trust": other answers are dropped and counted); the
+  first answer wins and the entry is taken out, so later answers find nothing.
+* A receiver that leaves, fails the request (REQUEST_FAIL from its side: "no receiver left
+  there"), or cannot be given it (over a link's limit) is dropped from the receivers; the
+  requester gets REQUEST_FAIL when none is left. A requester that leaves or cancels takes its
+  entries out (a CANCEL is forwarded upstream if the request went there).
+* ``/ipcbus/queryState`` and ``/ipcbus/serviceAvailable`` are answered by the router itself,
+  within the message limit.
+"""
+from __future__ import annotations
+
+from . import _protocol as P
+from ._pending import RequestTable
+from ._protocol import Frame
+from ._routing import UPSTREAM, Endpoint, Peer, RouterCore, answer_frame, fail_frame
+from .errors import IpcBusProtocolError
+
+__all__ = ["RequestRouter", "Pending", "SPECIAL_CHANNELS"]
+
+SPECIAL_CHANNELS = frozenset({P.QUERY_STATE_CHANNEL, P.SERVICE_AVAILABLE_CHANNEL})
+
+Key = tuple[str, int]  # (requester id, rid)
+
+
+class Pending:
+    """A request in flight, as the router keeps it (its receivers are in the table)."""
+
+    __slots__ = ("requester", "endpoint", "channel", "service")
+
+    def __init__(self, requester: str, endpoint: Endpoint, channel: str,
+                 service: str | None = None) -> None:
+        self.requester = requester
+        self.endpoint = endpoint  # where the answer goes
+        self.channel = channel
+        self.service = service  # a SERVICE_ADD forwarded upstream: the name, recorded if granted
+
+
+class RequestRouter:
+    """The requests of one router."""
+
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+        self.table: RequestTable[Key, Pending] = RequestTable()
+
+    # -- requests ---------------------------------------------------------------------------------
+    def route(self, endpoint: Endpoint, frame: Frame, target: str | None) -> None:
+        """A REQUEST from ``endpoint`` (its sender checked), for ``target`` or every listener."""
+        core = self.core
+        requester = frame.sender[0]  # type: ignore[index]  # checked by Router.handle()
+        key = (requester, frame.rid)
+        channel = frame.channel
+        if target is None and core.upstream is None:
+            if channel in SPECIAL_CHANNELS:
+                endpoint.deliver(self._special(channel, frame), [])
+                return
+            subs = core.subscribers.get(channel)
+            if subs is not None and len(subs) == 1:
+                # The common case: one listening peer, no link. The same as below, shorter.
+                for peer_id in subs:
+                    listener = core.peers[peer_id]
+                    if endpoint.relay and listener.endpoint is endpoint:
+                        break
+                    try:
+                        self.table.add(key, Pending(requester, endpoint, channel),
+                                       receivers={peer_id})
+                    except KeyError:  # in flight: refused below
+                        break
+                    listener.endpoint.deliver(frame.raw, [], frame.count)
+                    return
+        if key in self.table:
+            raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
+        found = self._receivers(endpoint, channel, target)
+        if isinstance(found, str):
+            endpoint.deliver(fail_frame(requester, frame.rid, found), [])
+            return
+        receivers, targets = found
+        self.table.add(key, Pending(requester, endpoint, channel), receivers=receivers)
+        for ep in targets:
+            ep.deliver(frame.raw, [], frame.count)
+
+    def _receivers(self, endpoint: Endpoint, channel: str, target: str | None
+                   ) -> tuple[set[str], list[Endpoint]] | str:
+        """Who gets a request (peer ids, and the endpoints to deliver it to), or why nobody."""
+        core = self.core
+        upstream = core.upstream
+        from_upstream = endpoint is upstream
+        receivers: set[str] = set()
+        targets: list[Endpoint] = []
+        if target is not None:
+            peer = core.peers.get(target)
+            if peer is None:
+                if upstream is None or from_upstream:
+                    return f"no peer {target!r} on the bus"
+                receivers.add(UPSTREAM)
+                targets.append(upstream)
+            elif channel in peer.channels:
+                receivers.add(peer.id)
+                targets.append(peer.endpoint)
+            else:
+                return f"peer {peer.name!r} ({peer.id}) has no listener for {channel!r}"
+            return receivers, targets
+        skip_source = endpoint.relay  # a relay has served its own side already
+        subs = core.subscribers.get(channel)
+        if subs:
+            for peer_id in subs:
+                if skip_source and core.peers[peer_id].endpoint is endpoint:
+                    continue
+                receivers.add(peer_id)
+            eps = core.channel_endpoints[channel]
+            targets.extend(ep for ep in eps if not (skip_source and ep is endpoint))
+        if upstream is not None and not from_upstream:
+            receivers.add(UPSTREAM)
+            if upstream not in targets:
+                targets.append(upstream)
+        if not receivers:
+            return f"no listener for {channel!r} on the bus"
+        return receivers, targets
+
+    def _special(self, channel: str, frame: Frame) -> bytes:
+        """The answer to a request on one of SPECIAL_CHANNELS (within the size limit)."""
+        requester = frame.sender_id
+        assert requester is not None
+        if channel == P.QUERY_STATE_CHANNEL:
+            try:
+                raw = answer_frame(requester, frame.rid, self.core.state())
+            except (TypeError, ValueError) as exc:
+                return fail_frame(requester, frame.rid, f"the state of the bus cannot be"
+                                  f" encoded: {exc}")
+            size = len(raw) - P.PREFIX_SIZE - P.PREFIX.unpack_from(raw, 0)[0]
+            if size > self.core.max_message:
+                return fail_frame(requester, frame.rid, (
+                    f"the state of the bus is {size} bytes, over the message limit of"
+                    f" {self.core.max_message} bytes"))
+            return raw
+        assert channel == P.SERVICE_AVAILABLE_CHANNEL
+        try:
+            args = P.unpack_control(frame.body)
+        except IpcBusProtocolError:
+            args = None
+        if not (isinstance(args, list) and args and isinstance(args[0], str)):
+            return fail_frame(requester, frame.rid,
+                              f"{P.SERVICE_AVAILABLE_CHANNEL} takes a service name")
+        return answer_frame(requester, frame.rid, args[0] in self.core.services)
+
+    def forwarded(self, key: Key, endpoint: Endpoint, channel: str,
+                  service: str | None = None) -> None:
+        """A request-like frame this bridge sends to the broker only (an acknowledged post,
+        a SERVICE_ADD), answered by the broker. IpcBusProtocolError if ``key`` is in flight."""
+        if key in self.table:
+            raise IpcBusProtocolError(f"request id {key[1]} reused while pending")
+        self.table.add(key, Pending(key[0], endpoint, channel, service), receivers={UPSTREAM})
+
+    # -- answers ----------------------------------------------------------------------------------
+    def on_response(self, endpoint: Endpoint, frame: Frame) -> None:
+        core = self.core
+        target = frame.target
+        if target is None:
+            raise IpcBusProtocolError("RESPONSE without a target")
+        key = (target, frame.rid)
+        if endpoint is core.upstream:
+            if core.join_answer(target, frame.rid, True, ""):
+                return
+            answerer: str | None = UPSTREAM
+        else:
+            answerer = frame.sender[0] if frame.sender is not None else None
+        if answerer is None or not self.table.may_answer(key, answerer):
+            if key not in self.table:
+                return  # a late answer (the first one won), or the requester has gone
+            # Only a peer the request was delivered to may answer it (SPEC "Trust").
+            core.dropped["forged_answers"] += 1
+            core.warn.warning("forged", "%s: dropped an answer from %s to request %d of %r,"
+                              " which was not delivered to it", endpoint.label,
+                              frame.sender_id, frame.rid, target)
+            return
+        pending = self.table.take(key)
+        assert pending is not None
+        if pending.service is not None:
+            core.services[pending.service] = pending.requester  # the broker granted it
+        pending.endpoint.deliver(frame.raw, [], frame.count)
+
+    def on_request_fail(self, endpoint: Endpoint, frame: Frame) -> None:
+        """No receiver is left on ``endpoint``'s side (or the broker refused a join)."""
+        if frame.target is None:
+            raise IpcBusProtocolError("REQUEST_FAIL without a target")
+        try:
+            reason = P.unpack_control(frame.body)
+        except IpcBusProtocolError:
+            reason = "request failed"
+        if endpoint is self.core.upstream and \
+                self.core.join_answer(frame.target, frame.rid, False, str(reason)):
+            return
+        self.side_failed(endpoint, (frame.target, frame.rid), str(reason))
+
+    def side_failed(self, endpoint: Endpoint, key: Key, reason: str) -> None:
+        """The receivers of ``key`` on ``endpoint`` (its peers, or UPSTREAM for the link) will
+        not answer."""
+        upstream = endpoint is self.core.upstream
+        for receiver in self.table.receivers(key):
+            if receiver in endpoint.peers or (receiver == UPSTREAM and upstream):
+                self.drop_receiver(key, receiver, reason)
+
+    def on_cancel(self, endpoint: Endpoint, frame: Frame) -> None:
+        assert frame.sender is not None
+        key = (frame.sender[0], frame.rid)
+        receivers = self.table.receivers(key)
+        upstream = self.core.upstream
+        if self.table.take(key) is not None and UPSTREAM in receivers and upstream is not None:
+            upstream.deliver(frame.raw, [], frame.count)
+
+    # -- receivers and requesters that go ---------------------------------------------------------
+    def drop_receiver(self, key: Key, receiver: str, reason: str) -> None:
+        pending = self.table.drop_receiver(key, receiver)
+        if pending is not None:  # it was the last one
+            pending.endpoint.deliver(fail_frame(key[0], key[1], reason), [])
+
+    def receiver_gone(self, receiver: str, reason: str) -> None:
+        """A peer (or the link: UPSTREAM) is gone: fail what only it could still answer."""
+        for key, pending in self.table.receiver_gone(receiver):
+            pending.endpoint.deliver(fail_frame(key[0], key[1], reason), [])
+
+    def requester_gone(self, peer: Peer) -> None:
+        """A peer left: its own requests are forgotten (nobody is left to answer)."""
+        for key in [k for k in self.table if k[0] == peer.id]:
+            self.table.take(key)
+
+    def counts(self) -> dict[str, int]:
+        """Requests in flight by requester id (for the state)."""
+        counts: dict[str, int] = {}
+        for requester, _ in self.table:
+            counts[requester] = counts.get(requester, 0) + 1
+        return counts
