@@ -8,6 +8,8 @@ One module per concern; the concurrency model is on one page at the top of
   dispatch, the end;
 * ``inbox.py``: the read/dispatch scheduling as a pure unit (who reads, who dispatches, the
   hand-over, the dispatch queue and its byte budget), tested with an injected clock;
+* ``fastpath.py``: the wake-free round trip, one switch (``IPCBUS_FAST_PATH``): a blocking
+  caller reads its own answer, a responder's reader polls after its process answered;
 * ``writer.py``: writing frames (the send lock, coalesced bursts, memberships);
 * ``requests.py``: requests in flight (the shared ``RequestTable``), how callers wait;
 * ``answers.py``: what a caller waits on, and an answer frame turned into its outcome;

@@ -6,20 +6,31 @@ The concurrency model, whole:
   by at most one of them at a time: the *reader* reads the socket; the *dispatcher* runs
   listeners. An idle I/O thread asks the :class:`~.inbox.Inbox` which role it takes; the
   rules (who reads next, when reading stops, the order) are there, as a pure unit.
-* **Who reads.** Only the reader, never a caller. It decodes frames, attaches received
-  descriptors, settles the answers of requests itself (RESPONSE, REQUEST_FAIL: the caller's
-  future is completed on the reader), handles notices, and hands every other frame on.
+* **Who reads.** Whoever holds the reader's role: an I/O thread, or (the *fast path*,
+  ``fastpath.py``, ``IPCBUS_FAST_PATH``) a caller blocked in ``request()`` that found the
+  role free: it reads until its own answer has come, then gives the role back. The reader
+  decodes frames, attaches received descriptors, settles the answers of requests itself
+  (RESPONSE, REQUEST_FAIL: the caller's answer is completed on the reader), handles notices,
+  and hands every other frame on (a caller only queues them). While callers wait, and for
+  a millisecond after one got its answer, the I/O threads keep off the socket, and an I/O
+  reader that settled a caller's answer gives its role up: back-to-back requests are read
+  by their callers, no thread woken on the way.
 * **Who dispatches.** Frames go to the inbox, in order, and the dispatcher runs their
   listeners (``delivery.py``), ``on_closed`` handlers and ``call_soon`` callables, then gives
   its role up when the inbox is empty. *Hand-over*: a reader that has read messages while
   no one dispatches and nothing waits runs them itself, at once, taking the dispatcher's
   role and leaving the reader's to the other thread (no thread hand-off on the path of a
-  message; ``IPCBUS_HAND_OVER=0`` turns it off). A listener that blocks holds up other
-  listeners, never answers: the other thread reads meanwhile. No listener runs on a
-  caller's thread.
-* **Who waits how.** A blocking ``request()`` sleeps on its :class:`~.answers.SyncAnswer`
-  (a lock the reader releases) until its deadline, past which the caller expires the
-  request itself (no timer).
+  message; ``IPCBUS_HAND_OVER=0`` turns it off). With the fast path the hand-over wakes
+  no one: one idle thread (the *poller*) looks for work every millisecond while the
+  connection is busy, and the thread that ran the listener (its process has answered)
+  takes the reader's role again and polls the socket a moment (``SPIN_WAIT``) before it
+  blocks in ``recv``. A listener that blocks holds up other listeners, never answers: the
+  other thread reads meanwhile (within a millisecond). No listener runs on a caller's
+  thread.
+* **Who waits how.** A blocking ``request()`` reads its answer itself if it may (above:
+  polling the socket for up to ``SPIN_WAIT``, yielding the CPU, then sleeping in ``poll``),
+  else sleeps on its :class:`~.answers.SyncAnswer` (a lock the reader releases); past its
+  deadline the caller expires the request itself (no timer).
   ``request_async()`` and the library's own requests get a Future, failed by the *timer*
   thread (``_timer.py``) at their deadline. A request made *in* a listener (by the thread
   holding the dispatcher's role) runs the inbox's next items while it waits (*nested
@@ -39,25 +50,30 @@ The concurrency model, whole:
   the reader see the bus's end of stream, then waits for both (from a listener: for the
   reading only).
 * **Interrupts** (a signal handler raising in the main thread, Ctrl-C): only callers run in
-  the main thread, and they never read. Every entry a caller adds to the request table is
-  taken back on every path (try/finally); an interrupted request sends CANCEL. Writes keep
-  their byte counts in C code (``T.send_whole``): a write begun is finished before the
-  interrupt is raised.
+  the main thread. Every entry a caller adds to the request table, the reader's role it
+  borrowed and its count as a caller are given back on every path (try/finally); an
+  interrupted request sends CANCEL. Writes keep their byte counts in C code
+  (``T.send_whole``): a write begun is finished before the interrupt is raised; reads in
+  the main thread keep their raw result the same way (``T.recv_kept``), decoded by the next
+  reader (see ``fastpath.py`` for the narrow window that remains).
 * **Fork.** A connection is bound to the process that made it. After ``fork`` the child's
   copy is closed (so the bus still sees the parent's disconnect) and using it raises
   :class:`IpcBusConnectionError`.
 
 Primitives per connection: two locks (``lock``, the send lock), one condition, two events
-(``reader_done``, ``dispatch_done``), two I/O threads; started on first use: the writer's
-flusher thread (and its event) and the timer thread.
+(``reader_done``, ``dispatch_done``), two I/O threads, one poller (``select.poll``, the
+fast path's); started on first use: the writer's flusher thread (and its event) and the
+timer thread.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import logging
 import os
 import threading
+import time
 from typing import Any, Callable
 
 from .. import _protocol as P
@@ -67,7 +83,9 @@ from .._protocol import Kind
 from ..errors import IpcBusConnectionError, IpcBusError, IpcBusProtocolError
 from .._pending import settle
 from .answers import settle_answer
+from .answers import SyncAnswer
 from .delivery import LocalClient, PeerCache, deliver
+from .fastpath import FAST_PATH, FastPath, Seat
 from .inbox import Inbox
 from .requests import Requests
 from .writer import Membership, Writer
@@ -84,6 +102,7 @@ _RESPONSE, _REQUEST_FAIL = int(Kind.RESPONSE), int(Kind.REQUEST_FAIL)
 _NOTICE, _SPY_COPY = int(Kind.NOTICE), int(Kind.SPY_COPY)
 _RECYCLE = FrameDecoder.CHUNK  # larger frames get a buffer of their own, which is reused
 _get_ident = threading.get_ident
+perf_counter = time.perf_counter
 rids = itertools.count(1)  # request ids, unique in the process
 
 
@@ -117,7 +136,11 @@ class Connection:
         self.requests = Requests(self, self.lock, rids)
         self.peer_of = PeerCache()  # sender tuples -> IpcBusPeer
         self.cond = threading.Condition(threading.Lock())  # the inbox
-        self.inbox = Inbox(DISPATCH_BUDGET, IDLE, hand_over=HAND_OVER)
+        self.inbox = Inbox(DISPATCH_BUDGET, IDLE, hand_over=HAND_OVER, fast=FAST_PATH)
+        self.fast = FastPath(transport)  # see fastpath.py
+        self.seat = Seat(self)  # where blocking callers read their own answers
+        self._refuse = functools.partial(refuse_request, self)
+        self.settled_a_caller = False  # the last read settled a blocking caller's answer
         self.dispatch_owner: int | None = None  # the thread holding the dispatcher's role
         self.reader_done = threading.Event()  # the connection has ended
         self.dispatch_done = threading.Event()  # ...and everything queued was dispatched
@@ -151,6 +174,8 @@ class Connection:
             self.writer.frame(member, kind, channel, target, rid, body, fds)
         except OSError as exc:
             self._write_failed(exc)
+        if kind == _RESPONSE:
+            self.fast.answered_at = perf_counter()  # the reader polls for what comes next
 
     def send_surely(self, member: Membership, data: bytes) -> None:
         """Write a frame even if interrupted while waiting (see ``Writer.write_surely``)."""
@@ -188,15 +213,16 @@ class Connection:
 
     def _take_role(self) -> str | None:
         """Wait until this thread may read or dispatch (its role), or the end (None)."""
-        inbox = self.inbox
+        inbox, me = self.inbox, _get_ident()
         with self.cond:
             while not self.dispatch_done.is_set():
                 role = inbox.next_role()
                 if role is not None:
                     if role == "dispatch":
-                        self.dispatch_owner = _get_ident()
+                        self.dispatch_owner = me
                     return role
-                self.cond.wait(inbox.wait_timeout())
+                self.cond.wait(inbox.wait_timeout(me))
+                inbox.woke(me)
                 if inbox.went_idle():
                     self.decoder.drop_spare()  # quiet: no large buffer kept meanwhile
         return None
@@ -204,11 +230,18 @@ class Connection:
     def _read_turn(self) -> None:
         """Holding the reader's role: read until this thread runs what it read itself
         (hand-over), the budget is spent, or the stream ends."""
-        inbox = self.inbox
+        inbox, fast = self.inbox, self.fast
+        mine = False
         try:
             while True:
+                fast.before_read()
+                self.settled_a_caller = False
                 batch, size = self._read_once()
                 if not batch:
+                    if self.settled_a_caller or inbox.callers:
+                        with self.cond:
+                            if inbox.reader_gives_way(self.settled_a_caller):
+                                break  # the socket is the callers' (fastpath.py)
                     continue
                 with self.cond:
                     mine = inbox.read_done(batch, size)
@@ -216,7 +249,10 @@ class Connection:
                         self.dispatch_owner = _get_ident()
                     elif not inbox.may_read:
                         inbox.stop_reading()
-                    self.cond.notify_all()  # the other thread: read, or dispatch
+                    elif self.settled_a_caller or inbox.callers:
+                        inbox.reader_gives_way(self.settled_a_caller)
+                    if not mine or inbox.wake_other:
+                        self.cond.notify_all()  # the other thread: read, or dispatch
                 if mine or not inbox.reading:
                     break
         except BaseException as exc:
@@ -228,8 +264,7 @@ class Connection:
 
     def _read_once(self) -> tuple[list[P.Frame], int]:
         """One read: the frames it completed for the dispatcher, and their size."""
-        buf = self.decoder.get_buffer()
-        nbytes, fds = self.transport.recv_into(buf)
+        nbytes, fds = self.fast.recv(self.decoder.get_buffer())  # interrupt-safe
         if fds:
             self.fd_queue.extend(fds)
         if nbytes == 0:
@@ -253,7 +288,8 @@ class Connection:
                 if kind == _RESPONSE or kind == _REQUEST_FAIL:
                     self._on_answer(frame)
                 elif kind == _NOTICE:
-                    self._on_notice(frame)
+                    T.close_fds(frame.fds)
+                    self.close_reason = notice_closing(frame) or self.close_reason
                 else:
                     batch.append(frame)
                     size += len(frame.raw)
@@ -270,12 +306,8 @@ class Connection:
             T.close_fds(frame.fds)
         if pending is not None and not pending.future.done():
             settle_answer(pending, frame, self.peer_of(frame.sender))
-
-    def _on_notice(self, frame: P.Frame) -> None:
-        T.close_fds(frame.fds)
-        closing = notice_closing(frame)
-        if closing is not None:
-            self.close_reason = closing
+            if pending.future.__class__ is SyncAnswer:
+                self.settled_a_caller = True
 
     def _lost(self, exc: BaseException) -> None:
         self._on_lost(lost_reason(exc, self.closed))
@@ -295,6 +327,7 @@ class Connection:
                 f"request on {p.channel!r} failed: {self.close_reason}"))
         T.close_fds(self.fd_queue)
         self.fd_queue.clear()
+        self.fast.drop()
         self.transport.shutdown()
         self.writer.stop()
         self.forget()
@@ -341,7 +374,7 @@ class Connection:
         if item.__class__ is list:
             for frame in item:
                 try:
-                    deliver(frame, self.client_list, self.peer_of, self._refuse_request)
+                    deliver(frame, self.client_list, self.peer_of, self._refuse)
                 except BaseException:  # a listener's SystemExit too: see delivery.py
                     log.exception("ipcbus: error while dispatching")
                 if size > _RECYCLE and frame.kind != _SPY_COPY:
@@ -372,17 +405,6 @@ class Connection:
     def on_dispatch_thread(self) -> bool:
         """Whether the calling thread holds the dispatcher's role (runs listeners)."""
         return _get_ident() == self.dispatch_owner
-
-    def _refuse_request(self, frame: P.Frame) -> None:
-        with self.lock:
-            any_client = next(iter(self.clients.values()), None)
-        if any_client is None or frame.sender_id is None:
-            return
-        try:
-            self.send(any_client._member, Kind.REQUEST_FAIL, frame.channel, frame.sender_id,
-                      frame.rid, P.pack_payload(f"no listener for {frame.channel!r}"))
-        except IpcBusError:
-            pass
 
     def set_clients(self, update: Callable[[dict[str, LocalClient]], Any]) -> Any:
         """Change ``clients`` under the lock (``update`` gets the dict); the dispatcher's
@@ -440,6 +462,19 @@ class Connection:
 
 def _nothing() -> None:
     pass
+
+
+def refuse_request(conn: Connection, frame: P.Frame) -> None:
+    """Answer a request no listener of this process takes with REQUEST_FAIL."""
+    with conn.lock:
+        any_client = next(iter(conn.clients.values()), None)
+    if any_client is None or frame.sender_id is None:
+        return
+    try:
+        conn.send(any_client._member, Kind.REQUEST_FAIL, frame.channel, frame.sender_id,
+                  frame.rid, P.pack_payload(f"no listener for {frame.channel!r}"))
+    except IpcBusError:
+        pass
 
 
 def notice_closing(frame: P.Frame) -> str | None:

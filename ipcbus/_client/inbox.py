@@ -17,6 +17,16 @@ runs the listeners. Each role has at most one holder; an idle I/O thread asks
   then needs no hand-off between threads (each costs a thread wake-up; the figures are in
   docs/performance.md), and a listener that blocks still holds up no answer: the other thread
   reads meanwhile. Off: one thread reads, the other dispatches.
+* **The fast path** (``fast``, its switch; see ``fastpath.py``): a blocking caller (not the
+  dispatcher) counted with :meth:`caller_begins` takes the reader's role if it is free
+  (:meth:`lend`) and reads until its answer comes, then gives it back (:meth:`give_back`).
+  While callers are counted, and for ``give_way`` seconds after one got its answer, idle
+  I/O threads do not take the reader's role (back-to-back requests keep the socket), and an
+  I/O reader that has settled a caller's answer, or finds callers waiting after a read,
+  gives its role up (:meth:`reader_gives_way`). A hand-over then wakes no one
+  (:meth:`read_done` says whether to wake the other thread): while the connection is busy,
+  idle threads look for work every ``give_way`` seconds instead (:meth:`wait_timeout`). A
+  caller never runs listeners: what it reads for them is queued.
 * **Order.** Items (a batch of frames, or a callable of ``call_soon``) come out in the order
   they were put, one at a time; a batch is run by the reader that read it only when nothing
   is queued before it; a nested wait (a listener's request, by the dispatcher) takes items
@@ -48,10 +58,18 @@ class Inbox:
     """The dispatch queue of one connection (``clock``: seconds, monotonic)."""
 
     def __init__(self, budget: int, idle: float, *, hand_over: bool = True,
+                 fast: bool = False, give_way: float = 0.001,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.budget = budget
         self.idle = idle
         self.hand_over = hand_over
+        self.fast = fast
+        self.give_way = give_way
+        self.callers: set[object] = set()  # blocking callers that may read their answer
+        self.lent_to: object = None  # the caller holding the reader's role, if one does
+        self._gave_way_at: float | None = None  # the socket was left to callers then
+        self.wake_other = False  # read_done(): the hand-over must wake the other thread
+        self.poller: object = None  # the one idle thread that looks every give_way seconds
         self.reading = False  # a thread holds the reader's role
         self.dispatching = False  # a thread holds the dispatcher's role
         self.ended = False  # the stream has ended: no one reads again
@@ -114,10 +132,20 @@ class Inbox:
         if self._q and not self.dispatching:
             self.dispatching = True
             return "dispatch"
-        if not self.reading and not self.ended and self.may_read:
+        if not self.reading and not self.ended and self.may_read and not self._held_back():
             self.reading = True
             return "read"
         return None
+
+    def _held_back(self) -> bool:
+        """Whether idle I/O threads leave the socket to callers now (see "The fast path")."""
+        if self.callers:
+            return True
+        at = self._gave_way_at
+        if at is not None and self._clock() - at < self.give_way:
+            return True
+        self._gave_way_at = None
+        return False
 
     def read_done(self, item: Any, size: int) -> bool:
         """The reader has read ``item`` (``size`` bytes): True if it runs it itself now (it
@@ -125,6 +153,8 @@ class Inbox:
         :meth:`release`), False if it was queued (it reads on while :attr:`may_read`, else
         gives its role up with :meth:`stop_reading`)."""
         if self.hand_over and not self.dispatching and not self._q:
+            # fast: the other thread looks by itself unless it sleeps for the quiet period
+            self.wake_other = not self.fast or self.poller is None
             self.dispatching = True
             self.reading = False
             self.queued_bytes += size
@@ -144,16 +174,71 @@ class Inbox:
         """The dispatcher gives its role up (the queue is empty)."""
         self.dispatching = False
 
-    def wait_timeout(self) -> float | None:
-        """How long an idle thread may sleep before :meth:`went_idle` is due (None: until
-        woken)."""
+    # -- the fast path -----------------------------------------------------------------------
+    def caller_begins(self, caller: object) -> None:
+        """A blocking caller (``caller``: a token of its own) is about to send a request; it
+        ends with :meth:`caller_ends` on every path (forgetting it twice is harmless)."""
+        if self.fast:
+            self.callers.add(caller)
+
+    def caller_ends(self, caller: object) -> None:
+        self.callers.discard(caller)
+
+    def lend(self, caller: object) -> bool:
+        """A counted caller asks for the reader's role: True if it holds it now; False: it
+        waits for its answer instead (and is no longer counted)."""
+        if caller in self.callers and not self.reading and not self.ended and self.may_read:
+            self.reading = True
+            self.lent_to = caller
+            return True
+        self.callers.discard(caller)
+        return False
+
+    def give_back(self, caller: object, answered: bool) -> bool:
+        """The caller is done (``answered``: it got its answer; its next request may follow
+        at once, so idle threads keep off a moment longer). True if an I/O thread should be
+        woken to read now."""
+        self.callers.discard(caller)
+        if self.lent_to is not caller:
+            return False
+        self.reading = False
+        self.lent_to = None
+        self._gave_way_at = self._clock() if answered else None
+        return not answered
+
+    def reader_gives_way(self, settled_a_caller: bool) -> bool:
+        """An I/O reader after a read (``settled_a_caller``: it settled a blocking caller's
+        answer): True if it gives its role up now, leaving the socket to the callers."""
+        if not self.fast or not (settled_a_caller or self.callers) or self.closing:
+            return False
+        self.reading = False
+        self._gave_way_at = self._clock()
+        return True
+
+    def wait_timeout(self, me: object = None) -> float | None:
+        """How long idle thread ``me`` may sleep before it should ask again: :meth:`went_idle`
+        is due, or (fast) the connection is busy and the roles may have moved without a
+        wake-up: one idle thread, the *poller*, then looks every ``give_way`` seconds until
+        :meth:`woke` (None: until woken)."""
         if self._q:
             return None  # someone dispatches: it notifies when it gives its role up
         if self._empty_since is None:
             self._empty_since = self._clock()
-        elif self._empty_since < 0:
-            return None
-        return max(0.0, self._empty_since + self.idle - self._clock())
+        busy = self._empty_since >= 0 or self.callers or self.lent_to is not None \
+            or self._gave_way_at is not None
+        hold: float | None = None
+        if self.fast and busy and (self.poller is None or self.poller == me):
+            self.poller = me
+            hold = self.give_way
+        if self._empty_since < 0:
+            return hold
+        idle = max(0.0, self._empty_since + self.idle - self._clock())
+        return idle if hold is None else min(hold, idle)
+
+    def woke(self, me: object) -> None:
+        """Idle thread ``me`` woke (see :meth:`wait_timeout`)."""
+        if self.poller == me:
+            self.poller = None
 
     def went_idle(self) -> bool:
         """True once per quiet period, when the queue has stayed empty ``idle`` seconds."""

@@ -27,6 +27,7 @@ from .._types import IpcBusEvent, IpcBusRequestResponse
 from ..errors import IpcBusConnectionError, IpcBusRequestTimeoutError
 from .answers import AnswerFuture, Pending, SyncAnswer
 from .delivery import LocalClient
+from .fastpath import Seat
 from .writer import Membership
 
 __all__ = ["Requests", "Key"]
@@ -39,6 +40,8 @@ class Link(Protocol):
 
     def send(self, member: Membership, kind: int, channel: str, target: str | None, rid: int,
              body: P.Body, fds: list[int] | None = None) -> None: ...
+
+    seat: Seat  # where a blocking caller may read its own answer (fastpath.py)
 
     def on_dispatch_thread(self) -> bool: ...
 
@@ -98,20 +101,28 @@ class Requests:
         peer_id = client._peer_id
         assert peer_id is not None
         key = (peer_id, next(self.rids))
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        link, seat = self.link, self.link.seat
         try:
-            self.add(key, Pending(client, channel, answer))
-            self.link.send(client._member, kind, channel, target, key[1], body)
-        except BaseException as exc:
-            self.abandon(client, key, channel, cancel=not isinstance(exc, Exception))
-            raise
-        try:
-            if not answer.wait(timeout):
-                assert timeout is not None
-                self.expire(key, timeout)
-                answer.wait(None)  # set by expire(), or by whoever took the entry just before
-        except BaseException:  # an interrupt (Ctrl-C): this request is given up
-            self.abandon(client, key, channel, cancel=True)
-            raise
+            try:
+                seat.begins(answer)  # it may read its answer: see fastpath.py
+                self.add(key, Pending(client, channel, answer))
+                link.send(client._member, kind, channel, target, key[1], body)
+            except BaseException as exc:
+                self.abandon(client, key, channel, cancel=not isinstance(exc, Exception))
+                raise
+            try:
+                seat.read_own(answer, deadline)
+                if not answer.wait(None if deadline is None
+                                   else max(0.0, deadline - time.monotonic())):
+                    assert timeout is not None
+                    self.expire(key, timeout)
+                    answer.wait(None)  # set by expire(), or by whoever took the entry
+            except BaseException:  # an interrupt (Ctrl-C): this request is given up
+                self.abandon(client, key, channel, cancel=True)
+                raise
+        finally:
+            seat.ends(answer)
         return answer.result()
 
     def start(self, client: LocalClient, kind: int, channel: str, target: str | None,

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from ipcbus._client.inbox import Inbox
 
 BUDGET = 1000
+GIVE_WAY = 0.0078125  # exact in binary
 IDLE = 0.0625  # exact in binary: the clock arithmetic below is exact
 
 
@@ -247,19 +248,22 @@ def test_after_the_end_no_one_reads_again() -> None:
 
 thread_steps = st.lists(st.tuples(
     st.integers(min_value=0, max_value=1),
-    st.sampled_from(["step", "step", "step", "soon", "close", "nothing"]),
+    st.sampled_from(["step", "step", "step", "soon", "close", "nothing", "call", "tick"]),
     st.integers(min_value=0, max_value=BUDGET)), max_size=150)
 
 
 @settings(max_examples=300, deadline=None)
-@given(thread_steps, st.booleans())
-def test_two_threads_taking_roles(steps: list[tuple[int, str, int]], hand_over: bool) -> None:
-    """Two I/O threads that do what the inbox says, in any interleaving: each role has at
+@given(thread_steps, st.booleans(), st.booleans())
+def test_two_threads_taking_roles(steps: list[tuple[int, str, int]], hand_over: bool,
+                                  fast: bool) -> None:
+    """Two I/O threads that do what the inbox says, and (``fast``) a blocking caller that
+    reads its own answer when lent the reader's role, in any interleaving: each role has at
     most one holder; what is dispatched is what was read (and called soon), in order; and
     once no more arrives, the thread that does not read dispatches everything."""
     clock = Clock()
-    box = Inbox(BUDGET, IDLE, hand_over=hand_over, clock=clock)
+    box = Inbox(BUDGET, IDLE, hand_over=hand_over, fast=fast, give_way=GIVE_WAY, clock=clock)
     role: list[str | None] = [None, None]
+    caller: list[str | None] = [None]  # None, "counted", "reading"
     running: list[int] = [0, 0]  # bytes of the item a dispatcher is running
     arrived: list[int] = []
     dispatched: list[int] = []
@@ -281,6 +285,8 @@ def test_two_threads_taking_roles(steps: list[tuple[int, str, int]], hand_over: 
             elif not box.may_read:
                 box.stop_reading()
                 role[t] = None
+            elif box.callers and box.reader_gives_way(False):
+                role[t] = None
             seq += 1
             return True
         box.release(running[t])
@@ -294,20 +300,135 @@ def test_two_threads_taking_roles(steps: list[tuple[int, str, int]], hand_over: 
             running[t] = got[1]
         return True
 
+    def call(nbytes: int) -> None:
+        """One move of the caller: count itself, borrow the role, read (an answer when
+        ``nbytes`` is even: it gives the role back), or stop waiting."""
+        nonlocal seq
+        if caller[0] is None:
+            box.caller_begins("c")
+            caller[0] = "counted"
+        elif caller[0] == "counted":
+            caller[0] = "reading" if box.lend("c") else None  # or it sleeps on its answer
+        elif nbytes % 2 == 0 or not box.may_read or box.ended:
+            box.give_back("c", answered=nbytes % 2 == 0)
+            caller[0] = None
+        else:
+            box.put(seq, nbytes)  # read for the listeners: queued, never run by the caller
+            arrived.append(seq)
+            seq += 1
+
     for t, action, nbytes in steps:
         if action == "step":
             step(t, nbytes, reads=True)
+        elif action == "call" and fast:
+            call(nbytes)
+        elif action == "tick":
+            clock.now += GIVE_WAY
         elif action == "soon":
             box.put(seq)
             arrived.append(seq)
             seq += 1
         elif action == "close":
             box.close()
-        assert role.count("read") == int(box.reading), "one reader at most, the one told"
+        readers = role.count("read") + (caller[0] == "reading")
+        assert readers == int(box.reading), "one reader at most, the one told"
         assert role.count("dispatch") == int(box.dispatching), "one dispatcher at most"
         assert dispatched == arrived[:len(dispatched)], "order kept"
+    if caller[0] == "reading":
+        box.give_back("c", answered=True)
+    box.caller_ends("c")
+    clock.now += GIVE_WAY
     for _ in range(4 * len(arrived) + 10):  # no more input: run until no one can move
         if not (step(0, 0, reads=False) | step(1, 0, reads=False)):
             break
     assert dispatched == arrived and len(box) == 0, "nothing left behind"
     assert box.queued_bytes == sum(running)
+
+
+# -- the fast path: callers read their own answers (fastpath.py) --------------------------------
+
+
+def fast_inbox() -> tuple[Inbox, Clock]:
+    clock = Clock()
+    return Inbox(BUDGET, IDLE, fast=True, give_way=GIVE_WAY, clock=clock), clock
+
+
+def test_a_caller_borrows_the_free_reader_role_and_idle_threads_keep_off() -> None:
+    box, clock = fast_inbox()
+    box.caller_begins("a")
+    assert box.next_role() is None  # a caller is counted: the socket is its
+    assert box.lend("a") and box.reading and box.lent_to == "a"
+    assert box.next_role() is None
+    assert box.give_back("a", answered=True) is False  # answered: no one woken
+    assert not box.reading and box.lent_to is None and not box.callers
+    assert box.next_role() is None  # give-way: the next request may follow at once
+    clock.now += GIVE_WAY
+    assert box.next_role() == "read"
+
+
+def test_a_caller_that_finds_the_reader_role_held_waits_and_is_not_counted() -> None:
+    box, _ = fast_inbox()
+    assert box.next_role() == "read"
+    box.caller_begins("a")
+    assert box.lend("a") is False and not box.callers
+    box.caller_ends("a")  # harmless twice
+    assert box.give_back("a", answered=False) is False  # it held nothing
+
+
+def test_a_caller_without_its_answer_wakes_an_io_thread() -> None:
+    box, _ = fast_inbox()
+    box.caller_begins("a")
+    assert box.lend("a")
+    assert box.give_back("a", answered=False) is True  # deadline, budget: a thread reads
+    assert box.next_role() == "read"
+
+
+def test_a_caller_never_borrows_after_the_end_or_past_the_budget() -> None:
+    box, _ = fast_inbox()
+    box.put("big", BUDGET + 1)
+    box.caller_begins("a")
+    assert box.lend("a") is False
+    box2, _ = fast_inbox()
+    box2.stop_reading(ended=True)
+    box2.caller_begins("b")
+    assert box2.lend("b") is False
+
+
+def test_a_reader_that_settled_a_callers_answer_gives_the_socket_away() -> None:
+    box, clock = fast_inbox()
+    assert box.next_role() == "read"
+    assert box.reader_gives_way(False) is False  # no caller: it reads on
+    assert box.reader_gives_way(True) is True and not box.reading
+    assert box.next_role() is None
+    clock.now += GIVE_WAY
+    assert box.next_role() == "read"
+    box.caller_begins("a")  # a caller waits for its turn: the reader leaves
+    assert box.reader_gives_way(False) is True
+
+
+def test_without_the_fast_path_callers_are_not_counted_and_readers_keep_reading() -> None:
+    box, _ = inbox()
+    box.caller_begins("a")
+    assert not box.callers and box.lend("a") is False
+    assert box.next_role() == "read" and box.reader_gives_way(True) is False
+
+
+def test_a_hand_over_wakes_the_other_thread_only_when_it_does_not_poll() -> None:
+    box, clock = fast_inbox()
+    assert box.next_role() == "read"
+    assert box.wait_timeout("t2") == GIVE_WAY  # busy: t2 is the poller
+    assert box.wait_timeout("t3") == pytest.approx(IDLE)  # only one thread polls
+    assert box.read_done("batch", 1) is True and box.wake_other is False
+    box.woke("t2")
+    box.release(1)
+    box.stop_dispatching()
+    assert box.next_role() == "read"
+    assert box.wait_timeout("t2") == GIVE_WAY  # the queue empty from now
+    box.woke("t2")
+    clock.now += IDLE
+    assert box.wait_timeout("t2") == 0.0 and box.went_idle()
+    assert box.wait_timeout("t2") is None  # quiet: no one polls
+    box.woke("t2")
+    assert box.read_done("batch", 1) is True and box.wake_other is True
+    slow, _ = inbox()  # without the fast path a hand-over always wakes
+    assert slow.next_role() == "read" and slow.read_done("b", 1) and slow.wake_other
