@@ -177,40 +177,47 @@ class Seat:
     def __init__(self, conn: Reading) -> None:
         self.conn = conn
 
-    def begins(self, caller: object) -> None:
-        """A blocking caller (``caller``: its answer) is about to send its request."""
+    def begins(self, caller: SyncAnswer) -> None:
+        """A blocking caller (``caller``: its answer) is about to send its request: it is
+        counted, and borrows the reader's role now if it is free (one lock taken, not two)."""
         conn = self.conn
-        if conn.inbox.fast:
+        inbox = conn.inbox
+        if inbox.fast:
             with conn.cond:
-                conn.inbox.caller_begins(caller)
+                inbox.caller_begins(caller)
+                inbox.lend(caller)
 
-    def ends(self, caller: object) -> None:
-        """...and is done with it, whatever the outcome (an interrupt's too)."""
+    def ends(self, caller: SyncAnswer) -> None:
+        """...and is done with it, whatever the outcome (an interrupt's too): the role it
+        borrowed is given back, its count too."""
         conn = self.conn
-        if caller in conn.inbox.callers:
+        inbox = conn.inbox
+        if inbox.lent_to is caller or caller in inbox.callers:
             with conn.cond:
-                conn.inbox.caller_ends(caller)
+                if inbox.give_back(caller, caller.done()):
+                    conn.cond.notify_all()  # an I/O thread reads from now on
 
     def read_own(self, answer: SyncAnswer, deadline: float | None) -> None:
         read_own_answer(self.conn, answer, deadline)
 
 
 def read_own_answer(conn: Reading, answer: SyncAnswer, deadline: float | None) -> None:
-    """For a caller counted by ``Inbox.caller_begins``, its request sent: read until
-    ``answer`` is set, the deadline (time.monotonic()) passes or reading must stop, if the
-    reader's role is free; else return at once (the caller then sleeps on its answer)."""
+    """For a caller that borrowed the reader's role (:meth:`Seat.begins`), its request
+    sent: read until ``answer`` is set, the deadline (time.monotonic()) passes or reading
+    must stop; else return at once (the caller then sleeps on its answer). Without its
+    answer it gives the role back before it sleeps; else (and if interrupted)
+    :meth:`Seat.ends` does."""
     inbox = conn.inbox
-    with conn.cond:
-        if not inbox.lend(answer):
-            return
+    if inbox.lent_to is not answer:
+        return
     try:
         _read_until(conn, answer, deadline)
     except Exception as exc:  # the end of the connection (an interrupt propagates)
         conn._lost(exc)
-    finally:  # the role is given back on every path (an interrupt's too)
+    if not answer.done():  # it will sleep: someone else reads meanwhile
         with conn.cond:
-            if inbox.give_back(answer, answer.done()):
-                conn.cond.notify_all()  # an I/O thread reads from now on
+            if inbox.give_back(answer, False):
+                conn.cond.notify_all()
 
 
 def _read_until(conn: Reading, answer: SyncAnswer, deadline: float | None) -> None:
@@ -227,9 +234,9 @@ def _read_until(conn: Reading, answer: SyncAnswer, deadline: float | None) -> No
             ready = fast.spin(spin_end)
             fast.caller_spin.outcome(ready)
             spin_end = 0.0
-            if ready:
-                wait_ms = 0
-        if not fast.readable(wait_ms):
+            if not ready and not fast.readable(wait_ms):
+                continue
+        elif not fast.readable(wait_ms):
             continue
         batch, size = conn._read_once()
         if batch:
