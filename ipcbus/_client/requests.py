@@ -113,8 +113,8 @@ class Requests:
                 raise
             try:
                 seat.read_own(answer, deadline)
-                if not answer.wait(None if deadline is None
-                                   else max(0.0, deadline - time.monotonic())):
+                if not answer.done() and not answer.wait(
+                        None if deadline is None else max(0.0, deadline - time.monotonic())):
                     assert timeout is not None
                     self.expire(key, timeout)
                     answer.wait(None)  # set by expire(), or by whoever took the entry
