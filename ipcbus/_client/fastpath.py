@@ -5,13 +5,16 @@ round trip. With the fast path a request/response round trip through the bus cos
 thread wake-up in the requester's process nor in the responder's:
 
 * **The caller reads its own answer.** A blocking ``request()`` (any thread but the
-  dispatcher) counts itself as a *caller* before it sends (``Inbox.caller_begins``); if the
-  reader's role is free it takes it (``Inbox.lend``) and reads the socket itself until its
-  answer has come: it polls the socket for up to ``SPIN_WAIT`` (yielding the CPU between
-  looks), then sleeps in ``poll`` (looking at its deadline every ``_READ_WAIT_MS``). It
-  settles the answers it reads (its own included) and queues messages for the listeners,
-  which it never runs. Meanwhile, and for ``Inbox.give_way`` seconds after it got its
-  answer, the I/O threads keep off the socket, so back-to-back requests keep it.
+  dispatcher) counts itself as a *caller* before it sends (``Inbox.caller_begins``) and, if
+  the reader's role is free, borrows it (``Inbox.lend``): once its request is written it
+  reads the socket itself until its answer has come: it polls the socket for up to
+  ``SPIN_WAIT`` (yielding the CPU between looks), then sleeps in ``poll`` (looking at its
+  deadline every ``_READ_WAIT_MS``). It settles the answers it reads (its own included) and
+  queues messages for the listeners, which it never runs. It gives the role back before it
+  sleeps on its answer (deadline, budget) or once done (:class:`Seat`). Meanwhile, and for
+  ``Inbox.give_way`` seconds after it got its answer, the I/O threads keep off the socket,
+  so back-to-back requests keep it; if an I/O thread held the role, the caller sleeps on its
+  answer, which that thread settles.
 * **An I/O reader leaves the socket to the callers.** An I/O thread that has settled the
   answer of a blocking caller gives the reader's role up at once (its next request is then
   read by its caller), and so it does, between two reads, while a caller waits for its turn.
