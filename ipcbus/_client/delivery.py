@@ -1,0 +1,213 @@
+"""Delivering one received frame to the listeners of this process's clients.
+
+Runs on the connection's dispatch thread (see ``connection.py``). A frame goes to the clients
+it is for: a broadcast (SEND) to every client listening on its channel, a SEND_TO or a
+REQUEST to the one client it names. Three paths:
+
+* :func:`deliver_spy_copy`: a copy for a spy's handler;
+* :func:`deliver_messages`: the common case, a message without descriptors (perhaps a run of
+  messages with one header, merged by the decoder);
+* :func:`deliver_request_or_ports`: a request (each listener gets an ``event.request`` to
+  answer; the first answer wins) or a message carrying descriptors. The frame owns its
+  descriptors until a listener's ``event.ports`` takes them: every other path, an exception
+  included, closes them.
+
+Whatever a listener raises, ``SystemExit`` and ``KeyboardInterrupt`` included, is logged and
+goes no further: the dispatch thread is shared by every client and thread of the process.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+from .. import _protocol as P
+from .. import _transport as T
+from .._protocol import Kind
+from .._types import IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest, _Answered
+from ..errors import IpcBusProtocolError
+
+log = logging.getLogger("ipcbus")
+
+__all__ = ["LocalClient", "PeerCache", "deliver", "ports_of"]
+
+_SEND, _REQUEST, _SPY_COPY = int(Kind.SEND), int(Kind.REQUEST), int(Kind.SPY_COPY)
+_DECODED = P.DecodedFrame
+
+
+class LocalClient(Protocol):
+    """What delivery needs of a client of this process (``IpcBusClient``)."""
+
+    _peer_id: str | None
+    _spy_handler: Callable[[P.Frame], None] | None
+    _listeners: dict[str, Any]
+
+    @property
+    def _member(self) -> Any: ...
+
+    def _take(self, key: str) -> list[Callable[..., Any]]: ...
+
+    def _connection_ended(self, conn: Any) -> None: ...
+
+    def _pack_answer(self, resolved: bool, value: Any) -> Any: ...
+
+    def _send_answer(self, channel: str, requester: str, rid: int, body: Any,
+                     member: Any) -> None: ...
+
+
+class PeerCache:
+    """The :class:`IpcBusPeer` of a sender tuple ``[id, name, type, pid]``, made once per
+    peer (at most 4096 kept): called as ``peer_of(info)``."""
+
+    def __init__(self) -> None:
+        self.peers: dict[str, IpcBusPeer] = {}
+
+    def __call__(self, info: Any) -> IpcBusPeer | None:
+        if info is None:
+            return None
+        peer = self.peers.get(info[0])
+        if peer is None:
+            if len(self.peers) > 4096:
+                self.peers.clear()
+            peer = IpcBusPeer(info[0], info[1], IpcBusProcess(info[2], info[3]))
+            self.peers[info[0]] = peer
+        return peer
+
+
+def deliver(frame: P.Frame, clients: Sequence[LocalClient],
+            peer_of: Callable[[Any], IpcBusPeer | None],
+            refuse: Callable[[P.Frame], None]) -> None:
+    """Run the listeners of ``frame`` among ``clients`` (``peer_of``: the peer of a sender
+    tuple; ``refuse``: answers a request none of them listens to any more)."""
+    kind, channel = frame.kind, frame.channel
+    if kind == _SPY_COPY:
+        deliver_spy_copy(frame, clients)
+        return
+    if kind == _SEND or frame.target is None:
+        receivers = [c for c in clients if channel in c._listeners]
+    else:
+        receivers = [c for c in clients if c._peer_id == frame.target
+                     and channel in c._listeners]
+    if not receivers:
+        if frame.fds:
+            T.close_fds(frame.fds)
+        if kind == _REQUEST:
+            refuse(frame)  # our listeners went away after the router sent it: say so at once
+        return
+    sender = peer_of(frame.sender)
+    if kind != _REQUEST and not frame.nfds:
+        deliver_messages(frame, receivers, sender)
+    else:
+        deliver_request_or_ports(frame, receivers, sender)
+
+
+def deliver_spy_copy(frame: P.Frame, clients: Iterable[LocalClient]) -> None:
+    for client in clients:
+        if client._peer_id == frame.target and client._spy_handler is not None:
+            try:
+                client._spy_handler(frame)
+            except BaseException:
+                log.exception("spy handler raised")
+
+
+def _bodies(frame: P.Frame) -> Iterable[Any]:
+    """The bodies of a message frame: decoded already, or one or more encoded ones."""
+    if frame.count > 1:
+        return frame.bodies()
+    if frame.__class__ is _DECODED:
+        return (frame.args,)
+    return (memoryview(frame.raw)[frame.body_offset:],)
+
+
+def deliver_messages(frame: P.Frame, receivers: list[LocalClient],
+                     sender: IpcBusPeer | None) -> None:
+    """The common case: messages without descriptors, to each receiver's listeners."""
+    channel = frame.channel
+    for body in _bodies(frame):
+        if body.__class__ is list:
+            args = body
+        else:
+            try:
+                args = P.unpack_payload(body)
+            except IpcBusProtocolError as exc:
+                log.error("dropped a message on %r from %s: %s", channel, frame.sender_id, exc)
+                continue
+        if args.__class__ is not list:
+            args = [args]
+        for client in receivers:
+            listeners = client._take(channel)
+            if listeners:
+                _call(listeners, IpcBusEvent(channel, sender, None, None), args)
+
+
+def _call(listeners: list[Callable[..., Any]], event: IpcBusEvent, args: list[Any]) -> None:
+    for listener in listeners:
+        try:
+            listener(event, *args)
+        except BaseException:  # contained: see the module docstring
+            log.exception("listener %r of channel %r raised", listener, event.channel)
+
+
+def _args_and_kinds(frame: P.Frame) -> tuple[list[Any], list[str] | None]:
+    """The arguments of a request or a message with descriptors, and the kinds of its
+    ports; IpcBusProtocolError if they are malformed."""
+    body = P.unpack_payload(memoryview(frame.raw)[frame.body_offset:])
+    kinds: list[str] | None = None
+    if frame.nfds:
+        if not (isinstance(body, list) and len(body) == 2
+                and isinstance(body[0], list) and isinstance(body[1], list)
+                and len(body[1]) == frame.nfds
+                and all(isinstance(k, str) and k in T.PORT_KINDS for k in body[1])):
+            raise IpcBusProtocolError("malformed list of port kinds")
+        body, kinds = body
+    return (body if body.__class__ is list else [body]), kinds
+
+
+def deliver_request_or_ports(frame: P.Frame, receivers: list[LocalClient],
+                             sender: IpcBusPeer | None) -> None:
+    """A request, or a message with descriptors: each taker of the frame's listeners gets
+    its event (a request to answer, its own ports: duplicates for all but the last taker,
+    who gets the frame's)."""
+    channel = frame.channel
+    fds = frame.fds
+    try:
+        try:
+            args, kinds = _args_and_kinds(frame)
+        except IpcBusProtocolError as exc:
+            log.error("dropped a message on %r from %s: %s", channel, frame.sender_id, exc)
+            return
+        answered = _Answered() if frame.kind == _REQUEST else None
+        takers = [(client, listeners) for client in receivers
+                  if (listeners := client._take(channel))]
+        for i, (client, listeners) in enumerate(takers):
+            request = None
+            if answered is not None and sender is not None:
+                request = IpcBusRequest(client, sender.id, frame.rid, channel, answered)
+            ports = None
+            if kinds is not None:
+                if i == len(takers) - 1:
+                    given, fds = fds, []
+                    ports = ports_of(given, kinds, dup=False)
+                else:
+                    ports = ports_of(fds, kinds, dup=True)
+            _call(listeners, IpcBusEvent(channel, sender, request, ports), args)
+    finally:
+        T.close_fds(fds)  # descriptors no listener took
+
+
+def ports_of(fds: list[int], kinds: list[str], dup: bool) -> list[Any]:
+    """Received descriptors as the kinds of handle the sender posted: duplicates of ``fds``
+    (``dup``), or ``fds`` themselves, which this call then owns (closed if it fails)."""
+    own = T.dup_fds(fds) if dup else list(fds)
+    ports: list[Any] = []
+    try:
+        for fd, kind in zip(own, kinds):
+            ports.append(T.port_from_descriptor(fd, kind))
+        return ports
+    except BaseException:
+        for port in ports:
+            if isinstance(port, int):
+                T.close_fds([port])
+            else:
+                port.close()
+        T.close_fds(own[len(ports) + 1:])  # port_from_descriptor closed the failing one
+        raise
