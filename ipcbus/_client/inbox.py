@@ -14,8 +14,8 @@ runs the listeners. Each role has at most one holder; an idle I/O thread asks
 * **Hand-over** (``hand_over``, the one switch): a reader that has read messages while no
   one dispatches and nothing is queued runs them itself at once, holding the dispatcher's
   role, and gives the reader's role to the other thread (:meth:`read_done`). The message
-  then needs no hand-off between threads (each costs a thread wake-up: tens of microseconds
-  on a small VM), and a listener that blocks still holds up no answer: the other thread
+  then needs no hand-off between threads (each costs a thread wake-up; the figures are in
+  docs/performance.md), and a listener that blocks still holds up no answer: the other thread
   reads meanwhile. Off: one thread reads, the other dispatches.
 * **Order.** Items (a batch of frames, or a callable of ``call_soon``) come out in the order
   they were put, one at a time; a batch is run by the reader that read it only when nothing

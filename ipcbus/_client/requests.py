@@ -90,7 +90,7 @@ class Requests:
     def request(self, client: LocalClient, kind: int, channel: str, target: str | None,
                 timeout: float | None, body: P.Body) -> Any:
         """A blocking request from ``client``: its answer's result, or its error raised. The
-        caller sleeps until its deadline (no Future, no timer: each costs microseconds on
+        caller sleeps until its deadline (no Future, no timer: each would cost time on
         every request); a listener's request dispatches while it waits (:meth:`wait`)."""
         if self.link.on_dispatch_thread():
             return self.wait(self.start(client, kind, channel, target, timeout, body))
