@@ -36,13 +36,16 @@ class FakeHub:
         self.listener.settimeout(20)
         sock, _ = self.listener.accept()
         self.sock = sock
-        hello = self._read_frame()
+        hello, *rest = self._read_frames()  # (the client waits for the WELCOME: no rest)
+        for frame in rest:
+            self.frames.put(frame)
         assert hello.kind == Kind.HELLO
         sock.sendall(P.welcome_frame(os.getpid(), True, 1 << 20))
         self.accepted.set()
         while True:
             try:
-                self.frames.put(self._read_frame())
+                for frame in self._read_frames():
+                    self.frames.put(frame)
             except (OSError, EOFError):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)  # the client's close() waits for this
@@ -50,14 +53,13 @@ class FakeHub:
                     pass
                 return
 
-    def _read_frame(self) -> P.Frame:
+    def _read_frames(self) -> list[P.Frame]:
+        """The frames of the next read(s), in order (a read may hold several)."""
         assert self.sock is not None
         while True:
             ready = self.decoder.frames()
             if ready:
-                for frame in ready[1:]:
-                    self.frames.put(frame)
-                return ready[0]
+                return ready
             data = self.sock.recv(65536)
             if not data:
                 raise EOFError
