@@ -13,7 +13,9 @@ passed), :meth:`close` (the connection ended) — removes the entry and hands it
 caller, so a request is answered, failed or timed out once, whichever comes first.
 
 Deadlines sit in a heap with lazy deletion: an entry taken early leaves its heap slot behind,
-skipped when it surfaces; the heap is compacted when such slots are most of it.
+skipped when it surfaces; the heap is compacted when such slots are most of it. There is no
+index by receiver: a peer leaving (seldom, next to requests) scans the entries, so that adding
+and taking a request stay two dictionary operations.
 """
 from __future__ import annotations
 
@@ -39,10 +41,9 @@ class TableClosed(Exception):
 
 
 class _Slot(Generic[E]):
-    __slots__ = ("seq", "entry", "receivers", "deadline")
+    __slots__ = ("entry", "receivers", "deadline")
 
-    def __init__(self, seq: int, entry: E, receivers: set[str], deadline: float | None) -> None:
-        self.seq = seq  # the order of adding
+    def __init__(self, entry: E, receivers: set[str], deadline: float | None) -> None:
         self.entry = entry
         self.receivers = receivers
         self.deadline = deadline
@@ -53,7 +54,6 @@ class RequestTable(Generic[K, E]):
 
     def __init__(self) -> None:
         self._slots: dict[K, _Slot[E]] = {}
-        self._by_receiver: dict[str, set[K]] = {}
         self._heap: list[tuple[float, int, K, _Slot[E]]] = []
         self._seq = itertools.count()
         self._dead = 0  # heap slots whose entry was taken before its deadline
@@ -93,8 +93,8 @@ class RequestTable(Generic[K, E]):
         return slot is not None and receiver in slot.receivers
 
     def keys_of(self, receiver: str) -> frozenset[K]:
-        """The requests ``receiver`` is expected to answer."""
-        return frozenset(self._by_receiver.get(receiver, ()))
+        """The requests ``receiver`` is expected to answer (a scan: peers leave seldom)."""
+        return frozenset(key for key, slot in self._slots.items() if receiver in slot.receivers)
 
     def next_deadline(self) -> float | None:
         """The earliest deadline of an entry still in flight, or None."""
@@ -108,24 +108,23 @@ class RequestTable(Generic[K, E]):
     def add(self, key: K, entry: E, *, receivers: Iterable[str] = (),
             deadline: float | None = None) -> None:
         """Put a request in flight. ``KeyError`` if ``key`` already is (a reused request id),
-        :class:`TableClosed` after :meth:`close`."""
+        :class:`TableClosed` after :meth:`close`. A ``set`` of receivers is kept as it is
+        (the table owns it from then on); any other iterable is copied."""
         if self._closed is not None:
             raise TableClosed(self._closed)
-        if key in self._slots:
+        slots = self._slots
+        if key in slots:
             raise KeyError(key)
-        slot = _Slot(next(self._seq), entry, set(receivers), deadline)
-        self._slots[key] = slot
-        for receiver in slot.receivers:
-            self._by_receiver.setdefault(receiver, set()).add(key)
+        slot = _Slot(entry, receivers if type(receivers) is set else set(receivers), deadline)
+        slots[key] = slot
         if deadline is not None:
-            heapq.heappush(self._heap, (deadline, slot.seq, key, slot))
+            heapq.heappush(self._heap, (deadline, next(self._seq), key, slot))
 
     def add_receiver(self, key: K, receiver: str) -> None:
         """``receiver`` also got request ``key`` (ignored if ``key`` is not in flight)."""
         slot = self._slots.get(key)
-        if slot is not None and receiver not in slot.receivers:
+        if slot is not None:
             slot.receivers.add(receiver)
-            self._by_receiver.setdefault(receiver, set()).add(key)
 
     def take(self, key: K) -> E | None:
         """Remove ``key`` and return its entry for the caller to settle (None if it is not in
@@ -133,7 +132,8 @@ class RequestTable(Generic[K, E]):
         slot = self._slots.pop(key, None)
         if slot is None:
             return None
-        self._unindex(key, slot)
+        if slot.deadline is not None:
+            self._count_dead()
         return slot.entry
 
     def drop_receiver(self, key: K, receiver: str) -> E | None:
@@ -143,7 +143,6 @@ class RequestTable(Generic[K, E]):
         if slot is None or receiver not in slot.receivers:
             return None
         slot.receivers.discard(receiver)
-        self._unlink(receiver, key)
         if slot.receivers:
             return None
         return self.take(key)
@@ -152,7 +151,7 @@ class RequestTable(Generic[K, E]):
         """``receiver`` left: it is dropped from every request it was expected to answer. Returns
         the entries (taken) of those it was the last receiver of, in the order they were added."""
         done: list[tuple[K, E]] = []
-        for key in sorted(self._by_receiver.get(receiver, ()), key=self._order):
+        for key in [k for k, slot in self._slots.items() if receiver in slot.receivers]:
             entry = self.drop_receiver(key, receiver)
             if entry is not None:
                 done.append((key, entry))
@@ -165,8 +164,6 @@ class RequestTable(Generic[K, E]):
             _, _, key, slot = heapq.heappop(heap)
             if self._slots.get(key) is slot:
                 del self._slots[key]
-                slot.deadline = None  # its heap slot is gone: nothing to count as dead
-                self._unindex(key, slot)
                 done.append((key, slot.entry))
             else:
                 self._dead -= 1
@@ -179,31 +176,18 @@ class RequestTable(Generic[K, E]):
             self._closed = reason
         done = [(key, slot.entry) for key, slot in self._slots.items()]
         self._slots.clear()
-        self._by_receiver.clear()
         self._heap.clear()
         self._dead = 0
         return done
 
     # -- internals ----------------------------------------------------------------------------
-    def _order(self, key: K) -> int:
-        return self._slots[key].seq
-
-    def _unlink(self, receiver: str, key: K) -> None:
-        keys = self._by_receiver.get(receiver)
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
-                del self._by_receiver[receiver]
-
-    def _unindex(self, key: K, slot: _Slot[E]) -> None:
-        for receiver in slot.receivers:
-            self._unlink(receiver, key)
-        if slot.deadline is not None:
-            self._dead += 1
-            if self._dead > _COMPACT_MIN and self._dead * 2 > len(self._heap):
-                self._heap = [item for item in self._heap if self._slots.get(item[2]) is item[3]]
-                heapq.heapify(self._heap)
-                self._dead = 0
+    def _count_dead(self) -> None:
+        """An entry with a deadline was taken early: its heap slot is dead until it surfaces."""
+        self._dead += 1
+        if self._dead > _COMPACT_MIN and self._dead * 2 > len(self._heap):
+            self._heap = [item for item in self._heap if self._slots.get(item[2]) is item[3]]
+            heapq.heapify(self._heap)
+            self._dead = 0
 
 
 class _Settleable(Protocol):

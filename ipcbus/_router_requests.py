@@ -72,7 +72,7 @@ class RequestRouter:
                         break
                     try:
                         self.table.add(key, Pending(requester, endpoint, channel),
-                                       receivers=(peer_id,))
+                                       receivers={peer_id})
                     except KeyError:  # in flight: refused below
                         break
                     listener.endpoint.deliver(frame.raw, [], frame.count)
@@ -158,7 +158,7 @@ class RequestRouter:
         a SERVICE_ADD), answered by the broker. IpcBusProtocolError if ``key`` is in flight."""
         if key in self.table:
             raise IpcBusProtocolError(f"request id {key[1]} reused while pending")
-        self.table.add(key, Pending(key[0], endpoint, channel, service), receivers=(UPSTREAM,))
+        self.table.add(key, Pending(key[0], endpoint, channel, service), receivers={UPSTREAM})
 
     # -- answers ----------------------------------------------------------------------------------
     def on_response(self, endpoint: Endpoint, frame: Frame) -> None:
