@@ -11,8 +11,10 @@ flight are kept in the bus's one request table (``_pending.RequestTable``), keye
 * Only a receiver may answer (SPEC "Trust": other answers are dropped and counted); the
   first answer wins and the entry is taken out, so later answers find nothing.
 * A receiver that leaves, fails the request (REQUEST_FAIL from its side: "no receiver left
-  there"), or cannot be given it (over a link's limit) is dropped from the receivers; the
-  requester gets REQUEST_FAIL when none is left. A requester that leaves or cancels takes its
+  there", or its listeners raised: "TypeName: message"), or cannot be given it (over a
+  link's limit) is dropped from the receivers; the requester gets REQUEST_FAIL, with the
+  reason of the last one, when none is left. Only a connection holding a receiver may fail
+  a request (others' failures are dropped and counted, like forged answers). A requester that leaves or cancels takes its
   entries out (a CANCEL is forwarded upstream if the request went there).
 * ``/ipcbus/queryState`` and ``/ipcbus/serviceAvailable`` are answered by the router itself,
   within the message limit.
@@ -199,15 +201,32 @@ class RequestRouter:
         if endpoint is self.core.upstream and \
                 self.core.join_answer(frame.target, frame.rid, False, str(reason)):
             return
-        self.side_failed(endpoint, (frame.target, frame.rid), str(reason))
+        key = (frame.target, frame.rid)
+        if not self.side_failed(endpoint, key, str(reason)) and key in self.table:
+            self.forged_failure(endpoint, frame)
 
-    def side_failed(self, endpoint: Endpoint, key: Key, reason: str) -> None:
+    def forged_failure(self, endpoint: Endpoint, frame: Frame) -> None:
+        """A REQUEST_FAIL for a request in flight from a connection that holds none of its
+        receivers: only a receiver may fail a request, as only one may answer it (SPEC
+        "Trust"). Dropped and counted with the forged answers."""
+        core = self.core
+        core.dropped["forged_answers"] += 1
+        core.warn.warning("forged", "%s: dropped a failure from %s of request %d of %r,"
+                          " which was not delivered to it", endpoint.label,
+                          frame.sender_id, frame.rid, frame.target)
+
+    def side_failed(self, endpoint: Endpoint, key: Key, reason: str) -> bool:
         """The receivers of ``key`` on ``endpoint`` (its peers, or UPSTREAM for the link) will
-        not answer."""
+        not answer: a process whose receivers all failed (a listener raised, an answer that
+        cannot be encoded), or that no longer listens, speaks for its peers. False if none of
+        the receivers is there."""
         upstream = endpoint is self.core.upstream
+        found = False
         for receiver in self.table.receivers(key):
             if receiver in endpoint.peers or (receiver == UPSTREAM and upstream):
+                found = True
                 self.drop_receiver(key, receiver, reason)
+        return found
 
     def on_cancel(self, endpoint: Endpoint, frame: Frame) -> None:
         assert frame.sender is not None

@@ -373,14 +373,19 @@ class Connection:
         """Whether the calling thread holds the dispatcher's role (runs listeners)."""
         return _get_ident() == self.dispatch_owner
 
-    def _refuse_request(self, frame: P.Frame) -> None:
-        with self.lock:
-            any_client = next(iter(self.clients.values()), None)
-        if any_client is None or frame.sender_id is None:
+    def _refuse_request(self, frame: P.Frame, reason: str | None = None,
+                        client: LocalClient | None = None) -> None:
+        """Fail a request delivered here (see ``delivery.Refuse``)."""
+        if client is None:
+            with self.lock:
+                client = next(iter(self.clients.values()), None)
+        if client is None or frame.sender_id is None:
             return
+        if reason is None:
+            reason = f"no listener for {frame.channel!r}"
         try:
-            self.send(any_client._member, Kind.REQUEST_FAIL, frame.channel, frame.sender_id,
-                      frame.rid, P.pack_payload(f"no listener for {frame.channel!r}"))
+            self.send(client._member, Kind.REQUEST_FAIL, frame.channel, frame.sender_id,
+                      frame.rid, P.pack_payload(reason))
         except IpcBusError:
             pass
 
