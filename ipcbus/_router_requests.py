@@ -17,19 +17,23 @@ flight are kept in the bus's one request table (``_pending.RequestTable``), keye
   a request (others' failures are dropped and counted, like forged answers). A requester that leaves or cancels takes its
   entries out (a CANCEL is forwarded upstream if the request went there).
 * ``/ipcbus/queryState`` and ``/ipcbus/serviceAvailable`` are answered by the router itself,
-  within the message limit.
+  within the message limit; so are ``/ipcbus/sync`` and ``/ipcbus/waitListeners`` (held until
+  enough peers listen; forwarded to the broker by a linked bridge: ``_router_readiness``).
 """
 from __future__ import annotations
 
 from . import _protocol as P
 from ._pending import RequestTable
 from ._protocol import Frame
+from ._router_readiness import (READINESS_CHANNELS, SYNC_CHANNEL, ListenerWaits,
+                                wait_arguments)
 from ._routing import UPSTREAM, Endpoint, Peer, RouterCore, answer_frame, fail_frame
 from .errors import IpcBusProtocolError
 
 __all__ = ["RequestRouter", "Pending", "SPECIAL_CHANNELS"]
 
-SPECIAL_CHANNELS = frozenset({P.QUERY_STATE_CHANNEL, P.SERVICE_AVAILABLE_CHANNEL})
+SPECIAL_CHANNELS = frozenset({P.QUERY_STATE_CHANNEL, P.SERVICE_AVAILABLE_CHANNEL}) | \
+    READINESS_CHANNELS
 
 Key = tuple[str, int]  # (requester id, rid)
 
@@ -53,6 +57,7 @@ class RequestRouter:
     def __init__(self, core: RouterCore) -> None:
         self.core = core
         self.table: RequestTable[Key, Pending] = RequestTable()
+        self.waits: ListenerWaits[Key] = ListenerWaits()  # held waitListeners requests
 
     # -- requests ---------------------------------------------------------------------------------
     def route(self, endpoint: Endpoint, frame: Frame, target: str | None) -> None:
@@ -63,7 +68,10 @@ class RequestRouter:
         channel = frame.channel
         if target is None and core.upstream is None:
             if channel in SPECIAL_CHANNELS:
-                endpoint.deliver(self._special(channel, frame), [])
+                if channel in READINESS_CHANNELS:
+                    self._readiness(endpoint, frame)
+                else:
+                    endpoint.deliver(self._special(channel, frame), [])
                 return
             subs = core.subscribers.get(channel)
             if subs is not None and len(subs) == 1:
@@ -81,6 +89,9 @@ class RequestRouter:
                     return
         if key in self.table:
             raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
+        if target is None and channel in READINESS_CHANNELS:  # (linked: the broker answers)
+            self._readiness_upstream(endpoint, frame)
+            return
         found = self._receivers(endpoint, channel, target)
         if isinstance(found, str):
             endpoint.deliver(fail_frame(requester, frame.rid, found), [])
@@ -153,6 +164,59 @@ class RequestRouter:
             return fail_frame(requester, frame.rid,
                               f"{P.SERVICE_AVAILABLE_CHANNEL} takes a service name")
         return answer_frame(requester, frame.rid, args[0] in self.core.services)
+
+    # -- readiness (_router_readiness.py) -------------------------------------------------------
+    def _readiness(self, endpoint: Endpoint, frame: Frame) -> None:
+        """``/ipcbus/sync``: answered at once; ``/ipcbus/waitListeners``: answered once
+        enough peers listen, held until then."""
+        requester = frame.sender_id
+        assert requester is not None
+        key = (requester, frame.rid)
+        if frame.channel == SYNC_CHANNEL:
+            endpoint.deliver(answer_frame(requester, frame.rid, None), [])
+            return
+        try:
+            args = P.unpack_control(frame.body)
+        except IpcBusProtocolError:
+            args = None
+        found = wait_arguments(args, P.MAX_CHANNEL)
+        if isinstance(found, str):
+            endpoint.deliver(fail_frame(requester, frame.rid, found), [])
+            return
+        channel, count = found
+        listeners = len(self.core.subscribers.get(channel, ()))
+        if listeners >= count:
+            endpoint.deliver(answer_frame(requester, frame.rid, listeners), [])
+            return
+        if key in self.table:
+            raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
+        pending = Pending(requester, endpoint, frame.channel)
+        self.table.add(key, pending)  # no receiver: it ends answered, cancelled or orphaned
+        self.waits.add(channel, key, count, pending, self._in_flight)
+
+    def _in_flight(self, key: Key, pending: object) -> bool:
+        return self.table.get(key) is pending
+
+    def listeners_added(self, channel: str) -> None:
+        """A peer started listening on ``channel``: answer the held requests it satisfies."""
+        listeners = len(self.core.subscribers.get(channel, ()))
+        for key in self.waits.ready(channel, listeners, self._in_flight):
+            pending = self.table.take(key)
+            assert pending is not None
+            pending.endpoint.deliver(answer_frame(key[0], key[1], listeners), [])
+
+    def _readiness_upstream(self, endpoint: Endpoint, frame: Frame) -> None:
+        """A linked bridge: the broker answers readiness requests (it knows every listener
+        of the bus, and its answer to ``sync`` covers the link too)."""
+        upstream = self.core.upstream
+        requester = frame.sender_id
+        assert requester is not None
+        if upstream is None or endpoint is upstream:  # the broker never asks a bridge
+            endpoint.deliver(fail_frame(requester, frame.rid, (
+                f"{frame.channel} is answered by the broker, not by a bridge")), [])
+            return
+        self.forwarded((requester, frame.rid), endpoint, frame.channel)
+        upstream.deliver(frame.raw, [], frame.count)
 
     def forwarded(self, key: Key, endpoint: Endpoint, channel: str,
                   service: str | None = None) -> None:
