@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any, Callable, Iterator
 
@@ -19,7 +21,7 @@ import pytest
 from ipcbus import IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusTimeoutError
 
 import helpers
-from helpers import elapsed, wait_until
+from helpers import elapsed, pid_of, wait_until
 
 ROUNDS = 20
 WAIT = 20.0  # bounds every wait (a spawn child on a busy machine is slow to start)
@@ -201,3 +203,20 @@ def test_wait_for_listeners_refuses_bad_arguments(
         c.wait_for_listeners(*args)
     with pytest.raises(TypeError):
         c.sync("soon")  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(60)
+def test_sync_times_out_while_the_hub_is_stopped(
+        broker: IpcBusBroker, clients: Callable[..., IpcBusClient]) -> None:
+    c = clients(broker.address)
+    c.sync()
+    pid = pid_of(broker.process)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with elapsed() as t, pytest.raises(IpcBusTimeoutError) as ei:
+            c.sync(0.3)
+        assert isinstance(ei.value, TimeoutError)
+        assert 0.2 <= t[0] <= 2.0, t[0]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    c.sync()  # and the connection is fine
