@@ -12,8 +12,9 @@ flight are kept in the bus's one request table (``_pending.RequestTable``), keye
   first answer wins and the entry is taken out, so later answers find nothing.
 * A receiver that leaves, fails the request (REQUEST_FAIL from its side: "no receiver left
   there", or its listeners raised: "TypeName: message"), or cannot be given it (over a
-  link's limit) is dropped from the receivers; the requester gets REQUEST_FAIL, with the
-  reason of the last one, when none is left. Only a connection holding a receiver may fail
+  link's limit) is dropped from the receivers; the requester gets REQUEST_FAIL when none is
+  left, with the last reason a receiving peer's process gave (its listener's "TypeName:
+  message", rather than a linked hub's "no listener there"), else the last reason. Only a connection holding a receiver may fail
   a request (others' failures are dropped and counted, like forged answers). A requester that leaves or cancels takes its
   entries out (a CANCEL is forwarded upstream if the request went there).
 * ``/ipcbus/queryState`` and ``/ipcbus/serviceAvailable`` are answered by the router itself,
@@ -41,7 +42,7 @@ Key = tuple[str, int]  # (requester id, rid)
 class Pending:
     """A request in flight, as the router keeps it (its receivers are in the table)."""
 
-    __slots__ = ("requester", "endpoint", "channel", "service")
+    __slots__ = ("requester", "endpoint", "channel", "service", "failure")
 
     def __init__(self, requester: str, endpoint: Endpoint, channel: str,
                  service: str | None = None) -> None:
@@ -49,6 +50,7 @@ class Pending:
         self.endpoint = endpoint  # where the answer goes
         self.channel = channel
         self.service = service  # a SERVICE_ADD forwarded upstream: the name, recorded if granted
+        self.failure: str | None = None  # the last failure a receiving peer reported
 
 
 class RequestRouter:
@@ -266,6 +268,11 @@ class RequestRouter:
                 self.core.join_answer(frame.target, frame.rid, False, str(reason)):
             return
         key = (frame.target, frame.rid)
+        if frame.sender is not None:  # a receiving process's own report: its listener's error
+            pending = self.table.get(key)
+            if pending is not None and \
+                    self.side_failed(endpoint, key, str(reason), dry_run=True):
+                pending.failure = str(reason)
         if not self.side_failed(endpoint, key, str(reason)) and key in self.table:
             self.forged_failure(endpoint, frame)
 
@@ -279,16 +286,19 @@ class RequestRouter:
                           " which was not delivered to it", endpoint.label,
                           frame.sender_id, frame.rid, frame.target)
 
-    def side_failed(self, endpoint: Endpoint, key: Key, reason: str) -> bool:
+    def side_failed(self, endpoint: Endpoint, key: Key, reason: str,
+                    dry_run: bool = False) -> bool:
         """The receivers of ``key`` on ``endpoint`` (its peers, or UPSTREAM for the link) will
         not answer: a process whose receivers all failed (a listener raised, an answer that
         cannot be encoded), or that no longer listens, speaks for its peers. False if none of
-        the receivers is there."""
+        the receivers is there (``dry_run``: only tell, drop nothing)."""
         upstream = endpoint is self.core.upstream
         found = False
         for receiver in self.table.receivers(key):
             if receiver in endpoint.peers or (receiver == UPSTREAM and upstream):
                 found = True
+                if dry_run:
+                    break
                 self.drop_receiver(key, receiver, reason)
         return found
 
@@ -304,12 +314,12 @@ class RequestRouter:
     def drop_receiver(self, key: Key, receiver: str, reason: str) -> None:
         pending = self.table.drop_receiver(key, receiver)
         if pending is not None:  # it was the last one
-            pending.endpoint.deliver(fail_frame(key[0], key[1], reason), [])
+            pending.endpoint.deliver(fail_frame(key[0], key[1], pending.failure or reason), [])
 
     def receiver_gone(self, receiver: str, reason: str) -> None:
         """A peer (or the link: UPSTREAM) is gone: fail what only it could still answer."""
         for key, pending in self.table.receiver_gone(receiver):
-            pending.endpoint.deliver(fail_frame(key[0], key[1], reason), [])
+            pending.endpoint.deliver(fail_frame(key[0], key[1], pending.failure or reason), [])
 
     def requester_gone(self, peer: Peer) -> None:
         """A peer left: its own requests are forgotten (nobody is left to answer)."""
