@@ -323,6 +323,8 @@ class Router:
             if self.upstream is not None and endpoint is not self.upstream:
                 self.upstream.deliver(P.encode_frame(Kind.SUBSCRIBE, channel, peer.info, None, 1),
                                       [])
+            if self.requests.waits:  # held wait_for_listeners requests (_router_readiness)
+                self.requests.listeners_added(channel)
 
     def _on_unsubscribe(self, endpoint: Endpoint, frame: Frame) -> None:
         self._unsubscribe(self.sender_of(endpoint, frame), frame.channel, frame.rid)

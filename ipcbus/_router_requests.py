@@ -11,23 +11,30 @@ flight are kept in the bus's one request table (``_pending.RequestTable``), keye
 * Only a receiver may answer (SPEC "Trust": other answers are dropped and counted); the
   first answer wins and the entry is taken out, so later answers find nothing.
 * A receiver that leaves, fails the request (REQUEST_FAIL from its side: "no receiver left
-  there"), or cannot be given it (over a link's limit) is dropped from the receivers; the
-  requester gets REQUEST_FAIL when none is left. A requester that leaves or cancels takes its
+  there", or its listeners raised: "TypeName: message"), or cannot be given it (over a
+  link's limit) is dropped from the receivers; the requester gets REQUEST_FAIL when none is
+  left, with the last reason a receiving peer's process gave (its listener's "TypeName:
+  message", rather than a linked hub's "no listener there"), else the last reason. Only a connection holding a receiver may fail
+  a request (others' failures are dropped and counted, like forged answers). A requester that leaves or cancels takes its
   entries out (a CANCEL is forwarded upstream if the request went there).
 * ``/ipcbus/queryState`` and ``/ipcbus/serviceAvailable`` are answered by the router itself,
-  within the message limit.
+  within the message limit; so are ``/ipcbus/sync`` and ``/ipcbus/waitListeners`` (held until
+  enough peers listen; forwarded to the broker by a linked bridge: ``_router_readiness``).
 """
 from __future__ import annotations
 
 from . import _protocol as P
 from ._pending import RequestTable
 from ._protocol import Frame
+from ._router_readiness import (READINESS_CHANNELS, SYNC_CHANNEL, ListenerWaits,
+                                wait_arguments)
 from ._routing import UPSTREAM, Endpoint, Peer, RouterCore, answer_frame, fail_frame
 from .errors import IpcBusProtocolError
 
 __all__ = ["RequestRouter", "Pending", "SPECIAL_CHANNELS"]
 
-SPECIAL_CHANNELS = frozenset({P.QUERY_STATE_CHANNEL, P.SERVICE_AVAILABLE_CHANNEL})
+SPECIAL_CHANNELS = frozenset({P.QUERY_STATE_CHANNEL, P.SERVICE_AVAILABLE_CHANNEL}) | \
+    READINESS_CHANNELS
 
 Key = tuple[str, int]  # (requester id, rid)
 
@@ -35,7 +42,7 @@ Key = tuple[str, int]  # (requester id, rid)
 class Pending:
     """A request in flight, as the router keeps it (its receivers are in the table)."""
 
-    __slots__ = ("requester", "endpoint", "channel", "service")
+    __slots__ = ("requester", "endpoint", "channel", "service", "failure")
 
     def __init__(self, requester: str, endpoint: Endpoint, channel: str,
                  service: str | None = None) -> None:
@@ -43,6 +50,7 @@ class Pending:
         self.endpoint = endpoint  # where the answer goes
         self.channel = channel
         self.service = service  # a SERVICE_ADD forwarded upstream: the name, recorded if granted
+        self.failure: str | None = None  # the last failure a receiving peer reported
 
 
 class RequestRouter:
@@ -51,6 +59,7 @@ class RequestRouter:
     def __init__(self, core: RouterCore) -> None:
         self.core = core
         self.table: RequestTable[Key, Pending] = RequestTable()
+        self.waits: ListenerWaits[Key] = ListenerWaits()  # held waitListeners requests
 
     # -- requests ---------------------------------------------------------------------------------
     def route(self, endpoint: Endpoint, frame: Frame, target: str | None) -> None:
@@ -61,7 +70,10 @@ class RequestRouter:
         channel = frame.channel
         if target is None and core.upstream is None:
             if channel in SPECIAL_CHANNELS:
-                endpoint.deliver(self._special(channel, frame), [])
+                if channel in READINESS_CHANNELS:
+                    self._readiness(endpoint, frame)
+                else:
+                    endpoint.deliver(self._special(channel, frame), [])
                 return
             subs = core.subscribers.get(channel)
             if subs is not None and len(subs) == 1:
@@ -79,6 +91,9 @@ class RequestRouter:
                     return
         if key in self.table:
             raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
+        if target is None and channel in READINESS_CHANNELS:  # (linked: the broker answers)
+            self._readiness_upstream(endpoint, frame)
+            return
         found = self._receivers(endpoint, channel, target)
         if isinstance(found, str):
             endpoint.deliver(fail_frame(requester, frame.rid, found), [])
@@ -152,6 +167,59 @@ class RequestRouter:
                               f"{P.SERVICE_AVAILABLE_CHANNEL} takes a service name")
         return answer_frame(requester, frame.rid, args[0] in self.core.services)
 
+    # -- readiness (_router_readiness.py) -------------------------------------------------------
+    def _readiness(self, endpoint: Endpoint, frame: Frame) -> None:
+        """``/ipcbus/sync``: answered at once; ``/ipcbus/waitListeners``: answered once
+        enough peers listen, held until then."""
+        requester = frame.sender_id
+        assert requester is not None
+        key = (requester, frame.rid)
+        if frame.channel == SYNC_CHANNEL:
+            endpoint.deliver(answer_frame(requester, frame.rid, None), [])
+            return
+        try:
+            args = P.unpack_control(frame.body)
+        except IpcBusProtocolError:
+            args = None
+        found = wait_arguments(args, P.MAX_CHANNEL)
+        if isinstance(found, str):
+            endpoint.deliver(fail_frame(requester, frame.rid, found), [])
+            return
+        channel, count = found
+        listeners = len(self.core.subscribers.get(channel, ()))
+        if listeners >= count:
+            endpoint.deliver(answer_frame(requester, frame.rid, listeners), [])
+            return
+        if key in self.table:
+            raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
+        pending = Pending(requester, endpoint, frame.channel)
+        self.table.add(key, pending)  # no receiver: it ends answered, cancelled or orphaned
+        self.waits.add(channel, key, count, pending, self._in_flight)
+
+    def _in_flight(self, key: Key, pending: object) -> bool:
+        return self.table.get(key) is pending
+
+    def listeners_added(self, channel: str) -> None:
+        """A peer started listening on ``channel``: answer the held requests it satisfies."""
+        listeners = len(self.core.subscribers.get(channel, ()))
+        for key in self.waits.ready(channel, listeners, self._in_flight):
+            pending = self.table.take(key)
+            assert pending is not None
+            pending.endpoint.deliver(answer_frame(key[0], key[1], listeners), [])
+
+    def _readiness_upstream(self, endpoint: Endpoint, frame: Frame) -> None:
+        """A linked bridge: the broker answers readiness requests (it knows every listener
+        of the bus, and its answer to ``sync`` covers the link too)."""
+        upstream = self.core.upstream
+        requester = frame.sender_id
+        assert requester is not None
+        if upstream is None or endpoint is upstream:  # the broker never asks a bridge
+            endpoint.deliver(fail_frame(requester, frame.rid, (
+                f"{frame.channel} is answered by the broker, not by a bridge")), [])
+            return
+        self.forwarded((requester, frame.rid), endpoint, frame.channel)
+        upstream.deliver(frame.raw, [], frame.count)
+
     def forwarded(self, key: Key, endpoint: Endpoint, channel: str,
                   service: str | None = None) -> None:
         """A request-like frame this bridge sends to the broker only (an acknowledged post,
@@ -199,15 +267,40 @@ class RequestRouter:
         if endpoint is self.core.upstream and \
                 self.core.join_answer(frame.target, frame.rid, False, str(reason)):
             return
-        self.side_failed(endpoint, (frame.target, frame.rid), str(reason))
+        key = (frame.target, frame.rid)
+        if frame.sender is not None:  # a receiving process's own report: its listener's error
+            pending = self.table.get(key)
+            if pending is not None and \
+                    self.side_failed(endpoint, key, str(reason), dry_run=True):
+                pending.failure = str(reason)
+        if not self.side_failed(endpoint, key, str(reason)) and key in self.table:
+            self.forged_failure(endpoint, frame)
 
-    def side_failed(self, endpoint: Endpoint, key: Key, reason: str) -> None:
+    def forged_failure(self, endpoint: Endpoint, frame: Frame) -> None:
+        """A REQUEST_FAIL for a request in flight from a connection that holds none of its
+        receivers: only a receiver may fail a request, as only one may answer it (SPEC
+        "Trust"). Dropped and counted with the forged answers."""
+        core = self.core
+        core.dropped["forged_answers"] += 1
+        core.warn.warning("forged", "%s: dropped a failure from %s of request %d of %r,"
+                          " which was not delivered to it", endpoint.label,
+                          frame.sender_id, frame.rid, frame.target)
+
+    def side_failed(self, endpoint: Endpoint, key: Key, reason: str,
+                    dry_run: bool = False) -> bool:
         """The receivers of ``key`` on ``endpoint`` (its peers, or UPSTREAM for the link) will
-        not answer."""
+        not answer: a process whose receivers all failed (a listener raised, an answer that
+        cannot be encoded), or that no longer listens, speaks for its peers. False if none of
+        the receivers is there (``dry_run``: only tell, drop nothing)."""
         upstream = endpoint is self.core.upstream
+        found = False
         for receiver in self.table.receivers(key):
             if receiver in endpoint.peers or (receiver == UPSTREAM and upstream):
+                found = True
+                if dry_run:
+                    break
                 self.drop_receiver(key, receiver, reason)
+        return found
 
     def on_cancel(self, endpoint: Endpoint, frame: Frame) -> None:
         assert frame.sender is not None
@@ -221,12 +314,12 @@ class RequestRouter:
     def drop_receiver(self, key: Key, receiver: str, reason: str) -> None:
         pending = self.table.drop_receiver(key, receiver)
         if pending is not None:  # it was the last one
-            pending.endpoint.deliver(fail_frame(key[0], key[1], reason), [])
+            pending.endpoint.deliver(fail_frame(key[0], key[1], pending.failure or reason), [])
 
     def receiver_gone(self, receiver: str, reason: str) -> None:
         """A peer (or the link: UPSTREAM) is gone: fail what only it could still answer."""
         for key, pending in self.table.receiver_gone(receiver):
-            pending.endpoint.deliver(fail_frame(key[0], key[1], reason), [])
+            pending.endpoint.deliver(fail_frame(key[0], key[1], pending.failure or reason), [])
 
     def requester_gone(self, peer: Peer) -> None:
         """A peer left: its own requests are forgotten (nobody is left to answer)."""

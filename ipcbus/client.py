@@ -10,7 +10,8 @@ The client is the public face; the machinery behind it lives in ``ipcbus._client
 * ``_client/writer.py``: writing frames (the send lock, coalesced bursts, memberships);
 * ``_client/requests.py`` and ``_client/answers.py``: requests in flight and their answers;
 * ``_client/delivery.py``: a received frame to the listeners of this process's clients;
-* ``_client/opening.py``: finding or opening the process's connection for ``connect()``.
+* ``_client/opening.py``: finding or opening the process's connection for ``connect()``;
+* ``_client/readiness.py``: ``sync()`` and ``wait_for_listeners()``.
 
 A client's frames carry one *membership* per ``connect()`` (``writer.Membership``): the hub's
 record of the peer, adopted from the answer to PEER_ADD before anything else of it is
@@ -36,7 +37,8 @@ from ._protocol import Kind
 from . import _schemes
 from ._pending import settle as _settle
 from ._client import answers as _answers, connection as _connection, delivery as _delivery
-from ._client import joining as _joining, opening as _opening, writer as _writer
+from ._client import joining as _joining, opening as _opening, readiness as _readiness
+from ._client import writer as _writer
 from ._timeouts import resolve_timeout
 from ._types import (IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
                      IpcBusRequestResponse, target_id)
@@ -395,6 +397,10 @@ class IpcBusClient(Emitter[str]):
 
     def _unregister_service(self, name: str) -> None:
         self._send_frame(Kind.SERVICE_REMOVE, P.check_channel(name), None, 0, b"")
+
+    # -- readiness: requests the hub answers itself (_client/readiness.py) --------------------
+    sync = _readiness.sync
+    wait_for_listeners = _readiness.wait_for_listeners
 
     def create_direct_channel(self) -> str:
         """A channel name that only this client listens to, for private replies."""

@@ -77,8 +77,8 @@ import time
 from typing import Any, Callable
 
 from .. import _protocol as P
-from .. import _transport as T
 from .._decoder import FrameDecoder
+from .. import _transport as T
 from .._protocol import Kind
 from ..errors import IpcBusConnectionError, IpcBusError, IpcBusProtocolError
 from .._pending import settle
@@ -464,15 +464,20 @@ def _nothing() -> None:
     pass
 
 
-def refuse_request(conn: Connection, frame: P.Frame) -> None:
-    """Answer a request no listener of this process takes with REQUEST_FAIL."""
-    with conn.lock:
-        any_client = next(iter(conn.clients.values()), None)
-    if any_client is None or frame.sender_id is None:
+def refuse_request(conn: Connection, frame: P.Frame, reason: str | None = None,
+                   client: LocalClient | None = None) -> None:
+    """Fail a request delivered here with REQUEST_FAIL (see ``delivery.Refuse``): no listener
+    of this process takes it (``reason`` None), or every local receiver's listener raised."""
+    if client is None:
+        with conn.lock:
+            client = next(iter(conn.clients.values()), None)
+    if client is None or frame.sender_id is None:
         return
+    if reason is None:
+        reason = f"no listener for {frame.channel!r}"
     try:
-        conn.send(any_client._member, Kind.REQUEST_FAIL, frame.channel, frame.sender_id,
-                  frame.rid, P.pack_payload(f"no listener for {frame.channel!r}"))
+        conn.send(client._member, Kind.REQUEST_FAIL, frame.channel, frame.sender_id,
+                  frame.rid, P.pack_payload(reason))
     except IpcBusError:
         pass
 

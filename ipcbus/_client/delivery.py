@@ -13,7 +13,10 @@ REQUEST to the one client it names. Three paths:
   included, closes them.
 
 Whatever a listener raises, ``SystemExit`` and ``KeyboardInterrupt`` included, is logged and
-goes no further: the dispatch thread is shared by every client and thread of the process.
+goes no further: the dispatch thread is shared by every client and thread of the process. A
+request whose every local receiver (client) had a listener raise, and that none of them
+answered, is failed at once: the process tells the hub (REQUEST_FAIL with "TypeName:
+message"), which fails the request when no receiver is left anywhere (:func:`fail_unanswered`).
 """
 from __future__ import annotations
 
@@ -73,11 +76,19 @@ class PeerCache:
         return peer
 
 
+class Refuse(Protocol):
+    """Fails a request delivered to this process: REQUEST_FAIL with ``reason`` (None: no
+    listener left here) in the name of ``client`` (None: any client of the process)."""
+
+    def __call__(self, frame: P.Frame, reason: str | None = None,
+                 client: LocalClient | None = None) -> None: ...
+
+
 def deliver(frame: P.Frame, clients: Sequence[LocalClient],
-            peer_of: Callable[[Any], IpcBusPeer | None],
-            refuse: Callable[[P.Frame], None]) -> None:
+            peer_of: Callable[[Any], IpcBusPeer | None], refuse: Refuse) -> None:
     """Run the listeners of ``frame`` among ``clients`` (``peer_of``: the peer of a sender
-    tuple; ``refuse``: answers a request none of them listens to any more)."""
+    tuple; ``refuse``: fails a request none of them listens to any more, or whose every
+    local receiver raised)."""
     kind, channel = frame.kind, frame.channel
     if kind == _SPY_COPY:
         deliver_spy_copy(frame, clients)
@@ -97,7 +108,7 @@ def deliver(frame: P.Frame, clients: Sequence[LocalClient],
     if kind != _REQUEST and not frame.nfds:
         deliver_messages(frame, receivers, sender)
     else:
-        deliver_request_or_ports(frame, receivers, sender)
+        deliver_request_or_ports(frame, receivers, sender, refuse)
 
 
 def deliver_spy_copy(frame: P.Frame, clients: Iterable[LocalClient]) -> None:
@@ -139,12 +150,25 @@ def deliver_messages(frame: P.Frame, receivers: list[LocalClient],
                 _call(listeners, IpcBusEvent(channel, sender, None, None), args)
 
 
-def _call(listeners: list[Callable[..., Any]], event: IpcBusEvent, args: list[Any]) -> None:
+def _call(listeners: list[Callable[..., Any]], event: IpcBusEvent, args: list[Any]
+          ) -> BaseException | None:
+    """Run ``listeners``; the first exception one of them raised (contained), or None."""
+    raised = None
     for listener in listeners:
         try:
             listener(event, *args)
-        except BaseException:  # contained: see the module docstring
+        except BaseException as exc:  # contained: see the module docstring
             log.exception("listener %r of channel %r raised", listener, event.channel)
+            if raised is None:
+                raised = exc
+    return raised
+
+
+def failure_reason(exc: BaseException) -> str:
+    """How a listener's exception reaches a requester: "TypeName: message", as the
+    rejections of services say it."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _args_and_kinds(frame: P.Frame) -> tuple[list[Any], list[str] | None]:
@@ -163,7 +187,7 @@ def _args_and_kinds(frame: P.Frame) -> tuple[list[Any], list[str] | None]:
 
 
 def deliver_request_or_ports(frame: P.Frame, receivers: list[LocalClient],
-                             sender: IpcBusPeer | None) -> None:
+                             sender: IpcBusPeer | None, refuse: Refuse) -> None:
     """A request, or a message with descriptors: each taker of the frame's listeners gets
     its event (a request to answer, its own ports: duplicates for all but the last taker,
     who gets the frame's)."""
@@ -178,6 +202,7 @@ def deliver_request_or_ports(frame: P.Frame, receivers: list[LocalClient],
         answered = _Answered() if frame.kind == _REQUEST else None
         takers = [(client, listeners) for client in receivers
                   if (listeners := client._take(channel))]
+        failed: list[BaseException] = []  # per taker whose listeners raised: the first error
         for i, (client, listeners) in enumerate(takers):
             request = None
             if answered is not None and sender is not None:
@@ -189,9 +214,26 @@ def deliver_request_or_ports(frame: P.Frame, receivers: list[LocalClient],
                     ports = ports_of(given, kinds, dup=False)
                 else:
                     ports = ports_of(fds, kinds, dup=True)
-            _call(listeners, IpcBusEvent(channel, sender, request, ports), args)
+            raised = _call(listeners, IpcBusEvent(channel, sender, request, ports), args)
+            if raised is not None and answered is not None:
+                failed.append(raised)
+        if failed and len(failed) == len(takers) and answered is not None:
+            fail_unanswered(frame, answered, failed[0], takers[0][0], refuse)
     finally:
         T.close_fds(fds)  # descriptors no listener took
+
+
+def fail_unanswered(frame: P.Frame, answered: _Answered, exc: BaseException,
+                    client: LocalClient, refuse: Refuse) -> None:
+    """Every local receiver of a request had a listener raise (an answer that cannot be
+    encoded raises in ``resolve``): unless one answered first, tell the hub at once, in the
+    name of a receiver (``refuse``), so the request fails when no other receiver is left on
+    the bus (SPEC 0.2 "failures"). Later answers from this process are refused (False)."""
+    with answered.lock:
+        if answered.done:
+            return
+        answered.done = True
+    refuse(frame, failure_reason(exc), client)
 
 
 def ports_of(fds: list[int], kinds: list[str], dup: bool) -> list[Any]:

@@ -35,7 +35,7 @@ def test_the_wire_protocol_and_the_router_are_pure() -> None:
 
 # The router's parts and the policies the hub carries out are pure like the router itself.
 PURE_PARTS = ("_routing", "_router_requests", "_router_messages", "_router_view", "_pending",
-              "_backpressure", "_handshake")
+              "_backpressure", "_handshake", "_router_readiness")
 
 
 def test_the_routers_parts_and_the_hubs_policies_are_pure() -> None:
@@ -60,7 +60,8 @@ def test_the_hub_the_router_and_the_protocol_keep_the_size_limits() -> None:
     names = ("_protocol", "_decoder", "_bigbytes", "_transport", "_router", "_routing",
              "_router_requests", "_router_messages", "_router_view", "_backpressure",
              "_handshake", "_outqueue", "_hub", "_hub_accept", "_hub_auth", "_hub_endpoint",
-             "_hub_flow", "_hub_options", "broker", "bridge", "spy", "traffic")
+             "_hub_flow", "_hub_options", "broker", "bridge", "spy", "traffic",
+             "_router_readiness")
     found = []
     for name in names:
         path = limits.PACKAGE / f"{name}.py"
