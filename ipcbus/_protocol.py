@@ -127,7 +127,7 @@ KINDS = frozenset(int(k) for k in Kind)
 FD_KINDS = frozenset({int(Kind.SEND), int(Kind.SEND_TO)})
 # the kinds a spy or a traffic log sees: messages between peers, not the bus's own bookkeeping
 MESSAGE_KINDS = frozenset(int(k) for k in (Kind.SEND, Kind.SEND_TO, Kind.REQUEST, Kind.RESPONSE,
-                                          Kind.REQUEST_FAIL))
+                                          Kind.REQUEST_FAIL, Kind.REQUEST_ALL))
 
 # Special channels answered by the broker and the bridge themselves.
 QUERY_STATE_CHANNEL = "/ipcbus/queryState"
