@@ -217,19 +217,23 @@ def test_request_all_gathers_every_answer(broker: IpcBusBroker, children: Any) -
 
 @pytest.mark.timeout(90)
 def test_request_all_with_a_dead_and_a_silent_responder(
-        broker: IpcBusBroker, children: Any) -> None:
+        broker: IpcBusBroker, children: Any, ctx: Any) -> None:
     kids, reports, q = children
     kids.start(responder, broker.address, "a", "echo", q, kids.stop)
-    doomed = kids.start(responder, broker.address, "dead", "watch", q, kids.stop)
-    reports.ready(2)
+    # the one to be killed reports on a queue of its own: killed while holding a shared
+    # queue's write lock, it would block every other writer
+    dead_q = ctx.Queue()
+    doomed = kids.start(responder, broker.address, "dead", "watch", dead_q, kids.stop)
+    dead_reports = Reports(dead_q)
+    reports.ready(1)
+    dead_reports.ready(1)
     caller = IpcBusClient.create().connect(broker.address, peer_name="caller")
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         # a: answers; dead: SIGKILLed mid-request -> returns as soon as it is gone
         with elapsed() as took:
             future = pool.submit(caller.request_all, "job", 30.0)
-            while reports.next("got")[1] != "dead":
-                pass
+            dead_reports.next("got")
             os.kill(pid_of(doomed), signal.SIGKILL)
             got = future.result(20)
         assert [r.payload for r in got] == ["a"] and took[0] < 20
