@@ -273,8 +273,8 @@ class Connection:
         if frame.fds:
             T.close_fds(frame.fds)
         if pending is not None and not pending.future.done():  # request_all: gathering.py
-            settle = settle_answer if pending.gathered is None else gathered
-            settle(pending, frame, self.peer_of(frame.sender))
+            outcome = settle_answer if pending.gathered is None else gathered
+            outcome(pending, frame, self.peer_of(frame.sender))
 
     def _on_notice(self, frame: P.Frame) -> None:
         T.close_fds(frame.fds)
