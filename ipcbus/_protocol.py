@@ -12,7 +12,7 @@ Frame layout (integers big-endian)::
     0       2     H: header length (uint16, 1 .. MAX_HEADER)
     2       4     B: body length (uint32, 0 .. the connection's max message size)
     6       8     rid (uint64, 0 .. 2**63-1)
-    14      H     header: msgpack array [kind, channel, sender, target, nfds]
+    14      H     header: msgpack array [kind, channel, sender, target, nfds(, timeout)]
     14+H    B     body: msgpack, opaque to the broker (it forwards the frame's bytes as they came)
 
 Header fields:
@@ -22,9 +22,14 @@ Header fields:
     sender   [id, name, type, pid] of the sending peer, or None for frames made by a router
     target   peer id (str) for peer-to-peer frames and answers, else None
     nfds     number of file descriptors that travel with this frame (0 .. MAX_FDS)
+    timeout  optional, REQUEST and REQUEST_ALL only: the requester's timeout in seconds
+             (int or float >= 0) as it sent the request; absent when it waits without one.
+             Routers ignore it (they forward the frame's bytes); a receiver shows it as
+             ``event.request.timeout`` (:func:`request_timeout`). Decoders read the first
+             five fields only, so older peers ignore it too.
 
-The rid (in the prefix) is the request id for REQUEST / RESPONSE / REQUEST_FAIL / CANCEL /
-PEER_ADD, the reference count for SUBSCRIBE / UNSUBSCRIBE, else 0. It is kept out of the
+The rid (in the prefix) is the request id for REQUEST / REQUEST_ALL / RESPONSE / REQUEST_FAIL /
+CANCEL / PEER_ADD, the reference count for SUBSCRIBE / UNSUBSCRIBE, else 0. It is kept out of the
 header so that the header of every frame a peer sends on one channel repeats byte for byte,
 requests and answers included: decoders cache decoded headers by their bytes, and senders
 their encoded headers.
@@ -102,13 +107,19 @@ class Kind(enum.IntEnum):
     REQUEST = 9  # to every listener of channel (or target's only); answered by RESPONSE
     RESPONSE = 10  # to target, answers rid; body [resolved: bool, payload]
     REQUEST_FAIL = 11  # a router's failure of request rid of target; body reason (str)
-    CANCEL = 12  # the requester gave up on rid
+    CANCEL = 12  # the requester gave up on rid; router -> receivers: the requester gave up
     NOTICE = 13  # router -> peer: body {"error": str} or {"closing": reason}
     SERVICE_ADD = 14  # sender hosts the service named by channel; answered like a request (rid)
     SERVICE_REMOVE = 15  # sender no longer hosts the service named by channel
     SPY_ADD = 16  # sender wants copies of the traffic on channels matching the glob in channel
     SPY_COPY = 17  # router -> spy (target): body = the bytes of a routed frame (or run), as is
     SPY_REMOVE = 18  # sender stops spying
+    # 0.2: gathering. Like REQUEST, but the router forwards every receiver's RESPONSE to the
+    # requester (each receiver answers once) and ends the gathering with one REQUEST_FAIL(rid)
+    # when no receiver is left (all answered, failed or left). Through a link, UPSTREAM stands
+    # for all the broker's receivers: its answers pass, and only the broker's REQUEST_FAIL
+    # (its own gathering ended) drops it.
+    REQUEST_ALL = 19
 
 
 KINDS = frozenset(int(k) for k in Kind)
@@ -116,7 +127,7 @@ KINDS = frozenset(int(k) for k in Kind)
 FD_KINDS = frozenset({int(Kind.SEND), int(Kind.SEND_TO)})
 # the kinds a spy or a traffic log sees: messages between peers, not the bus's own bookkeeping
 MESSAGE_KINDS = frozenset(int(k) for k in (Kind.SEND, Kind.SEND_TO, Kind.REQUEST, Kind.RESPONSE,
-                                          Kind.REQUEST_FAIL))
+                                          Kind.REQUEST_FAIL, Kind.REQUEST_ALL))
 
 # Special channels answered by the broker and the bridge themselves.
 QUERY_STATE_CHANNEL = "/ipcbus/queryState"
@@ -291,9 +302,12 @@ def unpack_control(data: bytes | bytearray | memoryview) -> Any:
 
 
 def encode_header(kind: int, channel: str, sender: PeerTuple | None, target: str | None,
-                  nfds: int = 0) -> bytes:
-    """The msgpack header of a frame."""
-    header: bytes = msgpack.packb([kind, channel, sender, target, nfds], use_bin_type=True)
+                  nfds: int = 0, timeout: float | None = None) -> bytes:
+    """The msgpack header of a frame (``timeout``: a request's, as the sixth field)."""
+    fields: list[Any] = [kind, channel, sender, target, nfds]
+    if timeout is not None:
+        fields.append(timeout)
+    header: bytes = msgpack.packb(fields, use_bin_type=True)
     if len(header) > MAX_HEADER:
         raise ValueError(f"frame header of {len(header)} bytes exceeds {MAX_HEADER}"
                          " (is the peer name too long?)")
@@ -407,6 +421,32 @@ def decode_header(data: bytes | bytearray | memoryview) -> tuple[int, str, Any, 
         raise _bad(f"nfds is not an int in 0..{MAX_FDS}")
     return kind, channel, sender, target, nfds
 
+
+
+_TIMEOUTS: dict[bytes, float | None] = {}  # header bytes -> the timeout they carry
+
+
+def request_timeout(raw: bytes | bytearray) -> float | None:
+    """The requester's timeout a REQUEST/REQUEST_ALL frame's header carries (seconds), or
+    None (none, or not a valid one). Headers repeat byte for byte, so this is a lookup."""
+    hlen = PREFIX.unpack_from(raw, 0)[0]
+    key = bytes(raw[PREFIX_SIZE:PREFIX_SIZE + hlen])
+    try:
+        return _TIMEOUTS[key]
+    except KeyError:
+        pass
+    timeout: float | None = None
+    try:
+        fields = msgpack.unpackb(key, raw=False, use_list=True, max_bin_len=0)
+        value: Any = fields[5] if type(fields) is list and len(fields) > 5 else None
+        if (type(value) is int or type(value) is float) and 0 <= value < 1e12:
+            timeout = float(value)
+    except Exception:  # a header the decoder accepted already: only the extra field matters
+        pass
+    if len(_TIMEOUTS) >= 256:
+        _TIMEOUTS.clear()
+    _TIMEOUTS[key] = timeout
+    return timeout
 
 
 def hello_body(pid: int) -> bytes:

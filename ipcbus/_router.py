@@ -124,6 +124,7 @@ class Router:
             Kind.SERVICE_REMOVE: self._on_service_remove,
             Kind.SPY_ADD: self.spies.on_add,
             Kind.SPY_REMOVE: self.spies.on_remove,
+            Kind.REQUEST_ALL: self.requests.route_all,
         }
 
     # -- entry points ---------------------------------------------------------------------
@@ -192,7 +193,7 @@ class Router:
                           endpoint.label, Kind(kind).name, channel, sender_id, reason)
         if sender_id is None:
             return
-        if kind == Kind.REQUEST:
+        if kind == Kind.REQUEST or kind == Kind.REQUEST_ALL:
             self.requests.side_failed(endpoint, (sender_id, rid), reason)
         elif kind in (Kind.SEND, Kind.SEND_TO):
             origin = self.peers.get(sender_id)

@@ -62,7 +62,7 @@ class MessageRouter:
         self.core.warn.warning("reserved", "%s: dropped %s from %s: %s", endpoint.label,
                                Kind(frame.kind).name, frame.sender_id, reason)
         if frame.sender_id is not None:
-            if frame.kind == Kind.REQUEST:
+            if frame.kind == Kind.REQUEST or frame.kind == Kind.REQUEST_ALL:
                 endpoint.deliver(fail_frame(frame.sender_id, frame.rid, reason), [])
             else:
                 endpoint.deliver(P.notice_frame(frame.sender_id, error=reason,

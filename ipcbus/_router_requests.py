@@ -20,6 +20,15 @@ flight are kept in the bus's one request table (``_pending.RequestTable``), keye
 * ``/ipcbus/queryState`` and ``/ipcbus/serviceAvailable`` are answered by the router itself,
   within the message limit; so are ``/ipcbus/sync`` and ``/ipcbus/waitListeners`` (held until
   enough peers listen; forwarded to the broker by a linked bridge: ``_router_readiness``).
+* Cancelling (0.2): a CANCEL from the requester (only its own connection can send one in its
+  name: the router checked the sender) takes the entry out and is forwarded, as it came, to
+  the endpoints of the receivers still expected (UPSTREAM: the link), so their clients can
+  tell their listeners. A requester that leaves is a CANCEL to its local receivers too (not
+  upstream: the broker sees the PEER_REMOVE and does the same on its side).
+* Gathering (REQUEST_ALL, 0.2): the entry is marked ``gather``; every receiver's answer is
+  forwarded (the receiver is then dropped), and the requester gets one REQUEST_FAIL when no
+  receiver is left: the end of the gathering. An answer from UPSTREAM passes without dropping
+  it (the broker gathers its own receivers and ends with REQUEST_FAIL, which drops it).
 """
 from __future__ import annotations
 
@@ -42,15 +51,16 @@ Key = tuple[str, int]  # (requester id, rid)
 class Pending:
     """A request in flight, as the router keeps it (its receivers are in the table)."""
 
-    __slots__ = ("requester", "endpoint", "channel", "service", "failure")
+    __slots__ = ("requester", "endpoint", "channel", "service", "failure", "gather")
 
     def __init__(self, requester: str, endpoint: Endpoint, channel: str,
-                 service: str | None = None) -> None:
+                 service: str | None = None, gather: bool = False) -> None:
         self.requester = requester
         self.endpoint = endpoint  # where the answer goes
         self.channel = channel
         self.service = service  # a SERVICE_ADD forwarded upstream: the name, recorded if granted
         self.failure: str | None = None  # the last failure a receiving peer reported
+        self.gather = gather  # a REQUEST_ALL: every answer goes to the requester
 
 
 class RequestRouter:
@@ -100,6 +110,32 @@ class RequestRouter:
             return
         receivers, targets = found
         self.table.add(key, Pending(requester, endpoint, channel), receivers=receivers)
+        for ep in targets:
+            ep.deliver(frame.raw, [], frame.count)
+
+    def route_all(self, endpoint: Endpoint, frame: Frame) -> None:
+        """A REQUEST_ALL from ``endpoint`` (its sender checked): to every listener, gathered.
+        Nobody listening ends it at once (REQUEST_FAIL: an empty gathering)."""
+        requester = frame.sender[0]  # type: ignore[index]  # checked by Router.handle()
+        key = (requester, frame.rid)
+        if key in self.table:
+            raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
+        if frame.target is not None:
+            raise IpcBusProtocolError("REQUEST_ALL with a target")
+        channel = frame.channel
+        if channel.startswith(P.RESERVED_PREFIX) and not channel.startswith(P.DIRECT_PREFIX) \
+                and endpoint is not self.core.upstream:
+            self.core.dropped["reserved_channel"] += 1
+            endpoint.deliver(fail_frame(requester, frame.rid, f"channel {channel!r} is"
+                                        " reserved: no request_all there"), [])
+            return
+        found = self._receivers(endpoint, frame.channel, None)
+        if isinstance(found, str):
+            endpoint.deliver(fail_frame(requester, frame.rid, found), [])
+            return
+        receivers, targets = found
+        self.table.add(key, Pending(requester, endpoint, frame.channel, gather=True),
+                       receivers=receivers)
         for ep in targets:
             ep.deliver(frame.raw, [], frame.count)
 
@@ -250,11 +286,23 @@ class RequestRouter:
                               " which was not delivered to it", endpoint.label,
                               frame.sender_id, frame.rid, target)
             return
-        pending = self.table.take(key)
+        pending = self.table.get(key)
         assert pending is not None
+        if pending.gather:
+            self._gathered(key, pending, answerer, frame)
+            return
+        self.table.take(key)
         if pending.service is not None:
             core.services[pending.service] = pending.requester  # the broker granted it
         pending.endpoint.deliver(frame.raw, [], frame.count)
+
+    def _gathered(self, key: Key, pending: Pending, answerer: str, frame: Frame) -> None:
+        """An answer of a REQUEST_ALL: to the requester; then the end if it was the last (an
+        answer from UPSTREAM drops nobody: the broker ends its side itself)."""
+        pending.endpoint.deliver(frame.raw, [], frame.count)
+        if answerer != UPSTREAM and self.table.drop_receiver(key, answerer) is not None:
+            pending.endpoint.deliver(fail_frame(key[0], key[1], "every receiver has answered"),
+                                     [])
 
     def on_request_fail(self, endpoint: Endpoint, frame: Frame) -> None:
         """No receiver is left on ``endpoint``'s side (or the broker refused a join)."""
@@ -303,12 +351,27 @@ class RequestRouter:
         return found
 
     def on_cancel(self, endpoint: Endpoint, frame: Frame) -> None:
+        """The requester gave up: forget the request, tell the receivers still expected."""
         assert frame.sender is not None
         key = (frame.sender[0], frame.rid)
         receivers = self.table.receivers(key)
-        upstream = self.core.upstream
-        if self.table.take(key) is not None and UPSTREAM in receivers and upstream is not None:
-            upstream.deliver(frame.raw, [], frame.count)
+        if self.table.take(key) is not None:
+            self._tell_cancel(receivers, frame.raw, upstream_too=True)
+
+    def _tell_cancel(self, receivers: frozenset[str], raw: bytes | bytearray,
+                     upstream_too: bool) -> None:
+        """Deliver the CANCEL ``raw`` once to each endpoint of ``receivers``."""
+        core = self.core
+        told: list[Endpoint] = []
+        for receiver in receivers:
+            if receiver == UPSTREAM:
+                ep = core.upstream if upstream_too else None
+            else:
+                peer = core.peers.get(receiver)
+                ep = peer.endpoint if peer is not None else None
+            if ep is not None and ep not in told:
+                told.append(ep)
+                ep.deliver(raw, [])
 
     # -- receivers and requesters that go ---------------------------------------------------------
     def drop_receiver(self, key: Key, receiver: str, reason: str) -> None:
@@ -324,7 +387,11 @@ class RequestRouter:
     def requester_gone(self, peer: Peer) -> None:
         """A peer left: its own requests are forgotten (nobody is left to answer)."""
         for key in [k for k in self.table if k[0] == peer.id]:
-            self.table.take(key)
+            receivers = self.table.receivers(key)
+            pending = self.table.take(key)
+            if pending is not None and receivers - {UPSTREAM}:  # its receivers stop too
+                self._tell_cancel(receivers, P.encode_frame(
+                    P.Kind.CANCEL, pending.channel, peer.info, None, key[1]), upstream_too=False)
 
     def counts(self) -> dict[str, int]:
         """Requests in flight by requester id (for the state)."""

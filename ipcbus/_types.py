@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 __all__ = ["IpcBusPeer", "IpcBusProcess", "IpcBusEvent", "IpcBusRequest",
            "IpcBusRequestResponse"]
@@ -76,13 +76,61 @@ class IpcBusRequestResponse:
 
 
 class _Answered:
-    """Shared by the local receivers of one request: the first answer wins."""
+    """Shared by the local receivers of one request: the first answer wins (a REQUEST_ALL:
+    one per receiving client, each answers once). ``cancel``: the request's cancel state,
+    shared by all of them (None: not kept)."""
 
-    __slots__ = ("lock", "done")
+    __slots__ = ("lock", "done", "cancel")
 
-    def __init__(self) -> None:
+    def __init__(self, cancel: _Cancel | None = None) -> None:
         self.lock = threading.Lock()
         self.done = False
+        self.cancel = cancel
+
+
+class _Cancel:
+    """A delivered request's cancel state (kept by ``_client/cancels.py``): whether its
+    requester gave it up, the callbacks to run then, its timeout as delivered, and the
+    answers still to send (at 0 the receiving table forgets it: a later cancel does
+    nothing). Fired on the dispatch thread; ``add`` may be called from any thread."""
+
+    __slots__ = ("cancelled", "callbacks", "timeout", "open", "key", "forget")
+
+    def __init__(self, timeout: float | None, answers: int, key: Any,
+                 forget: Callable[[Any], Any]) -> None:
+        self.cancelled = False
+        self.callbacks: list[Callable[[], Any]] = []
+        self.timeout = timeout
+        self.open = answers
+        self.key = key
+        self.forget = forget
+
+    def add(self, callback: Callable[[], Any]) -> None:
+        with _CANCEL_LOCK:
+            if not self.cancelled:
+                self.callbacks.append(callback)
+                return
+        callback()  # cancelled already: at once
+
+    def fire(self) -> list[Callable[[], Any]]:
+        """Mark it cancelled; the callbacks to run (once)."""
+        with _CANCEL_LOCK:
+            if self.cancelled:
+                return []
+            self.cancelled = True
+            callbacks, self.callbacks = self.callbacks, []
+        return callbacks
+
+    def answered(self) -> None:
+        """One of its receivers answered; the last one forgets it."""
+        with _CANCEL_LOCK:
+            self.open -= 1
+            last = self.open <= 0
+        if last:
+            self.forget(self.key)
+
+
+_CANCEL_LOCK = threading.Lock()  # held for a few operations: one for every request
 
 
 class IpcBusRequest:
@@ -107,6 +155,28 @@ class IpcBusRequest:
     def answered(self) -> bool:
         return self._answered.done
 
+    @property
+    def cancelled(self) -> bool:
+        """Whether the requester gave this request up (cancelled, timed out, interrupted, or
+        left the bus) since it was delivered."""
+        cancel = self._answered.cancel
+        return cancel is not None and cancel.cancelled
+
+    @property
+    def timeout(self) -> float | None:
+        """The requester's time left when the request was delivered (seconds, None: no
+        timeout): the timeout it gave, as it travelled with the request."""
+        cancel = self._answered.cancel
+        return None if cancel is None else cancel.timeout
+
+    def on_cancel(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback()`` when the requester gives this request up: on the receiving
+        client's dispatch thread, or at once (on this thread) if it has already. Not run
+        once the request is answered (a cancel that comes later does nothing)."""
+        cancel = self._answered.cancel
+        if cancel is not None:
+            cancel.add(callback)
+
     def resolve(self, payload: Any = None) -> bool:
         """Answer with ``payload``; False if the request was answered already."""
         return self._answer(True, payload)
@@ -123,6 +193,9 @@ class IpcBusRequest:
             if self._answered.done:
                 return False
             self._answered.done = True
+        cancel = self._answered.cancel
+        if cancel is not None:
+            cancel.answered()
         self._client._send_answer(self._channel, self._requester, self._rid, body,
                                   self._member)
         return True

@@ -38,7 +38,7 @@ from . import _schemes
 from ._pending import settle as _settle
 from ._client import answers as _answers, connection as _connection, delivery as _delivery
 from ._client import joining as _joining, opening as _opening, readiness as _readiness
-from ._client import writer as _writer
+from ._client import gathering as _gathering, writer as _writer
 from ._timeouts import resolve_timeout
 from ._types import (IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
                      IpcBusRequestResponse, target_id)
@@ -311,6 +311,14 @@ class IpcBusClient(Emitter[str]):
             _remember_channel(channel, _HUB_QUERIES)
         return self._start_request(Kind.REQUEST, channel, None, resolve_timeout(timeout),
                                    P.pack_args(args))
+
+    def request_all(self, channel: str, timeout: float | None, *args: Any
+                    ) -> list[IpcBusRequestResponse]:
+        """Ask every listener of ``channel``; every answer (resolved or rejected), once all
+        answered or left, or at the timeout what came (``[]``: nobody listens)."""
+        _remember_channel(channel)
+        return _gathering.request_all(self, self._connection(), channel,
+                                      resolve_timeout(timeout), P.pack_args(args))
 
     def _start_request(self, kind: int, channel: str, target: str | None,
                        timeout: float | None, body: P.Body, fds: list[int] | None = None

@@ -28,7 +28,8 @@ __all__ = ["TrafficRecord", "TrafficLog", "records_of", "KIND_NAMES", "LOG_FIELD
 log = logging.getLogger("ipcbus")
 
 KIND_NAMES = {Kind.SEND: "send", Kind.SEND_TO: "send_to", Kind.REQUEST: "request",
-              Kind.RESPONSE: "response", Kind.REQUEST_FAIL: "fail"}
+              Kind.RESPONSE: "response", Kind.REQUEST_FAIL: "fail",
+              Kind.REQUEST_ALL: "request_all"}
 LOG_FIELDS = ["time", "kind", "channel", "sender_id", "sender_name", "target", "rid", "size",
               "nfds", "rtt_ms"]
 _MAX_OPEN_REQUESTS = 100_000

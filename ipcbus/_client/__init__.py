@@ -13,6 +13,9 @@ One module per concern; the concurrency model is on one page at the top of
 * ``writer.py``: writing frames (the send lock, coalesced bursts, memberships);
 * ``requests.py``: requests in flight (the shared ``RequestTable``), how callers wait;
 * ``answers.py``: what a caller waits on, and an answer frame turned into its outcome;
+* ``gathering.py``: ``request_all``, every receiver's answer gathered;
+* ``cancels.py``: the requests delivered here and not answered yet, so a CANCEL reaches
+  their listeners (``event.request.cancelled``, ``on_cancel``);
 * ``delivery.py``: a received frame to the listeners of this process's clients;
 * ``joining.py``: a client joining the bus (PEER_ADD, the hub's record) and leaving it;
 * ``opening.py``: finding or opening the process's connection for ``connect()`` (the shared

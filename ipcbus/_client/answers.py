@@ -29,7 +29,20 @@ _REQUEST_FAIL = int(Kind.REQUEST_FAIL)
 
 class AnswerFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     """The future of a request, completed by a frame of its connection (or a timeout, or
-    the end of the connection)."""
+    the end of the connection). :meth:`cancel` gives a user's request up: its entry leaves
+    the table and its receivers are told (CANCEL)."""
+
+    _give_up: Any = None  # set by Requests.start for user requests: (requests, client, key)
+
+    def cancel(self) -> bool:
+        if not super().cancel():
+            return False
+        give_up = self._give_up
+        if give_up is not None:
+            self._give_up = None
+            requests, client, key, channel = give_up
+            requests.abandon(client, key, channel, cancel=True)
+        return True
 
 
 class SyncAnswer:
@@ -80,7 +93,7 @@ class Pending:
     that client closes), its channel, and the timer's handle of its timeout (cancelled when
     it is answered)."""
 
-    __slots__ = ("future", "owner", "channel", "timeout")
+    __slots__ = ("future", "owner", "channel", "timeout", "gathered")
 
     def __init__(self, owner: LocalClient, channel: str,
                  future: AnswerFuture | SyncAnswer) -> None:
@@ -88,6 +101,7 @@ class Pending:
         self.owner = owner
         self.channel = channel
         self.timeout: list[Any] | None = None
+        self.gathered: list[IpcBusRequestResponse] | None = None  # request_all: what came
 
 
 def settle_answer(pending: Pending, frame: P.Frame, sender: IpcBusPeer | None) -> None:

@@ -84,6 +84,8 @@ from ..errors import IpcBusConnectionError, IpcBusError, IpcBusProtocolError
 from .._pending import settle
 from .answers import settle_answer
 from .answers import SyncAnswer
+from .cancels import Delivered
+from .gathering import gathered
 from .delivery import LocalClient, PeerCache, deliver
 from .fastpath import FAST_PATH, FastPath, Seat
 from .inbox import Inbox
@@ -135,6 +137,7 @@ class Connection:
         self.forked = False
         self.requests = Requests(self, self.lock, rids)
         self.peer_of = PeerCache()  # sender tuples -> IpcBusPeer
+        self.delivered = Delivered()  # requests delivered here and not answered (cancels.py)
         self.cond = threading.Condition(threading.Lock())  # the inbox
         self.inbox = Inbox(DISPATCH_BUDGET, IDLE, hand_over=HAND_OVER, fast=FAST_PATH)
         self.fast = FastPath(transport)  # see fastpath.py
@@ -166,12 +169,12 @@ class Connection:
 
     # -- writing ----------------------------------------------------------------------------
     def send(self, member: Membership, kind: int, channel: str, target: str | None, rid: int,
-             body: P.Body, fds: list[int] | None = None) -> None:
+             body: P.Body, fds: list[int] | None = None, timeout: float | None = None) -> None:
         """Write one frame in the name of ``member`` (see ``writer.py``)."""
         if self.forked or self.closed:
             self.check_usable()
         try:
-            self.writer.frame(member, kind, channel, target, rid, body, fds)
+            self.writer.frame(member, kind, channel, target, rid, body, fds, timeout)
         except OSError as exc:
             self._write_failed(exc)
         if kind == _RESPONSE:
@@ -301,13 +304,17 @@ class Connection:
         return batch, size
 
     def _on_answer(self, frame: P.Frame) -> None:
-        pending = self.requests.take((frame.target, frame.rid))  # type: ignore[arg-type]
+        pending = self.requests.take_answer((frame.target, frame.rid),  # type: ignore[arg-type]
+                                            frame.kind)
         if frame.fds:
             T.close_fds(frame.fds)
-        if pending is not None and not pending.future.done():
-            settle_answer(pending, frame, self.peer_of(frame.sender))
-            if pending.future.__class__ is SyncAnswer:
-                self.settled_a_caller = True
+        if pending is not None and not pending.future.done():  # request_all: gathering.py
+            if pending.gathered is None:
+                settle_answer(pending, frame, self.peer_of(frame.sender))
+                if pending.future.__class__ is SyncAnswer:
+                    self.settled_a_caller = True
+            else:
+                gathered(pending, frame, self.peer_of(frame.sender))
 
     def _lost(self, exc: BaseException) -> None:
         self._on_lost(lost_reason(exc, self.closed))
@@ -374,7 +381,8 @@ class Connection:
         if item.__class__ is list:
             for frame in item:
                 try:
-                    deliver(frame, self.client_list, self.peer_of, self._refuse)
+                    deliver(frame, self.client_list, self.peer_of, self._refuse,
+                            self.delivered)
                 except BaseException:  # a listener's SystemExit too: see delivery.py
                     log.exception("ipcbus: error while dispatching")
                 if size > _RECYCLE and frame.kind != _SPY_COPY:

@@ -28,12 +28,14 @@ from .. import _transport as T
 from .._protocol import Kind
 from .._types import IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest, _Answered
 from ..errors import IpcBusProtocolError
+from .cancels import Delivered, run_cancel
 
 log = logging.getLogger("ipcbus")
 
 __all__ = ["LocalClient", "PeerCache", "deliver", "ports_of"]
 
 _SEND, _REQUEST, _SPY_COPY = int(Kind.SEND), int(Kind.REQUEST), int(Kind.SPY_COPY)
+_REQUEST_ALL, _CANCEL = int(Kind.REQUEST_ALL), int(Kind.CANCEL)
 _DECODED = P.DecodedFrame
 
 
@@ -85,15 +87,21 @@ class Refuse(Protocol):
 
 
 def deliver(frame: P.Frame, clients: Sequence[LocalClient],
-            peer_of: Callable[[Any], IpcBusPeer | None], refuse: Refuse) -> None:
+            peer_of: Callable[[Any], IpcBusPeer | None], refuse: Refuse,
+            delivered: Delivered | None = None) -> None:
     """Run the listeners of ``frame`` among ``clients`` (``peer_of``: the peer of a sender
     tuple; ``refuse``: fails a request none of them listens to any more, or whose every
-    local receiver raised)."""
+    local receiver raised; ``delivered``: the requests delivered here, which a CANCEL frame
+    looks up: ``cancels.py``)."""
     kind, channel = frame.kind, frame.channel
     if kind == _SPY_COPY:
         deliver_spy_copy(frame, clients)
         return
     if kind == _SEND or frame.target is None:
+        if kind == _CANCEL:
+            if delivered is not None:
+                run_cancel(delivered, frame.sender_id, frame.rid)
+            return
         receivers = [c for c in clients if channel in c._listeners]
     else:
         receivers = [c for c in clients if c._peer_id == frame.target
@@ -101,14 +109,14 @@ def deliver(frame: P.Frame, clients: Sequence[LocalClient],
     if not receivers:
         if frame.fds:
             T.close_fds(frame.fds)
-        if kind == _REQUEST:
+        if kind == _REQUEST or kind == _REQUEST_ALL:
             refuse(frame)  # our listeners went away after the router sent it: say so at once
         return
     sender = peer_of(frame.sender)
-    if kind != _REQUEST and not frame.nfds:
+    if kind != _REQUEST and kind != _REQUEST_ALL and not frame.nfds:
         deliver_messages(frame, receivers, sender)
     else:
-        deliver_request_or_ports(frame, receivers, sender, refuse)
+        deliver_request_or_ports(frame, receivers, sender, refuse, delivered)
 
 
 def deliver_spy_copy(frame: P.Frame, clients: Iterable[LocalClient]) -> None:
@@ -187,10 +195,12 @@ def _args_and_kinds(frame: P.Frame) -> tuple[list[Any], list[str] | None]:
 
 
 def deliver_request_or_ports(frame: P.Frame, receivers: list[LocalClient],
-                             sender: IpcBusPeer | None, refuse: Refuse) -> None:
+                             sender: IpcBusPeer | None, refuse: Refuse,
+                             delivered: Delivered | None = None) -> None:
     """A request, or a message with descriptors: each taker of the frame's listeners gets
     its event (a request to answer, its own ports: duplicates for all but the last taker,
-    who gets the frame's)."""
+    who gets the frame's). The takers of a REQUEST share one answer (the first wins), those
+    of a REQUEST_ALL answer each; a request is kept in ``delivered`` until answered."""
     channel = frame.channel
     fds = frame.fds
     try:
@@ -199,13 +209,15 @@ def deliver_request_or_ports(frame: P.Frame, receivers: list[LocalClient],
         except IpcBusProtocolError as exc:
             log.error("dropped a message on %r from %s: %s", channel, frame.sender_id, exc)
             return
-        answered = _Answered() if frame.kind == _REQUEST else None
         takers = [(client, listeners) for client in receivers
                   if (listeners := client._take(channel))]
+        answered = _answer_state(frame, sender, len(takers), delivered)
         failed: list[BaseException] = []  # per taker whose listeners raised: the first error
         for i, (client, listeners) in enumerate(takers):
             request = None
             if answered is not None and sender is not None:
+                if i and frame.kind == _REQUEST_ALL:  # each client answers for itself
+                    answered = _Answered(answered.cancel)
                 request = IpcBusRequest(client, sender.id, frame.rid, channel, answered)
             ports = None
             if kinds is not None:
@@ -234,6 +246,23 @@ def fail_unanswered(frame: P.Frame, answered: _Answered, exc: BaseException,
             return
         answered.done = True
     refuse(frame, failure_reason(exc), client)
+    cancel = answered.cancel
+    if cancel is not None:  # failed: no answer will come to forget its cancel state
+        cancel.forget(cancel.key)
+
+
+def _answer_state(frame: P.Frame, sender: IpcBusPeer | None, takers: int,
+                  delivered: Delivered | None) -> _Answered | None:
+    """The answer state of a request delivered to ``takers`` clients (None: not a
+    request), its cancel state kept in ``delivered``."""
+    kind = frame.kind
+    if kind != _REQUEST and kind != _REQUEST_ALL:
+        return None
+    if delivered is None or sender is None or not takers:
+        return _Answered()
+    answers = takers if kind == _REQUEST_ALL else 1
+    return _Answered(delivered.add((sender.id, frame.rid), P.request_timeout(frame.raw),
+                                   answers))
 
 
 def ports_of(fds: list[int], kinds: list[str], dup: bool) -> list[Any]:

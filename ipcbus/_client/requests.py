@@ -33,13 +33,15 @@ from .writer import Membership
 __all__ = ["Requests", "Key"]
 
 Key = tuple[str, int]
+_REQUEST, _REQUEST_ALL, _RESPONSE = int(Kind.REQUEST), int(Kind.REQUEST_ALL), int(Kind.RESPONSE)
 
 
 class Link(Protocol):
     """What requests need of their connection."""
 
     def send(self, member: Membership, kind: int, channel: str, target: str | None, rid: int,
-             body: P.Body, fds: list[int] | None = None) -> None: ...
+             body: P.Body, fds: list[int] | None = None,
+             timeout: float | None = None) -> None: ...
 
     seat: Seat  # where a blocking caller may read its own answer (fastpath.py)
 
@@ -71,6 +73,18 @@ class Requests:
         cancelled; None if someone else took it."""
         with self.lock:
             pending = self.table.take(key)
+        if pending is not None and pending.timeout is not None:
+            self.timer.cancel(pending.timeout)
+        return pending
+
+    def take_answer(self, key: Key, kind: int) -> Pending | None:
+        """Like :meth:`take`, for an answer frame of ``kind``; a RESPONSE to a request_all
+        leaves its entry in flight (more answers may come: see ``gathering.py``)."""
+        with self.lock:
+            pending = self.table.take(key)
+            if pending is not None and pending.gathered is not None and kind == _RESPONSE:
+                self.table.add(key, pending)  # under the lock: close() cannot come between
+                return pending
         if pending is not None and pending.timeout is not None:
             self.timer.cancel(pending.timeout)
         return pending
@@ -107,7 +121,8 @@ class Requests:
             try:
                 seat.begins(answer)  # it may read its answer: see fastpath.py
                 self.add(key, Pending(client, channel, answer))
-                link.send(client._member, kind, channel, target, key[1], body)
+                link.send(client._member, kind, channel, target, key[1], body, None,
+                          timeout if kind == _REQUEST else None)
             except BaseException as exc:
                 self.abandon(client, key, channel, cancel=not isinstance(exc, Exception))
                 raise
@@ -129,20 +144,26 @@ class Requests:
               timeout: float | None, body: P.Body, fds: list[int] | None = None,
               future: AnswerFuture | None = None) -> concurrent.futures.Future[Any]:
         """Send a request; its Future gets the answer (failed by the timer at the
-        deadline). An interrupt once the frame may have gone out cancels it, except a
-        PEER_ADD's (the caller decides: see ``joining.py``)."""
+        deadline; a REQUEST_ALL's gets the list of answers: ``gathering.py``). An interrupt
+        once the frame may have gone out cancels it, except a PEER_ADD's (the caller
+        decides: see ``joining.py``)."""
         assert client._peer_id is not None
         rid = next(self.rids)
         key = (client._peer_id, rid)
         if future is None:
             future = AnswerFuture()
         pending = Pending(client, channel, future)
+        if kind == _REQUEST_ALL:
+            pending.gathered = []
+        if (kind == _REQUEST or kind == _REQUEST_ALL) and isinstance(future, AnswerFuture):
+            future._give_up = (self, client, key, channel)  # cancel() tells the receivers
         if timeout is not None:  # armed first: the answer may come before send() returns
             pending.timeout = self.timer.call_at(time.monotonic() + timeout,
                                                  lambda: self.expire(key, timeout))
         try:
             self.add(key, pending)
-            self.link.send(client._member, kind, channel, target, rid, body, fds)
+            self.link.send(client._member, kind, channel, target, rid, body, fds,
+                           timeout if kind == _REQUEST or kind == _REQUEST_ALL else None)
         except BaseException as exc:
             if isinstance(exc, Exception):  # not written
                 self.abandon(client, key, channel, cancel=False)
@@ -161,6 +182,10 @@ class Requests:
         """The deadline of request ``key`` has passed: fail it, tell its receivers."""
         pending = self.take(key)
         if pending is None or pending.future.done():
+            return
+        if pending.gathered is not None:  # request_all: what came, no error
+            settle(pending.future, result=list(pending.gathered))
+            self._cancel(pending.owner, key[1], pending.channel)
             return
         response = IpcBusRequestResponse(IpcBusEvent(pending.channel, None),
                                          err=f"timed out after {timeout:g} s")

@@ -49,7 +49,7 @@ class Membership:
 
     def __init__(self, info: list[Any] | None, left: bool = False) -> None:
         self.info = info
-        self.headers: dict[tuple[int, str, str | None], bytes] = {}  # frames without fds
+        self.headers: dict[tuple[Any, ...], bytes] = {}  # frames without fds
         self.left = left
 
 
@@ -80,22 +80,22 @@ class Writer:
 
     # -- frames ------------------------------------------------------------------------------
     def frame(self, member: Membership, kind: int, channel: str, target: str | None, rid: int,
-              body: P.Body, fds: list[int] | None = None) -> None:
+              body: P.Body, fds: list[int] | None = None, timeout: float | None = None) -> None:
         """Encode and write one frame in the name of ``member`` (headers of frames without
-        descriptors are cached per membership). ValueError over the bus's size limit;
-        OSError from the socket."""
+        descriptors are cached per membership; ``timeout``: a request's, in its header).
+        ValueError over the bus's size limit; OSError from the socket."""
         size = len(body) if body.__class__ is bytes else P.body_size(body)
         if size > self.max_message:
             raise ValueError(f"message of {size} bytes exceeds the bus limit of"
                              f" {self.max_message} bytes")
         if fds:
-            header = P.encode_header(kind, channel, member.info, target, len(fds))
+            header = P.encode_header(kind, channel, member.info, target, len(fds), timeout)
         else:
-            key = (kind, channel, target)
+            key = (kind, channel, target) if timeout is None else (kind, channel, target, timeout)
             headers = member.headers
             header = headers.get(key)  # type: ignore[assignment]
             if header is None:
-                header = P.encode_header(kind, channel, member.info, target)
+                header = P.encode_header(kind, channel, member.info, target, 0, timeout)
                 if len(headers) >= 1024:
                     headers.clear()
                 headers[key] = header

@@ -159,6 +159,9 @@ def test_requester_removed_forgets_pending(bus: Bus) -> None:
     e2.take()
     bus.router.remove_endpoint(e1)
     assert not bus.router.pending
+    # its receivers are told (0.2: a requester leaving cancels its requests)
+    assert sorted((f.kind, f.sender_id, f.rid) for f in e2.take()) == [
+        (Kind.CANCEL, "a", 1), (Kind.CANCEL, "a", 2)]
     # the late answer goes nowhere
     bus.respond(e2, b, "a", 1)
     assert e1.delivered == [] and e2.delivered == []
@@ -174,6 +177,7 @@ def test_cancel_forgets_pending(bus: Bus) -> None:
     e2.take()
     bus.handle(e1, Kind.CANCEL, "", a, None, 8)
     assert list(bus.router.pending) == [("a", 9)]
+    assert [(f.kind, f.rid) for f in e2.take()] == [(Kind.CANCEL, 8)]  # the receiver is told
     bus.respond(e2, b, "a", 8)
     assert e1.delivered == []  # dropped
     # the receiver leaving does not fail a cancelled request
@@ -181,6 +185,7 @@ def test_cancel_forgets_pending(bus: Bus) -> None:
     e1.take()
     bus.request(e1, a, "ch", 10)
     bus.handle(e1, Kind.CANCEL, "", a, None, 10)
+    e2.take()
     bus.router.remove_endpoint(e2)
     assert e1.delivered == []
     assert not bus.router.pending
