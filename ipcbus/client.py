@@ -71,6 +71,21 @@ _NOT_JOINED = _writer.NOT_JOINED
 
 
 # -- the client ------------------------------------------------------------------------------
+def _post_and_wait(self: IpcBusClient, kind: int, channel: str, target: str | None,
+                   message: Any, ports: list[Any] | None) -> None:
+    """A post: a request the hub answers once every receiver has the message (or fails)."""
+    body, fds = _post_body(self._connection(), message, ports)
+    future = self._start_request(kind, channel, target, resolve_timeout(None), body, fds)
+    try:
+        self._wait(future)
+    except IpcBusRequestError as exc:
+        if isinstance(exc, IpcBusRequestTimeoutError):
+            raise
+        err = exc.response.err if exc.response is not None else str(exc)
+        raise IpcBusRequestError(f"post_message on {channel!r} failed: {err}",
+                                 exc.response) from None
+
+
 class IpcBusClient(Emitter[str]):
     """A peer on the bus: an EventEmitter of channels whose events come from other processes.
 
@@ -351,18 +366,7 @@ class IpcBusClient(Emitter[str]):
             _remember_channel(channel)
         self._post(Kind.SEND_TO, channel, target_id, message, ports)
 
-    def _post(self, kind: int, channel: str, target: str | None, message: Any,
-              ports: list[Any] | None) -> None:
-        body, fds = _post_body(self._connection(), message, ports)
-        future = self._start_request(kind, channel, target, resolve_timeout(None), body, fds)
-        try:
-            self._wait(future)
-        except IpcBusRequestError as exc:
-            if isinstance(exc, IpcBusRequestTimeoutError):
-                raise
-            err = exc.response.err if exc.response is not None else str(exc)
-            raise IpcBusRequestError(f"post_message on {channel!r} failed: {err}",
-                                     exc.response) from None
+    _post = _post_and_wait  # post_message(_to): the hub's acknowledgement, waited for
 
     # -- for IpcBusService: the library's own protocols on reserved channels ------------------
     # The public calls refuse channels under /ipcbus/ (see _remember_channel); these do not.

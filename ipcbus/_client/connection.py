@@ -108,6 +108,23 @@ perf_counter = time.perf_counter
 rids = itertools.count(1)  # request ids, unique in the process
 
 
+def on_answer(conn: Connection, frame: P.Frame) -> None:
+    """A RESPONSE or REQUEST_FAIL, on the reader: settle the request it answers (a
+    ``request_all``'s gathering takes each answer: ``gathering.py``)."""
+    pending = conn.requests.take_answer((frame.target, frame.rid),  # type: ignore[arg-type]
+                                        frame.kind)
+    if frame.fds:
+        T.close_fds(frame.fds)
+    if pending is None or pending.future.done():
+        return
+    if pending.gathered is not None:
+        gathered(pending, frame, conn.peer_of(frame.sender))
+        return
+    settle_answer(pending, frame, conn.peer_of(frame.sender))
+    if pending.future.__class__ is SyncAnswer:
+        conn.settled_a_caller = True  # see fastpath.py
+
+
 class Lost(Exception):
     """The bus closed the connection (end of stream)."""
 
@@ -303,18 +320,7 @@ class Connection:
             raise
         return batch, size
 
-    def _on_answer(self, frame: P.Frame) -> None:
-        pending = self.requests.take_answer((frame.target, frame.rid),  # type: ignore[arg-type]
-                                            frame.kind)
-        if frame.fds:
-            T.close_fds(frame.fds)
-        if pending is not None and not pending.future.done():  # request_all: gathering.py
-            if pending.gathered is None:
-                settle_answer(pending, frame, self.peer_of(frame.sender))
-                if pending.future.__class__ is SyncAnswer:
-                    self.settled_a_caller = True
-            else:
-                gathered(pending, frame, self.peer_of(frame.sender))
+    _on_answer = on_answer  # settling answers on the reader (below)
 
     def _lost(self, exc: BaseException) -> None:
         self._on_lost(lost_reason(exc, self.closed))
