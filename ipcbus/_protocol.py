@@ -23,7 +23,10 @@ Header fields:
     target   peer id (str) for peer-to-peer frames and answers, else None
     nfds     number of file descriptors that travel with this frame (0 .. MAX_FDS)
     timeout  optional, REQUEST and REQUEST_ALL only: the requester's timeout in seconds
-             (int or float >= 0) as it sent the request; absent when it waits without one.
+             (int or float >= 0) as it sent the request, to two significant digits
+             (:func:`wire_timeout`: a timeout computed per call, such as a service call's
+             time left, still repeats, so headers stay cached); absent when it waits
+             without one.
              Routers ignore it (they forward the frame's bytes); a receiver shows it as
              ``event.request.timeout`` (:func:`request_timeout`). Decoders read the first
              five fields only, so older peers ignore it too.
@@ -299,6 +302,12 @@ def unpack_control(data: bytes | bytearray | memoryview) -> Any:
         )
     except Exception as exc:
         raise IpcBusProtocolError(f"malformed control body: {type(exc).__name__}: {exc}") from None
+
+
+def wire_timeout(timeout: float) -> float:
+    """A request's timeout as its header carries it: two significant digits (4.9873 -> 5.0),
+    so that the few values a program uses repeat and its headers are encoded once."""
+    return float(f"{timeout:.2g}")
 
 
 def encode_header(kind: int, channel: str, sender: PeerTuple | None, target: str | None,

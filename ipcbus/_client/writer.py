@@ -35,6 +35,7 @@ __all__ = ["Membership", "NOT_JOINED", "Writer", "BURST_GAP", "COALESCE_FRAME"]
 BURST_GAP = 50e-6  # seconds between two sends that makes them one burst
 COALESCE_FRAME = 16 * 1024  # larger frames are written on their own, without a copy
 _SEND, _SEND_TO = int(Kind.SEND), int(Kind.SEND_TO)
+_wire_timeout = P.wire_timeout
 _PREFIX_PACK = P.PREFIX.pack
 _send_whole = T.send_whole  # see there: a frame is written whole even when interrupted
 _get_ident = threading.get_ident
@@ -88,6 +89,8 @@ class Writer:
         if size > self.max_message:
             raise ValueError(f"message of {size} bytes exceeds the bus limit of"
                              f" {self.max_message} bytes")
+        if timeout is not None:
+            timeout = _wire_timeout(timeout)
         if fds:
             header = P.encode_header(kind, channel, member.info, target, len(fds), timeout)
         else:

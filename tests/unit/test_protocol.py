@@ -621,3 +621,15 @@ def test_pack_args_from_many_threads_at_once() -> None:
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+def test_a_requests_timeout_travels_to_two_significant_digits_so_headers_repeat() -> None:
+    """A timeout computed per call (a service call's time left) must not make every header
+    new: the writer sends ``wire_timeout(t)``, and the receiver reads it back."""
+    assert [P.wire_timeout(t) for t in (4.9873, 4.9512, 0.12345, 7.5, 30.0)] == \
+        [5.0, 5.0, 0.12, 7.5, 30.0]
+    headers = {P.encode_header(int(Kind.REQUEST), "c", None, None, 0, P.wire_timeout(5 - i / 1000))
+               for i in range(40)}
+    assert len(headers) == 1
+    raw = P.PREFIX.pack(len(next(iter(headers))), 0, 1) + next(iter(headers))
+    assert P.request_timeout(raw) == 5.0
