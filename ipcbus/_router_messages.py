@@ -23,6 +23,7 @@ import logging
 
 from . import _protocol as P
 from ._protocol import Frame, Kind
+from ._router_groups import frame_bytes
 from ._router_requests import RequestRouter
 from ._routing import DupFds, Endpoint, RouterCore, answer_frame, fail_frame
 
@@ -88,9 +89,20 @@ class MessageRouter:
             for ep in eps:
                 if (ep is not endpoint or not ep.relay) and ep is not skip:
                     ep.deliver(frame.raw, [], frame.count)
+        groups = self.core.groups
+        if groups.channels and frame.channel in groups.channels:
+            self.to_groups(endpoint, frame)
         if to_upstream:
             assert upstream is not None
             upstream.deliver(frame.raw, [], frame.count)
+
+    def to_groups(self, endpoint: Endpoint, frame: Frame) -> None:
+        """A broadcast to one member of each group of its channel (_router_groups.py)."""
+        groups, peers = self.core.groups, self.core.peers
+        for raw in frame_bytes(frame):  # a run: each of its messages is balanced
+            grouped: list[tuple[str, str]] = []
+            groups.members_for(frame.channel, endpoint, peers, set(), grouped)
+            groups.hand(None, frame.channel, raw, grouped, peers)
 
     def on_send_to(self, endpoint: Endpoint, frame: Frame) -> None:
         if frame.channel.startswith(_RESERVED) and endpoint is not self.core.upstream \

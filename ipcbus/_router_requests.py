@@ -86,7 +86,8 @@ class RequestRouter:
                     endpoint.deliver(self._special(channel, frame), [])
                 return
             subs = core.subscribers.get(channel)
-            if subs is not None and len(subs) == 1:
+            if subs is not None and len(subs) == 1 and not (
+                    core.groups.channels and channel in core.groups.channels):
                 # The common case: one listening peer, no link. The same as below, shorter.
                 for peer_id in subs:
                     listener = core.peers[peer_id]
@@ -104,7 +105,8 @@ class RequestRouter:
         if target is None and channel in READINESS_CHANNELS:  # (linked: the broker answers)
             self._readiness_upstream(endpoint, frame)
             return
-        found = self._receivers(endpoint, channel, target)
+        grouped: list[tuple[str, str]] = []
+        found = self._receivers(endpoint, channel, target, grouped)
         if isinstance(found, str):
             endpoint.deliver(fail_frame(requester, frame.rid, found), [])
             return
@@ -112,6 +114,8 @@ class RequestRouter:
         self.table.add(key, Pending(requester, endpoint, channel), receivers=receivers)
         for ep in targets:
             ep.deliver(frame.raw, [], frame.count)
+        if grouped:
+            self.core.groups.hand(key, frame.channel, frame.raw, grouped, self.core.peers)
 
     def route_all(self, endpoint: Endpoint, frame: Frame) -> None:
         """A REQUEST_ALL from ``endpoint`` (its sender checked): to every listener, gathered.
@@ -129,7 +133,8 @@ class RequestRouter:
             endpoint.deliver(fail_frame(requester, frame.rid, f"channel {channel!r} is"
                                         " reserved: no request_all there"), [])
             return
-        found = self._receivers(endpoint, frame.channel, None)
+        grouped: list[tuple[str, str]] = []
+        found = self._receivers(endpoint, frame.channel, None, grouped)
         if isinstance(found, str):
             endpoint.deliver(fail_frame(requester, frame.rid, found), [])
             return
@@ -138,10 +143,14 @@ class RequestRouter:
                        receivers=receivers)
         for ep in targets:
             ep.deliver(frame.raw, [], frame.count)
+        if grouped:
+            self.core.groups.hand(key, frame.channel, frame.raw, grouped, self.core.peers)
 
-    def _receivers(self, endpoint: Endpoint, channel: str, target: str | None
+    def _receivers(self, endpoint: Endpoint, channel: str, target: str | None,
+                   grouped: list[tuple[str, str]] | None = None
                    ) -> tuple[set[str], list[Endpoint]] | str:
-        """Who gets a request (peer ids, and the endpoints to deliver it to), or why nobody."""
+        """Who gets a request (peer ids, and the endpoints to deliver it to), or why nobody;
+        ``grouped`` gets the (group, member) chosen in each group of the channel."""
         core = self.core
         upstream = core.upstream
         from_upstream = endpoint is upstream
@@ -169,6 +178,8 @@ class RequestRouter:
                 receivers.add(peer_id)
             eps = core.channel_endpoints[channel]
             targets.extend(ep for ep in eps if not (skip_source and ep is endpoint))
+        if grouped is not None and channel in core.groups.channels:
+            core.groups.members_for(channel, endpoint, core.peers, receivers, grouped)
         if upstream is not None and not from_upstream:
             receivers.add(UPSTREAM)
             if upstream not in targets:
