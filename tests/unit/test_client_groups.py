@@ -28,7 +28,7 @@ def decode(raw: bytes) -> P.Frame:
 
 
 def plain(value: Any, kind: int = Kind.SEND, rid: int = 0) -> bytes:
-    return P.encode_frame(kind, "jobs", SENDER, None, rid, P.pack_args([value]))
+    return P.encode_frame(kind, "jobs", SENDER, None, rid, P.pack_payload([value]))
 
 
 def grouped(target: str, group: str, value: Any, kind: int = Kind.SEND, rid: int = 0

@@ -43,7 +43,7 @@ def unwrap(frame: Frame) -> tuple[str, Frame]:
 
 
 def send(bus: Bus, ep: FakeEndpoint, peer: list[Any], channel: str, value: Any) -> None:
-    bus.handle(ep, Kind.SEND, channel, peer, body=P.pack_args([value]))
+    bus.handle(ep, Kind.SEND, channel, peer, body=P.pack_payload([value]))
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_plain_subscribers_get_everything_as_it_came(pool: Any) -> None:
 
 def test_a_run_is_balanced_message_by_message(pool: Any) -> None:
     bus, src, sender, workers = pool
-    raw = b"".join(P.encode_frame(Kind.SEND, "jobs", sender, None, 0, P.pack_args([j]))
+    raw = b"".join(P.encode_frame(Kind.SEND, "jobs", sender, None, 0, P.pack_payload([j]))
                    for j in range(6))
     dec = FrameDecoder()
     dec.merge_runs = True
