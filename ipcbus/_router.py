@@ -93,7 +93,7 @@ class Router:
         self.requests = RequestRouter(self)
         self.messages = MessageRouter(self, self.requests, dup_fds)
         self.pending = self.requests.table  # requests in flight (the bus's one request table)
-        self.groups = GroupRouter(self.pending.may_answer)  # _router_groups.py
+        self.groups = GroupRouter(self)  # _router_groups.py
         # service name -> host peer id (a linked bridge: this side's, as the broker granted)
         self.services: dict[str, str] = {}
         # Looking in: observers see every message a peer sends (after it is routed); with none
@@ -125,7 +125,7 @@ class Router:
             Kind.SERVICE_REMOVE: self._on_service_remove,
             Kind.SPY_ADD: self.spies.on_add,
             Kind.SPY_REMOVE: self.spies.on_remove,
-            Kind.REQUEST_ALL: self.requests.route_all,
+            Kind.REQUEST_ALL: self.requests.route_all, Kind.GROUPED: self.messages.on_grouped,
         }
 
     # -- entry points ---------------------------------------------------------------------
@@ -269,8 +269,7 @@ class Router:
         return True
 
     def _on_peer_remove(self, endpoint: Endpoint, frame: Frame) -> None:
-        assert frame.sender is not None
-        self._remove_peer(frame.sender[0])
+        self._remove_peer(frame.sender[0])  # type: ignore[index]  # checked by handle()
 
     def _remove_peer(self, peer_id: str) -> None:
         peer = self.peers.pop(peer_id, None)

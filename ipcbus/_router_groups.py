@@ -56,13 +56,15 @@ def group_of(frame: Frame) -> str | None:
 class GroupRouter:
     """The groups of one router's channels."""
 
-    def __init__(self, in_flight: Callable[[Key, str], bool]) -> None:
+    def __init__(self, core: Any) -> None:
         # channel -> group -> member peer id -> references (members in the order they joined)
         self.channels: dict[str, dict[str, dict[str, int]]] = {}
         self.of_peer: dict[str, set[tuple[str, str]]] = {}  # peer id -> (channel, group)
         self.turns = GroupTurns()
         self._given: dict[str, set[Key]] = {}  # member -> grouped requests it was given
-        self._in_flight = in_flight  # (key, receiver): still expected to answer?
+        self.core = core  # the router (_routing.RouterCore)
+        # a linked bridge: (request, member) it handed a member as the broker chose
+        self.via_upstream: set[tuple[Key, str]] = set()
 
     def __len__(self) -> int:
         return len(self.channels)
@@ -108,7 +110,12 @@ class GroupRouter:
                                       " reserved channel, or too many references")
         if peer.id not in self.of_peer and len(peer.channels) >= P.MAX_CHANNELS_PER_PEER:
             raise IpcBusProtocolError(f"peer {peer.id!r} listens to too many channels")
+        first = peer.id not in self.channels.get(channel, {}).get(group, {})
         self.join(peer.id, channel, group, count)
+        upstream = self.core.upstream
+        if first and upstream is not None and peer.endpoint is not upstream:
+            upstream.deliver(P.encode_frame(Kind.SUBSCRIBE, channel, peer.info, None, 1,
+                                            P.pack_payload(group)), [])
 
     def on_unsubscribe(self, peer: Peer, frame: Frame) -> bool:
         """An UNSUBSCRIBE: True if it was for a group (handled), False if plain."""
@@ -116,7 +123,27 @@ class GroupRouter:
         if group is None:
             return False
         self.leave(peer.id, frame.channel, group, frame.rid)
+        upstream = self.core.upstream
+        if upstream is not None and peer.endpoint is not upstream and \
+                peer.id not in self.channels.get(frame.channel, {}).get(group, {}):
+            upstream.deliver(P.encode_frame(Kind.UNSUBSCRIBE, frame.channel, peer.info, None,
+                                            0, P.pack_payload(group)), [])
         return True
+
+    def answered_below(self, key: Key, answerer: str, raw: bytes | bytearray) -> None:
+        """A linked bridge: a member the broker chose for ``key`` answered here; the broker
+        takes its entry (and its member's load) only when it sees the answer too."""
+        if (key, answerer) in self.via_upstream:
+            self.via_upstream.discard((key, answerer))
+            upstream = self.core.upstream
+            if upstream is not None:
+                upstream.deliver(raw, [])
+
+    def handed_below(self, key: Key, member: str) -> None:
+        if len(self.via_upstream) > 4096:  # settled otherwise (a timeout, a cancel)
+            table = self.core.requests.table
+            self.via_upstream = {e for e in self.via_upstream if table.may_answer(*e)}
+        self.via_upstream.add((key, member))
 
     def peer_gone(self, peer_id: str) -> None:
         if peer_id not in self.of_peer:
@@ -137,7 +164,8 @@ class GroupRouter:
         given = self._given.get(peer_id)
         if not given:
             return 0
-        for key in [k for k in given if not self._in_flight(k, peer_id)]:
+        may_answer = self.core.requests.table.may_answer
+        for key in [k for k in given if not may_answer(k, peer_id)]:
             given.discard(key)
         return len(given)
 
@@ -154,10 +182,13 @@ class GroupRouter:
     def members_for(self, channel: str, source: Endpoint, peers: dict[str, Peer],
                     receivers: set[str], grouped: list[tuple[str, str]]) -> None:
         """Add the member chosen in each group of ``channel`` to ``receivers`` and
-        (group, member) to ``grouped``; a relay's own members are passed over (it served
-        its side)."""
-        skip = (lambda m: peers[m].endpoint is source) if source.relay else None
-        for group, member in self.choose(channel, skip):
+        (group, member) to ``grouped``. Only the root of the bus chooses: a linked bridge
+        subscribes its members upstream and hands on the broker's choices
+        (``answered_below``), and the broker chooses among every member, those behind the
+        link a message came from included (the bridge did not serve them)."""
+        if self.core.upstream is not None:
+            return
+        for group, member in self.choose(channel):
             receivers.add(member)
             grouped.append((group, member))
 

@@ -303,6 +303,8 @@ class RequestRouter:
             self._gathered(key, pending, answerer, frame)
             return
         self.table.take(key)
+        if core.groups.via_upstream and pending.endpoint is not core.upstream:
+            core.groups.answered_below(key, answerer, frame.raw)
         if pending.service is not None:
             core.services[pending.service] = pending.requester  # the broker granted it
         pending.endpoint.deliver(frame.raw, [], frame.count)

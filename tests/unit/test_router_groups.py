@@ -248,3 +248,78 @@ def test_every_message_reaches_one_member_of_each_group(ops: list[tuple[str, int
     assert set(groups.channels.get("ch", {}).get("g", {})) == {f"p{i}" for i in joined}
     for i in joined:
         assert groups.load(f"p{i}") == len(outstanding[i])
+
+
+# -- through a link: the broker chooses among every member, the bridge hands its choices on ----
+class Linked:
+    """A broker's router and a bridge's router, joined by a link the test pumps."""
+
+    def __init__(self) -> None:
+        self.broker, self.bridge = Bus(), Bus()
+        self.link = self.broker.endpoint("link", relay=True)  # the broker's side of the link
+        self.up = self.bridge.endpoint("upstream", relay=True)  # the bridge's side
+        self.bridge.router.upstream = self.up
+
+    def pump(self) -> None:
+        moved = True
+        while moved:
+            moved = False
+            for frame in self.up.take():
+                self.broker.router.handle(self.link, frame)
+                moved = True
+            for frame in self.link.take():
+                self.bridge.router.handle(self.up, frame)
+                moved = True
+
+
+def test_a_group_spanning_a_link_is_one_pool() -> None:
+    bus = Linked()
+    src = bus.broker.endpoint("src")
+    s = bus.broker.add_peer(src, "s")
+    m_ep = bus.broker.endpoint("m")
+    join(bus.broker, m_ep, bus.broker.add_peer(m_ep, "m"), "jobs", "pool")
+    b_eps = [bus.bridge.endpoint(f"b{i}") for i in range(2)]
+    b_peers = [bus.bridge.add_peer(ep, f"b{i}") for i, ep in enumerate(b_eps)]
+    bs_ep = bus.bridge.endpoint("bs")
+    bs = bus.bridge.add_peer(bs_ep, "bs")
+    for ep, peer in zip(b_eps, b_peers):
+        join(bus.bridge, ep, peer, "jobs", "pool")
+    bus.pump()
+    assert set(bus.broker.router.groups.channels["jobs"]["pool"]) == {"m", "b0", "b1"}
+    assert bus.bridge.router.groups.channels["jobs"]["pool"]  # kept for the clean-up
+    for j in range(3):  # from the broker's side: one each, in turn
+        send(bus.broker, src, s, "jobs", j)
+        bus.pump()
+    for j in range(3, 6):  # from the bridge's side: the broker chooses too
+        send(bus.bridge, bs_ep, bs, "jobs", j)
+        bus.pump()
+    got = {ep.label: sorted(P.unpack_payload(unwrap(f)[1].body)[0] for f in ep.take())
+           for ep in (m_ep, *b_eps)}
+    assert got == {"m": [0, 3], "b0": [1, 4], "b1": [2, 5]}
+    # a request of the bridge's side, given to a member there: answered there, and the
+    # broker sees the answer too (its entry and the member's load end)
+    chosen = None
+    for rid in (1, 2, 3):
+        bus.bridge.request(bs_ep, bs, "jobs", rid)
+        bus.pump()
+        for ep, peer in zip(b_eps, b_peers):
+            for f in ep.take():
+                chosen = (ep, peer, unwrap(f)[1].rid)
+        m_ep.take()
+    assert chosen is not None
+    ep, peer, rid = chosen
+    bus.bridge.respond(ep, peer, "bs", rid, "done")
+    bus.pump()
+    assert [(f.kind, f.rid) for f in bs_ep.take()] == [(Kind.RESPONSE, rid)]
+    assert not any(k == ("bs", rid) for k in bus.broker.router.pending)
+    assert bus.broker.router.groups.load(peer[0]) == 0
+    # a request from the broker's side to a member behind the link: answered through it
+    for rid in (10, 11, 12):
+        bus.broker.request(src, s, "jobs", rid)
+        bus.pump()
+    for ep, peer in zip(b_eps, b_peers):
+        for f in ep.take():
+            bus.bridge.respond(ep, peer, "s", unwrap(f)[1].rid, peer[0])
+    bus.pump()
+    answers = [body_of(f)[1] for f in src.take() if f.kind == Kind.RESPONSE]
+    assert sorted(answers) == ["b0", "b1"]
