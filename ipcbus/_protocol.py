@@ -130,7 +130,8 @@ class Kind(enum.IntEnum):
     # (its own gathering ended) drops it.
     REQUEST_ALL = 19
     # 0.2: groups. router -> peer (target = the member chosen): a SEND / REQUEST /
-    # REQUEST_ALL delivered to ``target`` as the chosen member of a group of its channel.
+    # REQUEST_ALL delivered to ``target`` as the chosen member of a group of its channel
+    # (through a link: broker -> bridge, which hands it on to ``target`` as it came).
     # channel = the message's channel, sender None, body = msgpack [group (str), the bytes of
     # the routed frame (or run) as they came]. Only the target's listeners of that group run
     # for it. A peer never sends one (a protocol error for its connection).

@@ -14,8 +14,14 @@ that is only a member does not get the channel's other messages. The rules:
   still expects it to answer. They are counted here, not in the table: the plain path pays
   nothing, and a member's count is pruned of settled requests when it is next weighed.
 * Posts (messages with descriptors, acknowledged messages) go to plain subscribers only.
-* Through a bridge's link, each side balances its own members: the bridge does not subscribe
-  its members upstream, so a message that reaches both sides is handled once per side.
+* Through a bridge's link the group is one pool, balanced by the root of the bus: a linked
+  bridge subscribes its members upstream (SUBSCRIBE with the group, as it does plain
+  subscriptions) and never chooses itself; the broker chooses among every member of the bus,
+  those behind the link a message came from included, and sends GROUPED down the link; the
+  bridge hands it to the member (``MessageRouter.on_grouped``: only from upstream), taking
+  it as a receiver of the request, and sends a member's answer to a request of its own side
+  upstream too, so the broker's entry (and the member's load) ends. A bridge without a link
+  chooses among its own members, like a broker.
 * Trust: a group name is checked like a channel name (length, no control characters); a peer
   is given a GROUPED frame only for a group it joined, and a receiver's answer is taken only
   because the table holds it as a receiver (``_router_requests``).

@@ -21,7 +21,7 @@ message"), which fails the request when no receiver is left anywhere (:func:`fai
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence, cast
 
 from .. import _protocol as P
 from .. import _transport as T
@@ -48,14 +48,11 @@ class LocalClient(Protocol):
     _peer_id: str | None
     _spy_handler: Callable[[P.Frame], None] | None
     _listeners: dict[str, Any]
-    _groups: Any  # _client/groups.GroupListeners
 
     @property
     def _member(self) -> Any: ...
 
     def _take(self, key: str) -> list[Callable[..., Any]]: ...
-
-    def _group_take(self, channel: str, group: str) -> list[Callable[..., Any]]: ...
 
     def _connection_ended(self, conn: Any) -> None: ...
 
@@ -147,7 +144,8 @@ def deliver_grouped(frame: P.Frame, clients: Sequence[LocalClient],
                     delivered: Delivered | None = None) -> None:
     """A message or request the hub gave the client ``frame.target`` as the chosen member of
     a group: only that client's listeners of that group run (``_client/groups.py``)."""
-    client = next((c for c in clients if c._peer_id == frame.target), None)
+    client: Any = next((c for c in clients if c._peer_id == frame.target), None)  # a
+    # GroupedEmitter (_client/groups.py): its _groups and _group_take
     try:
         group, inner = grouped_frames(frame)
     except IpcBusProtocolError as exc:
@@ -202,7 +200,7 @@ def deliver_messages(frame: P.Frame, receivers: list[LocalClient],
             args = [args]
         for client in receivers:
             listeners = client._take(channel) if group is None else \
-                client._group_take(channel, group)
+                cast(Any, client)._group_take(channel, group)
             if listeners:
                 _call(listeners, IpcBusEvent(channel, sender, None, None), args)
 
@@ -261,7 +259,7 @@ def deliver_request_or_ports(frame: P.Frame, receivers: list[LocalClient],
             return
         takers = [(client, listeners) for client in receivers
                   if (listeners := client._take(channel) if group is None
-                      else client._group_take(channel, group))]
+                      else cast(Any, client)._group_take(channel, group))]
         answered = _answer_state(frame, sender, len(takers), delivered)
         failed: list[BaseException] = []  # per taker whose listeners raised: the first error
         for i, (client, listeners) in enumerate(takers):

@@ -22,7 +22,7 @@ import pytest
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusRequestError,
                     IpcBusRequestTimeoutError)
 
-from helpers import Children, Collector, elapsed, pid_of, sync
+from helpers import Children, Collector, elapsed, pid_of, sync, wait_until
 
 READY = 30.0  # a spawn child on a busy machine can take a while to import
 
@@ -203,5 +203,42 @@ def test_pipe_children_of_a_bridge_form_a_group(children: Any) -> None:
             assert all(len(got) == 20 for got in seen.values())  # equal members: in turn
         finally:
             caller.close()
+    finally:
+        bridge.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_group_spanning_a_bridges_link_is_one_pool(
+        broker: IpcBusBroker, children: Any) -> None:
+    kids, reports, q = children
+    bridge = IpcBusBridge.create().connect(broker.address)
+    try:
+        names = ["p0", "p1", "s0", "s1"]
+        for name in names[:2]:
+            kids.start(worker, bridge.open_pipe(), name, "echo", q, kids.stop)
+        for name in names[2:]:
+            kids.start(worker, broker.address, name, "echo", q, kids.stop)
+        assert reports.ready(4) == names
+        below = IpcBusClient.create().connect(peer_name="below")  # the bridge's
+        above = IpcBusClient.create().connect(broker.address, peer_name="above")
+        try:
+            sync(below)
+            by_below = [below.request("jobs", 20.0, j).payload for j in range(40)]
+            by_above = [above.request("jobs", 20.0, j).payload for j in range(40, 80)]
+            for j in range(80, 120):
+                (below if j % 2 else above).send("jobs", j)
+            sync(below)
+            sync(above)
+            assert [j for _, j in by_below + by_above] == list(range(80))
+            # the sends may reach the workers after the syncs: poll, bounded
+            wait_until(lambda: sum(map(len, handled_by(above, names).values())) >= 120, 20)
+            seen = handled_by(above, names)
+            jobs = sorted(j for got in seen.values() for j in got)
+            assert jobs == list(range(120))  # once each, across both sides
+            assert all(len(got) >= 15 for got in seen.values()), \
+                {n: len(g) for n, g in seen.items()}
+        finally:
+            below.close()
+            above.close()
     finally:
         bridge.close()
