@@ -118,6 +118,8 @@ class GroupRouter:
             raise IpcBusProtocolError(f"peer {peer.id!r} listens to too many channels")
         first = peer.id not in self.channels.get(channel, {}).get(group, {})
         self.join(peer.id, channel, group, count)
+        if first and self.core.requests.waits:  # held wait_for_listeners requests
+            self.core.requests.listeners_added(channel)
         upstream = self.core.upstream
         if first and upstream is not None and peer.endpoint is not upstream:
             upstream.deliver(P.encode_frame(Kind.SUBSCRIBE, channel, peer.info, None, 1,
@@ -158,6 +160,14 @@ class GroupRouter:
         for channel, group in list(self.of_peer.get(peer_id, ())):
             self.leave(peer_id, channel, group, 0)
         self._given.pop(peer_id, None)
+
+    def listening(self, channel: str) -> int:
+        """How many peers listen on ``channel``: plainly, or as a member of a group."""
+        subs = self.core.subscribers.get(channel, {})
+        groups = self.channels.get(channel)
+        if not groups:
+            return len(subs)
+        return len(set(subs).union(*groups.values()))
 
     def counts(self) -> dict[str, dict[str, int]]:
         """channel -> group -> number of members (for the bus's state)."""

@@ -233,7 +233,7 @@ class RequestRouter:
             endpoint.deliver(fail_frame(requester, frame.rid, found), [])
             return
         channel, count = found
-        listeners = len(self.core.subscribers.get(channel, ()))
+        listeners = self.core.groups.listening(channel)  # members of groups too
         if listeners >= count:
             endpoint.deliver(answer_frame(requester, frame.rid, listeners), [])
             return
@@ -248,7 +248,7 @@ class RequestRouter:
 
     def listeners_added(self, channel: str) -> None:
         """A peer started listening on ``channel``: answer the held requests it satisfies."""
-        listeners = len(self.core.subscribers.get(channel, ()))
+        listeners = self.core.groups.listening(channel)  # members of groups too
         for key in self.waits.ready(channel, listeners, self._in_flight):
             pending = self.table.take(key)
             assert pending is not None

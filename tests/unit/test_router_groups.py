@@ -323,3 +323,20 @@ def test_a_group_spanning_a_link_is_one_pool() -> None:
     bus.pump()
     answers = [body_of(f)[1] for f in src.take() if f.kind == Kind.RESPONSE]
     assert sorted(answers) == ["b0", "b1"]
+
+
+def test_members_count_as_listeners_for_readiness(bus: Bus) -> None:
+    src = bus.endpoint("src")
+    s = bus.add_peer(src, "s")
+    bus.handle(src, Kind.REQUEST, "/ipcbus/waitListeners", s, None, 4,
+               P.pack_payload(["jobs", 2]))
+    assert src.take() == []  # held: nobody listens yet
+    eps = [bus.endpoint(f"w{i}") for i in range(2)]
+    join(bus, eps[0], bus.add_peer(eps[0], "w0"), "jobs", "pool")
+    assert src.take() == []
+    peer = bus.add_peer(eps[1], "w1")
+    bus.subscribe(eps[1], peer, "jobs")
+    join(bus, eps[1], peer, "jobs", "pool")  # the same peer: still 2
+    (answer,) = src.take()
+    assert (answer.kind, answer.rid, body_of(answer)) == (Kind.RESPONSE, 4, [True, 2])
+    assert bus.router.groups.listening("jobs") == 2
