@@ -71,6 +71,9 @@ class GroupRouter:
         self.core = core  # the router (_routing.RouterCore)
         # a linked bridge: (request, member) it handed a member as the broker chose
         self.via_upstream: set[tuple[Key, str]] = set()
+        # the hot paths test these objects (never replaced) without going through us
+        core.requests.grouped = core.messages.grouped = self.channels
+        core.requests.via_upstream = self.via_upstream
 
     def __len__(self) -> int:
         return len(self.channels)
@@ -150,7 +153,8 @@ class GroupRouter:
     def handed_below(self, key: Key, member: str) -> None:
         if len(self.via_upstream) > 4096:  # settled otherwise (a timeout, a cancel)
             table = self.core.requests.table
-            self.via_upstream = {e for e in self.via_upstream if table.may_answer(*e)}
+            for entry in [e for e in self.via_upstream if not table.may_answer(*e)]:
+                self.via_upstream.discard(entry)
         self.via_upstream.add((key, member))
 
     def peer_gone(self, peer_id: str) -> None:

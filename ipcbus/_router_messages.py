@@ -20,6 +20,7 @@ in. The rules:
 from __future__ import annotations
 
 import logging
+from typing import Any
 import struct
 
 from . import _protocol as P
@@ -43,6 +44,7 @@ class MessageRouter:
         self.core = core
         self.requests = requests
         self.dup = dup_fds
+        self.grouped: dict[str, Any] = {}  # = GroupRouter.channels (set by it)
 
     # -- reserved channels ---------------------------------------------------------------------
     def may_send(self, frame: Frame) -> bool:
@@ -91,8 +93,7 @@ class MessageRouter:
             for ep in eps:
                 if (ep is not endpoint or not ep.relay) and ep is not skip:
                     ep.deliver(frame.raw, [], frame.count)
-        groups = self.core.groups
-        if groups.channels and frame.channel in groups.channels:
+        if self.grouped and frame.channel in self.grouped:
             self.to_groups(endpoint, frame)
         if to_upstream:
             assert upstream is not None

@@ -32,6 +32,8 @@ flight are kept in the bus's one request table (``_pending.RequestTable``), keye
 """
 from __future__ import annotations
 
+from typing import Any
+
 from . import _protocol as P
 from ._pending import RequestTable
 from ._protocol import Frame
@@ -70,6 +72,8 @@ class RequestRouter:
         self.core = core
         self.table: RequestTable[Key, Pending] = RequestTable()
         self.waits: ListenerWaits[Key] = ListenerWaits()  # held waitListeners requests
+        self.grouped: dict[str, Any] = {}  # = GroupRouter.channels (set by it)
+        self.via_upstream: set[Any] = set()  # = GroupRouter.via_upstream (set by it)
 
     # -- requests ---------------------------------------------------------------------------------
     def route(self, endpoint: Endpoint, frame: Frame, target: str | None) -> None:
@@ -86,8 +90,7 @@ class RequestRouter:
                     endpoint.deliver(self._special(channel, frame), [])
                 return
             subs = core.subscribers.get(channel)
-            if subs is not None and len(subs) == 1 and not (
-                    core.groups.channels and channel in core.groups.channels):
+            if subs is not None and len(subs) == 1 and channel not in self.grouped:
                 # The common case: one listening peer, no link. The same as below, shorter.
                 for peer_id in subs:
                     listener = core.peers[peer_id]
@@ -303,7 +306,7 @@ class RequestRouter:
             self._gathered(key, pending, answerer, frame)
             return
         self.table.take(key)
-        if core.groups.via_upstream and pending.endpoint is not core.upstream:
+        if self.via_upstream and pending.endpoint is not core.upstream:
             core.groups.answered_below(key, answerer, frame.raw)
         if pending.service is not None:
             core.services[pending.service] = pending.requester  # the broker granted it
