@@ -31,6 +31,14 @@ Header fields:
              ``event.request.timeout`` (:func:`request_timeout`). Decoders read the first
              five fields only, so older peers ignore it too.
 
+Groups (0.2): SUBSCRIBE / UNSUBSCRIBE with a non-empty body subscribe to the channel as a
+member of a group: body = msgpack str, the group name (checked like a channel: 1 to
+MAX_GROUP bytes of UTF-8, no control characters). A member is counted apart from the
+peer's plain subscription of the channel (its rid counts references the same way). An empty
+body is a plain subscription, as in 0.1. The router delivers a message on a channel with
+groups to its plain subscribers as it came, and once per group to the chosen member, wrapped
+in GROUPED (see :class:`Kind`).
+
 The rid (in the prefix) is the request id for REQUEST / REQUEST_ALL / RESPONSE / REQUEST_FAIL /
 CANCEL / PEER_ADD, the reference count for SUBSCRIBE / UNSUBSCRIBE, else 0. It is kept out of the
 header so that the header of every frame a peer sends on one channel repeats byte for byte,
@@ -84,6 +92,7 @@ MAX_CONTROL_BODY = 64 * 1024
 # peer (a forwarded SUBSCRIBE, an answer) stays far under MAX_HEADER.
 MAX_PEER_ID = 128
 MAX_PEER_NAME = 4096
+MAX_GROUP = 256  # a group name: bytes of UTF-8, no control characters
 PEER_TYPES = frozenset({"main", "pipe", "socket", "node"})  # node: a Node peer via a gateway
 # Subscriptions are reference counts: one SUBSCRIBE adds at most MAX_SUBSCRIBE_STEP, and a
 # peer's count on one channel stays under MAX_SUBSCRIBE_COUNT (so the bus's state always
@@ -123,6 +132,13 @@ class Kind(enum.IntEnum):
     # for all the broker's receivers: its answers pass, and only the broker's REQUEST_FAIL
     # (its own gathering ended) drops it.
     REQUEST_ALL = 19
+    # 0.2: groups. router -> peer (target = the member chosen): a SEND / REQUEST /
+    # REQUEST_ALL delivered to ``target`` as the chosen member of a group of its channel
+    # (through a link: broker -> bridge, which hands it on to ``target`` as it came).
+    # channel = the message's channel, sender None, body = msgpack [group (str), the bytes of
+    # the routed frame (or run) as they came]. Only the target's listeners of that group run
+    # for it. A peer never sends one (a protocol error for its connection).
+    GROUPED = 20
 
 
 KINDS = frozenset(int(k) for k in Kind)
@@ -192,6 +208,30 @@ def check_channel(channel: object) -> str:
     if not 1 <= size <= MAX_CHANNEL:
         raise ValueError(f"channel must be 1 to {MAX_CHANNEL} bytes of UTF-8, got {size}")
     return channel
+
+
+def group_problem(group: object) -> str | None:
+    """Why ``group`` is not a valid group name (None if it is)."""
+    if not isinstance(group, str):
+        return f"a group name must be a str, not {type(group).__name__}"
+    try:
+        size = len(group.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        return f"the group name is not encodable as UTF-8: {exc}"
+    if not 1 <= size <= MAX_GROUP:
+        return f"a group name must be 1 to {MAX_GROUP} bytes of UTF-8, got {size}"
+    if any(ord(c) < 32 or ord(c) == 127 for c in group):
+        return f"the group name {group!r} contains control characters"
+    return None
+
+
+def check_group(group: object) -> str:
+    """Validate a group name given by a user; raise TypeError/ValueError at the call."""
+    problem = group_problem(group)
+    if problem is not None:
+        raise (TypeError if not isinstance(group, str) else ValueError)(problem)
+    assert isinstance(group, str)
+    return group
 
 
 def pack_payload(value: Any) -> bytes:

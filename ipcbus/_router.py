@@ -57,6 +57,7 @@ from typing import Any, Callable
 
 from . import _protocol as P
 from ._protocol import Frame, Kind
+from ._router_groups import GroupRouter
 from ._router_messages import MessageRouter
 from ._router_requests import SPECIAL_CHANNELS, RequestRouter
 from ._router_view import ChannelStats, Spies, bus_state
@@ -92,8 +93,8 @@ class Router:
         self.requests = RequestRouter(self)
         self.messages = MessageRouter(self, self.requests, dup_fds)
         self.pending = self.requests.table  # requests in flight (the bus's one request table)
-        # service name -> peer id of its host (a linked bridge: the hosts of this side, as
-        # the broker granted them; the broker keeps the bus's list)
+        self.groups = GroupRouter(self)  # _router_groups.py
+        # service name -> host peer id (a linked bridge: this side's, as the broker granted)
         self.services: dict[str, str] = {}
         # Looking in: observers see every message a peer sends (after it is routed); with none
         # attached the cost is one truth test per frame. Spies are observers fed by the router.
@@ -102,10 +103,10 @@ class Router:
         self.stats = ChannelStats(self.subscribers)
         self._count = self.stats.count
         # What was refused without closing a connection (SPEC "Trust"), for queryState.
-        self.dropped = {"forged_answers": 0, "forged_events": 0, "reserved_channel": 0,
-                        "unknown_targets": 0, "spy_copies_over_limit": 0,
-                        "over_link_limit": 0, "descriptor_copies_failed": 0,
-                        "direct_subscriptions": 0}
+        self.dropped = dict.fromkeys((
+            "forged_answers", "forged_events", "reserved_channel", "unknown_targets",
+            "spy_copies_over_limit", "over_link_limit", "descriptor_copies_failed",
+            "direct_subscriptions"), 0)
         self.warn = RateLimitedLog(clock)
         self._state_extra = state_extra
         self._handlers: dict[int, Callable[[Endpoint, Frame], None]] = {
@@ -124,7 +125,7 @@ class Router:
             Kind.SERVICE_REMOVE: self._on_service_remove,
             Kind.SPY_ADD: self.spies.on_add,
             Kind.SPY_REMOVE: self.spies.on_remove,
-            Kind.REQUEST_ALL: self.requests.route_all,
+            Kind.REQUEST_ALL: self.requests.route_all, Kind.GROUPED: self.messages.on_grouped,
         }
 
     # -- entry points ---------------------------------------------------------------------
@@ -268,8 +269,7 @@ class Router:
         return True
 
     def _on_peer_remove(self, endpoint: Endpoint, frame: Frame) -> None:
-        assert frame.sender is not None
-        self._remove_peer(frame.sender[0])
+        self._remove_peer(frame.sender[0])  # type: ignore[index]  # checked by handle()
 
     def _remove_peer(self, peer_id: str) -> None:
         peer = self.peers.pop(peer_id, None)
@@ -279,6 +279,7 @@ class Router:
         for channel in list(peer.channels):
             self._unsubscribe(peer, channel, 0)
         self.spies.peer_gone(peer_id)
+        self.groups.peer_gone(peer_id)
         for name, host in list(self.services.items()):
             if host == peer_id:
                 del self.services[name]
@@ -298,6 +299,8 @@ class Router:
         if not channel:
             raise IpcBusProtocolError("SUBSCRIBE without a channel")
         count = frame.rid or 1
+        if len(frame.raw) > frame.body_offset:  # a group's member (_router_groups.py)
+            return self.groups.on_subscribe(peer, frame, count)
         if count > P.MAX_SUBSCRIBE_STEP:
             raise IpcBusProtocolError(f"SUBSCRIBE adds {count} references, over the limit of"
                                       f" {P.MAX_SUBSCRIBE_STEP}")
@@ -328,7 +331,9 @@ class Router:
                 self.requests.listeners_added(channel)
 
     def _on_unsubscribe(self, endpoint: Endpoint, frame: Frame) -> None:
-        self._unsubscribe(self.sender_of(endpoint, frame), frame.channel, frame.rid)
+        peer = self.sender_of(endpoint, frame)
+        if not self.groups.on_unsubscribe(peer, frame):
+            self._unsubscribe(peer, frame.channel, frame.rid)
 
     def _unsubscribe(self, peer: Peer, channel: str, count: int) -> None:
         """Remove ``count`` references of ``peer`` to ``channel`` (0: all of them)."""

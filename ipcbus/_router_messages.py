@@ -20,10 +20,14 @@ in. The rules:
 from __future__ import annotations
 
 import logging
+from typing import Any
+import struct
 
 from . import _protocol as P
 from ._protocol import Frame, Kind
-from ._router_requests import RequestRouter
+from ._router_groups import frame_bytes
+from ._router_requests import Pending, RequestRouter
+from .errors import IpcBusProtocolError
 from ._routing import DupFds, Endpoint, RouterCore, answer_frame, fail_frame
 
 __all__ = ["MessageRouter"]
@@ -40,6 +44,7 @@ class MessageRouter:
         self.core = core
         self.requests = requests
         self.dup = dup_fds
+        self.grouped: dict[str, Any] = {}  # = GroupRouter.channels (set by it)
 
     # -- reserved channels ---------------------------------------------------------------------
     def may_send(self, frame: Frame) -> bool:
@@ -88,9 +93,45 @@ class MessageRouter:
             for ep in eps:
                 if (ep is not endpoint or not ep.relay) and ep is not skip:
                     ep.deliver(frame.raw, [], frame.count)
+        if self.grouped and frame.channel in self.grouped:
+            self.to_groups(endpoint, frame)
         if to_upstream:
             assert upstream is not None
             upstream.deliver(frame.raw, [], frame.count)
+
+    def to_groups(self, endpoint: Endpoint, frame: Frame) -> None:
+        """A broadcast to one member of each group of its channel (_router_groups.py)."""
+        groups, peers = self.core.groups, self.core.peers
+        for raw in frame_bytes(frame):  # a run: each of its messages is balanced
+            grouped: list[tuple[str, str]] = []
+            groups.members_for(frame.channel, endpoint, peers, set(), grouped)
+            groups.hand(None, frame.channel, raw, grouped, peers)
+
+    def on_grouped(self, endpoint: Endpoint, frame: Frame) -> None:
+        """A linked bridge: the broker chose a member of this side (_router_groups.py)."""
+        core = self.core
+        if endpoint is not core.upstream:
+            raise IpcBusProtocolError("GROUPED is made by a hub only")
+        peer = core.peers.get(frame.target) if frame.target is not None else None
+        if peer is None or peer.endpoint is endpoint:
+            core.dropped["unknown_targets"] += 1
+            return
+        try:
+            _, raw = P.unpack_payload(frame.body)
+            hlen, _, rid = P.PREFIX.unpack_from(raw, 0)
+            kind, channel, sender, _, _ = P.decode_header(
+                memoryview(raw)[P.PREFIX_SIZE:P.PREFIX_SIZE + hlen])
+        except (IpcBusProtocolError, ValueError, TypeError, struct.error) as exc:
+            raise IpcBusProtocolError(f"malformed GROUPED frame: {exc}") from None
+        if (kind == Kind.REQUEST or kind == Kind.REQUEST_ALL) and sender:
+            key, table = (sender[0], rid), self.requests.table
+            if key in table:  # a request of this side: the member may answer it here
+                table.add_receiver(key, peer.id)
+                core.groups.handed_below(key, peer.id)
+            else:
+                table.add(key, Pending(sender[0], endpoint, channel,
+                                       gather=kind == Kind.REQUEST_ALL), receivers={peer.id})
+        peer.endpoint.deliver(frame.raw, [])
 
     def on_send_to(self, endpoint: Endpoint, frame: Frame) -> None:
         if frame.channel.startswith(_RESERVED) and endpoint is not self.core.upstream \

@@ -32,6 +32,8 @@ flight are kept in the bus's one request table (``_pending.RequestTable``), keye
 """
 from __future__ import annotations
 
+from typing import Any
+
 from . import _protocol as P
 from ._pending import RequestTable
 from ._protocol import Frame
@@ -70,6 +72,8 @@ class RequestRouter:
         self.core = core
         self.table: RequestTable[Key, Pending] = RequestTable()
         self.waits: ListenerWaits[Key] = ListenerWaits()  # held waitListeners requests
+        self.grouped: dict[str, Any] = {}  # = GroupRouter.channels (set by it)
+        self.via_upstream: set[Any] = set()  # = GroupRouter.via_upstream (set by it)
 
     # -- requests ---------------------------------------------------------------------------------
     def route(self, endpoint: Endpoint, frame: Frame, target: str | None) -> None:
@@ -86,7 +90,7 @@ class RequestRouter:
                     endpoint.deliver(self._special(channel, frame), [])
                 return
             subs = core.subscribers.get(channel)
-            if subs is not None and len(subs) == 1:
+            if subs is not None and len(subs) == 1 and channel not in self.grouped:
                 # The common case: one listening peer, no link. The same as below, shorter.
                 for peer_id in subs:
                     listener = core.peers[peer_id]
@@ -104,7 +108,8 @@ class RequestRouter:
         if target is None and channel in READINESS_CHANNELS:  # (linked: the broker answers)
             self._readiness_upstream(endpoint, frame)
             return
-        found = self._receivers(endpoint, channel, target)
+        grouped: list[tuple[str, str]] = []
+        found = self._receivers(endpoint, channel, target, grouped)
         if isinstance(found, str):
             endpoint.deliver(fail_frame(requester, frame.rid, found), [])
             return
@@ -112,6 +117,8 @@ class RequestRouter:
         self.table.add(key, Pending(requester, endpoint, channel), receivers=receivers)
         for ep in targets:
             ep.deliver(frame.raw, [], frame.count)
+        if grouped:
+            self.core.groups.hand(key, frame.channel, frame.raw, grouped, self.core.peers)
 
     def route_all(self, endpoint: Endpoint, frame: Frame) -> None:
         """A REQUEST_ALL from ``endpoint`` (its sender checked): to every listener, gathered.
@@ -129,7 +136,8 @@ class RequestRouter:
             endpoint.deliver(fail_frame(requester, frame.rid, f"channel {channel!r} is"
                                         " reserved: no request_all there"), [])
             return
-        found = self._receivers(endpoint, frame.channel, None)
+        grouped: list[tuple[str, str]] = []
+        found = self._receivers(endpoint, frame.channel, None, grouped)
         if isinstance(found, str):
             endpoint.deliver(fail_frame(requester, frame.rid, found), [])
             return
@@ -138,10 +146,14 @@ class RequestRouter:
                        receivers=receivers)
         for ep in targets:
             ep.deliver(frame.raw, [], frame.count)
+        if grouped:
+            self.core.groups.hand(key, frame.channel, frame.raw, grouped, self.core.peers)
 
-    def _receivers(self, endpoint: Endpoint, channel: str, target: str | None
+    def _receivers(self, endpoint: Endpoint, channel: str, target: str | None,
+                   grouped: list[tuple[str, str]] | None = None
                    ) -> tuple[set[str], list[Endpoint]] | str:
-        """Who gets a request (peer ids, and the endpoints to deliver it to), or why nobody."""
+        """Who gets a request (peer ids, and the endpoints to deliver it to), or why nobody;
+        ``grouped`` gets the (group, member) chosen in each group of the channel."""
         core = self.core
         upstream = core.upstream
         from_upstream = endpoint is upstream
@@ -169,6 +181,8 @@ class RequestRouter:
                 receivers.add(peer_id)
             eps = core.channel_endpoints[channel]
             targets.extend(ep for ep in eps if not (skip_source and ep is endpoint))
+        if grouped is not None and channel in core.groups.channels:
+            core.groups.members_for(channel, endpoint, core.peers, receivers, grouped)
         if upstream is not None and not from_upstream:
             receivers.add(UPSTREAM)
             if upstream not in targets:
@@ -222,7 +236,7 @@ class RequestRouter:
             endpoint.deliver(fail_frame(requester, frame.rid, found), [])
             return
         channel, count = found
-        listeners = len(self.core.subscribers.get(channel, ()))
+        listeners = self.core.groups.listening(channel)  # members of groups too
         if listeners >= count:
             endpoint.deliver(answer_frame(requester, frame.rid, listeners), [])
             return
@@ -237,7 +251,7 @@ class RequestRouter:
 
     def listeners_added(self, channel: str) -> None:
         """A peer started listening on ``channel``: answer the held requests it satisfies."""
-        listeners = len(self.core.subscribers.get(channel, ()))
+        listeners = self.core.groups.listening(channel)  # members of groups too
         for key in self.waits.ready(channel, listeners, self._in_flight):
             pending = self.table.take(key)
             assert pending is not None
@@ -292,6 +306,8 @@ class RequestRouter:
             self._gathered(key, pending, answerer, frame)
             return
         self.table.take(key)
+        if self.via_upstream and pending.endpoint is not core.upstream:
+            core.groups.answered_below(key, answerer, frame.raw)
         if pending.service is not None:
             core.services[pending.service] = pending.requester  # the broker granted it
         pending.endpoint.deliver(frame.raw, [], frame.count)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 
 from . import _protocol as P
 from ._protocol import Frame, Kind
+from ._router_groups import GroupRouter
 
 __all__ = ["UPSTREAM", "Endpoint", "Peer", "RouterCore", "RateLimitedLog", "DupFds", "Observer",
            "copies", "fail_frame", "answer_frame"]
@@ -114,6 +115,7 @@ class RouterCore(Protocol):
     subscribers: dict[str, dict[str, int]]  # channel -> peer id -> count
     channel_endpoints: dict[str, dict[Endpoint, int]]  # channel -> endpoint -> peers
     services: dict[str, str]  # service name -> host peer id
+    groups: GroupRouter  # channel -> group -> members (_router_groups.py)
     dropped: dict[str, int]  # refusals, by kind, for the state
     warn: RateLimitedLog
 

@@ -38,11 +38,11 @@ from . import _schemes
 from ._pending import settle as _settle
 from ._client import answers as _answers, connection as _connection, delivery as _delivery
 from ._client import joining as _joining, opening as _opening, readiness as _readiness
-from ._client import gathering as _gathering, writer as _writer
+from ._client import gathering as _gathering, groups as _groups, writer as _writer
 from ._timeouts import resolve_timeout
 from ._types import (IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
                      IpcBusRequestResponse, target_id)
-from .emitter import Callbacks, Emitter
+from .emitter import Callbacks
 from .errors import (IpcBusConnectionError, IpcBusError, IpcBusRequestError,
                      IpcBusRequestTimeoutError)
 
@@ -86,7 +86,7 @@ def _post_and_wait(self: IpcBusClient, kind: int, channel: str, target: str | No
                                  exc.response) from None
 
 
-class IpcBusClient(Emitter[str]):
+class IpcBusClient(_groups.GroupedEmitter):
     """A peer on the bus: an EventEmitter of channels whose events come from other processes.
 
     Every method may be called from any thread. Listeners are called as

@@ -21,12 +21,13 @@ message"), which fails the request when no receiver is left anywhere (:func:`fai
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence, cast
 
 from .. import _protocol as P
 from .. import _transport as T
 from .._protocol import Kind
 from .._types import IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest, _Answered
+from .._decoder import FrameDecoder
 from ..errors import IpcBusProtocolError
 from .cancels import Delivered, run_cancel
 
@@ -36,6 +37,8 @@ __all__ = ["LocalClient", "PeerCache", "deliver", "ports_of"]
 
 _SEND, _REQUEST, _SPY_COPY = int(Kind.SEND), int(Kind.REQUEST), int(Kind.SPY_COPY)
 _REQUEST_ALL, _CANCEL = int(Kind.REQUEST_ALL), int(Kind.CANCEL)
+_GROUPED = int(Kind.GROUPED)
+_GROUPABLE = frozenset({_SEND, _REQUEST, _REQUEST_ALL})  # what a GROUPED frame may carry
 _DECODED = P.DecodedFrame
 
 
@@ -103,6 +106,9 @@ def deliver(frame: P.Frame, clients: Sequence[LocalClient],
                 run_cancel(delivered, frame.sender_id, frame.rid)
             return
         receivers = [c for c in clients if channel in c._listeners]
+    elif kind == _GROUPED:
+        deliver_grouped(frame, clients, peer_of, refuse, delivered)
+        return
     else:
         receivers = [c for c in clients if c._peer_id == frame.target
                      and channel in c._listeners]
@@ -117,6 +123,45 @@ def deliver(frame: P.Frame, clients: Sequence[LocalClient],
         deliver_messages(frame, receivers, sender)
     else:
         deliver_request_or_ports(frame, receivers, sender, refuse, delivered)
+
+
+def grouped_frames(frame: P.Frame) -> tuple[str, list[P.Frame]]:
+    """The group and the frames a GROUPED frame carries; IpcBusProtocolError if malformed."""
+    body = P.unpack_payload(memoryview(frame.raw)[frame.body_offset:])
+    if not (isinstance(body, list) and len(body) == 2 and isinstance(body[0], str)
+            and isinstance(body[1], bytes)):
+        raise IpcBusProtocolError("malformed GROUPED frame")
+    decoder = FrameDecoder(max_message=2**32 - 1)
+    decoder.feed(body[1])
+    inner = list(decoder.frames())
+    if any(f.kind not in _GROUPABLE or f.channel != frame.channel for f in inner):
+        raise IpcBusProtocolError("a GROUPED frame carries a frame that cannot be grouped")
+    return body[0], inner
+
+
+def deliver_grouped(frame: P.Frame, clients: Sequence[LocalClient],
+                    peer_of: Callable[[Any], IpcBusPeer | None], refuse: Refuse,
+                    delivered: Delivered | None = None) -> None:
+    """A message or request the hub gave the client ``frame.target`` as the chosen member of
+    a group: only that client's listeners of that group run (``_client/groups.py``)."""
+    client: Any = next((c for c in clients if c._peer_id == frame.target), None)  # a
+    # GroupedEmitter (_client/groups.py): its _groups and _group_take
+    try:
+        group, inner = grouped_frames(frame)
+    except IpcBusProtocolError as exc:
+        log.error("dropped a grouped frame on %r: %s", frame.channel, exc)
+        return
+    for one in inner:
+        is_request = one.kind == _REQUEST or one.kind == _REQUEST_ALL
+        if client is None or not client._groups.listener_count((one.channel, group)):
+            if is_request:
+                refuse(one, None, client)  # our members went away after the hub chose us
+            continue
+        sender = peer_of(one.sender)
+        if is_request:
+            deliver_request_or_ports(one, [client], sender, refuse, delivered, group)
+        else:
+            deliver_messages(one, [client], sender, group)
 
 
 def deliver_spy_copy(frame: P.Frame, clients: Iterable[LocalClient]) -> None:
@@ -138,8 +183,9 @@ def _bodies(frame: P.Frame) -> Iterable[Any]:
 
 
 def deliver_messages(frame: P.Frame, receivers: list[LocalClient],
-                     sender: IpcBusPeer | None) -> None:
-    """The common case: messages without descriptors, to each receiver's listeners."""
+                     sender: IpcBusPeer | None, group: str | None = None) -> None:
+    """The common case: messages without descriptors, to each receiver's listeners (of
+    ``group``: a grouped delivery)."""
     channel = frame.channel
     for body in _bodies(frame):
         if body.__class__ is list:
@@ -153,7 +199,8 @@ def deliver_messages(frame: P.Frame, receivers: list[LocalClient],
         if args.__class__ is not list:
             args = [args]
         for client in receivers:
-            listeners = client._take(channel)
+            listeners = client._take(channel) if group is None else \
+                cast(Any, client)._group_take(channel, group)
             if listeners:
                 _call(listeners, IpcBusEvent(channel, sender, None, None), args)
 
@@ -196,7 +243,8 @@ def _args_and_kinds(frame: P.Frame) -> tuple[list[Any], list[str] | None]:
 
 def deliver_request_or_ports(frame: P.Frame, receivers: list[LocalClient],
                              sender: IpcBusPeer | None, refuse: Refuse,
-                             delivered: Delivered | None = None) -> None:
+                             delivered: Delivered | None = None,
+                             group: str | None = None) -> None:
     """A request, or a message with descriptors: each taker of the frame's listeners gets
     its event (a request to answer, its own ports: duplicates for all but the last taker,
     who gets the frame's). The takers of a REQUEST share one answer (the first wins), those
@@ -210,7 +258,8 @@ def deliver_request_or_ports(frame: P.Frame, receivers: list[LocalClient],
             log.error("dropped a message on %r from %s: %s", channel, frame.sender_id, exc)
             return
         takers = [(client, listeners) for client in receivers
-                  if (listeners := client._take(channel))]
+                  if (listeners := client._take(channel) if group is None
+                      else cast(Any, client)._group_take(channel, group))]
         answered = _answer_state(frame, sender, len(takers), delivered)
         failed: list[BaseException] = []  # per taker whose listeners raised: the first error
         for i, (client, listeners) in enumerate(takers):

@@ -20,6 +20,7 @@ from ..errors import IpcBusConnectionError, IpcBusError, IpcBusRequestError
 from .._pending import settle
 from .answers import AnswerFuture
 from .connection import Connection
+from .groups import GroupListeners, group_frame
 from .opening import forget
 from .writer import Membership
 
@@ -36,12 +37,15 @@ class Joiner(Protocol):
     _closed_fired: bool
     _lock: threading.RLock
     _listeners: dict[str, Any]
+    _groups: GroupListeners
 
     def _set_peer(self, info: list[Any]) -> None: ...
 
     def _drop_from(self, clients: dict[str, Any]) -> None: ...
 
     def _take(self, key: str) -> list[Any]: ...
+
+    def _group_take(self, channel: str, group: str) -> list[Any]: ...
 
     def _connection_ended(self, conn: Any) -> None: ...
 
@@ -94,6 +98,8 @@ def join(client: Joiner, conn: Connection, info: list[Any], wait: float | None) 
             client._conn = conn  # joined: sends and subscriptions go out from now on
             for channel in client._listeners:
                 conn.send(member, Kind.SUBSCRIBE, channel, None, 1, b"")
+            for key in client._groups._listeners:  # groups: _client/groups.py
+                conn.send_surely(member, group_frame(Kind.SUBSCRIBE, key, member.info))
     except BaseException as exc:
         client._conn = None
         conn.set_clients(client._drop_from)

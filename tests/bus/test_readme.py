@@ -28,6 +28,7 @@ EXPECTED = [
     ["alice says 'hello' 1", "5"],                                            # the tour
     ["5"],                                                                    # the bridge
     ["[0, 0, 1, 3, 6, 10, 15, 21, 28, 36, 45, 55]"],                          # worker pools
+    ["[[0, 0], [1, 1], [2, 2], [0, 3]]"],                                     # request groups
     ["['w0', 'w1', 'w2']", "True 30.0"],                                      # gathering
     ["5 2 ['add', 'div']", "calc.div() failed: ZeroDivisionError: division by zero"],  # services
     ["True []"],                                                              # the broker
