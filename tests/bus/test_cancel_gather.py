@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import queue
 import signal
 import threading
-import time
 from typing import Any, Iterator
 
 import pytest
 
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusRequestTimeoutError)
 
-from helpers import Children, elapsed, pid_of, sync
+from helpers import Children, Reports, elapsed, pid_of, sync
 
-READY = 30.0  # a spawn child on a busy machine can take a while to import
 
 
 # -- children (module level, for spawn) ---------------------------------------------------------
@@ -63,29 +60,6 @@ def responder(address: Any, name: str, mode: str, report: Any, stop: Any) -> Non
 
 
 # -- helpers -------------------------------------------------------------------------------------
-class Reports:
-    """The children's reports, read with a bound."""
-
-    def __init__(self, q: Any) -> None:
-        self.q = q
-
-    def next(self, what: str, timeout: float = READY) -> tuple[Any, ...]:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {what!r} report in {timeout} s")
-            try:
-                item: tuple[Any, ...] = self.q.get(timeout=left)
-            except queue.Empty:
-                continue
-            if item[0] == what:
-                return item
-
-    def ready(self, count: int) -> list[str]:
-        return sorted(self.next("ready")[1] for _ in range(count))
-
-
 @pytest.fixture
 def children(ctx: Any) -> Iterator[tuple[Children, Reports, Any]]:
     kids = Children(ctx)

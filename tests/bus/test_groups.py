@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import queue
 import signal
 import time
 from typing import Any, Iterator
@@ -22,9 +21,8 @@ import pytest
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusRequestError,
                     IpcBusRequestTimeoutError)
 
-from helpers import Children, Collector, elapsed, pid_of, sync, wait_until
+from helpers import Children, Reports, Collector, elapsed, pid_of, sync, wait_until
 
-READY = 30.0  # a spawn child on a busy machine can take a while to import
 
 
 # -- children (module level, for spawn) ---------------------------------------------------------
@@ -55,29 +53,6 @@ def worker(address: Any, name: str, mode: str, report: Any, stop: Any) -> None:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-class Reports:
-    """The children's reports, read with a bound."""
-
-    def __init__(self, q: Any) -> None:
-        self.q = q
-
-    def next(self, what: str, timeout: float = READY) -> tuple[Any, ...]:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no {what!r} report in {timeout} s")
-            try:
-                item: tuple[Any, ...] = self.q.get(timeout=left)
-            except queue.Empty:
-                continue
-            if item[0] == what:
-                return item
-
-    def ready(self, count: int) -> list[str]:
-        return sorted(self.next("ready")[1] for _ in range(count))
-
-
 @pytest.fixture
 def children(ctx: Any) -> Iterator[tuple[Children, Reports, Any]]:
     kids = Children(ctx)

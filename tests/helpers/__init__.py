@@ -18,7 +18,7 @@ mypy), so ``helpers`` imports the same way in the test modules and in their spaw
 from __future__ import annotations
 
 from helpers.bus import Collector, sync
-from helpers.processes import Children, pid_of, running
+from helpers.processes import Children, Reports, pid_of, running
 from helpers.waits import elapsed, wait_until
 
-__all__ = ["Children", "Collector", "elapsed", "pid_of", "running", "sync", "wait_until"]
+__all__ = ["Children", "Collector", "Reports", "elapsed", "pid_of", "running", "sync", "wait_until"]

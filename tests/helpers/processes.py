@@ -3,6 +3,8 @@ killed at the end; a started process's pid, checked before it can reach ``os.kil
 from __future__ import annotations
 
 import contextlib
+import queue
+import time
 from typing import Any, Iterator
 
 # how long a child may take to say it is ready (spawn imports the test module again)
@@ -58,3 +60,26 @@ def pid_of(proc: Any) -> int:
     pid = proc.pid
     assert isinstance(pid, int) and pid > 0, f"{proc!r} has not started"
     return pid
+
+
+class Reports:
+    """The children's reports, read with a bound."""
+
+    def __init__(self, q: Any) -> None:
+        self.q = q
+
+    def next(self, what: str, timeout: float = READY_TIMEOUT) -> tuple[Any, ...]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {what!r} report in {timeout} s")
+            try:
+                item: tuple[Any, ...] = self.q.get(timeout=left)
+            except queue.Empty:
+                continue
+            if item[0] == what:
+                return item
+
+    def ready(self, count: int) -> list[str]:
+        return sorted(self.next("ready")[1] for _ in range(count))
