@@ -15,7 +15,7 @@ import pytest
 from ipcbus import IpcBusBroker, IpcBusClient
 from ipcbus.testing import running_broker, temporary_socket_path
 
-from helpers.processes import Children
+from helpers.processes import Children, Reports
 
 pytest_plugins = ["ipcbus.pytest_plugin"]
 
@@ -66,3 +66,11 @@ def children(ctx: Any) -> Iterator[Children]:
         yield kids
     finally:
         kids.close()
+
+
+@pytest.fixture
+def reporters(ctx: Any, children: Children) -> tuple[Children, Reports, Any]:
+    """Children that report on a queue: (the children, a bounded reader of the queue, the
+    queue to hand to them)."""
+    q = ctx.Queue()
+    return children, Reports(q), q

@@ -19,7 +19,7 @@ import pytest
 
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusRequestTimeoutError)
 
-from helpers import Children, Reports, elapsed, pid_of, sync
+from helpers import Reports, elapsed, pid_of, sync
 
 
 
@@ -61,16 +61,6 @@ def responder(address: Any, name: str, mode: str, report: Any, stop: Any) -> Non
 
 # -- helpers -------------------------------------------------------------------------------------
 @pytest.fixture
-def children(ctx: Any) -> Iterator[tuple[Children, Reports, Any]]:
-    kids = Children(ctx)
-    q = ctx.Queue()
-    try:
-        yield kids, Reports(q), q
-    finally:
-        kids.close()
-
-
-@pytest.fixture
 def linked(broker: IpcBusBroker) -> Iterator[tuple[IpcBusBroker, IpcBusBridge]]:
     bridge = IpcBusBridge.create().connect(broker.address)
     try:
@@ -82,8 +72,8 @@ def linked(broker: IpcBusBroker) -> Iterator[tuple[IpcBusBroker, IpcBusBridge]]:
 # -- cancelling ----------------------------------------------------------------------------------
 @pytest.mark.timeout(90)
 def test_responder_sees_cancel_and_the_timeout_it_was_given(
-        broker: IpcBusBroker, children: Any) -> None:
-    kids, reports, q = children
+        broker: IpcBusBroker, reporters: Any) -> None:
+    kids, reports, q = reporters
     kids.start(responder, broker.address, "w", "watch", q, kids.stop)
     reports.ready(1)
     caller = IpcBusClient.create().connect(broker.address, peer_name="caller")
@@ -104,8 +94,8 @@ def test_responder_sees_cancel_and_the_timeout_it_was_given(
 
 @pytest.mark.timeout(90)
 def test_responder_sees_the_callers_timeout_as_a_cancel(
-        broker: IpcBusBroker, children: Any) -> None:
-    kids, reports, q = children
+        broker: IpcBusBroker, reporters: Any) -> None:
+    kids, reports, q = reporters
     kids.start(responder, broker.address, "w", "watch", q, kids.stop)
     reports.ready(1)
     caller = IpcBusClient.create().connect(broker.address, peer_name="caller")
@@ -125,9 +115,9 @@ def test_responder_sees_the_callers_timeout_as_a_cancel(
 
 
 @pytest.mark.timeout(90)
-def test_cancel_reaches_a_bridge_pipe_child_through_the_link(linked: Any, children: Any) -> None:
+def test_cancel_reaches_a_bridge_pipe_child_through_the_link(linked: Any, reporters: Any) -> None:
     broker, bridge = linked
-    kids, reports, q = children
+    kids, reports, q = reporters
     kids.start(responder, bridge.open_pipe(), "piped", "watch", q, kids.stop)
     reports.ready(1)
     outsider = IpcBusClient.create().connect(broker.address, peer_name="outsider")
@@ -145,10 +135,10 @@ def test_cancel_reaches_a_bridge_pipe_child_through_the_link(linked: Any, childr
 
 
 @pytest.mark.timeout(90)
-def test_a_cancel_after_the_answer_does_nothing(broker: IpcBusBroker, children: Any) -> None:
+def test_a_cancel_after_the_answer_does_nothing(broker: IpcBusBroker, reporters: Any) -> None:
     """request_all to one that answers and one that does not: the caller's timeout cancels
     the request, and only the silent one is told (the answer came first)."""
-    kids, reports, q = children
+    kids, reports, q = reporters
     kids.start(responder, broker.address, "answers", "answer-watch", q, kids.stop)
     kids.start(responder, broker.address, "silent", "silent", q, kids.stop)
     reports.ready(2)
@@ -167,8 +157,8 @@ def test_a_cancel_after_the_answer_does_nothing(broker: IpcBusBroker, children: 
 
 # -- request_all ----------------------------------------------------------------------------------
 @pytest.mark.timeout(90)
-def test_request_all_gathers_every_answer(broker: IpcBusBroker, children: Any) -> None:
-    kids, reports, q = children
+def test_request_all_gathers_every_answer(broker: IpcBusBroker, reporters: Any) -> None:
+    kids, reports, q = reporters
     for name, mode in (("a", "echo"), ("b", "echo"), ("r", "reject")):
         kids.start(responder, broker.address, name, mode, q, kids.stop)
     assert reports.ready(3) == ["a", "b", "r"]
@@ -191,8 +181,8 @@ def test_request_all_gathers_every_answer(broker: IpcBusBroker, children: Any) -
 
 @pytest.mark.timeout(90)
 def test_request_all_with_a_dead_and_a_silent_responder(
-        broker: IpcBusBroker, children: Any, ctx: Any) -> None:
-    kids, reports, q = children
+        broker: IpcBusBroker, reporters: Any, ctx: Any) -> None:
+    kids, reports, q = reporters
     kids.start(responder, broker.address, "a", "echo", q, kids.stop)
     # the one to be killed reports on a queue of its own: killed while holding a shared
     # queue's write lock, it would block every other writer
@@ -224,11 +214,11 @@ def test_request_all_with_a_dead_and_a_silent_responder(
 
 
 @pytest.mark.timeout(90)
-def test_request_all_across_the_link(linked: Any, children: Any) -> None:
+def test_request_all_across_the_link(linked: Any, reporters: Any) -> None:
     """Receivers on both sides of a bridge's link: the broker gathers its own, the bridge ends
     only when both sides are done."""
     broker, bridge = linked
-    kids, reports, q = children
+    kids, reports, q = reporters
     kids.start(responder, bridge.open_pipe(), "piped", "echo", q, kids.stop)
     kids.start(responder, broker.address, "socket", "echo", q, kids.stop)
     reports.ready(2)

@@ -14,14 +14,14 @@ import concurrent.futures
 import os
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusRequestError,
                     IpcBusRequestTimeoutError)
 
-from helpers import Children, Reports, Collector, elapsed, pid_of, sync, wait_until
+from helpers import Collector, Reports, elapsed, pid_of, sync, wait_until
 
 
 
@@ -53,16 +53,6 @@ def worker(address: Any, name: str, mode: str, report: Any, stop: Any) -> None:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-@pytest.fixture
-def children(ctx: Any) -> Iterator[tuple[Children, Reports, Any]]:
-    kids = Children(ctx)
-    q = ctx.Queue()
-    try:
-        yield kids, Reports(q), q
-    finally:
-        kids.close()
-
-
 def handled_by(caller: IpcBusClient, names: list[str]) -> dict[str, list[Any]]:
     return {name: caller.request(f"done/{name}", 20.0).payload for name in names}
 
@@ -70,8 +60,8 @@ def handled_by(caller: IpcBusClient, names: list[str]) -> dict[str, list[Any]]:
 # -- exactly once ----------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_each_job_runs_exactly_once_across_four_workers(
-        broker: IpcBusBroker, children: Any) -> None:
-    kids, reports, q = children
+        broker: IpcBusBroker, reporters: Any) -> None:
+    kids, reports, q = reporters
     names = [f"w{i}" for i in range(4)]
     for name in names:
         kids.start(worker, broker.address, name, "echo", q, kids.stop)
@@ -102,8 +92,8 @@ def test_each_job_runs_exactly_once_across_four_workers(
 
 # -- balance ---------------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
-def test_a_slow_worker_gets_fewer_jobs(broker: IpcBusBroker, children: Any) -> None:
-    kids, reports, q = children
+def test_a_slow_worker_gets_fewer_jobs(broker: IpcBusBroker, reporters: Any) -> None:
+    kids, reports, q = reporters
     kids.start(worker, broker.address, "fast", "echo", q, kids.stop)
     kids.start(worker, broker.address, "slow", "slow", q, kids.stop)
     reports.ready(2)
@@ -121,8 +111,8 @@ def test_a_slow_worker_gets_fewer_jobs(broker: IpcBusBroker, children: Any) -> N
 
 # -- a member killed -------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
-def test_a_member_killed_mid_stream(broker: IpcBusBroker, children: Any, ctx: Any) -> None:
-    kids, reports, q = children
+def test_a_member_killed_mid_stream(broker: IpcBusBroker, reporters: Any, ctx: Any) -> None:
+    kids, reports, q = reporters
     kids.start(worker, broker.address, "a", "echo", q, kids.stop)
     kids.start(worker, broker.address, "b", "echo", q, kids.stop)
     doomed_q = ctx.Queue()  # its own queue: killed holding a shared queue's lock would block
@@ -154,8 +144,8 @@ def test_a_member_killed_mid_stream(broker: IpcBusBroker, children: Any, ctx: An
 
 # -- through a bridge --------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
-def test_pipe_children_of_a_bridge_form_a_group(children: Any) -> None:
-    kids, reports, q = children
+def test_pipe_children_of_a_bridge_form_a_group(reporters: Any) -> None:
+    kids, reports, q = reporters
     bridge = IpcBusBridge.create().connect()
     try:
         names = ["p0", "p1", "p2"]
@@ -184,8 +174,8 @@ def test_pipe_children_of_a_bridge_form_a_group(children: Any) -> None:
 
 @pytest.mark.timeout(120)
 def test_a_group_spanning_a_bridges_link_is_one_pool(
-        broker: IpcBusBroker, children: Any) -> None:
-    kids, reports, q = children
+        broker: IpcBusBroker, reporters: Any) -> None:
+    kids, reports, q = reporters
     bridge = IpcBusBridge.create().connect(broker.address)
     try:
         names = ["p0", "p1", "s0", "s1"]
