@@ -42,8 +42,9 @@ Trust (SPEC "Trust", "Resources"): the router, not a frame, decides who a peer i
 * Frames the router builds obey the size limits: an answer or a spy copy over
   ``max_message`` is replaced by a failure or a notice to the asker.
 
-Parts: :class:`Router` (this module) checks every frame's sender and keeps peers (joining
-through a link included), subscriptions and services; it hands messages to
+Parts: :class:`Router` (this module) checks every frame's sender, keeps the routing state
+and the subscriptions; peers joining and leaving are ``_router_peers.PeerRouter``'s, services
+``_router_services.ServiceRouter``'s, groups ``_router_groups.GroupRouter``'s; it hands messages to
 ``_router_messages.MessageRouter`` (broadcasts, peer-to-peer, posts with descriptors,
 reserved channels), requests and answers to ``_router_requests.RequestRouter`` (on the
 bus's one request table, ``_pending.RequestTable``), and spies, statistics and the state to
@@ -59,10 +60,12 @@ from . import _protocol as P
 from ._protocol import Frame, Kind
 from ._router_groups import GroupRouter
 from ._router_messages import MessageRouter
+from ._router_peers import PeerRouter
 from ._router_requests import SPECIAL_CHANNELS, RequestRouter
+from ._router_services import ServiceRouter
 from ._router_view import ChannelStats, Spies, bus_state
-from ._routing import (UPSTREAM, DupFds, Endpoint, Observer, Peer, RateLimitedLog, answer_frame,
-                       copies, fail_frame)
+from ._routing import (UPSTREAM, DupFds, Endpoint, Observer, Peer, RateLimitedLog, copies,
+                       fail_frame)
 from .errors import IpcBusProtocolError
 
 __all__ = ["Router", "Endpoint", "Peer", "RateLimitedLog", "UPSTREAM"]
@@ -94,8 +97,10 @@ class Router:
         self.messages = MessageRouter(self, self.requests, dup_fds)
         self.pending = self.requests.table  # requests in flight (the bus's one request table)
         self.groups = GroupRouter(self)  # _router_groups.py
+        self.members = PeerRouter(self)  # joins and leaves: _router_peers.py
+        self.service_hosts = ServiceRouter(self)  # _router_services.py
         # service name -> host peer id (a linked bridge: this side's, as the broker granted)
-        self.services: dict[str, str] = {}
+        self.services: dict[str, str] = self.service_hosts.hosts
         # Looking in: observers see every message a peer sends (after it is routed); with none
         # attached the cost is one truth test per frame. Spies are observers fed by the router.
         self.observers: list[Observer] = []
@@ -110,8 +115,8 @@ class Router:
         self.warn = RateLimitedLog(clock)
         self._state_extra = state_extra
         self._handlers: dict[int, Callable[[Endpoint, Frame], None]] = {
-            Kind.PEER_ADD: self._on_peer_add,
-            Kind.PEER_REMOVE: self._on_peer_remove,
+            Kind.PEER_ADD: self.members.on_peer_add,
+            Kind.PEER_REMOVE: self.members.on_peer_remove,
             Kind.SUBSCRIBE: self._on_subscribe,
             Kind.UNSUBSCRIBE: self._on_unsubscribe,
             Kind.SEND: self.messages.on_send,
@@ -121,8 +126,8 @@ class Router:
             Kind.REQUEST_FAIL: self.requests.on_request_fail,
             Kind.CANCEL: self.requests.on_cancel,
             Kind.NOTICE: self.messages.on_notice,
-            Kind.SERVICE_ADD: self._on_service_add,
-            Kind.SERVICE_REMOVE: self._on_service_remove,
+            Kind.SERVICE_ADD: self.service_hosts.on_add,
+            Kind.SERVICE_REMOVE: self.service_hosts.on_remove,
             Kind.SPY_ADD: self.spies.on_add,
             Kind.SPY_REMOVE: self.spies.on_remove,
             Kind.REQUEST_ALL: self.requests.route_all, Kind.GROUPED: self.messages.on_grouped,
@@ -166,7 +171,7 @@ class Router:
     def remove_endpoint(self, endpoint: Endpoint) -> None:
         """Forget a connection that has ended, and everything its peers owned."""
         for peer_id in list(endpoint.peers):
-            self._remove_peer(peer_id)
+            self.members.remove_peer(peer_id)
         for peer_id, (ep, recorded, rid) in list(self.joining.items()):
             if ep is endpoint:  # the broker's answer may still come: see _join_answer
                 self.joining[peer_id] = (None, recorded, rid)
@@ -178,6 +183,10 @@ class Router:
                 if ep is not None:
                     ep.deliver(fail_frame(peer_id, rid, "the link to the broker has closed"),
                                [])
+
+    def join_answer(self, peer_id: str, rid: int, accepted: bool, reason: str) -> bool:
+        """The broker's answer to a PEER_ADD this bridge forwarded; False if it is not one."""
+        return self.members.join_answer(peer_id, rid, accepted, reason)
 
     def undeliverable(self, endpoint: Endpoint, raw: bytes | bytearray, reason: str) -> None:
         """An endpoint refused a frame the router gave it (over the limit of a link): fail
@@ -201,96 +210,6 @@ class Router:
             if origin is not None:
                 origin.endpoint.deliver(P.notice_frame(sender_id, error=reason,
                                                        channel=channel), [])
-
-    # -- peers ------------------------------------------------------------------------------
-    def _on_peer_add(self, endpoint: Endpoint, frame: Frame) -> None:
-        info = frame.sender
-        if info is None:
-            raise IpcBusProtocolError("PEER_ADD without a sender")
-        peer_id = info[0]
-        problem = P.check_peer_id(peer_id) or P.check_peer_name(info[1])
-        if endpoint is self.upstream or endpoint.relay:  # a hub: it decided who its peers are
-            if problem is None and info[2] not in P.PEER_TYPES:
-                problem = f"unknown peer type {info[2]!r}"
-            recorded = list(info)
-        else:
-            recorded = [peer_id, info[1], endpoint.ptype, endpoint.pid]
-        if endpoint is self.upstream:
-            if problem is None and peer_id not in self.peers and peer_id not in self.joining:
-                self._add_peer(recorded, endpoint)
-            else:
-                log.warning("%s: ignored PEER_ADD of %r: %s", endpoint.label, peer_id,
-                            problem or "the id is in use on this side")
-            return
-        if problem is not None:
-            raise IpcBusProtocolError(f"PEER_ADD: {problem}")
-        reason = None
-        if peer_id in self.peers or peer_id in self.joining:
-            reason = f"peer id {peer_id!r} is taken"
-        elif not endpoint.relay and len(endpoint.peers) >= P.MAX_PEERS_PER_CONNECTION:
-            reason = f"a connection carries at most {P.MAX_PEERS_PER_CONNECTION} peers"
-        if reason is not None:
-            endpoint.deliver(fail_frame(peer_id, frame.rid, reason), [])
-            return
-        if self.upstream is not None:
-            # Ids are unique across the bus: the broker accepts the id first (_join_answer).
-            self.joining[peer_id] = (endpoint, recorded, frame.rid)
-            self.upstream.deliver(P.encode_frame(Kind.PEER_ADD, sender=recorded, rid=frame.rid),
-                                  [])
-            return
-        self._add_peer(recorded, endpoint)
-        endpoint.deliver(self._joined_frame(recorded, frame.rid), [])
-
-    def _add_peer(self, recorded: list[Any], endpoint: Endpoint) -> None:
-        peer = Peer(recorded, endpoint)
-        self.peers[peer.id] = peer
-        endpoint.peers[peer.id] = peer
-
-    def _joined_frame(self, recorded: list[Any], rid: int) -> bytes:
-        """The answer to PEER_ADD: this hub's pid and the peer as recorded (which the client
-        adopts for every frame it sends)."""
-        return answer_frame(recorded[0], rid, {"pid": self.pid, "peer": recorded})
-
-    def join_answer(self, peer_id: str, rid: int, accepted: bool, reason: str) -> bool:
-        """The broker's answer to a PEER_ADD this bridge forwarded; False if it is not one."""
-        entry = self.joining.get(peer_id)
-        if entry is None or entry[2] != rid:
-            return False
-        del self.joining[peer_id]
-        endpoint, recorded, _ = entry
-        if endpoint is None:  # it left meanwhile: take the id back from the broker
-            if accepted and self.upstream is not None:
-                self.upstream.deliver(P.encode_frame(Kind.PEER_REMOVE, sender=recorded), [])
-        elif accepted:
-            self._add_peer(recorded, endpoint)
-            endpoint.deliver(self._joined_frame(recorded, rid), [])
-        else:
-            endpoint.deliver(fail_frame(peer_id, rid, reason), [])
-        return True
-
-    def _on_peer_remove(self, endpoint: Endpoint, frame: Frame) -> None:
-        self._remove_peer(frame.sender[0])  # type: ignore[index]  # checked by handle()
-
-    def _remove_peer(self, peer_id: str) -> None:
-        peer = self.peers.pop(peer_id, None)
-        if peer is None:
-            return
-        peer.endpoint.peers.pop(peer_id, None)
-        for channel in list(peer.channels):
-            self._unsubscribe(peer, channel, 0)
-        self.spies.peer_gone(peer_id)
-        self.groups.peer_gone(peer_id)
-        for name, host in list(self.services.items()):
-            if host == peer_id:
-                del self.services[name]
-                if self.upstream is None:  # else the broker tells the whole bus
-                    self.messages.broadcast(P.service_event_channel(name), P.pack_payload(
-                        ["stop", f"the host of service {name!r} ({peer.name}) has left the"
-                                 " bus"]))
-        self.requests.receiver_gone(peer_id, f"peer {peer.name!r} ({peer_id}) has left the bus")
-        self.requests.requester_gone(peer)
-        if self.upstream is not None and peer.endpoint is not self.upstream:
-            self.upstream.deliver(P.encode_frame(Kind.PEER_REMOVE, sender=peer.info), [])
 
     # -- subscriptions -------------------------------------------------------------------------
     def _on_subscribe(self, endpoint: Endpoint, frame: Frame) -> None:
@@ -328,14 +247,14 @@ class Router:
                 self.upstream.deliver(P.encode_frame(Kind.SUBSCRIBE, channel, peer.info, None, 1),
                                       [])
             if self.requests.waits:  # held wait_for_listeners requests (_router_readiness)
-                self.requests.listeners_added(channel)
+                self.requests.special.listeners_added(channel)
 
     def _on_unsubscribe(self, endpoint: Endpoint, frame: Frame) -> None:
         peer = self.sender_of(endpoint, frame)
         if not self.groups.on_unsubscribe(peer, frame):
-            self._unsubscribe(peer, frame.channel, frame.rid)
+            self.unsubscribe(peer, frame.channel, frame.rid)
 
-    def _unsubscribe(self, peer: Peer, channel: str, count: int) -> None:
+    def unsubscribe(self, peer: Peer, channel: str, count: int) -> None:
         """Remove ``count`` references of ``peer`` to ``channel`` (0: all of them)."""
         before = peer.channels.get(channel, 0)
         if before == 0:
@@ -373,47 +292,13 @@ class Router:
         if channel.startswith(_RESERVED) and endpoint is not self.upstream:
             if channel.startswith(P.SERVICE_CALL_PREFIX):
                 # A service's calls go to its host only (when this side knows the host).
-                target = self.services.get(channel[len(P.SERVICE_CALL_PREFIX):], target)
+                target = self.service_hosts.host_of(channel[len(P.SERVICE_CALL_PREFIX):],
+                                                    target)
             elif channel not in SPECIAL_CHANNELS and not channel.startswith(P.DIRECT_PREFIX):
                 self.dropped["reserved_channel"] += 1
                 self.messages.refuse_reserved(endpoint, frame)
                 return
         self.requests.route(endpoint, frame, target)
-
-    # -- services -------------------------------------------------------------------------------
-    def _on_service_add(self, endpoint: Endpoint, frame: Frame) -> None:
-        peer = self.sender_of(endpoint, frame)
-        name = frame.channel
-        if not name:
-            raise IpcBusProtocolError("SERVICE_ADD without a name")
-        if self.upstream is not None:
-            # The broker keeps the bus's services: ask it, as a request it answers.
-            self.requests.forwarded((peer.id, frame.rid), endpoint, name, service=name)
-            self.upstream.deliver(frame.raw, [], frame.count)
-            return
-        host = self.services.get(name)
-        if host is not None and host != peer.id:
-            owner = self.peers.get(host)
-            endpoint.deliver(fail_frame(peer.id, frame.rid, (
-                f"a service named {name!r} is already started by"
-                f" {owner.name if owner else host!r} ({host})")), [])
-            return
-        self.services[name] = peer.id
-        endpoint.deliver(answer_frame(peer.id, frame.rid, None), [])
-
-    def _on_service_remove(self, endpoint: Endpoint, frame: Frame) -> None:
-        peer = self.sender_of(endpoint, frame)
-        name = frame.channel
-        if self.upstream is not None:  # the broker releases the name and tells the bus
-            if self.services.get(name) == peer.id:
-                del self.services[name]
-            self.upstream.deliver(frame.raw, [], frame.count)
-        elif self.services.get(name) == peer.id:
-            del self.services[name]
-            # The hub, not the host, tells the proxies: only the hub (and a host) may send on
-            # the event channel, and the name is free by the time they hear it.
-            self.messages.broadcast(P.service_event_channel(name), P.pack_payload(
-                ["stop", f"service {name!r} was stopped by its host"]))
 
     # -- looking in (_router_view.py) --------------------------------------------------------
     def state(self) -> dict[str, Any]:

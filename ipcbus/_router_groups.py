@@ -122,7 +122,7 @@ class GroupRouter:
         first = peer.id not in self.channels.get(channel, {}).get(group, {})
         self.join(peer.id, channel, group, count)
         if first and self.core.requests.waits:  # held wait_for_listeners requests
-            self.core.requests.listeners_added(channel)
+            self.core.requests.special.listeners_added(channel)
         upstream = self.core.upstream
         if first and upstream is not None and peer.endpoint is not upstream:
             upstream.deliver(P.encode_frame(Kind.SUBSCRIBE, channel, peer.info, None, 1,

@@ -37,32 +37,14 @@ from typing import Any
 from . import _protocol as P
 from ._pending import RequestTable
 from ._protocol import Frame
-from ._router_readiness import (READINESS_CHANNELS, SYNC_CHANNEL, ListenerWaits,
-                                wait_arguments)
-from ._routing import UPSTREAM, Endpoint, Peer, RouterCore, answer_frame, fail_frame
+from ._router_readiness import READINESS_CHANNELS
+from ._router_special import SPECIAL_CHANNELS, SpecialRequests
+from ._routing import UPSTREAM, Endpoint, Peer, Pending, RouterCore, answer_frame, fail_frame
 from .errors import IpcBusProtocolError
 
 __all__ = ["RequestRouter", "Pending", "SPECIAL_CHANNELS"]
 
-SPECIAL_CHANNELS = frozenset({P.QUERY_STATE_CHANNEL, P.SERVICE_AVAILABLE_CHANNEL}) | \
-    READINESS_CHANNELS
-
 Key = tuple[str, int]  # (requester id, rid)
-
-
-class Pending:
-    """A request in flight, as the router keeps it (its receivers are in the table)."""
-
-    __slots__ = ("requester", "endpoint", "channel", "service", "failure", "gather")
-
-    def __init__(self, requester: str, endpoint: Endpoint, channel: str,
-                 service: str | None = None, gather: bool = False) -> None:
-        self.requester = requester
-        self.endpoint = endpoint  # where the answer goes
-        self.channel = channel
-        self.service = service  # a SERVICE_ADD forwarded upstream: the name, recorded if granted
-        self.failure: str | None = None  # the last failure a receiving peer reported
-        self.gather = gather  # a REQUEST_ALL: every answer goes to the requester
 
 
 class RequestRouter:
@@ -71,7 +53,9 @@ class RequestRouter:
     def __init__(self, core: RouterCore) -> None:
         self.core = core
         self.table: RequestTable[Key, Pending] = RequestTable()
-        self.waits: ListenerWaits[Key] = ListenerWaits()  # held waitListeners requests
+        # requests the hub answers itself (_router_special.py), held waitListeners among them
+        self.special = SpecialRequests(core, self)
+        self.waits = self.special.waits
         self.grouped: dict[str, Any] = {}  # = GroupRouter.channels (set by it)
         self.via_upstream: set[Any] = set()  # = GroupRouter.via_upstream (set by it)
 
@@ -84,10 +68,7 @@ class RequestRouter:
         channel = frame.channel
         if target is None and core.upstream is None:
             if channel in SPECIAL_CHANNELS:
-                if channel in READINESS_CHANNELS:
-                    self._readiness(endpoint, frame)
-                else:
-                    endpoint.deliver(self._special(channel, frame), [])
+                self.special.answer(endpoint, frame)
                 return
             subs = core.subscribers.get(channel)
             if subs is not None and len(subs) == 1 and channel not in self.grouped:
@@ -106,7 +87,7 @@ class RequestRouter:
         if key in self.table:
             raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
         if target is None and channel in READINESS_CHANNELS:  # (linked: the broker answers)
-            self._readiness_upstream(endpoint, frame)
+            self.special.readiness_upstream(endpoint, frame)
             return
         grouped: list[tuple[str, str]] = []
         found = self._receivers(endpoint, channel, target, grouped)
@@ -190,85 +171,6 @@ class RequestRouter:
         if not receivers:
             return f"no listener for {channel!r} on the bus"
         return receivers, targets
-
-    def _special(self, channel: str, frame: Frame) -> bytes:
-        """The answer to a request on one of SPECIAL_CHANNELS (within the size limit)."""
-        requester = frame.sender_id
-        assert requester is not None
-        if channel == P.QUERY_STATE_CHANNEL:
-            try:
-                raw = answer_frame(requester, frame.rid, self.core.state())
-            except (TypeError, ValueError) as exc:
-                return fail_frame(requester, frame.rid, f"the state of the bus cannot be"
-                                  f" encoded: {exc}")
-            size = len(raw) - P.PREFIX_SIZE - P.PREFIX.unpack_from(raw, 0)[0]
-            if size > self.core.max_message:
-                return fail_frame(requester, frame.rid, (
-                    f"the state of the bus is {size} bytes, over the message limit of"
-                    f" {self.core.max_message} bytes"))
-            return raw
-        assert channel == P.SERVICE_AVAILABLE_CHANNEL
-        try:
-            args = P.unpack_control(frame.body)
-        except IpcBusProtocolError:
-            args = None
-        if not (isinstance(args, list) and args and isinstance(args[0], str)):
-            return fail_frame(requester, frame.rid,
-                              f"{P.SERVICE_AVAILABLE_CHANNEL} takes a service name")
-        return answer_frame(requester, frame.rid, args[0] in self.core.services)
-
-    # -- readiness (_router_readiness.py) -------------------------------------------------------
-    def _readiness(self, endpoint: Endpoint, frame: Frame) -> None:
-        """``/ipcbus/sync``: answered at once; ``/ipcbus/waitListeners``: answered once
-        enough peers listen, held until then."""
-        requester = frame.sender_id
-        assert requester is not None
-        key = (requester, frame.rid)
-        if frame.channel == SYNC_CHANNEL:
-            endpoint.deliver(answer_frame(requester, frame.rid, None), [])
-            return
-        try:
-            args = P.unpack_control(frame.body)
-        except IpcBusProtocolError:
-            args = None
-        found = wait_arguments(args, P.MAX_CHANNEL)
-        if isinstance(found, str):
-            endpoint.deliver(fail_frame(requester, frame.rid, found), [])
-            return
-        channel, count = found
-        listeners = self.core.groups.listening(channel)  # members of groups too
-        if listeners >= count:
-            endpoint.deliver(answer_frame(requester, frame.rid, listeners), [])
-            return
-        if key in self.table:
-            raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
-        pending = Pending(requester, endpoint, frame.channel)
-        self.table.add(key, pending)  # no receiver: it ends answered, cancelled or orphaned
-        self.waits.add(channel, key, count, pending, self._in_flight)
-
-    def _in_flight(self, key: Key, pending: object) -> bool:
-        return self.table.get(key) is pending
-
-    def listeners_added(self, channel: str) -> None:
-        """A peer started listening on ``channel``: answer the held requests it satisfies."""
-        listeners = self.core.groups.listening(channel)  # members of groups too
-        for key in self.waits.ready(channel, listeners, self._in_flight):
-            pending = self.table.take(key)
-            assert pending is not None
-            pending.endpoint.deliver(answer_frame(key[0], key[1], listeners), [])
-
-    def _readiness_upstream(self, endpoint: Endpoint, frame: Frame) -> None:
-        """A linked bridge: the broker answers readiness requests (it knows every listener
-        of the bus, and its answer to ``sync`` covers the link too)."""
-        upstream = self.core.upstream
-        requester = frame.sender_id
-        assert requester is not None
-        if upstream is None or endpoint is upstream:  # the broker never asks a bridge
-            endpoint.deliver(fail_frame(requester, frame.rid, (
-                f"{frame.channel} is answered by the broker, not by a bridge")), [])
-            return
-        self.forwarded((requester, frame.rid), endpoint, frame.channel)
-        upstream.deliver(frame.raw, [], frame.count)
 
     def forwarded(self, key: Key, endpoint: Endpoint, channel: str,
                   service: str | None = None) -> None:

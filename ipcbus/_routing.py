@@ -16,7 +16,7 @@ from . import _protocol as P
 from ._protocol import Frame, Kind
 from ._router_groups import GroupRouter
 
-__all__ = ["UPSTREAM", "Endpoint", "Peer", "RouterCore", "RateLimitedLog", "DupFds", "Observer",
+__all__ = ["UPSTREAM", "Endpoint", "Peer", "Pending", "RouterCore", "RateLimitedLog", "DupFds", "Observer",
            "copies", "fail_frame", "answer_frame"]
 
 log = logging.getLogger("ipcbus")
@@ -56,6 +56,21 @@ class Peer:
         self.channels: dict[str, int] = {}
         self.sent_msgs = 0  # messages this peer sent (broadcasts, requests, answers)
         self.sent_bytes = 0
+
+
+class Pending:
+    """A request in flight, as the router keeps it (its receivers are in the table)."""
+
+    __slots__ = ("requester", "endpoint", "channel", "service", "failure", "gather")
+
+    def __init__(self, requester: str, endpoint: Endpoint, channel: str,
+                 service: str | None = None, gather: bool = False) -> None:
+        self.requester = requester
+        self.endpoint = endpoint  # where the answer goes
+        self.channel = channel
+        self.service = service  # a SERVICE_ADD forwarded upstream: the name, recorded if granted
+        self.failure: str | None = None  # the last failure a receiving peer reported
+        self.gather = gather  # a REQUEST_ALL: every answer goes to the requester
 
 
 Observer = Callable[["Endpoint", Frame], None]
