@@ -91,6 +91,7 @@ class Hub:
             self.router.observers.append(self.traffic)
         self.on_drop: Callable[[str, str, bool], None] | None = None  # (label, reason, upstream)
         self.thread: threading.Thread | None = None
+        self.state_parts: list[Callable[[], dict[str, Any]]] = []  # more of the state (a link's)
 
     # -- setup -----------------------------------------------------------------------------------
     def listen(self, address: T.Address) -> T.Address:
@@ -342,6 +343,8 @@ class Hub:
             return
         (log.debug if quiet else log.warning)("dropping %s: %s", ep.label, reason)
         was_upstream = ep is self.router.upstream
+        if ep is self.router.federation:  # (a protocol error of the link: logged above)
+            self.router.federation = None
         self.endpoints.discard(ep)
         self.dirty.discard(ep)
         self.forget(ep)
@@ -396,7 +399,10 @@ class Hub:
         _in_process_hubs.discard(self)
 
     def _state_extra(self) -> dict[str, Any]:
-        return {
+        extra = {}
+        for part in self.state_parts:
+            extra.update(part())
+        return extra | {
             "address": None if self.address is None else T.format_address(self.address),
             "connections": sum(1 for ep in self.endpoints if ep.closing is None),
             # slow consumers kept only until their closing NOTICE is written (CLOSING_GRACE)

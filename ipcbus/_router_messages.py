@@ -110,7 +110,7 @@ class MessageRouter:
     def on_grouped(self, endpoint: Endpoint, frame: Frame) -> None:
         """A linked bridge: the broker chose a member of this side (_router_groups.py)."""
         core = self.core
-        if endpoint is not core.upstream:
+        if endpoint is not core.upstream and endpoint is not core.federation:
             raise IpcBusProtocolError("GROUPED is made by a hub only")
         peer = core.peers.get(frame.target) if frame.target is not None else None
         if peer is None or peer.endpoint is endpoint:

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import _protocol as P
 from ._protocol import Frame
-from ._routing import Endpoint, Peer, answer_frame, fail_frame
+from ._routing import Endpoint, Peer, answer_frame, fail_frame, tell_federation
 from .errors import IpcBusProtocolError
 
 __all__ = ["ServiceRouter"]
@@ -57,6 +57,7 @@ class ServiceRouter:
             return
         self.hosts[name] = peer.id
         endpoint.deliver(answer_frame(peer.id, frame.rid, None), [])
+        tell_federation(core, endpoint, P.encode_frame(P.Kind.SERVICE_ADD, name, peer.info))
 
     def on_remove(self, endpoint: Endpoint, frame: Frame) -> None:
         core = self.core
@@ -68,6 +69,7 @@ class ServiceRouter:
             core.upstream.deliver(frame.raw, [], frame.count)
         elif self.hosts.get(name) == peer.id:
             del self.hosts[name]
+            tell_federation(core, endpoint, P.encode_frame(P.Kind.SERVICE_REMOVE, name, peer.info))
             # The hub, not the host, tells the proxies: only the hub (and a host) may send on
             # the event channel, and the name is free by the time they hear it.
             self._tell_stopped(name, f"service {name!r} was stopped by its host")
