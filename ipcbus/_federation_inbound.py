@@ -11,6 +11,7 @@ out, and the hub hears "no receiver left there" only once every part has ended.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from . import _protocol as P
@@ -56,7 +57,12 @@ class Inbound:
         if not link or link == self.link.id:
             return
         with self.link.lock:
-            if op == "bye":
+            known = self.link.state.heard(link, time.monotonic())
+            if op == "hb" and not known:  # forgotten (silent too long), or new: its side?
+                self.link.spawn(self.link.nc.publish(
+                    self.link.subjects.to_link(link), b"",
+                    headers={LINK: self.link.id, OP: "sync", "Reply": self.link.subjects.inbox}))
+            elif op == "bye":
                 self.link.remote_gone(link)
             elif op == "state":
                 if link in self.link.state.remotes:  # it came back: its side is new
@@ -94,11 +100,15 @@ class Inbound:
         if raw_headers:  # a link's answer to our hello: its side
             headers = parse_headers(raw_headers)
             link = headers.get(LINK)
-            if link and headers.get(OP) == "state":
+            op = headers.get(OP)
+            if link and op == "state":
                 with self.link.lock:
                     if link in self.link.state.remotes:
                         self.link.remote_gone(link)
+                    self.link.state.heard(link, time.monotonic())
                     self.apply(link, data)
+            elif link and op == "sync" and headers.get("Reply"):
+                self.link.spawn(self.link.send_state(headers["Reply"]))
             return
         self.link.counters["received"] += 1
         with self.link.lock:

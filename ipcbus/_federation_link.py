@@ -37,6 +37,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 import urllib.parse
 import uuid
 from typing import Any, Callable
@@ -54,7 +55,9 @@ __all__ = ["FederationLink", "public_url", "LINK_QUEUE_LIMIT"]
 
 log = logging.getLogger("ipcbus")
 
-LINK_QUEUE_LIMIT = 64 * 1024 * 1024  # bytes waiting for the hub before the link is "slow"
+LINK_QUEUE_LIMIT = 64 * 1024 * 1024
+HEARTBEAT = 1.0  # seconds between a link's beats on ctl
+SILENCE_LIMIT = 3.5  # seconds without a word from a link: it is gone  # bytes waiting for the hub before the link is "slow"
 _HEADER_ROOM = 1024  # of NATS's max_payload, kept for headers
 
 
@@ -216,8 +219,10 @@ class FederationLink:
         await self._announce()
         self._started.set()
         reader = asyncio.ensure_future(self.outbound.read_hub())
+        beat = asyncio.ensure_future(self._heartbeat())
         await self._done.wait()
         reader.cancel()
+        beat.cancel()
 
     async def stop(self) -> None:
         """Say goodbye (the other brokers forget this side's peers at once), then close."""
@@ -239,6 +244,24 @@ class FederationLink:
         sub = await self.nc.subscribe(subject)
         self.nc.ordered[sub._id] = handler
         return sub
+
+    async def _heartbeat(self) -> None:
+        """Beat on ``ctl`` every HEARTBEAT seconds; forget the links silent for
+        SILENCE_LIMIT (a broker killed, or cut off from NATS, says no bye)."""
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            if not self.connected:
+                continue
+            try:
+                await self.nc.publish(self.subjects.ctl, b"", headers={LINK: self.id, OP: "hb"})
+            except Exception as exc:
+                log.debug("federation: heartbeat not sent: %r", exc)
+            with self.lock:
+                for link in self.state.silent(time.monotonic(), SILENCE_LIMIT):
+                    log.warning("federation: broker %s is silent for %g s: its peers leave the"
+                                " bus", link, SILENCE_LIMIT)
+                    self.remote_gone(link, f"broker {link} of the federation is silent (gone,"
+                                           " or cut off from NATS)")
 
     async def _announce(self) -> None:
         """Tell the bus this link's side, and ask the others for theirs."""
@@ -284,9 +307,10 @@ class FederationLink:
                     public_url(self.url))
         await self._announce()
 
-    def remote_gone(self, link: str) -> None:
+    def remote_gone(self, link: str, reason: str = "") -> None:
+        reason = reason or f"broker {link} left the federation"
         for key in self.state.link_failed(link):
-            self.to_hub(fail_frame(key[0], key[1], f"broker {link} left the federation"))
+            self.to_hub(fail_frame(key[0], key[1], reason))
         for info in self.state.remote_gone(link):
             self.to_hub(P.encode_frame(Kind.PEER_REMOVE, sender=info))
 

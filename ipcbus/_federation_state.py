@@ -88,6 +88,7 @@ class FederationState:
         self.pending: dict[int, Across] = {}
         self.pending_n: dict[Key, int] = {}
         self.owed: dict[Key, tuple[str, bool]] = {}  # -> (reply subject, gather)
+        self.last_heard: dict[str, float] = {}  # link -> when it was last heard (monotonic)
         self._next = 0
         self.counters = dict.fromkeys(("id_collisions", "unknown_senders", "refused_frames",
                                        "failed_across"), 0)
@@ -203,9 +204,21 @@ class FederationState:
         for name in [n for n, host in side.services.items() if host == peer_id]:
             del side.services[name]
 
+    def heard(self, link: str, now: float) -> bool:
+        """``link`` said something (every link beats on ``ctl``); False if its side is not
+        known here (it should be asked for it)."""
+        self.last_heard[link] = now
+        return link in self.remotes
+
+    def silent(self, now: float, limit: float) -> list[str]:
+        """The links not heard for ``limit`` seconds (gone without a bye: killed, or cut off
+        from NATS)."""
+        return [link for link, when in self.last_heard.items() if now - when > limit]
+
     def remote_gone(self, link: str) -> list[list[Any]]:
         """A link left (bye, or unheard of): the infos of its peers (the broker is told they
         left); the requests it still owed an answer lose that part."""
+        self.last_heard.pop(link, None)
         side = self.remotes.pop(link, None)
         if side is None:
             return []

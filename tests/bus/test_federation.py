@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from typing import Any, Iterator
 
@@ -22,7 +23,7 @@ from ipcbus import (IpcBusBroker, IpcBusClient, IpcBusConnectionError, IpcBusReq
 from ipcbus.errors import IpcBusRequestTimeoutError
 from ipcbus.testing import temporary_socket_path
 
-from helpers import Collector, wait_until
+from helpers import Collector, pid_of, wait_until
 from helpers.nats import NatsServer, NatsSpy, skip_reason
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
@@ -237,6 +238,26 @@ def test_nats_outage_keeps_the_local_bus(nats_server: NatsServer,
         wait_until(lambda: a.query_state(5.0)["federation"]["connected"], timeout=15.0)
         near.wait_for_listeners("ping", 1, timeout=15.0)  # announced again
         assert near.request("ping", 5.0).payload == "far"
+
+
+def test_a_broker_killed_leaves_the_bus(pair: list[IpcBusBroker]) -> None:
+    """A broker that dies says no bye: the others notice its silence (heartbeats on ctl)."""
+    a, b = pair
+    with IpcBusClient.create().connect(a.address) as near:
+        far = IpcBusClient.create().connect(b.address)
+        held: list[Any] = []
+        far.on("slow", lambda event: held.append(event))
+        near.wait_for_listeners("slow", 1, timeout=10.0)
+        pending = near.request_async("slow", 30.0)
+        wait_until(lambda: held)
+        os.kill(pid_of(b.process), signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(IpcBusRequestError):
+            pending.result(15.0)
+        assert time.monotonic() - t0 < 10.0
+        wait_until(lambda: not remote(a), timeout=10.0)
+        assert a.query_state(5.0)["federation"]["connected"]
+        far.close()
 
 
 def test_credentials(tmp_path: Any) -> None:

@@ -128,3 +128,13 @@ def test_interest_matches_the_local_listeners(ops: list[tuple[int, str, bool]]) 
         if change is not None:
             (held.add if change[0] == "sub" else held.discard)(change[1])
         assert held == {c for _, c in listening}
+
+
+def test_silent_links_are_found_with_an_injected_clock() -> None:
+    s = FederationState("A")
+    assert not s.heard("B", 0.0)  # not known yet: its side should be asked for
+    ann(s, Kind.PEER_ADD, "", info(2), link="B")
+    assert s.heard("B", 1.0) and not s.heard("C", 1.0)
+    s.heard("C", 3.0)
+    assert s.silent(4.0, 2.5) == ["B"]
+    assert s.remote_gone("B") == [info(2)] and s.silent(10.0, 2.5) == ["C"]
