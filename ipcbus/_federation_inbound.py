@@ -24,6 +24,7 @@ __all__ = ["Inbound", "LINK", "OP", "parse_headers"]
 
 log = logging.getLogger("ipcbus")
 
+_RUNS = frozenset((int(Kind.SEND), int(Kind.SEND_TO)))
 LINK, OP = "Ipcbus-Link", "Ipcbus-Op"  # NATS headers: the sending link, an announcement's kind
 
 
@@ -42,6 +43,25 @@ def parse_headers(raw: bytes | None) -> dict[str, str]:
         if sep:
             out[name.strip()] = value.strip()
     return out
+
+
+def uniform(data: bytes, hlen: int) -> bool:
+    """Whether every frame in ``data`` (one, or a run) carries the first one's header, and
+    the last one ends where ``data`` does."""
+    size = P.PREFIX_SIZE + hlen + P.PREFIX.unpack_from(data, 0)[1]
+    if size == len(data):
+        return True
+    header = data[P.PREFIX_SIZE:P.PREFIX_SIZE + hlen]
+    offset, unpack, end = size, P.PREFIX.unpack_from, len(data)
+    while offset < end:
+        if end - offset < P.PREFIX_SIZE:
+            return False
+        h, b, _ = unpack(data, offset)
+        start = offset + P.PREFIX_SIZE
+        if h != hlen or data[start:start + h] != header:
+            return False
+        offset = start + int(h) + int(b)
+    return bool(offset == end)
 
 
 class Inbound:
@@ -118,13 +138,16 @@ class Inbound:
         """A message from another broker: to the hub, if its sender is a peer the hub
         knows as one of the link's (anything else would be a protocol error there)."""
         try:
-            hlen, _, rid = P.PREFIX.unpack_from(data, 0)
+            hlen, blen, rid = P.PREFIX.unpack_from(data, 0)
             kind, channel, sender, target, _ = P.decode_header(
                 memoryview(data)[P.PREFIX_SIZE:P.PREFIX_SIZE + hlen])
         except Exception:
             self.link.state.counters["refused_frames"] += 1
             return
         state = self.link.state
+        if kind not in _RUNS and P.PREFIX_SIZE + hlen + blen != len(data):
+            state.counters["refused_frames"] += 1  # only messages cross as runs
+            return
         if kind == Kind.GROUPED:  # a request's member: the inner frame's requester
             try:
                 inner = P.unpack_payload(memoryview(data)[P.PREFIX_SIZE + hlen:])[1]
@@ -142,7 +165,7 @@ class Inbound:
                 state.owe((sender[0], rid), reply.decode(), kind == Kind.REQUEST_ALL)
         elif kind == Kind.CANCEL:
             state.owed.pop((sender[0], rid), None)
-        elif kind not in (Kind.SEND, Kind.SEND_TO):
+        elif kind not in (Kind.SEND, Kind.SEND_TO) or not uniform(data, hlen):
             state.counters["refused_frames"] += 1
             return
         self.link.to_hub(data)

@@ -119,6 +119,8 @@ class FederationLink:
         self.nc: Any = None
         self.sock: socket.socket | None = None
         self._out: list[memoryview] = []
+        self._batch: list[bytes | bytearray] = []
+        self.endpoint_limit = 0  # the largest frame (or run) one NATS message carries
         self._out_bytes = 0
         self.channel_subs: dict[str, Any] = {}
         self.hub: Any = None
@@ -146,7 +148,7 @@ class FederationLink:
         ep = hub.add_endpoint(mine, f"federation {public_url(self.url)} bus {self.bus}",
                               ptype="socket", relay=True, ready=True)
         ep.can_pass_fds = False  # descriptors stay on their host
-        ep.max_in = max(1, int(self.nc.max_payload) - _HEADER_ROOM)
+        ep.max_in = self.endpoint_limit = max(1, int(self.nc.max_payload) - _HEADER_ROOM)
         self._endpoint = ep
         hub.router.federation = ep
         hub.state_parts.append(self.snapshot)
@@ -336,15 +338,29 @@ class FederationLink:
             self._out.append(memoryview(raw))
             self._out_bytes += len(raw)
             return
+        # The frames of one batch of NATS messages go in one write (the loop runs the
+        # flush once the NATS client has handed over what it parsed).
+        batch = self._batch
+        batch.append(raw)
+        if len(batch) == 1:
+            assert self.loop is not None
+            self.loop.call_soon(self._send_batch)
+
+    def _send_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        sock = self.sock
+        if not batch or sock is None:
+            return
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
         try:
-            n = sock.send(raw)
+            n = sock.send(data)
         except BlockingIOError:
             n = 0
         except OSError:
             return
-        if n < len(raw):
-            self._out.append(memoryview(raw)[n:])
-            self._out_bytes += len(raw) - n
+        if n < len(data):
+            self._out.append(memoryview(data)[n:])
+            self._out_bytes += len(data) - n
             assert self.loop is not None
             self.loop.add_writer(sock, self.flush_out)
 

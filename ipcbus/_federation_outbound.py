@@ -25,6 +25,8 @@ __all__ = ["Outbound"]
 
 log = logging.getLogger("ipcbus")
 
+_RUNS = frozenset((int(Kind.SEND), int(Kind.SEND_TO)))  # kinds that cross as runs
+
 
 class Outbound:
     """hub -> NATS, for one link (``link``: its ``_federation_link.FederationLink``)."""
@@ -36,7 +38,10 @@ class Outbound:
         loop = asyncio.get_running_loop()
         sock = self.link.sock
         assert sock is not None
-        decoder = FrameDecoder(self.link.hub.options.max_message)
+        # Runs of messages with one header (one sender's stream on a channel) come as one
+        # frame: they cross NATS as one message when it fits (the other link checks that
+        # every frame of it carries that header).
+        decoder = FrameDecoder(self.link.hub.options.max_message, merge_runs=True)
         while True:
             try:
                 n = await loop.sock_recv_into(sock, decoder.get_buffer())
@@ -46,12 +51,28 @@ class Outbound:
                 await self.link.stop()
                 return
             decoder.buffer_updated(n)
-            for frame in decoder.frames():
+            for frame in self.split(decoder.frames()):
                 try:
                     await self.from_hub(frame)
                 except Exception as exc:
                     log.warning("federation: could not send %s on %r over NATS: %r",
                                 Kind(frame.kind).name, frame.channel, exc)
+
+    def split(self, frames: list[P.Frame]) -> list[P.Frame]:
+        """Runs stay whole only for messages that fit in one NATS message; anything else
+        (requests of one requester, a run over the server's max_payload) one by one."""
+        if all(f.count == 1 for f in frames):
+            return frames
+        limit = self.link.endpoint_limit
+        out: list[P.Frame] = []
+        for frame in frames:
+            if frame.count == 1 or (frame.kind in _RUNS and len(frame.raw) <= limit):
+                out.append(frame)
+                continue
+            decoder = FrameDecoder(self.link.hub.options.max_message)
+            decoder.feed(frame.raw)
+            out.extend(decoder.frames())
+        return out
 
     async def from_hub(self, frame: P.Frame) -> None:
         kind, nc, state, subjects = frame.kind, self.link.nc, self.link.state, self.link.subjects

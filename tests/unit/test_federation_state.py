@@ -138,3 +138,14 @@ def test_silent_links_are_found_with_an_injected_clock() -> None:
     s.heard("C", 3.0)
     assert s.silent(4.0, 2.5) == ["B"]
     assert s.remote_gone("B") == [info(2)] and s.silent(10.0, 2.5) == ["C"]
+
+
+def test_a_run_crosses_only_if_every_frame_carries_its_header() -> None:
+    from ipcbus._federation_inbound import uniform
+    a = P.encode_frame(Kind.SEND, "ch", info(1), None, 0, b"\x91\x01")
+    b = P.encode_frame(Kind.SEND, "ch", info(1), None, 0, b"\x91\x02")
+    other = P.encode_frame(Kind.SEND, "ch", info(2), None, 0, b"\x91\x02")
+    hlen = P.PREFIX.unpack_from(a, 0)[0]
+    assert uniform(a, hlen) and uniform(a + b, hlen)
+    assert not uniform(a + other, hlen)  # another sender hidden in the run
+    assert not uniform(a + b[:-1], hlen) and not uniform(a + b"\x00", hlen)
