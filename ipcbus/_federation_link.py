@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -62,11 +63,26 @@ _HEADER_ROOM = 1024  # of NATS's max_payload, kept for headers
 
 
 def public_url(url: str) -> str:
-    """``url`` without its credentials (for logs and the state)."""
+    """``url`` (or comma-separated URLs: a cluster's) without credentials (logs, state)."""
+    if "," in url:
+        return ",".join(public_url(u.strip()) for u in url.split(","))
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def tls_options(options: dict[str, Any]) -> dict[str, Any]:
+    """nats-py options from ``federation_options``: ``tls_ca``, ``tls_cert``, ``tls_key``
+    (file paths: a broker's options cross a process boundary, an SSLContext does not) make
+    the ``tls`` context."""
+    ca, cert, key = (options.pop(k, None) for k in ("tls_ca", "tls_cert", "tls_key"))
+    if ca or cert:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        if cert:
+            context.load_cert_chain(cert, key)
+        options["tls"] = context
+    return options
 
 
 def _describe(exc: BaseException) -> str:
@@ -102,7 +118,8 @@ class FederationLink:
     def __init__(self, url: str, bus: str, options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.bus = bus
-        self.options = dict(options or {})
+        self.options = tls_options(dict(options or {}))
+        self.where = public_url(url)
         self.id = uuid.uuid4().hex[:16]
         self.subjects = Subjects(bus, self.id)
         self.state = FederationState(self.id)
@@ -139,13 +156,13 @@ class FederationLink:
                                         daemon=True)
         self._thread.start()
         if not self._started.wait(timeout):
-            self._error = f"no answer from {public_url(self.url)} in {timeout:g} s"
+            self._error = f"no answer from {self.where} in {timeout:g} s"
         if self._error is not None:
             mine.close()
             self.close()
             raise IpcBusConnectionError(f"federation: cannot join bus {self.bus!r} over NATS"
-                                        f" at {public_url(self.url)}: {self._error}")
-        ep = hub.add_endpoint(mine, f"federation {public_url(self.url)} bus {self.bus}",
+                                        f" at {self.where}: {self._error}")
+        ep = hub.add_endpoint(mine, f"federation {self.where} bus {self.bus}",
                               ptype="socket", relay=True, ready=True)
         ep.can_pass_fds = False  # descriptors stay on their host
         ep.max_in = self.endpoint_limit = max(1, int(self.nc.max_payload) - _HEADER_ROOM)
@@ -157,7 +174,7 @@ class FederationLink:
         """The link's part of the bus state (``query_state()["federation"]``)."""
         with self.lock:
             state = self.state.state()
-        return {"federation": {"url": public_url(self.url), "bus": self.bus,
+        return {"federation": {"url": self.where, "bus": self.bus,
                                "connected": self.connected, "slow": self.slow,
                                "queued_bytes": self._out_bytes, **self.counters, **state}}
 
@@ -197,7 +214,7 @@ class FederationLink:
         # The first connection must succeed at once (a wrong password, nothing listening:
         # a clear error at the broker's connect()); later ones are retried for ever.
         self._connecting = asyncio.ensure_future(nc.connect(
-            servers=[self.url], name=f"ipcbus {self.bus} {self.id}", no_echo=True,
+            servers=[u.strip() for u in self.url.split(",")], name=f"ipcbus {self.bus} {self.id}", no_echo=True,
             allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.25,
             connect_timeout=2, error_cb=self._on_error,
             disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
@@ -285,7 +302,7 @@ class FederationLink:
             return
         # (while NATS is away, each reconnection attempt fails: not worth a warning each)
         (log.warning if self.connected else log.debug)("federation link to %s: %s",
-                                                       public_url(self.url), exc)
+                                                       self.where, exc)
 
     async def _on_disconnected(self) -> None:
         if not self.connected or self.stopping:
@@ -293,8 +310,8 @@ class FederationLink:
         self.connected = False
         self.counters["outages"] += 1
         log.warning("federation: NATS at %s is unreachable; the other brokers' peers leave"
-                    " the bus until it is back", public_url(self.url))
-        reason = (f"the federation link to NATS at {public_url(self.url)} is down: the"
+                    " the bus until it is back", self.where)
+        reason = (f"the federation link to NATS at {self.where} is down: the"
                   " other brokers cannot be reached (connection lost)")
         with self.lock:
             for key in self.state.fail_all():
@@ -306,7 +323,7 @@ class FederationLink:
     async def _on_reconnected(self) -> None:
         self.connected = True
         log.warning("federation: NATS at %s is back; announcing this side again",
-                    public_url(self.url))
+                    self.where)
         await self._announce()
 
     def remote_gone(self, link: str, reason: str = "") -> None:

@@ -49,10 +49,11 @@ class HubOptions:
         self.links = links
         self.ecipc = bool(ecipc)  # also serve electron-common-ipc clients (ipcbus.ecipc.gateway)
         # a broker linked to other brokers of bus ``bus`` over NATS (_federation_link)
-        if federation is not None and (not isinstance(federation, str) or
-                                       not federation.startswith(("nats://", "tls://"))):
+        if federation is not None and (not isinstance(federation, str) or not all(
+                u.strip().startswith(("nats://", "tls://")) for u in federation.split(","))):
             raise ValueError(f"federation must be a NATS URL (nats://HOST:PORT or"
-                             f" tls://HOST:PORT), got {federation!r}")
+                             f" tls://HOST:PORT, or several separated by commas), got"
+                             f" {federation!r}")
         if not isinstance(bus, str) or not bus:
             raise ValueError(f"bus must be a non-empty str, got {bus!r}")
         if federation_options is not None and not isinstance(federation_options, dict):

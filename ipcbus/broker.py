@@ -230,8 +230,11 @@ class IpcBusBroker:
           :meth:`connect` raises ``IpcBusConnectionError`` naming the cause.
         - ``bus`` (str; default ``"default"``): the federated bus's name (brokers of other
           names on the same NATS server never see each other's traffic).
+          Several URLs separated by commas: the servers of a NATS cluster.
         - ``federation_options`` (dict; default None): more nats-py ``connect()`` options
-          (``user``, ``password``, ``token``, ``user_credentials``, ``nkeys_seed``...).
+          (``user``, ``password``, ``token``, ``user_credentials`` (a .creds path),
+          ``nkeys_seed`` (a path)...), and ``tls_ca``, ``tls_cert``, ``tls_key`` (paths)
+          for TLS.
         - ``context`` (a multiprocessing context or a start method name; default ``"spawn"``):
           how the broker's child process is started.
 

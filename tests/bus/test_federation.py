@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
+import shutil
 import signal
+import subprocess
+import sys
 import time
 from typing import Any, Iterator
 
@@ -24,7 +28,7 @@ from ipcbus.errors import IpcBusRequestTimeoutError
 from ipcbus.testing import temporary_socket_path
 
 from helpers import Collector, pid_of, wait_until
-from helpers.nats import NatsServer, NatsSpy, skip_reason
+from helpers.nats import NatsServer, NatsSpy, free_port, skip_reason
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 
@@ -279,6 +283,73 @@ def test_credentials(tmp_path: Any) -> None:
     with pytest.raises(IpcBusConnectionError, match="federation"):
         with federated(f"nats://127.0.0.1:{server.port}", "t"):  # nothing listens there
             pass
+
+
+def _certificates(where: Any) -> tuple[str, str, str]:
+    """A CA and a server certificate for 127.0.0.1 (openssl's command line)."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=where, check=True, capture_output=True,
+                       timeout=60)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=ipcbus-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1")
+    (where / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    return str(where / "ca.pem"), str(where / "server.pem"), str(where / "server.key")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_tls(tmp_path: Any) -> None:
+    ca, cert, key = _certificates(tmp_path)
+    conf = tmp_path / "tls.conf"
+    conf.write_text(f'tls {{\n  cert_file: "{cert}"\n  key_file: "{key}"\n}}\n')
+    server = NatsServer("-c", str(conf))
+    try:
+        url = f"tls://127.0.0.1:{server.port}"
+        with pytest.raises(IpcBusConnectionError, match="federation"):
+            with federated(url, "t"):  # the server's certificate is not trusted
+                pass
+        with federated(url, "t", "t", federation_options={"tls_ca": ca}) as (a, b), \
+                IpcBusClient.create().connect(a.address) as near, \
+                IpcBusClient.create().connect(b.address) as far:
+            far.on("ask", lambda event: event.request.resolve("over tls"))
+            near.wait_for_listeners("ask", 1, timeout=10.0)
+            assert near.request("ask", 5.0).payload == "over tls"
+    finally:
+        server.stop()
+
+
+def test_a_cluster_of_two_servers(tmp_path: Any) -> None:
+    """Each broker on its own server of a NATS cluster: NATS routes between them."""
+    c1, c2 = free_port(), free_port()
+    one = NatsServer("--cluster_name", "c", "--cluster", f"nats://127.0.0.1:{c1}",
+                     "--routes", f"nats://127.0.0.1:{c2}")
+    two = NatsServer("--cluster_name", "c", "--cluster", f"nats://127.0.0.1:{c2}",
+                     "--routes", f"nats://127.0.0.1:{c1}")
+    try:
+        with federated(one.url, "t") as (a,), federated(f"{two.url},{one.url}", "t") as (b,), \
+                IpcBusClient.create().connect(a.address) as near, \
+                IpcBusClient.create().connect(b.address) as far:
+            got = Collector()
+            far.on("news", got)
+            near.wait_for_listeners("news", 1, timeout=15.0)
+            near.send("news", "routed")
+            got.wait(1)
+    finally:
+        one.stop()
+        two.stop()
+
+
+@pytest.mark.timeout(60)
+def test_the_example_runs_as_is() -> None:
+    example = pathlib.Path(__file__).parents[2] / "examples" / "federation.py"
+    out = subprocess.run([sys.executable, str(example)], capture_output=True, text=True,
+                         timeout=50)
+    assert out.returncode == 0, out.stderr
+    assert "each once: [0, 1, 2, 3, 4, 5]" in out.stdout
+    assert "['A', 'B']" in out.stdout
 
 
 def test_descriptors_and_large_payloads_stay_local(tmp_path: Any) -> None:
