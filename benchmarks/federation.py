@@ -276,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{fed_rtt / nats_rtt:8.2f}")
     print(f"{'1 -> 1 stream 100 B, msg/s':34}{fed_rate:12.0f}{nats_rate:14.0f}"
           f"{(nats_rate / fed_rate if fed_rate else float('inf')):8.2f}")
+    print("per round, federation | raw:",
+          " ".join(f"{x:.0f}" for x in results["fed_rtt"]), "|",
+          " ".join(f"{x:.0f}" for x in results["nats_rtt"]), "us;",
+          " ".join(f"{(c - 1) / s / 1e3:.0f}k" for c, s in results["fed_stream"] if s), "|",
+          " ".join(f"{(c - 1) / s / 1e3:.0f}k" for c, s in results["nats_stream"] if s),
+          "msg/s")
     print(f"(fewest messages received in a round: federation {fed_min}, raw {nats_min} of"
           f" {args.messages}; the ratio is the federation's cost: > 1 is slower)")
     return 0

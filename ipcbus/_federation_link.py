@@ -107,7 +107,11 @@ def _ordered_client_class() -> Any:
                 return
             self.stats["in_msgs"] += 1
             self.stats["in_bytes"] += len(data)
-            handler(subject, reply, data, headers)
+            try:
+                handler(subject, reply, data, headers)
+            except Exception as exc:  # one message never stops the client's reading
+                log.error("federation: a message on %r was not handled: %r", subject, exc,
+                          exc_info=exc)
 
     return _OrderedClient
 
@@ -127,8 +131,7 @@ class FederationLink:
         self.connected = False
         self.stopping = False
         self.slow = False
-        self.counters = dict.fromkeys(("published", "received", "too_large", "link_slow",
-                                       "outages"), 0)
+        self.counters = dict.fromkeys(("published", "received", "link_slow", "outages"), 0)
         self._error: str | None = None
         self._started = threading.Event()
         self._thread: threading.Thread | None = None
@@ -141,7 +144,6 @@ class FederationLink:
         self._out_bytes = 0
         self.channel_subs: dict[str, Any] = {}
         self.hub: Any = None
-        self._endpoint: Any = None
         self.inbound = Inbound(self)
         self.outbound = Outbound(self)
 
@@ -166,7 +168,6 @@ class FederationLink:
                               ptype="socket", relay=True, ready=True)
         ep.can_pass_fds = False  # descriptors stay on their host
         ep.max_in = self.endpoint_limit = max(1, int(self.nc.max_payload) - _HEADER_ROOM)
-        self._endpoint = ep
         hub.router.federation = ep
         hub.state_parts.append(self.snapshot)
 
@@ -177,12 +178,6 @@ class FederationLink:
         return {"federation": {"url": self.where, "bus": self.bus,
                                "connected": self.connected, "slow": self.slow,
                                "queued_bytes": self._out_bytes, **self.counters, **state}}
-
-    def dropped(self, ep: Any) -> None:
-        """The hub dropped ``ep``: if it was the link's, the broker is no longer federated."""
-        if ep is self._endpoint and self.hub is not None:
-            self.hub.router.federation = None
-            self.close()
 
     def close(self) -> None:
         loop = self.loop

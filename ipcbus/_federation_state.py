@@ -90,8 +90,8 @@ class FederationState:
         self.owed: dict[Key, tuple[str, bool]] = {}  # -> (reply subject, gather)
         self.last_heard: dict[str, float] = {}  # link -> when it was last heard (monotonic)
         self._next = 0
-        self.counters = dict.fromkeys(("id_collisions", "unknown_senders", "refused_frames",
-                                       "failed_across"), 0)
+        self.counters = dict.fromkeys(("id_collisions", "unknown_senders", "refused_frames"),
+                                      0)
 
     # -- the local side ---------------------------------------------------------------------
     def local(self, kind: int, channel: str, info: list[Any], raw: bytes | bytearray,

@@ -149,3 +149,29 @@ def test_a_run_crosses_only_if_every_frame_carries_its_header() -> None:
     assert uniform(a, hlen) and uniform(a + b, hlen)
     assert not uniform(a + other, hlen)  # another sender hidden in the run
     assert not uniform(a + b[:-1], hlen) and not uniform(a + b"\x00", hlen)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["B", "C", "D"]), st.booleans()), max_size=20),
+       st.booleans())
+def test_a_gathering_ends_once_when_its_last_link_fails(events: list[tuple[str, bool]],
+                                                        gather: bool) -> None:
+    """Whatever comes back in whatever order: the broker hears "every part ended" exactly
+    once, when the last link's part ends (a plain request also ends at its first answer)."""
+    s = FederationState("A")
+    n, _ = s.send_out(("r", 1), {"B", "C", "D"}, gather, "ch", True)
+    open_links, ended, finished = {"B", "C", "D"}, 0, False
+    for link, final in events:
+        found = s.answered(n, link, final)
+        if finished:
+            assert found is None
+            continue
+        assert found is not None
+        if final or not gather:
+            open_links.discard(link)
+        if found[1]:
+            ended += 1
+            assert not open_links
+        if found[1] or (not gather and not final):
+            finished = True
+    assert ended <= 1
+    assert finished == (n not in s.pending)
