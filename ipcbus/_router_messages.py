@@ -180,7 +180,10 @@ class MessageRouter:
         if frame.nfds and upstream is not None and not upstream.can_pass_fds:
             unable.append(upstream)
         failure = None
-        if unable:
+        if unable and self.core.federation in unable:
+            failure = ("cannot pass descriptors to a listener on another host of the federation"
+                       " (descriptors stay on their host); nothing was sent")
+        elif unable:
             names = ", ".join(sorted({p.name for ep in unable for p in ep.peers.values()}
                                      or {ep.label for ep in unable}))
             failure = (f"cannot pass descriptors to {names}: not connected by a Unix socket or"

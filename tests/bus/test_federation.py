@@ -283,6 +283,15 @@ def test_credentials(tmp_path: Any) -> None:
     with pytest.raises(IpcBusConnectionError, match="federation"):
         with federated(f"nats://127.0.0.1:{server.port}", "t"):  # nothing listens there
             pass
+    token = NatsServer("--auth", "t0ken")
+    try:
+        with pytest.raises(IpcBusConnectionError, match="(?i)authorization"):
+            with federated(f"nats://wrong@127.0.0.1:{token.port}", "t"):
+                pass
+        with federated(f"nats://t0ken@127.0.0.1:{token.port}", "t") as (a,):
+            assert a.query_state(5.0)["federation"]["connected"]
+    finally:
+        token.stop()
 
 
 def _certificates(where: Any) -> tuple[str, str, str]:
@@ -367,7 +376,7 @@ def test_descriptors_and_large_payloads_stay_local(tmp_path: Any) -> None:
             r, w = os.pipe()
             try:
                 with pytest.raises((IpcBusRequestError, IpcBusConnectionError),
-                                   match="descriptors"):
+                                   match="descriptors to a listener on another host"):
                     near.post_message("stream", "port", ports=[r])
             finally:
                 os.close(r)
