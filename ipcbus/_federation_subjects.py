@@ -21,20 +21,20 @@ The subjects of bus ``B`` (``ipcbus.<B>.``...):
 from __future__ import annotations
 
 import hashlib
-import re
 
 __all__ = ["encode_token", "decode_token", "Subjects", "MAX_TOKEN"]
 
 MAX_TOKEN = 512  # longer encodings are hashed (NATS's control line is 4 KiB by default)
-_PLAIN = re.compile(r"[A-Za-z0-9_/-]*\Z")
-_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-/")
+_SAFE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-/"
+_SAFE = frozenset(_SAFE_CHARS.encode())
+_SAFE_STR = frozenset(_SAFE_CHARS)
 
 
 def encode_token(name: str) -> str:
     """``name`` as one NATS subject token (see the module's docstring)."""
     if not name:
         return "%"
-    if _PLAIN.match(name):
+    if _SAFE_STR.issuperset(name):
         token = name
     else:
         token = "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in name.encode("utf-8"))
