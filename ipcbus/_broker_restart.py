@@ -87,6 +87,7 @@ class Supervisor:
         broker = self._broker()
         if broker is None or broker.closed or broker.process is not dead:
             return True  # closed (the loop ends), or already replaced
+        dead.join(5.0)  # reaped (its exit code known), and let go by multiprocessing
         log.warning("ipcbus: the broker at %s (pid %s) died with exit code %s; restarting it",
                     broker.address, dead.pid, dead.exitcode)
         try:
