@@ -11,7 +11,10 @@ The client is the public face; the machinery behind it lives in ``ipcbus._client
 * ``_client/requests.py`` and ``_client/answers.py``: requests in flight and their answers;
 * ``_client/delivery.py``: a received frame to the listeners of this process's clients;
 * ``_client/opening.py``: finding or opening the process's connection for ``connect()``;
-* ``_client/readiness.py``: ``sync()`` and ``wait_for_listeners()``.
+* ``_client/readiness.py``: ``sync()`` and ``wait_for_listeners()``;
+* ``_client/reconnect.py`` and ``_client/reconnecting.py``: ``on_closed``, and surviving the
+  loss of the bus (``connect(reconnect=...)``, ``wait_connected()``, ``on_disconnected``,
+  ``on_reconnected``): the policy as a pure unit, the retry thread.
 
 A client's frames carry one *membership* per ``connect()`` (``writer.Membership``): the hub's
 record of the peer, adopted from the answer to PEER_ADD before anything else of it is
@@ -138,17 +141,22 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
           peers see in ``event.sender.name`` (free text, at most 4096 bytes of UTF-8; ids are
           unique, names need not be).
         - ``timeout`` (float, seconds; default None = 2.0 s, a negative value waits forever):
-          how long connecting, the TCP authentication and the handshake may take.
+          how long connecting, the TCP authentication and the handshake may take. Given
+          (not None) with a Unix path, ``connect()`` also waits that long for a broker to
+          appear there (a path that does not exist yet, or refuses connections).
         - ``socket_buffer`` (int, bytes; default None = 64 KiB; 0 writes every message on its
           own): the write-coalescing buffer of a new connection. Sends that follow each other
           within 50 µs are written together; a lone send is written at once, and requests,
           answers and control frames are never held back.
         - ``authkey`` (bytes; default None = ``$IPCBUS_AUTHKEY`` if set, else
           ``multiprocessing.current_process().authkey``): the key a TCP broker expects.
-        - ``reconnect`` (bool or :class:`~ipcbus.Reconnect`; default False): survive the loss
-          of the bus (``on_disconnected``, ``wait_connected()``, ``on_reconnected``: README
-          "Surviving a broker restart"); with a Unix path and an explicit ``timeout``,
-          ``connect()`` also waits up to ``timeout`` for a broker to appear there.
+        - ``reconnect`` (bool or :class:`~ipcbus.Reconnect`; default False: the client is
+          closed when its bus goes): survive the loss of the bus. Pending requests fail and
+          calls raise IpcBusConnectionError while it is down; a retry thread joins again
+          with the same peer id, listeners, groups, spy and services (``on_disconnected``,
+          ``on_reconnected``, ``wait_connected()``). True = ``Reconnect(initial=0.05,
+          maximum=2.0, give_up=None)``: seconds before the first attempt, doubling up to
+          ``maximum``; closed for good ``give_up`` seconds after the loss (None: never).
 
         Raises ``ValueError``/``TypeError`` for bad arguments (e.g. a path over 107 bytes), and
         :class:`~ipcbus.IpcBusConnectionError` when there is no bus at the address, the key is

@@ -115,7 +115,7 @@ def test_clients_survive_a_broker_restart(ctx: Any, sock_path: str, reporters: A
         _, again, started = reports.next("reconnected")
         assert (again, main.peer.id) == (member_id, main_id)  # peer ids unchanged
         assert started
-        assert pid_of(broker.process) != first
+        wait_until(lambda: pid_of(broker.process) != first, 10)  # swapped once it is ready
 
         proxy.connect(20)  # the service started again; the proxy learnt it
         assert proxy.is_started and proxy.call("add", 2, 3) == 5
