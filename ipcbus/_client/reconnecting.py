@@ -267,7 +267,7 @@ class Lifecycle:
     def _down(self, conn: Connection) -> None:
         """Raise the error of a call on ``conn``, which has ended."""
         link = self._link
-        if link is not None:
+        if link is not None and not conn.forked:  # (a forked child: the fork's error)
             link.check_call()
         conn.check_usable()
 

@@ -13,6 +13,7 @@ default broker).
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -24,7 +25,7 @@ import pytest
 from ipcbus import (IpcBusBroker, IpcBusClient, IpcBusConnectionError, IpcBusService,
                     IpcBusServiceProxy, IpcBusTimeoutError, Reconnect)
 
-from helpers import Collector, elapsed, pid_of, wait_until
+from helpers import Collector, elapsed, pid_of, running, wait_until
 from helpers.measure import fd_count, settle
 
 FAST = Reconnect(initial=0.02, maximum=0.2)  # small steps: the tests wait for a restart
@@ -186,6 +187,46 @@ def test_while_down_calls_raise_at_once_and_listeners_are_replayed(sock_path: st
         first.close()
         if second is not None:
             second.close()
+
+
+def interrupted_waiter(path: str, out: Any) -> None:
+    """In a child's main thread: SIGINTs while ``wait_connected()`` waits for a bus that is
+    down leave the client reconnecting; once a broker is back it joins it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    main = threading.main_thread().ident
+    assert main is not None
+    broker = IpcBusBroker.create().connect(path)
+    client = IpcBusClient.create().connect(path, reconnect=FAST)
+    events = Events(client)
+    kill(broker)
+    events.down.wait(10)
+    seen = []
+    for i in range(5):
+        timer = threading.Timer(0.01 * (i + 1), signal.pthread_kill, (main, signal.SIGINT))
+        timer.start()
+        try:
+            client.wait_connected(-1)
+            seen.append("returned")
+        except KeyboardInterrupt:
+            seen.append("interrupted")
+        timer.join()
+    broker.close()
+    second = IpcBusBroker.create().connect(path)
+    client.wait_connected(20)
+    client.sync(5)
+    client.close()
+    second.close()
+    out.put((seen, events.seen))
+
+
+@pytest.mark.timeout(60)
+def test_an_interrupted_wait_leaves_the_client_reconnecting(sock_path: str) -> None:
+    ctx = multiprocessing.get_context("spawn")  # the parent's start method is not the point
+    out = ctx.Queue()
+    with running([ctx.Process(target=interrupted_waiter, args=(sock_path, out))]):
+        seen, events = out.get(timeout=40)
+    assert seen == ["interrupted"] * 5
+    assert events == ["down", "up", "closed"]
 
 
 @pytest.mark.timeout(60)
