@@ -143,7 +143,7 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
         - ``timeout`` (float, seconds; default None = 2.0 s, a negative value waits forever):
           how long connecting, the TCP authentication and the handshake may take. Given
           (not None) with a Unix path, ``connect()`` also waits that long for a broker to
-          appear there (a path that does not exist yet, or refuses connections).
+          appear there (a path that does not exist yet; a dead broker's file fails at once).
         - ``socket_buffer`` (int, bytes; default None = 64 KiB; 0 writes every message on its
           own): the write-coalescing buffer of a new connection. Sends that follow each other
           within 50 µs are written together; a lone send is written at once, and requests,

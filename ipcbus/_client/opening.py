@@ -95,11 +95,13 @@ def reopen_connection(key: Any, make_socket: Callable[[], socket.socket], *, tcp
 
 def waiting_socket(path: str, deadline: float) -> Callable[[], socket.socket]:
     """A socket maker for ``connect(path, timeout=T)``: connect to the Unix socket at
-    ``path``, trying again while it does not exist yet or refuses connections (a broker
-    about to listen there), until ``deadline`` (``time.monotonic()``), then
-    :class:`IpcBusConnectionError` as for any address with no bus."""
+    ``path``, trying again while it does not exist yet (a broker about to listen there),
+    until ``deadline`` (``time.monotonic()``), then :class:`IpcBusConnectionError` as for
+    any address with no bus. A file that refuses connections fails at once, as before (a
+    dead broker's file: docs/reliability.md), unless it appeared while we waited (a broker
+    between its ``bind`` and its ``listen``)."""
     def make() -> socket.socket:
-        pause = 0.005
+        pause, was_missing = 0.005, False
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(max(0.05, deadline - time.monotonic()))
@@ -108,6 +110,10 @@ def waiting_socket(path: str, deadline: float) -> Callable[[], socket.socket]:
                 return sock
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 sock.close()
+                if isinstance(exc, ConnectionRefusedError) and not was_missing:
+                    raise IpcBusConnectionError(
+                        f"cannot connect to the bus at {path}: {exc}") from None
+                was_missing = True
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise IpcBusConnectionError(
