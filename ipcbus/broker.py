@@ -266,10 +266,11 @@ class IpcBusBroker:
             proc, parent, bound = self._start_child(addr, key, wait)
             self._address = bound if isinstance(bound, str) else (bound[0], bound[1])
             self._process, self._ctl, self._authkey = proc, parent, key
-            self._finalizer = weakref.finalize(self, _stop_child, proc, parent)
             if self._restart:
                 self._supervisor = _broker_restart.Supervisor(self)
                 self._supervisor.start()
+            self._finalizer = weakref.finalize(self, _stop_child, proc, parent, DEFAULT_TIMEOUT,
+                                               self._supervisor)
         return self
 
     def _start_child(self, addr: Any, key: bytes, wait: float | None = 10.0
@@ -314,7 +315,8 @@ class IpcBusBroker:
                 self._finalizer.detach()
             old.close()
             self._process, self._ctl = proc, ctl
-            self._finalizer = weakref.finalize(self, _stop_child, proc, ctl)
+            self._finalizer = weakref.finalize(self, _stop_child, proc, ctl, DEFAULT_TIMEOUT,
+                                               self._supervisor)
         return True
 
     def _ask(self, timeout: float | None, what: str) -> list[Any]:
@@ -381,7 +383,10 @@ class IpcBusBroker:
 
 
 def _stop_child(proc: Any, ctl: multiprocessing.connection.Connection,
-                timeout: float | None = DEFAULT_TIMEOUT) -> None:
+                timeout: float | None = DEFAULT_TIMEOUT,
+                supervisor: _broker_restart.Supervisor | None = None) -> None:
+    if supervisor is not None:  # restart=True: first no more restarts (at exit too)
+        supervisor.stop()
     try:
         _ctl_send(ctl, "close")
         if ctl.poll(timeout if timeout is not None else None):
