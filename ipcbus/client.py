@@ -95,7 +95,9 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
     """A peer on the bus: an EventEmitter of channels whose events come from other processes.
 
     Every method may be called from any thread. Listeners are called as
-    ``listener(event, *args)`` on the connection's dispatch thread.
+    ``listener(event, *args)`` on the connection's dispatch thread. Adding or removing
+    listeners never needs the bus: before ``connect()``, or while a client connected with
+    ``reconnect`` is down, the registry changes here and is subscribed on (re)joining.
     """
 
     def __init__(self) -> None:
