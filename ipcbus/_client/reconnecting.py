@@ -89,6 +89,13 @@ class Link:
         self.state = LinkState(policy, time.monotonic)
         self.wake = threading.Event()  # set by close(): the retry thread stops waiting
         self.info: list[Any] = []  # the peer tuple proposed again in PEER_ADD
+        self.up_pending = False  # reconnected, and on_reconnected not run yet
+
+    def take_up(self) -> bool:
+        """Whether ``on_reconnected`` is due (once per reconnection)."""
+        with self.lock:
+            due, self.up_pending = self.up_pending, False
+        return due
 
     def lost(self, reason: str, info: list[Any] | None) -> bool:
         """The connection ended without ``close()``: True if this starts a reconnection."""
@@ -173,7 +180,7 @@ class Link:
             return f"joining again failed: {exc}"
         self._restore_spy(client)
         with self.lock:
-            ok = self.state.reconnected()
+            ok = self.up_pending = self.state.reconnected()
             self.changed.notify_all()
         if not ok:  # close() came meanwhile: leave again
             joining.leave_connection(client, conn, 1.0)
@@ -276,6 +283,7 @@ class Lifecycle:
         link = self._link
         if link is not None and link.lost(conn.close_reason or "the bus connection has closed",
                                           self._member.info):
+            self._fire_reconnected()  # lost before they ran: up, then down, in that order
             _run_handlers(list(self._disconnected), "on_disconnected", link.state.reason)
             link.start()
             return
@@ -297,4 +305,6 @@ class Lifecycle:
             conn.call_soon(fire)
 
     def _fire_reconnected(self) -> None:
-        _run_handlers(list(self._reconnected), "on_reconnected")
+        link = self._link
+        if link is not None and link.take_up():
+            _run_handlers(list(self._reconnected), "on_reconnected")
