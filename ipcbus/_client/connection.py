@@ -46,7 +46,9 @@ The concurrency model, whole:
 * **How it ends.** Whatever ends the reading (the end of the stream, a protocol error, a
   bug) fails every pending request, shuts the socket down (so the hub forgets this
   connection's peers at once) and queues the end; the dispatcher tells the clients
-  (``on_closed``) and both threads finish. ``close()`` shuts the writing side first, lets
+  (``on_closed``; a client connected with ``reconnect`` runs ``on_disconnected`` instead and
+  its retry thread opens a new connection: ``reconnecting.py``) and both threads finish. A
+  connection never comes back: a reconnection is a new one. ``close()`` shuts the writing side first, lets
   the reader see the bus's end of stream, then waits for both (from a listener: for the
   reading only).
 * **Interrupts** (a signal handler raising in the main thread, Ctrl-C): only callers run in

@@ -85,7 +85,9 @@ class GroupedEmitter(Emitter[str]):
 
     def on(self, channel: str, listener: Listener, group: str | None = None) -> Self:
         """Call ``listener`` for every event of ``channel`` (``group``: for those the hub
-        gives this client as the chosen member of that group)."""
+        gives this client as the chosen member of that group). While the bus is down (a
+        client connected with ``reconnect``) this changes the registry only: it is
+        subscribed again on reconnection (nothing raises)."""
         if group is None:
             return super().on(channel, listener)
         self._groups.on(self._group_key(channel, group), listener)

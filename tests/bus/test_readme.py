@@ -31,6 +31,7 @@ EXPECTED = [
     ["[[0, 0], [1, 1], [2, 2], [0, 3]]"],                                     # request groups
     ["['w0', 'w1', 'w2']", "True 30.0"],                                      # gathering
     ["5 2 ['add', 'div']", "calc.div() failed: ZeroDivisionError: division by zero"],  # services
+    ["True True"],                                                            # reconnection
     ["True []"],                                                              # the broker
 ]
 
