@@ -114,9 +114,12 @@ class GroupRouter:
         """A SUBSCRIBE with a group (its sender checked by the router)."""
         group, channel = group_of(frame), frame.channel
         assert group is not None
-        if count > P.MAX_SUBSCRIBE_STEP or channel.startswith(P.RESERVED_PREFIX):
+        if count > P.MAX_SUBSCRIBE_STEP or (channel.startswith(P.RESERVED_PREFIX) and \
+                not self.core.service_hosts.may_join(peer.id, channel, group)):  # a pool host
             raise IpcBusProtocolError(f"SUBSCRIBE to group {group!r} of {channel!r}: a"
-                                      " reserved channel, or too many references")
+                                      " reserved channel (not the call channel of a service"
+                                      " this peer hosts in that group), or too many"
+                                      " references")
         if peer.id not in self.of_peer and len(peer.channels) >= P.MAX_CHANNELS_PER_PEER:
             raise IpcBusProtocolError(f"peer {peer.id!r} listens to too many channels")
         first = peer.id not in self.channels.get(channel, {}).get(group, {})

@@ -211,7 +211,7 @@ class RequestRouter:
         if self.via_upstream and pending.endpoint is not core.upstream:
             core.groups.answered_below(key, answerer, frame.raw)
         if pending.service is not None:
-            core.services[pending.service] = pending.requester  # the broker granted it
+            core.service_hosts.granted(pending.service, pending.requester, key)  # by the broker
         pending.endpoint.deliver(frame.raw, [], frame.count)
 
     def _gathered(self, key: Key, pending: Pending, answerer: str, frame: Frame) -> None:
