@@ -222,15 +222,10 @@ class ServiceRouter:
             table.add(key, Pending(requester, endpoint, channel), receivers={UPSTREAM})
             upstream.deliver(frame.raw, [], frame.count)
             return
-        grouped = list(core.groups.choose(channel))
-        if not grouped:
+        if not core.requests.to_members(key, endpoint, frame):
             endpoint.deliver(fail_frame(requester, frame.rid, (
                 f"service {channel[len(P.SERVICE_CALL_PREFIX):]!r} has no host listening")),
                 [])
-            return
-        table.add(key, Pending(requester, endpoint, channel),
-                  receivers={member for _, member in grouped})
-        core.groups.hand(key, channel, frame.raw, grouped, core.peers)
 
     def state(self) -> dict[str, Any]:
         """name -> host id (exclusive) or the list of members' ids (a pool), for the state."""

@@ -73,13 +73,13 @@ def _hosts(kids: Any, reports: Reports, q: Any, address: Any, names: list[str]) 
 def test_three_hosts_share_the_calls_each_runs_once(broker: IpcBusBroker, reporters: Any) -> None:
     kids, reports, q = reporters
     names = ["h0", "h1", "h2"]
-    _hosts(kids, reports, q, broker.address, names)
     caller = IpcBusClient.create().connect(broker.address, peer_name="caller")
     try:
-        proxy = IpcBusServiceProxy.create(caller, "jobs", 20.0)
-        starts, events = Collector(), Collector()
+        proxy = IpcBusServiceProxy.create(caller, "jobs", 20.0)  # before the hosts: it hears
+        starts, events = Collector(), Collector()                # each member's "start"
         proxy.on(SERVICE_EVENT_START, starts)
         proxy.on("hello", events)
+        _hosts(kids, reports, q, broker.address, names)
         proxy.connect(20)
         pool = concurrent.futures.ThreadPoolExecutor(4)
         answers = list(pool.map(lambda j: proxy.call("run", j), range(60)))
@@ -93,7 +93,8 @@ def test_three_hosts_share_the_calls_each_runs_once(broker: IpcBusBroker, report
         events.wait(3, 20)
         assert sorted(name for name, _ in events.items) == names  # handler(*args)
         assert proxy.get_status(20)["group"] == "pool"
-        assert len(starts.args) == 1  # started once, not once per member
+        starts.wait(1, 20)  # (emitted after connect() returns)
+        assert len(starts.items) == 1  # started once, not once per member
         assert sorted(broker.query_state(20)["services"]["jobs"]) == sorted(
             p["id"] for p in broker.query_state(20)["peers"] if p["name"] in names)
     finally:
