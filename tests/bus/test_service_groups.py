@@ -13,10 +13,13 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
+from ipcbus import _protocol as P
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusRequestError,
                     IpcBusRequestTimeoutError, IpcBusService, IpcBusServiceProxy)
 from ipcbus.service import SERVICE_EVENT_START, SERVICE_EVENT_STOP, IpcBusServiceError
@@ -180,3 +183,27 @@ def test_mixing_exclusive_and_grouped_hosts_is_refused(broker: IpcBusBroker, cli
         IpcBusService.create(b, "pooled", group="y").start(10)
     IpcBusService.create(b, "pooled", group="x").start(10)
     assert broker.query_state(10)["services"]["pooled"] == [a.peer.id, b.peer.id]
+
+
+# -- the state ---------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_the_state_and_the_cli_show_groups_and_pools(broker: IpcBusBroker, clients: Any) -> None:
+    a, b = clients(broker.address, peer_name="alpha"), clients(broker.address, peer_name="beta")
+    for client in (a, b):
+        client.on("jobs", lambda event: None, group="pool")
+        IpcBusService.create(client, "calc", group="calcs").start(10)
+        sync(client)
+    state = broker.query_state(10)
+    assert state["groups"]["jobs"] == {"pool": [a.peer.id, b.peer.id]}
+    assert state["groups"][P.service_call_channel("calc")] == {"calcs": [a.peer.id, b.peer.id]}
+    assert state["services"] == {"calc": [a.peer.id, b.peer.id]}
+    out = subprocess.run([sys.executable, "-m", "ipcbus", "state", str(broker.address)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    groups = lines.index("GROUPS")
+    jobs = next(line for line in lines[groups:] if line.strip().startswith("jobs"))
+    assert "pool" in jobs and "alpha" in jobs and "beta" in jobs
+    services = lines.index("SERVICES")
+    calc = next(line for line in lines[services:] if line.strip().startswith("calc"))
+    assert f"alpha ({a.peer.id}), beta ({b.peer.id})" in calc
