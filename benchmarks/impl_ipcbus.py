@@ -130,9 +130,12 @@ class Publisher:
 
 
 class Responder:
-    def __init__(self, address: Any) -> None:
-        self.client = _join(address, "responder")
-        self.client.on(REQ, self._on_request)
+    """Answers each request on REQ with its payload (``group``: as a member of that group,
+    W1G: each request goes to one member)."""
+
+    def __init__(self, address: Any, group: Optional[str] = None, index: int = 0) -> None:
+        self.client = _join(address, f"responder-{index}")
+        self.client.on(REQ, self._on_request, group=group)
         _sync(self.client)
 
     @staticmethod
@@ -224,6 +227,11 @@ class DirectSender:
 # -- topologies ----------------------------------------------------------------------------------
 def _roles(kind: str, nsubs: int, addresses: list[Any]) -> tuple[list[RoleSpec], list[RoleSpec]]:
     """Receivers get ``addresses[:-1]``, the sender ``addresses[-1]``."""
+    if kind == "rtt" and nsubs > 1:  # W1G: the responders are one group
+        return ([RoleSpec(f"ipcbus group responder {i}", Responder,
+                          {"address": addresses[i], "group": "pool", "index": i})
+                 for i in range(nsubs)],
+                [RoleSpec("ipcbus requester", Requester, {"address": addresses[-1]})])
     if kind == "rtt":
         return ([RoleSpec("ipcbus responder", Responder, {"address": addresses[0]})],
                 [RoleSpec("ipcbus requester", Requester, {"address": addresses[1]})])

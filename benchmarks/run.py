@@ -86,6 +86,7 @@ class Row:
 
 
 W1 = Case("rtt", 1, (SMALL,))
+W1G = Case("rtt", 4, (SMALL,))  # ipcbus only: 4 responders in one group, each request to one
 W2 = Case("stream", 1, (SMALL,))
 W3 = Case("stream", 4, (SMALL,))
 W4 = Case("stream", 1, LARGE_SIZES)
@@ -97,6 +98,9 @@ def workload_rows(name: str) -> list[Row]:
     if name == "W1":
         return [Row("W1", "req/resp 100 B", W1, SMALL, "p50", IPCBUS, ALL_ALTS, ("<=", 150.0)),
                 Row("W1", "req/resp 100 B", W1, SMALL, "p99", IPCBUS, ALL_ALTS)]
+    if name == "W1G":  # a group's dispatch should cost the broker no more than a plain request
+        return [Row("W1G", "req/resp 100 B, group of 4", W1G, SMALL, "p50", IPCBUS, ()),
+                Row("W1G", "req/resp 100 B, group of 4", W1G, SMALL, "p99", IPCBUS, ())]
     if name == "W2":
         return [Row("W2", "1 -> 1, 100 B", W2, SMALL, "msg/s", IPCBUS, ALL_ALTS,
                     (">=", 300e3))]
@@ -120,7 +124,7 @@ def workload_rows(name: str) -> list[Row]:
     raise ValueError(f"unknown workload {name!r}")
 
 
-WORKLOADS = ["W1", "W2", "W3", "W4", "W5"]
+WORKLOADS = ["W1", "W1G", "W2", "W3", "W4", "W5"]
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -406,7 +410,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="measured rounds per measurement; medians are reported"
                              " (default 3, or 1 with --smoke)")
     parser.add_argument("--only", default=",".join(WORKLOADS),
-                        help="comma-separated workloads to run (default: all of W1-W5)")
+                        help="comma-separated workloads to run (default: all of"
+                             f" {','.join(WORKLOADS)})")
     parser.add_argument("--seconds", type=float, default=1.0,
                         help="wanted duration of one measured round in full mode (default 1)")
     parser.add_argument("--window-mib", type=int, default=WINDOW_MIB,
@@ -478,6 +483,12 @@ def main(argv: Optional[list[str]] = None) -> int:
           " alternatives of W1, W2 and W4.")
     print()
     print(text)
+    w1, w1g = results.get((IPCBUS.key, W1)), results.get((IPCBUS.key, W1G))
+    if w1 is not None and w1g is not None:
+        p50, p50g = w1.median(SMALL, "p50"), w1g.median(SMALL, "p50")
+        if p50 and p50g:
+            print(f"\nW1G/W1 p50: {p50g / p50:.2f} (a request through a group of 4 vs one"
+                  " responder, same run)")
     print()
     print("memory (W2-W4 brokers; the bridge lives in the coordinator's process):")
     for line in memory_lines(results, cfg) or ["  (no broker measured)"]:

@@ -291,9 +291,11 @@ class Router:
         target = frame.target
         if channel.startswith(_RESERVED) and endpoint is not self.upstream:
             if channel.startswith(P.SERVICE_CALL_PREFIX):
+                name = channel[len(P.SERVICE_CALL_PREFIX):]
+                if name in self.service_hosts.pools and target is None:
+                    return self.service_hosts.route_call(endpoint, frame)  # ONE member
                 # A service's calls go to its host only (when this side knows the host).
-                target = self.service_hosts.host_of(channel[len(P.SERVICE_CALL_PREFIX):],
-                                                    target)
+                target = self.service_hosts.host_of(name, target)
             elif channel not in SPECIAL_CHANNELS and not channel.startswith(P.DIRECT_PREFIX):
                 self.dropped["reserved_channel"] += 1
                 self.messages.refuse_reserved(endpoint, frame)

@@ -66,9 +66,17 @@ class IpcBusService:
     called as ``handler(*args)`` on the client's dispatch thread; their return value is the
     call's result (any msgpack value, or a :class:`concurrent.futures.Future` of one), and an
     exception they raise reaches the caller as "TypeName: message".
+
+    ``group``: host the service as a member of a pool. Every host that starts the same name
+    with the same group shares its calls: each call goes to ONE member (the one with the
+    fewest calls in progress, ties in turn), the service is started while at least one
+    member hosts it, and its proxies are told "stop" only when the last member leaves. Any
+    member's ``send_event`` reaches the proxies. Without a group the service is exclusive (a
+    second host is refused); mixing the two, or another group, on one name is refused.
     """
 
-    def __init__(self, client: IpcBusClient, name: str, impl: object = None) -> None:
+    def __init__(self, client: IpcBusClient, name: str, impl: object = None, *,
+                 group: str | None = None) -> None:
         if not isinstance(client, IpcBusClient):
             raise TypeError(f"client must be an IpcBusClient, not {type(client).__name__}")
         check_name(name, "service name")
@@ -80,6 +88,7 @@ class IpcBusService:
         self._lock = threading.Lock()  # handlers
         self._state_lock = threading.RLock()  # start / stop
         self._handlers: dict[str, Callable[..., Any]] = {}
+        self._group = None if group is None else P.check_group(group)
         self._started = False
         self._watching = False
         if impl is not None:
@@ -87,8 +96,9 @@ class IpcBusService:
                 self._handlers[call_name] = method
 
     @classmethod
-    def create(cls, client: IpcBusClient, name: str, impl: object = None) -> IpcBusService:
-        return cls(client, name, impl)
+    def create(cls, client: IpcBusClient, name: str, impl: object = None, *,
+               group: str | None = None) -> IpcBusService:
+        return cls(client, name, impl, group=group)
 
     @property
     def name(self) -> str:
@@ -103,6 +113,11 @@ class IpcBusService:
         return self._started
 
     @property
+    def group(self) -> str | None:
+        """The pool this host belongs to (None: an exclusive service)."""
+        return self._group
+
+    @property
     def calls(self) -> list[str]:
         """The names of the registered call handlers, sorted."""
         with self._lock:
@@ -113,7 +128,10 @@ class IpcBusService:
         peer = self._client._peer
         host = None if peer is None else {"id": peer.id, "name": peer.name,
                                           "pid": peer.process.pid}
-        return {"started": self._started, "calls": self.calls, "host": host}
+        status: dict[str, Any] = {"started": self._started, "calls": self.calls, "host": host}
+        if self._group is not None:
+            status["group"] = self._group
+        return status
 
     # -- handlers ---------------------------------------------------------------------------
     def register_call_handler(self, call_name: str, handler: Callable[..., Any]) -> Self:
@@ -151,7 +169,8 @@ class IpcBusService:
         """Claim the name on the bus, listen for calls and tell every proxy. Idempotent.
 
         Raises :class:`IpcBusServiceError` if another peer (or another service object of this
-        client) has started a service of that name; :class:`~ipcbus.IpcBusTimeoutError` if the
+        client) has started a service of that name (for a group: if the name is hosted
+        without a group or by another group); :class:`~ipcbus.IpcBusTimeoutError` if the
         bus does not answer within ``timeout``.
         """
         with self._state_lock:
@@ -168,7 +187,7 @@ class IpcBusService:
                         f" client {peer.name!r} ({peer.id}) has started it")
                 _hosted[key] = self
             try:
-                client._register_service(self._name, timeout)
+                client._register_service(self._name, timeout, self._group)
             except IpcBusRequestTimeoutError as exc:
                 self._release(key)
                 raise IpcBusTimeoutError(
@@ -187,11 +206,11 @@ class IpcBusService:
                 self._watching = True
             self._started = True
             try:
-                client.on(self._call_channel, self._on_call)
+                self._listen(True)
                 client._send_reserved(self._event_channel, "start", self.get_status())
             except BaseException:
                 self._started = False
-                client.off(self._call_channel, self._on_call)
+                self._listen(False)
                 self._release(key)
                 raise
             log.debug("service %r started by %s", self._name, peer.name)
@@ -204,7 +223,7 @@ class IpcBusService:
             if not self._started:
                 return
             client = self._client
-            client.off(self._call_channel, self._on_call)  # later calls are refused at once
+            self._listen(False)  # later calls are refused at once
             self._started = False
             peer = client._peer
             if peer is not None:
@@ -217,6 +236,18 @@ class IpcBusService:
                     log.debug("service %r: stop not announced: %s", self._name, exc)
             log.debug("service %r stopped", self._name)
 
+    def _listen(self, on: bool) -> None:
+        """Listen (or stop listening) on the call channel: plainly for an exclusive service,
+        as a member of the pool's group for a service hosted by a group (the hub hands each
+        call to one member)."""
+        client = self._client
+        if self._group is not None:
+            client._on_reserved_group(self._call_channel, self._on_call, self._group, on)
+        elif on:
+            client.on(self._call_channel, self._on_call)
+        else:
+            client.off(self._call_channel, self._on_call)
+
     def _release(self, key: tuple[str, str]) -> None:
         with _hosted_lock:
             if _hosted.get(key) is self:
@@ -227,7 +258,7 @@ class IpcBusService:
         with self._state_lock:
             if self._started:
                 self._started = False
-                self._client.off(self._call_channel, self._on_call)
+                self._listen(False)
                 with _hosted_lock:
                     for key in [k for k, v in _hosted.items() if v is self]:
                         del _hosted[key]

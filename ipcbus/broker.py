@@ -348,7 +348,9 @@ class IpcBusBroker:
         return reply
 
     def query_state(self, timeout: float | None = None) -> dict[str, Any]:
-        """The broker's view of the bus: pid, peers, channels with subscriber counts, services."""
+        """The broker's view of the bus: pid, peers, channels with subscriber counts, groups
+        (channel -> group -> member ids), services (name -> host id, or the members' ids of
+        a service hosted by a group)."""
         reply = self._ask(timeout, "state")
         state: dict[str, Any] = reply[1]
         return state

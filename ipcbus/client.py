@@ -390,10 +390,13 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
         return self._start_request(Kind.REQUEST, channel, None, resolve_timeout(timeout),
                                    P.pack_args(args))
 
-    def _register_service(self, name: str, timeout: float | None) -> None:
-        """Claim ``name`` on the bus; IpcBusRequestError if another peer has started it."""
-        self._wait(self._start_request(Kind.SERVICE_ADD, P.check_channel(name), None,
-                                       resolve_timeout(timeout), b""))
+    def _register_service(self, name: str, timeout: float | None,
+                          group: str | None = None) -> Any:
+        """Claim ``name`` on the bus (``group``: join the pool of hosts that share it; the
+        answer is the number of members); IpcBusRequestError if it cannot be had."""
+        body = b"" if group is None else P.pack_payload(P.check_group(group))
+        return self._wait(self._start_request(Kind.SERVICE_ADD, P.check_channel(name), None,
+                                              resolve_timeout(timeout), body)).payload
 
     def _start_spy(self, pattern: str, handler: Callable[[P.Frame], None],
                    timeout: float | None) -> None:

@@ -80,6 +80,17 @@ class GroupedEmitter(Emitter[str]):
                 log.debug("%s of group %r of %r not sent: %s", Kind(kind).name, key[1],
                           key[0], exc)
 
+    def _on_reserved_group(self, channel: str, listener: Listener, group: str,
+                           on: bool) -> None:
+        """``on``/``off`` in ``group`` of a reserved channel: for the library's own protocols
+        only (a service hosted by a group listens on its call channel so; the hub lets only
+        the pool's members join)."""
+        key = (P.check_channel(channel), P.check_group(group))
+        if on:
+            self._groups.on(key, listener)
+        else:
+            self._groups.off(key, listener)
+
     def _group_take(self, channel: str, group: str) -> list[Listener]:
         return self._groups._take((channel, group))
 

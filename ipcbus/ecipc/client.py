@@ -22,6 +22,10 @@ What the protocol imposes:
   a listener receives what a remote one would.
 * A request has no "no listener" failure and a peer that leaves sends no notice (the protocol
   has neither): requests end with their answer or their timeout.
+* Node's broker has no groups, no gathering (every answer of a request), no readiness
+  queries and no service pools: ``on(..., group=)``, ``request_all``, ``sync``,
+  ``wait_for_listeners`` and ``IpcBusService(..., group=)`` raise NotImplementedError at
+  the call, naming that limit, rather than behaving differently from an ipcbus bus.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import concurrent.futures
 import logging
 import os
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from typing_extensions import Self
 
@@ -329,8 +333,29 @@ class EcipcClient(IpcBusClient):
             raise IpcBusConnectionError("an electron-common-ipc bus cannot carry pipes, sockets"
                                         " or descriptors; nothing was sent")
 
-    def _register_service(self, name: str, timeout: float | None) -> None:
-        """No registry on Node's bus: a name is not claimed (two hosts would both answer)."""
+    def request_all(self, channel: str, timeout: float | None, *args: Any
+                    ) -> list[IpcBusRequestResponse]:
+        _unsupported("request_all (every answer of a request)")
+
+    def sync(self, timeout: float | None = None) -> None:
+        _unsupported("sync()")
+
+    def wait_for_listeners(self, channel: str, count: int = 1,
+                           timeout: float | None = None) -> int:
+        _unsupported("wait_for_listeners()")
+
+    def _group_key(self, channel: str, group: str) -> tuple[str, str]:
+        _unsupported(f"groups (group={group!r})")
+
+    def _on_reserved_group(self, channel: str, listener: Any, group: str, on: bool) -> None:
+        _unsupported("a service hosted by a group")
+
+    def _register_service(self, name: str, timeout: float | None,
+                          group: str | None = None) -> None:
+        """No registry on Node's bus: a name is not claimed (two hosts would both answer),
+        and no pool of hosts (``group``) can share one."""
+        if group is not None:
+            _unsupported("a service hosted by a group")
         P.check_channel(name)
         self._connection()
 
@@ -352,6 +377,11 @@ class EcipcClient(IpcBusClient):
         if self._peer is None:
             return "<IpcBusClient ecipc (not connected)>"
         return f"<IpcBusClient ecipc {self._peer.name!r} id={self._peer.id}>"
+
+
+def _unsupported(what: str) -> NoReturn:
+    raise NotImplementedError(f"{what} is not available on an electron-common-ipc bus: Node's"
+                              " broker and protocol have no such thing")
 
 
 def _join(client: IpcBusClient, address: Any, path: str | None, port: int | None,
