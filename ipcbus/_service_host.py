@@ -277,7 +277,9 @@ class IpcBusService:
             if not self._started:
                 return
             try:
-                self._client._register_service(self._name, None)
+                self._client._register_service(self._name, None, self._group)
+                if self._group is not None:  # the pool's membership, once the name is ours
+                    self._client._rejoin_reserved_group(self._call_channel, self._group)
                 self._client._send_reserved(self._event_channel, "start", self.get_status())
             except IpcBusError as exc:
                 log.warning("service %r not started again after reconnection: %s",

@@ -91,6 +91,15 @@ class GroupedEmitter(Emitter[str]):
         else:
             self._groups.off(key, listener)
 
+    def _rejoin_reserved_group(self, channel: str, group: str) -> None:
+        """Subscribe again the membership of a reserved channel after a reconnection (the
+        replay of ``joining.join`` leaves those out: the hub takes a pooled service's
+        membership only once its host has claimed the name again)."""
+        key = (channel, group)
+        with self._lock:
+            if self._groups._listeners.get(key):
+                self._group_subscription(Kind.SUBSCRIBE, key)
+
     def _group_take(self, channel: str, group: str) -> list[Listener]:
         return self._groups._take((channel, group))
 

@@ -72,12 +72,14 @@ def kill(broker: IpcBusBroker) -> int:
 def member(address: str, report: Any, stop: Any) -> None:
     """A client with reconnect: a listener on "news", a member of group "pool" on "jobs", a
     listener on "hold" that never answers, and service "calc"; it reports its peer id when
-    ready and again when reconnected (once its subscriptions are routed: sync)."""
+    ready and again when reconnected (once its subscriptions are routed: sync). Service
+    "pooled" is hosted as a member of group "g"."""
     client = IpcBusClient.create().connect(address, peer_name="member", reconnect=FAST)
     client.on("news", lambda event, x: report.put(("news", x)))
     client.on("jobs", lambda event, x: event.request.resolve(["member", x]), group="pool")
     client.on("hold", lambda event: report.put(("held",)))
     service = IpcBusService(client, "calc", Calc()).start()
+    IpcBusService(client, "pooled", Calc(), group="g").start()  # a pool of one member
     client.on_disconnected(lambda reason: report.put(("disconnected", reason)))
 
     def back() -> None:
@@ -120,6 +122,9 @@ def test_clients_survive_a_broker_restart(ctx: Any, sock_path: str, reporters: A
 
         proxy.connect(20)  # the service started again; the proxy learnt it
         assert proxy.is_started and proxy.call("add", 2, 3) == 5
+        pooled = IpcBusServiceProxy(main, "pooled")  # started again with its group
+        pooled.connect(20)
+        assert pooled.call("add", 3, 4) == 7 and pooled.get_status().get("group") == "g"
         assert main.request("jobs", 10, 2).payload == ["member", 2]  # the group member
         main.send("news", "after")
         assert reports.next("news", 10)[1] == "after"  # the listener
