@@ -139,11 +139,24 @@ class Kind(enum.IntEnum):
     # the routed frame (or run) as they came]. Only the target's listeners of that group run
     # for it. A peer never sends one (a protocol error for its connection).
     GROUPED = 20
+    # 0.2: large payloads through shared memory (``_hub_shm.py``, ``_client/shm.py``).
+    # SHM_ARENA: peer -> hub, one sealed memfd (nfds 1), body {"size": n}: its arena, once;
+    # hub -> peer: rid = the arena's id, with the memfd (nfds 1): map it; without: it is gone.
+    # SHM_MESSAGE: peer -> hub, body [[[offset, length], ...], the bytes of a SEND/SEND_TO
+    # frame whose body holds placeholders (``_shm_slots.EXT_CODE``) for those slots].
+    # SHM_SLOTS: hub -> peer, rid = arena id, body [[offset, length], ...]: the slots of the
+    # next frame. SHM_RELEASE: peer -> hub, rid = arena id, body [offset, ...]: done with
+    # them. SHM_FREE: hub -> the arena's peer, body [offset, ...]: free again.
+    SHM_ARENA = 25
+    SHM_MESSAGE = 26
+    SHM_SLOTS = 27
+    SHM_RELEASE = 28
+    SHM_FREE = 29
 
 
 KINDS = frozenset(int(k) for k in Kind)
 # the only kinds that may carry descriptors (messages; a hub refuses them on any other frame)
-FD_KINDS = frozenset({int(Kind.SEND), int(Kind.SEND_TO)})
+FD_KINDS = frozenset({int(Kind.SEND), int(Kind.SEND_TO), int(Kind.SHM_ARENA)})
 # the kinds a spy or a traffic log sees: messages between peers, not the bus's own bookkeeping
 MESSAGE_KINDS = frozenset(int(k) for k in (Kind.SEND, Kind.SEND_TO, Kind.REQUEST, Kind.RESPONSE,
                                           Kind.REQUEST_FAIL, Kind.REQUEST_ALL))

@@ -39,6 +39,7 @@ from ._pending import settle as _settle
 from ._client import answers as _answers, connection as _connection, delivery as _delivery
 from ._client import joining as _joining, opening as _opening, readiness as _readiness
 from ._client import gathering as _gathering, groups as _groups, writer as _writer
+from ._client import shm as _shm
 from ._timeouts import resolve_timeout
 from ._types import (IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
                      IpcBusRequestResponse, target_id)
@@ -71,6 +72,16 @@ _NOT_JOINED = _writer.NOT_JOINED
 
 
 # -- the client ------------------------------------------------------------------------------
+def _send_message(client: IpcBusClient, kind: int, channel: str, target: str | None,
+                  args: tuple[Any, ...]) -> None:
+    """A SEND or SEND_TO: large buffers through shared memory (``_client/shm.py``)."""
+    conn = client._connection()
+    if client._shm_threshold and conn.shm.send(client._member, kind, channel, target, args,
+                                               client._shm_threshold, client._shm_limit):
+        return
+    conn.send(client._member, kind, channel, target, 0, P.pack_args(args))
+
+
 def _post_and_wait(self: IpcBusClient, kind: int, channel: str, target: str | None,
                    message: Any, ports: list[Any] | None) -> None:
     """A post: a request the hub answers once every receiver has the message (or fails)."""
@@ -104,6 +115,7 @@ class IpcBusClient(_groups.GroupedEmitter):
         self._closed_fired = False
         self._fire_lock = threading.Lock()
         self._state_lock = threading.Lock()  # connect/close; never taken by the dispatch thread
+        self._shm_threshold, self._shm_limit = 0, _shm.SHM_LIMIT  # see _client/shm.py
 
     @classmethod
     def create(cls) -> IpcBusClient:
@@ -124,7 +136,8 @@ class IpcBusClient(_groups.GroupedEmitter):
     def connect(self, address: Any = None, *, path: str | None = None, port: int | None = None,
                 host: str | None = None, peer_name: str | None = None,
                 timeout: float | None = None, socket_buffer: int | None = None,
-                authkey: bytes | None = None) -> Self:
+                authkey: bytes | None = None, shm_threshold: int = _shm.SHM_THRESHOLD,
+                shm_limit: int = _shm.SHM_LIMIT) -> Self:
         """Join the bus at ``address``; return ``self`` (``with ... as client:`` closes it).
 
         - ``address``: a ``str`` Unix socket path; an ``int`` TCP port on 127.0.0.1; a
@@ -145,6 +158,9 @@ class IpcBusClient(_groups.GroupedEmitter):
           answers and control frames are never held back.
         - ``authkey`` (bytes; default None = ``$IPCBUS_AUTHKEY`` if set, else
           ``multiprocessing.current_process().authkey``): the key a TCP broker expects.
+        - ``shm_threshold`` (default 1 MiB; 0: off), ``shm_limit`` (default 256 MiB): large
+          buffers of ``send``/``send_to`` through a shared-memory arena of that size
+          (README "Large payloads: shared memory").
 
         Raises ``ValueError``/``TypeError`` for bad arguments (e.g. a path over 107 bytes), and
         :class:`~ipcbus.IpcBusConnectionError` when there is no bus at the address, the key is
@@ -156,6 +172,7 @@ class IpcBusClient(_groups.GroupedEmitter):
         if joined is not None:
             return joined  # type: ignore[no-any-return]
         _check_connect_args(peer_name, socket_buffer, authkey)
+        _shm.check_shm_args(shm_threshold, shm_limit)
         wait = resolve_timeout(timeout)
         with self._state_lock:
             if self._conn is not None and not self._conn.closed:
@@ -168,6 +185,7 @@ class IpcBusClient(_groups.GroupedEmitter):
                                     authkey=bytes(authkey) if authkey is not None else None,
                                     socket_buffer=socket_buffer)
             _joining.join(self, conn, _new_peer(peer_name, conn.ptype), wait)
+            self._shm_threshold, self._shm_limit = _shm.settings(conn, shm_threshold, shm_limit)
         return self
 
     def _set_peer(self, info: list[Any]) -> None:
@@ -284,14 +302,14 @@ class IpcBusClient(_groups.GroupedEmitter):
         """Broadcast ``args`` to every listener of ``channel`` on the bus (ours included)."""
         if channel not in _valid_channels:
             _remember_channel(channel)
-        self._connection().send(self._member, _SEND, channel, None, 0, P.pack_args(args))
+        _send_message(self, _SEND, channel, None, args)
 
     def send_to(self, target: IpcBusPeer | str, channel: str, *args: Any) -> None:
         """Send ``args`` to the listeners of ``channel`` of one peer only."""
         target_id = _target_id(target)
         if channel not in _valid_channels:
             _remember_channel(channel)
-        self._send_frame(Kind.SEND_TO, channel, target_id, 0, P.pack_args(args))
+        _send_message(self, _SEND_TO, channel, target_id, args)
 
     def request(self, channel: str, timeout: float | None, *args: Any) -> IpcBusRequestResponse:
         """Ask every listener of ``channel``; return the first answer, or raise
