@@ -133,7 +133,6 @@ class ConnectionShm:
         self.lock = threading.Lock()
         self.freed = threading.Condition(self.lock)
         # sending: our arena (made at the first large send)
-        self.fd = -1
         self.mapping: mmap.mmap | None = None
         self.view: memoryview | None = None
         self.slots: SlotAllocator | None = None
@@ -225,7 +224,8 @@ class ConnectionShm:
             mapping.close()
             os.close(fd)
             raise
-        self.fd, self.mapping, self.view = fd, mapping, memoryview(mapping)
+        os.close(fd)  # the hub has its copy; the mapping keeps its own (Python's mmap dups it)
+        self.mapping, self.view = mapping, memoryview(mapping)
         self.slots = SlotAllocator(limit)
 
     # -- receiving (the reader) -----------------------------------------------------------------
@@ -363,9 +363,6 @@ class ConnectionShm:
             if self.mapping is not None:
                 self.mapping.close()
                 self.mapping = None
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
         for mapping in maps.values():
             _unmap(mapping)
 
