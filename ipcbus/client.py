@@ -76,9 +76,20 @@ def _send_message(client: IpcBusClient, kind: int, channel: str, target: str | N
                   args: tuple[Any, ...]) -> None:
     """A SEND or SEND_TO: large buffers through shared memory (``_client/shm.py``)."""
     conn = client._connection()
-    if client._shm_threshold and conn.shm.send(client._member, kind, channel, target, args,
-                                               client._shm_threshold, client._shm_limit):
-        return
+    threshold = client._shm_threshold
+    if threshold:  # inline: this runs for every message; flat small arguments skip the arena
+        for item in args:
+            cls = item.__class__
+            if cls is bytes or cls is bytearray:
+                if len(item) >= threshold:
+                    break
+            elif cls is not int and cls is not str and cls is not float and item is not None:
+                break
+        else:
+            threshold = 0
+        if threshold and conn.shm.send(client._member, kind, channel, target, args, threshold,
+                                       client._shm_limit):
+            return
     conn.send(client._member, kind, channel, target, 0, P.pack_args(args))
 
 
