@@ -169,9 +169,9 @@ class IpcBusClient(_groups.GroupedEmitter):
           answers and control frames are never held back.
         - ``authkey`` (bytes; default None = ``$IPCBUS_AUTHKEY`` if set, else
           ``multiprocessing.current_process().authkey``): the key a TCP broker expects.
-        - ``shm_threshold`` (default 1 MiB; 0: off), ``shm_limit`` (default 256 MiB): large
-          buffers of ``send``/``send_to`` through a shared-memory arena of that size
-          (README "Large payloads: shared memory").
+        - ``shm_threshold`` (int, bytes; default 1 MiB; 0: off): larger buffers of
+          ``send``/``send_to`` travel through a shared-memory arena (off on TCP).
+        - ``shm_limit`` (int, bytes; default 256 MiB): that arena's size (per connection).
 
         Raises ``ValueError``/``TypeError`` for bad arguments (e.g. a path over 107 bytes), and
         :class:`~ipcbus.IpcBusConnectionError` when there is no bus at the address, the key is
