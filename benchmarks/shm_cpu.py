@@ -5,8 +5,11 @@
 
 One publisher -> broker -> one subscriber, each role in its own spawned process; the
 publisher keeps at most two messages unacknowledged (the subscriber acks each). The broker's
-CPU is read from ``/proc/<pid>/schedstat`` (nanoseconds on the CPU) around the stream; it
-includes the acknowledgements (a small message each). Through the arena the broker forwards a
+CPU is read from ``/proc/<pid>/schedstat`` (nanoseconds on the CPU) from the first message to
+the last acknowledgement (connecting is not counted); it includes the acknowledgements (a
+small message each) and, through the arena, the arena's announcement (once per stream), not
+the freeing of the arena's pages when the connection ends (charged to whichever process lets
+go of the memfd last). Through the arena the broker forwards a
 slot reference, so its CPU per message should not grow with the size; inline it copies the
 payload through two sockets.
 """
@@ -36,7 +39,7 @@ def cpu_ns(pid: int) -> int:
         return int(f.read().split()[0])
 
 
-def subscriber(path: str, n: int, q: Any) -> None:
+def subscriber(path: str, n: int, q: Any, stop: Any) -> None:
     done = threading.Event()
     with IpcBusClient.create().connect(path, peer_name="sub") as client:
         def on(event: IpcBusEvent, seq: int, data: Any) -> None:
@@ -47,9 +50,11 @@ def subscriber(path: str, n: int, q: Any) -> None:
         client.request("/ipcbus/queryState", 10.0)
         q.put("ready")
         q.put("done" if done.wait(120) else "timeout")
+        stop.wait(60)  # the coordinator has read the broker's CPU
 
 
-def publisher(path: str, size: int, n: int, threshold: int, q: Any) -> None:
+def publisher(path: str, size: int, n: int, threshold: int, q: Any, go: Any, stop: Any
+              ) -> None:
     cond = threading.Condition()
     acked = [-1]
     with IpcBusClient.create().connect(path, peer_name="pub", shm_threshold=threshold) as client:
@@ -60,13 +65,17 @@ def publisher(path: str, size: int, n: int, threshold: int, q: Any) -> None:
         client.on(ACK, on)
         client.request("/ipcbus/queryState", 10.0)
         payload = b"x" * size
+        q.put("ready")
+        if not go.wait(60):
+            return
         for seq in range(n):
             with cond:
                 cond.wait_for(lambda: seq - acked[0] <= 2, 60)
             client.send(DATA, seq, payload)
         with cond:
             cond.wait_for(lambda: acked[0] >= n - 1, 60)
-    q.put("sent")
+        q.put("sent")  # before closing: the arena's pages are freed by whoever lets go last
+        stop.wait(60)
 
 
 def one_round(size: int, n: int, threshold: int) -> float:
@@ -77,15 +86,22 @@ def one_round(size: int, n: int, threshold: int) -> float:
             pid = broker.process.pid
             assert pid is not None
             q: Any = CTX.Queue()
-            sub = CTX.Process(target=subscriber, args=(path, n, q), daemon=True)
+            stop = CTX.Event()
+            sub = CTX.Process(target=subscriber, args=(path, n, q, stop), daemon=True)
             sub.start()
             if q.get(timeout=30) != "ready":
                 raise RuntimeError("the subscriber did not start")
-            before = cpu_ns(pid)
-            pub = CTX.Process(target=publisher, args=(path, size, n, threshold, q), daemon=True)
+            go = CTX.Event()
+            pub = CTX.Process(target=publisher, args=(path, size, n, threshold, q, go, stop),
+                              daemon=True)
             pub.start()
+            if q.get(timeout=30) != "ready":
+                raise RuntimeError("the publisher did not start")
+            before = cpu_ns(pid)  # from the first message to the last acknowledgement
+            go.set()
             results = {q.get(timeout=180), q.get(timeout=180)}
             after = cpu_ns(pid)
+            stop.set()
             pub.join(10)
             sub.join(10)
             if results != {"done", "sent"}:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from . import _protocol as P
+from ._arrays import ARRAY_EXT, ARRAY_SLOT_EXT
 from ._decoder import FrameDecoder
 from ._protocol import Kind
 from ._shm_arena import check_arena, map_readonly
@@ -221,6 +222,11 @@ class HubShm:
         mapping, slots = arena.mapping, active.slots
 
         def resolve(code: int, data: bytes) -> Any:
+            if code == ARRAY_SLOT_EXT:  # an array: inline, as its sender would have sent it
+                dtype, shape, index = msgpack.unpackb(data)
+                offset, length = slots[index]
+                return msgpack.ExtType(ARRAY_EXT, msgpack.packb(
+                    [dtype, shape, mapping[offset:offset + length]], use_bin_type=True))
             if code != EXT_CODE:
                 return msgpack.ExtType(code, data)
             offset, length = slots[ext_index(data)]

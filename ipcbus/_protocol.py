@@ -73,6 +73,7 @@ from typing import Any, List, Union
 
 import msgpack
 
+from . import _arrays
 from .errors import IpcBusProtocolError
 
 MAGIC = "ipcbus"
@@ -250,7 +251,8 @@ def check_group(group: object) -> str:
 def pack_payload(value: Any) -> bytes:
     """Encode user data; TypeError/ValueError (nothing sent) if it is not serializable."""
     try:
-        return msgpack.packb(value, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+        return msgpack.packb(value, use_bin_type=True, datetime=False,  # type: ignore[no-any-return]
+                             default=_arrays.encode_default)  # numpy arrays: _arrays.py
     except TypeError as exc:
         raise TypeError(f"cannot send this value on the bus: {exc}") from None
     except (OverflowError, ValueError) as exc:
@@ -331,11 +333,13 @@ def unpack_payload(data: bytes | bytearray | memoryview) -> Any:
     A dict whose keys were tuples comes back with tuple keys (decoded on a slower path, taken
     only when the fast one meets such a key)."""
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                               ext_hook=_arrays.ext_hook)
     except TypeError:  # an array used as a map key: unhashable as a list
         try:
             return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
-                                   object_pairs_hook=_map_with_tuple_keys)
+                                   object_pairs_hook=_map_with_tuple_keys,
+                                   ext_hook=_arrays.ext_hook)
         except Exception as exc:
             raise IpcBusProtocolError(
                 f"malformed message body: {type(exc).__name__}: {exc}") from None

@@ -37,6 +37,7 @@ import msgpack
 
 from .. import _protocol as P
 from .. import _shm_arena as A
+from .._arrays import ARRAY_SLOT_EXT, array_header, decode_array, ext_hook, is_array
 from .._protocol import Kind
 from .._shm_slots import EXT_CODE, SlotAllocator, ext_data, ext_index
 from ..errors import IpcBusConnectionError, IpcBusProtocolError, IpcBusTimeoutError
@@ -78,7 +79,7 @@ def _size(item: Any) -> int:
     cls = item.__class__
     if cls is bytes or cls is bytearray:
         return len(item)
-    if cls is memoryview:
+    if cls is memoryview or is_array(item):
         return item.nbytes  # type: ignore[no-any-return]
     return -1
 
@@ -103,6 +104,9 @@ def _replace(args: tuple[Any, ...], threshold: int, found: list[Any]) -> list[An
     def swap(item: Any) -> Any:
         if _size(item) >= threshold:
             found.append(item)
+            if is_array(item):  # its dtype and shape travel with its slot
+                return msgpack.ExtType(ARRAY_SLOT_EXT, msgpack.packb(
+                    [*array_header(item), len(found) - 1]))
             return msgpack.ExtType(EXT_CODE, ext_data(len(found) - 1))
         return item
 
@@ -119,6 +123,11 @@ def _replace(args: tuple[Any, ...], threshold: int, found: list[Any]) -> list[An
 
 
 def _as_bytes_view(buf: Any) -> memoryview:
+    if is_array(buf):
+        try:
+            return memoryview(buf if buf.flags.c_contiguous else buf.copy(order="C")).cast("B")
+        except (TypeError, ValueError):  # a dtype without a buffer format
+            return memoryview(buf.tobytes())
     view = memoryview(buf)
     if view.c_contiguous:
         return view.cast("B") if view.format != "B" or view.ndim != 1 else view
@@ -302,16 +311,29 @@ class ConnectionShm:
                 raise ValueError("a slot outside the arena")
             return offset, length
 
+        def as_array(data: bytes) -> Any:  # always the receiver's own array
+            fields = msgpack.unpackb(data)
+            offset, length = slot(ext_data(fields[2]))
+            view = memoryview(mapping)[offset:offset + length]
+            try:
+                return decode_array(fields[0], fields[1], view)
+            finally:
+                view.release()
+
         def as_view(code: int, data: bytes) -> Any:
+            if code == ARRAY_SLOT_EXT:
+                return as_array(data)
             if code != EXT_CODE:
-                return msgpack.ExtType(code, data)
+                return ext_hook(code, data)
             offset, length = slot(data)
             views.append(base[offset:offset + length])
             return views[-1]
 
         def as_bytes(code: int, data: bytes) -> Any:
+            if code == ARRAY_SLOT_EXT:
+                return as_array(data)
             if code != EXT_CODE:
-                return msgpack.ExtType(code, data)
+                return ext_hook(code, data)
             offset, length = slot(data)
             return mapping[offset:offset + length]
 
