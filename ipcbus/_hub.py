@@ -369,8 +369,8 @@ class Hub:
         """The router forgets ``ep``'s peers (telling the bus); an error there is logged and
         never stops the hub, nor keeps the endpoint."""
         current, self.current = self.current, None  # frames the router makes now: no source
+        self.shm.forget(ep)  # its slots released, its arena closed (contained: _hub_shm.py)
         try:
-            self.shm.forget(ep)
             self.router.remove_endpoint(ep)
         except Exception as exc:
             log.error("internal error while removing %s: %r", ep.label, exc, exc_info=exc)

@@ -263,7 +263,15 @@ class HubShm:
 
     # -- endings -------------------------------------------------------------------------------
     def forget(self, ep: HubEndpoint) -> None:
-        """``ep`` has ended (or was cut off): what it held is released, its arena closed."""
+        """``ep`` has ended (or was cut off): what it held is released, its arena closed. An
+        error here is logged and goes no further (the hub still forgets its peers)."""
+        try:
+            self._forget(ep)
+        except Exception as exc:
+            log.error("internal error while releasing the shared memory of %s: %r", ep.label,
+                      exc, exc_info=exc)
+
+    def _forget(self, ep: HubEndpoint) -> None:
         self.inline_only.discard(ep)
         for arena_id in self.given.pop(ep, ()):
             arena = self.arenas.get(arena_id)
