@@ -44,6 +44,7 @@ from ._client import answers as _answers, connection as _connection, delivery as
 from ._client import joining as _joining, opening as _opening, readiness as _readiness
 from ._client import gathering as _gathering, groups as _groups, writer as _writer
 from ._client import reconnect as _reconnect, reconnecting as _reconnecting
+from ._client import shm as _shm
 from ._client.reconnect import Reconnect
 from ._timeouts import resolve_timeout
 from ._types import (IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
@@ -76,6 +77,27 @@ _NOT_JOINED = _writer.NOT_JOINED
 
 
 # -- the client ------------------------------------------------------------------------------
+def _send_message(client: IpcBusClient, kind: int, channel: str, target: str | None,
+                  args: tuple[Any, ...]) -> None:
+    """A SEND or SEND_TO: large buffers through shared memory (``_client/shm.py``)."""
+    conn = client._connection()
+    threshold = client._shm_threshold
+    if threshold:  # inline: this runs for every message; flat small arguments skip the arena
+        for item in args:
+            cls = item.__class__
+            if cls is bytes or cls is bytearray:
+                if len(item) >= threshold:
+                    break
+            elif cls is not int and cls is not str and cls is not float and item is not None:
+                break
+        else:
+            threshold = 0
+        if threshold and conn.shm.send(client._member, kind, channel, target, args, threshold,
+                                       client._shm_limit):
+            return
+    conn.send(client._member, kind, channel, target, 0, P.pack_args(args))
+
+
 def _post_and_wait(self: IpcBusClient, kind: int, channel: str, target: str | None,
                    message: Any, ports: list[Any] | None) -> None:
     """A post: a request the hub answers once every receiver has the message (or fails)."""
@@ -109,6 +131,7 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
         self._member = _NOT_JOINED  # who our frames say we are; see _Membership
         self._spy_pattern: str | None = None
         self._state_lock = threading.Lock()  # connect/close; never taken by the dispatch thread
+        self._shm_threshold, self._shm_limit = 0, _shm.SHM_LIMIT  # see _client/shm.py
 
     @classmethod
     def create(cls) -> IpcBusClient:
@@ -129,7 +152,9 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
     def connect(self, address: Any = None, *, path: str | None = None, port: int | None = None,
                 host: str | None = None, peer_name: str | None = None,
                 timeout: float | None = None, socket_buffer: int | None = None,
-                authkey: bytes | None = None, reconnect: bool | Reconnect = False) -> Self:
+                authkey: bytes | None = None, reconnect: bool | Reconnect = False,
+                shm_threshold: int = _shm.SHM_THRESHOLD, shm_limit: int = _shm.SHM_LIMIT
+                ) -> Self:
         """Join the bus at ``address``; return ``self`` (``with ... as client:`` closes it).
 
         - ``address``: a ``str`` Unix socket path; an ``int`` TCP port on 127.0.0.1; a
@@ -159,6 +184,10 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
           ``on_reconnected``, ``wait_connected()``). True = ``Reconnect(initial=0.05,
           maximum=2.0, give_up=None)``: seconds before the first attempt, doubling up to
           ``maximum``; closed for good ``give_up`` seconds after the loss (None: never).
+        - ``shm_threshold`` (int, bytes; default 1 MiB; 0: off): larger buffers of
+          ``send``/``send_to`` travel through a shared-memory arena (off on TCP).
+        - ``shm_limit`` (int, bytes; default 256 MiB): that arena's size (per connection;
+          a new connection after a reconnection makes its own).
 
         Raises ``ValueError``/``TypeError`` for bad arguments (e.g. a path over 107 bytes), and
         :class:`~ipcbus.IpcBusConnectionError` when there is no bus at the address, the key is
@@ -171,6 +200,7 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
         if joined:
             return joined  # type: ignore[no-any-return]
         _check_connect_args(peer_name, socket_buffer, authkey)
+        _shm.check_shm_args(shm_threshold, shm_limit)
         wait = resolve_timeout(timeout)
         with self._state_lock:
             if self._conn is not None and not self._conn.closed:
@@ -189,6 +219,7 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
                 conn = _open_connection(key, make_socket, **opening)
             _joining.join(self, conn, _new_peer(peer_name, conn.ptype), wait)
             self._link = link
+            self._shm_threshold, self._shm_limit = _shm.settings(conn, shm_threshold, shm_limit)
         return self
 
     def _set_peer(self, info: list[Any]) -> None:
@@ -279,14 +310,14 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
         """Broadcast ``args`` to every listener of ``channel`` on the bus (ours included)."""
         if channel not in _valid_channels:
             _remember_channel(channel)
-        self._connection().send(self._member, _SEND, channel, None, 0, P.pack_args(args))
+        _send_message(self, _SEND, channel, None, args)
 
     def send_to(self, target: IpcBusPeer | str, channel: str, *args: Any) -> None:
         """Send ``args`` to the listeners of ``channel`` of one peer only."""
         target_id = _target_id(target)
         if channel not in _valid_channels:
             _remember_channel(channel)
-        self._send_frame(Kind.SEND_TO, channel, target_id, 0, P.pack_args(args))
+        _send_message(self, _SEND_TO, channel, target_id, args)
 
     def request(self, channel: str, timeout: float | None, *args: Any) -> IpcBusRequestResponse:
         """Ask every listener of ``channel``; return the first answer, or raise

@@ -80,12 +80,14 @@ class EcipcClient(IpcBusClient):
     def connect(self, address: Any = None, *, path: str | None = None, port: int | None = None,
                 host: str | None = None, peer_name: str | None = None,
                 timeout: float | None = None, socket_buffer: int | None = None,
-                authkey: bytes | None = None, reconnect: bool | Reconnect = False) -> Self:
+                authkey: bytes | None = None, reconnect: bool | Reconnect = False,
+                shm_threshold: int = 1 << 20, shm_limit: int = 256 << 20) -> Self:
         """Join the electron-common-ipc bus at ``"ecipc:PATH"``, ``"ecipc:PORT"`` or
         ``"ecipc:HOST:PORT"``; any other address connects as a plain ipcbus client.
 
         ``timeout`` bounds the socket connection (there is no handshake answer to wait for);
-        ``socket_buffer`` is accepted and ignored; ``authkey`` raises ``ValueError`` (the
+        ``socket_buffer``, ``shm_threshold`` and ``shm_limit`` are accepted and ignored
+        (large payloads go inline to Node); ``authkey`` raises ``ValueError`` (the
         protocol has no authentication); ``reconnect`` (for a plain address only) raises
         ``ValueError``: reconnection is not available on a Node bus."""
         ecipc = parse_address(address, path=path, port=port)
@@ -97,7 +99,8 @@ class EcipcClient(IpcBusClient):
             return IpcBusClient.connect(self, address, path=path, port=port, host=host,
                                         peer_name=peer_name, timeout=timeout,
                                         socket_buffer=socket_buffer, authkey=authkey,
-                                        reconnect=reconnect)
+                                        reconnect=reconnect, shm_threshold=shm_threshold,
+                                        shm_limit=shm_limit)
         if reconnect:
             raise ValueError("reconnect is not available on an electron-common-ipc (ecipc:) bus")
         if peer_name is not None and not isinstance(peer_name, str):
