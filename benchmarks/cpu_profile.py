@@ -3,6 +3,9 @@
     python benchmarks/cpu_profile.py w1            # request round trips, 100 B
     python benchmarks/cpu_profile.py w2            # a stream of 100 B messages, 1 -> 1
     python benchmarks/cpu_profile.py w4            # 16 MiB messages, a window of 2 (N_W4=60)
+    python benchmarks/cpu_profile.py w1g           # w1 through a group of N_GROUP=4 responders
+    python benchmarks/cpu_profile.py w1rot         # w1 to N_GROUP=4 plain responders in turn
+                                                   # (the requester picks: no group)
     PYTHONPATH=/path/to/other/copy python benchmarks/cpu_profile.py w1   # the same, another copy
 
 Prints p50/p99 (w1), msg/s (w2) or MB/s (w4) and, per process (requester or publisher, broker, responder
@@ -33,10 +36,11 @@ def cpu(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def responder(address: str, ready: Any) -> None:
+def responder(address: str, ready: Any, group: str | None = None, channel: str = "echo"
+              ) -> None:
     client = IpcBusClient.create().connect(address)
     done = threading.Event()
-    client.on("echo", lambda event, x: event.request.resolve(x))
+    client.on(channel, lambda event, x: event.request.resolve(x), group=group)
     client.on("stop", lambda event: done.set())
     client.request("/ipcbus/queryState", 5.0)
     ready.set()
@@ -88,7 +92,7 @@ def counter(address: str, ready: Any, result: Any) -> None:
 
 
 def report(label: str, pids: list[int], before: list[tuple[float, float]], n: int,
-           names: tuple[str, str, str], scale: float = 1e6, unit: str = "us") -> None:
+           names: tuple[str, ...], scale: float = 1e6, unit: str = "us") -> None:
     after = [cpu(pid) for pid in pids]
     parts = [f"{name} {(b[0] - a[0]) / n * scale:.0f}+{(b[1] - a[1]) / n * scale:.0f}"
              for name, a, b in zip(names, before, after)]
@@ -102,24 +106,35 @@ def main() -> None:
     with IpcBusBroker.create().connect(address) as broker:
         ready = ctx.Event()
         client = IpcBusClient.create().connect(address)
-        if which == "w1":
-            proc = ctx.Process(target=responder, args=(address, ready))
-            proc.start()
-            ready.wait(30)
+        if which in ("w1", "w1g", "w1rot"):
+            members = int(os.environ.get("N_GROUP", "4")) if which != "w1" else 1
+            group = "pool" if which == "w1g" else None
+            channels = [f"echo{i}" if which == "w1rot" else "echo" for i in range(members)]
+            procs = []
+            for i in range(members):
+                ready = ctx.Event()
+                procs.append(ctx.Process(target=responder,
+                                         args=(address, ready, group, channels[i])))
+                procs[-1].start()
+                ready.wait(30)
+            proc = procs[0]
             payload = b"x" * 100
-            for _ in range(500):
-                client.request("echo", 5.0, payload)
-            pids = [os.getpid(), broker.process.pid, proc.pid]
+            for i in range(500):
+                client.request(channels[i % members], 5.0, payload)
+            pids = [os.getpid(), broker.process.pid] + [p.pid for p in procs]
             before = [cpu(pid) for pid in pids]
             lat = []
-            for _ in range(N_W1):
+            for i in range(N_W1):
                 t = time.perf_counter()
-                client.request("echo", 5.0, payload)
+                client.request(channels[i % members], 5.0, payload)
                 lat.append(time.perf_counter() - t)
             lat.sort()
-            report(f"W1 p50 {lat[N_W1 // 2] * 1e6:.0f} us, p99 {lat[N_W1 * 99 // 100] * 1e6:.0f}"
-                   " us", pids, before, N_W1, ("requester", "broker", "responder"))
+            report(f"{which.upper()} p50 {lat[N_W1 // 2] * 1e6:.0f} us, p99"
+                   f" {lat[N_W1 * 99 // 100] * 1e6:.0f} us", pids, before, N_W1,
+                   ("requester", "broker") + tuple(f"responder{i}" for i in range(members)))
             client.send("stop")
+            for other in procs[1:]:
+                other.join(30)
         elif which == "w2":
             result = ctx.Queue()
             proc = ctx.Process(target=counter, args=(address, ready, result))

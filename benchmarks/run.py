@@ -51,6 +51,9 @@ class Impl:
 IPCBUS = Impl("ipcbus", impl_ipcbus.broker_topology, windowed=True)
 BRIDGE = Impl("ipcbus bridge", impl_ipcbus.bridge_topology, windowed=True)
 DIRECT = Impl("ipcbus direct", impl_ipcbus.direct_topology, windowed=False)
+# large payloads (issue 18): listeners with zero_copy=True; the arena turned off (inline)
+ZERO_COPY = Impl("ipcbus zero_copy", impl_ipcbus.zero_copy_topology, windowed=True)
+INLINE = Impl("ipcbus inline", impl_ipcbus.inline_topology, windowed=True)
 RELAY = Impl("mp-relay", impl_relay.topology, windowed=True)
 ZMQ = Impl("zmq", impl_zmq.topology, windowed=True, available=impl_zmq.AVAILABLE)
 PIPE = Impl("Pipe", impl_floor.pipe_topology, windowed=False)
@@ -80,6 +83,7 @@ class Row:
     subject: Impl  # what the "ipcbus" column measures
     alternatives: tuple[Impl, ...]
     target: Optional[tuple[str, float]] = None  # (">=" or "<=", value)
+    ratio_target: Optional[float] = None  # ipcbus/best broker at least this (same run)
 
     @property
     def lower_is_better(self) -> bool:
@@ -87,9 +91,11 @@ class Row:
 
 
 W1 = Case("rtt", 1, (SMALL,))
+W1G = Case("rtt", 4, (SMALL,))  # ipcbus only: 4 responders in one group, each request to one
 W2 = Case("stream", 1, (SMALL,))
 W3 = Case("stream", 4, (SMALL,))
 W4 = Case("stream", 1, LARGE_SIZES)
+W6 = Case("stream", 4, (16 * MiB,))
 ALL_ALTS = tuple(ALTERNATIVES)
 BROKER_ALTS = (RELAY, ZMQ)
 
@@ -98,6 +104,9 @@ def workload_rows(name: str) -> list[Row]:
     if name == "W1":
         return [Row("W1", "req/resp 100 B", W1, SMALL, "p50", IPCBUS, ALL_ALTS, ("<=", 150.0)),
                 Row("W1", "req/resp 100 B", W1, SMALL, "p99", IPCBUS, ALL_ALTS)]
+    if name == "W1G":  # a group's dispatch should cost the broker no more than a plain request
+        return [Row("W1G", "req/resp 100 B, group of 4", W1G, SMALL, "p50", IPCBUS, ()),
+                Row("W1G", "req/resp 100 B, group of 4", W1G, SMALL, "p99", IPCBUS, ())]
     if name == "W2":
         return [Row("W2", "1 -> 1, 100 B", W2, SMALL, "msg/s", IPCBUS, ALL_ALTS,
                     (">=", 300e3))]
@@ -106,8 +115,20 @@ def workload_rows(name: str) -> list[Row]:
                     (">=", 600e3))]
     if name == "W4":
         return [Row("W4", "1 -> 1, 1 MiB", W4, 1 * MiB, "MB/s", IPCBUS, ALL_ALTS),
+                Row("W4", "1 -> 1, 1 MiB zero_copy", W4, 1 * MiB, "MB/s", ZERO_COPY, ALL_ALTS),
+                Row("W4", "1 -> 1, 1 MiB inline", W4, 1 * MiB, "MB/s", INLINE, ALL_ALTS),
                 Row("W4", "1 -> 1, 16 MiB", W4, 16 * MiB, "MB/s", IPCBUS, ALL_ALTS,
-                    (">=", 1500.0))]
+                    (">=", 1500.0)),
+                Row("W4", "1 -> 1, 16 MiB zero_copy", W4, 16 * MiB, "MB/s", ZERO_COPY,
+                    ALL_ALTS, ratio_target=3.0),
+                Row("W4", "1 -> 1, 16 MiB inline", W4, 16 * MiB, "MB/s", INLINE, ALL_ALTS)]
+    if name == "W6":
+        return [Row("W6", "1 -> 4, 16 MiB", W6, 16 * MiB, "MB/s", IPCBUS, BROKER_ALTS,
+                    ratio_target=4.0),
+                Row("W6", "1 -> 4, 16 MiB zero_copy", W6, 16 * MiB, "MB/s", ZERO_COPY,
+                    BROKER_ALTS, ratio_target=4.0),
+                Row("W6", "1 -> 4, 16 MiB inline", W6, 16 * MiB, "MB/s", INLINE,
+                    BROKER_ALTS)]
     if name == "W5":
         rows = []
         for subject, how in ((BRIDGE, "bridge"), (DIRECT, "direct")):
@@ -121,7 +142,7 @@ def workload_rows(name: str) -> list[Row]:
     raise ValueError(f"unknown workload {name!r}")
 
 
-WORKLOADS = ["W1", "W2", "W3", "W4", "W5"]
+WORKLOADS = ["W1", "W1G", "W2", "W3", "W4", "W5", "W6"]
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -324,6 +345,11 @@ def table(rows: list[Row], results: dict[tuple[str, Case], CaseResult], cfg: Con
             if subject is not None and not cfg.smoke:
                 verdict = subject <= goal if op == "<=" else subject >= goal
                 target_text += " ok" if verdict else " MISS"
+        if row.ratio_target is not None:
+            target_text = f"x >= {row.ratio_target:.1f}"
+            if ratio_b is not None and not cfg.smoke:
+                verdict = ratio_b >= row.ratio_target
+                target_text += " ok" if verdict else " MISS"
         lines.append([f"{row.workload} {row.label}", METRIC_TEXT[row.metric], subject_text] + cells
                      + [f"{best[0]} {fmt(best[1], row.metric)}" if best else "-",
                         f"{ratio:.2f}" if ratio is not None else "-",
@@ -407,7 +433,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="measured rounds per measurement; medians are reported"
                              " (default 3, or 1 with --smoke)")
     parser.add_argument("--only", default=",".join(WORKLOADS),
-                        help="comma-separated workloads to run (default: all of W1-W5)")
+                        help="comma-separated workloads to run (default: all of"
+                             f" {','.join(WORKLOADS)})")
     parser.add_argument("--seconds", type=float, default=1.0,
                         help="wanted duration of one measured round in full mode (default 1)")
     parser.add_argument("--window-mib", type=int, default=WINDOW_MIB,
@@ -482,6 +509,12 @@ def main(argv: Optional[list[str]] = None) -> int:
           " alternatives of W1, W2 and W4.")
     print()
     print(text)
+    w1, w1g = results.get((IPCBUS.key, W1)), results.get((IPCBUS.key, W1G))
+    if w1 is not None and w1g is not None:
+        p50, p50g = w1.median(SMALL, "p50"), w1g.median(SMALL, "p50")
+        if p50 and p50g:
+            print(f"\nW1G/W1 p50: {p50g / p50:.2f} (a request through a group of 4 vs one"
+                  " responder, same run)")
     print()
     print("memory (W2-W4 brokers; the bridge lives in the coordinator's process):")
     for line in memory_lines(results, cfg) or ["  (no broker measured)"]:

@@ -89,6 +89,7 @@ class Router:
         # A federated broker's link to NATS (a relay for the other brokers' peers): told of
         # this side's peers, subscriptions and services (``tell_federation``).
         self.federation: Endpoint | None = None
+        self.state_parts: list[Callable[[], dict[str, Any]]] = []  # more of the state (a link's)
         self.peers: dict[str, Peer] = {}
         # Peers waiting for the broker to accept their id (a linked bridge): id ->
         # (their endpoint, or None once it has gone; recorded info; rid of their PEER_ADD)
@@ -173,6 +174,8 @@ class Router:
 
     def remove_endpoint(self, endpoint: Endpoint) -> None:
         """Forget a connection that has ended, and everything its peers owned."""
+        if endpoint is self.federation:  # cut off (logged by the hub): no longer federated
+            self.federation = None
         for peer_id in list(endpoint.peers):
             self.members.remove_peer(peer_id)
         for peer_id, (ep, recorded, rid) in list(self.joining.items()):
@@ -298,9 +301,11 @@ class Router:
         target = frame.target
         if channel.startswith(_RESERVED) and endpoint is not self.upstream:
             if channel.startswith(P.SERVICE_CALL_PREFIX):
+                name = channel[len(P.SERVICE_CALL_PREFIX):]
+                if name in self.service_hosts.pools and target is None:
+                    return self.service_hosts.route_call(endpoint, frame)  # ONE member
                 # A service's calls go to its host only (when this side knows the host).
-                target = self.service_hosts.host_of(channel[len(P.SERVICE_CALL_PREFIX):],
-                                                    target)
+                target = self.service_hosts.host_of(name, target)
             elif channel not in SPECIAL_CHANNELS and not channel.startswith(P.DIRECT_PREFIX):
                 self.dropped["reserved_channel"] += 1
                 self.messages.refuse_reserved(endpoint, frame)
@@ -314,4 +319,6 @@ class Router:
                           self.stats.channels)
         if self._state_extra is not None:
             state.update(self._state_extra())
+        for part in self.state_parts:
+            state.update(part())
         return state

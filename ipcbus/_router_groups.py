@@ -28,6 +28,7 @@ that is only a member does not get the channel's other messages. The rules:
 """
 from __future__ import annotations
 
+import struct
 from typing import Any, Callable, Iterator
 
 from . import _protocol as P
@@ -41,6 +42,7 @@ Peer = Any
 __all__ = ["GroupRouter", "group_of"]
 
 Key = tuple[str, int]
+_U8, _U16, _U32 = struct.Struct(">B"), struct.Struct(">H"), struct.Struct(">I")
 
 
 def group_of(frame: Frame) -> str | None:
@@ -68,6 +70,7 @@ class GroupRouter:
         self.of_peer: dict[str, set[tuple[str, str]]] = {}  # peer id -> (channel, group)
         self.turns = GroupTurns()
         self._given: dict[str, set[Key]] = {}  # member -> grouped requests it was given
+        self._frames: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}  # grouped_frame
         self.core = core  # the router (_routing.RouterCore)
         # a linked bridge: (request, member) it handed a member as the broker chose
         self.via_upstream: set[tuple[Key, str]] = set()
@@ -114,9 +117,12 @@ class GroupRouter:
         """A SUBSCRIBE with a group (its sender checked by the router)."""
         group, channel = group_of(frame), frame.channel
         assert group is not None
-        if count > P.MAX_SUBSCRIBE_STEP or channel.startswith(P.RESERVED_PREFIX):
+        if count > P.MAX_SUBSCRIBE_STEP or (channel.startswith(P.RESERVED_PREFIX) and \
+                not self.core.service_hosts.may_join(peer.id, channel, group)):  # a pool host
             raise IpcBusProtocolError(f"SUBSCRIBE to group {group!r} of {channel!r}: a"
-                                      " reserved channel, or too many references")
+                                      " reserved channel (not the call channel of a service"
+                                      " this peer hosts in that group), or too many"
+                                      " references")
         if peer.id not in self.of_peer and len(peer.channels) >= P.MAX_CHANNELS_PER_PEER:
             raise IpcBusProtocolError(f"peer {peer.id!r} listens to too many channels")
         first = peer.id not in self.channels.get(channel, {}).get(group, {})
@@ -183,6 +189,13 @@ class GroupRouter:
                 for channel, groups in self.channels.items()}
 
     # -- choosing -----------------------------------------------------------------------------
+    def answered(self, key: Key, member: str) -> None:
+        """``member`` answered ``key``: its load drops now (other ends of a request, a
+        timeout or a cancel, are pruned when the member is next weighed)."""
+        given = self._given.get(member)
+        if given:
+            given.discard(key)
+
     def load(self, peer_id: str) -> int:
         """The grouped requests ``peer_id`` was given and has not answered yet."""
         given = self._given.get(peer_id)
@@ -223,13 +236,31 @@ class GroupRouter:
         for group, member in grouped:
             if key is not None:
                 self._given.setdefault(member, set()).add(key)
-            peers[member].endpoint.deliver(grouped_frame(channel, member, group, raw), [])
+            peers[member].endpoint.deliver(
+                grouped_frame(channel, member, group, raw, self._frames), [])
 
 
-def grouped_frame(channel: str, target: str, group: str, raw: bytes | bytearray) -> bytes:
-    """The GROUPED frame that hands a frame (its bytes ``raw`` as they came) to ``target``."""
-    body: Any = P.pack_payload([group, bytes(raw)])
-    return P.encode_frame(Kind.GROUPED, channel, None, target, 0, body)
+def grouped_frame(channel: str, target: str, group: str, raw: bytes | bytearray,
+                  cache: dict[tuple[str, str, str], tuple[bytes, bytes]] | None = None
+                  ) -> bytes:
+    """The GROUPED frame that hands a frame (its bytes ``raw`` as they came) to ``target``:
+    its body is the msgpack array ``[group, raw]``, built around ``raw`` without packing it
+    again. ``cache`` keeps the header and the body's start per (channel, target, group)."""
+    key = (channel, target, group)
+    parts = cache.get(key) if cache is not None else None
+    if parts is None:
+        parts = (P.encode_header(Kind.GROUPED, channel, None, target, 0),
+                 b"\x92" + P.pack_payload(group))  # fixarray of 2, then the group's str
+        if cache is not None:
+            if len(cache) >= 4096:
+                cache.clear()
+            cache[key] = parts
+    header, start = parts
+    n = len(raw)
+    size = b"\xc4" + _U8.pack(n) if n < 0x100 else b"\xc5" + _U16.pack(n) if n < 0x10000 \
+        else b"\xc6" + _U32.pack(n)  # msgpack bin 8 / 16 / 32
+    body_len = len(start) + len(size) + n
+    return b"".join((P.PREFIX.pack(len(header), body_len, 0), header, start, size, raw))
 
 
 def frame_bytes(frame: Frame) -> list[bytes | bytearray]:

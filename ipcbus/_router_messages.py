@@ -53,8 +53,8 @@ class MessageRouter:
         if channel.startswith(P.DIRECT_PREFIX) or channel.startswith(P.SERVICE_CALL_PREFIX):
             return True
         if channel.startswith(P.SERVICE_EVENT_PREFIX):
-            host = self.core.services.get(channel[len(P.SERVICE_EVENT_PREFIX):])
-            if host is not None and host == frame.sender_id:
+            if self.core.service_hosts.is_host(channel[len(P.SERVICE_EVENT_PREFIX):],
+                                               frame.sender_id):  # a pool: any member
                 return True
             self.core.dropped["forged_events"] += frame.count
             return False

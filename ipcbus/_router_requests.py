@@ -84,6 +84,9 @@ class RequestRouter:
                         break
                     listener.endpoint.deliver(frame.raw, [], frame.count)
                     return
+            elif subs is None and channel in self.grouped and endpoint is not core.federation \
+                    and self.to_members(key, endpoint, frame):
+                return  # only groups listen: the member chosen in each (by the origin broker)
         if key in self.table:
             raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
         if target is None and channel in READINESS_CHANNELS:  # (linked: the broker answers)
@@ -100,6 +103,20 @@ class RequestRouter:
             ep.deliver(frame.raw, [], frame.count)
         if grouped:
             self.core.groups.hand(key, frame.channel, frame.raw, grouped, self.core.peers)
+
+    def to_members(self, key: Key, endpoint: Endpoint, frame: Frame) -> bool:
+        """A request at the root of the bus on a channel that only groups listen to (or a
+        pool's call): to the member chosen in each group, in GROUPED. False if there is none."""
+        groups = self.core.groups
+        grouped = list(groups.choose(frame.channel))
+        if not grouped:
+            return False
+        if key in self.table:
+            raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
+        self.table.add(key, Pending(key[0], endpoint, frame.channel),
+                       receivers={member for _, member in grouped})
+        groups.hand(key, frame.channel, frame.raw, grouped, self.core.peers)
+        return True
 
     def route_all(self, endpoint: Endpoint, frame: Frame) -> None:
         """A REQUEST_ALL from ``endpoint`` (its sender checked): to every listener, gathered.
@@ -208,10 +225,12 @@ class RequestRouter:
             self._gathered(key, pending, answerer, frame)
             return
         self.table.take(key)
+        if self.grouped:  # a member's load drops at its answer
+            core.groups.answered(key, answerer)
         if self.via_upstream and pending.endpoint is not core.upstream:
             core.groups.answered_below(key, answerer, frame.raw)
         if pending.service is not None:
-            core.services[pending.service] = pending.requester  # the broker granted it
+            core.service_hosts.granted(pending.service, pending.requester, key)  # by the broker
         pending.endpoint.deliver(frame.raw, [], frame.count)
 
     def _gathered(self, key: Key, pending: Pending, answerer: str, frame: Frame) -> None:

@@ -116,7 +116,10 @@ def bus_state(core: RouterCore, pending_by_peer: dict[str, int], pending: int, s
         "channel_stats": {ch: {"messages": m, "bytes": b,
                                "subscribers": len(core.subscribers.get(ch, ()))}
                           for ch, (m, b) in channel_stats.items()},
-        "services": dict(core.services),
+        "services": core.service_hosts.state(),  # a pool: its members' ids
+        # channel -> group -> member ids, in the order they joined (_router_groups)
+        "groups": {channel: {group: list(members) for group, members in groups.items()}
+                   for channel, groups in core.groups.channels.items()},
         "dropped": dict(core.dropped),
         "spies": spies,
         "pending_requests": pending,

@@ -140,6 +140,7 @@ class RouterCore(Protocol):
     channel_endpoints: dict[str, dict[Endpoint, int]]  # channel -> endpoint -> peers
     services: dict[str, str]  # service name -> host peer id
     groups: GroupRouter  # channel -> group -> members (_router_groups.py)
+    service_hosts: Any  # _router_services.ServiceRouter (which imports this module)
     dropped: dict[str, int]  # refusals, by kind, for the state
     warn: RateLimitedLog
 

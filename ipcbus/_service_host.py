@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable
 from typing_extensions import Self
 
 from . import _protocol as P
-from ._service_common import RESERVED_EVENTS, STATUS_CALL, check_name, on_closed_weak
+from ._service_common import (RESERVED_EVENTS, STATUS_CALL, check_name, on_closed_weak,
+                              on_reconnection_weak)
 from ._types import IpcBusEvent, IpcBusRequest
 from .client import IpcBusClient
 from .errors import (IpcBusError, IpcBusRequestError, IpcBusRequestTimeoutError,
@@ -65,9 +66,17 @@ class IpcBusService:
     called as ``handler(*args)`` on the client's dispatch thread; their return value is the
     call's result (any msgpack value, or a :class:`concurrent.futures.Future` of one), and an
     exception they raise reaches the caller as "TypeName: message".
+
+    ``group``: host the service as a member of a pool. Every host that starts the same name
+    with the same group shares its calls: each call goes to ONE member (the one with the
+    fewest calls in progress, ties in turn), the service is started while at least one
+    member hosts it, and its proxies are told "stop" only when the last member leaves. Any
+    member's ``send_event`` reaches the proxies. Without a group the service is exclusive (a
+    second host is refused); mixing the two, or another group, on one name is refused.
     """
 
-    def __init__(self, client: IpcBusClient, name: str, impl: object = None) -> None:
+    def __init__(self, client: IpcBusClient, name: str, impl: object = None, *,
+                 group: str | None = None) -> None:
         if not isinstance(client, IpcBusClient):
             raise TypeError(f"client must be an IpcBusClient, not {type(client).__name__}")
         check_name(name, "service name")
@@ -79,6 +88,7 @@ class IpcBusService:
         self._lock = threading.Lock()  # handlers
         self._state_lock = threading.RLock()  # start / stop
         self._handlers: dict[str, Callable[..., Any]] = {}
+        self._group = None if group is None else P.check_group(group)
         self._started = False
         self._watching = False
         if impl is not None:
@@ -86,8 +96,9 @@ class IpcBusService:
                 self._handlers[call_name] = method
 
     @classmethod
-    def create(cls, client: IpcBusClient, name: str, impl: object = None) -> IpcBusService:
-        return cls(client, name, impl)
+    def create(cls, client: IpcBusClient, name: str, impl: object = None, *,
+               group: str | None = None) -> IpcBusService:
+        return cls(client, name, impl, group=group)
 
     @property
     def name(self) -> str:
@@ -102,6 +113,11 @@ class IpcBusService:
         return self._started
 
     @property
+    def group(self) -> str | None:
+        """The pool this host belongs to (None: an exclusive service)."""
+        return self._group
+
+    @property
     def calls(self) -> list[str]:
         """The names of the registered call handlers, sorted."""
         with self._lock:
@@ -112,7 +128,10 @@ class IpcBusService:
         peer = self._client._peer
         host = None if peer is None else {"id": peer.id, "name": peer.name,
                                           "pid": peer.process.pid}
-        return {"started": self._started, "calls": self.calls, "host": host}
+        status: dict[str, Any] = {"started": self._started, "calls": self.calls, "host": host}
+        if self._group is not None:
+            status["group"] = self._group
+        return status
 
     # -- handlers ---------------------------------------------------------------------------
     def register_call_handler(self, call_name: str, handler: Callable[..., Any]) -> Self:
@@ -150,7 +169,8 @@ class IpcBusService:
         """Claim the name on the bus, listen for calls and tell every proxy. Idempotent.
 
         Raises :class:`IpcBusServiceError` if another peer (or another service object of this
-        client) has started a service of that name; :class:`~ipcbus.IpcBusTimeoutError` if the
+        client) has started a service of that name (for a group: if the name is hosted
+        without a group or by another group); :class:`~ipcbus.IpcBusTimeoutError` if the
         bus does not answer within ``timeout``.
         """
         with self._state_lock:
@@ -167,7 +187,7 @@ class IpcBusService:
                         f" client {peer.name!r} ({peer.id}) has started it")
                 _hosted[key] = self
             try:
-                client._register_service(self._name, timeout)
+                client._register_service(self._name, timeout, self._group)
             except IpcBusRequestTimeoutError as exc:
                 self._release(key)
                 raise IpcBusTimeoutError(
@@ -182,14 +202,15 @@ class IpcBusService:
                 raise
             if not self._watching:
                 on_closed_weak(client, self, "_on_client_closed")
+                on_reconnection_weak(client, self)  # see _on_bus_back
                 self._watching = True
             self._started = True
             try:
-                client.on(self._call_channel, self._on_call)
+                self._listen(True)
                 client._send_reserved(self._event_channel, "start", self.get_status())
             except BaseException:
                 self._started = False
-                client.off(self._call_channel, self._on_call)
+                self._listen(False)
                 self._release(key)
                 raise
             log.debug("service %r started by %s", self._name, peer.name)
@@ -202,7 +223,7 @@ class IpcBusService:
             if not self._started:
                 return
             client = self._client
-            client.off(self._call_channel, self._on_call)  # later calls are refused at once
+            self._listen(False)  # later calls are refused at once
             self._started = False
             peer = client._peer
             if peer is not None:
@@ -215,6 +236,18 @@ class IpcBusService:
                     log.debug("service %r: stop not announced: %s", self._name, exc)
             log.debug("service %r stopped", self._name)
 
+    def _listen(self, on: bool) -> None:
+        """Listen (or stop listening) on the call channel: plainly for an exclusive service,
+        as a member of the pool's group for a service hosted by a group (the hub hands each
+        call to one member)."""
+        client = self._client
+        if self._group is not None:
+            client._on_reserved_group(self._call_channel, self._on_call, self._group, on)
+        elif on:
+            client.on(self._call_channel, self._on_call)
+        else:
+            client.off(self._call_channel, self._on_call)
+
     def _release(self, key: tuple[str, str]) -> None:
         with _hosted_lock:
             if _hosted.get(key) is self:
@@ -225,10 +258,35 @@ class IpcBusService:
         with self._state_lock:
             if self._started:
                 self._started = False
-                self._client.off(self._call_channel, self._on_call)
+                self._listen(False)
                 with _hosted_lock:
                     for key in [k for k, v in _hosted.items() if v is self]:
                         del _hosted[key]
+
+    # -- reconnection (a client connected with reconnect: README "Surviving a broker restart") --
+    def _on_bus_lost(self, reason: str) -> None:
+        """The bus is down: the service stays started here and starts again on the bus once
+        the client is back (``_on_bus_back``); its proxies see it stopped meanwhile."""
+        log.debug("service %r: the bus is down (%s)", self._name, reason)
+
+    def _on_bus_back(self) -> None:
+        """The client joined the bus again (on its dispatch thread): the new bus knows no
+        service, so claim the name again and tell every proxy (a proxy that joins later asks
+        for the status, as always). Another peer holding the name by now stops this one."""
+        with self._state_lock:
+            if not self._started:
+                return
+            try:
+                self._client._register_service(self._name, None, self._group)
+                if self._group is not None:  # the pool's membership, once the name is ours
+                    self._client._rejoin_reserved_group(self._call_channel, self._group)
+                self._client._send_reserved(self._event_channel, "start", self.get_status())
+            except IpcBusError as exc:
+                log.warning("service %r not started again after reconnection: %s",
+                            self._name, exc)
+                self._on_client_closed()  # stopped here (the bus never knew it started)
+                return
+            log.debug("service %r started again after reconnection", self._name)
 
     # -- events -----------------------------------------------------------------------------
     def send_event(self, event_name: str, *args: Any) -> bool:

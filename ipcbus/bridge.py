@@ -103,7 +103,9 @@ class IpcBusBridge:
           ``multiprocessing.current_process().authkey``): the key of a TCP link.
 
         Raises :class:`~ipcbus.IpcBusConnectionError` if a bridge is already connected in this
-        process or the broker cannot be reached or refuses the link.
+        process or the broker cannot be reached or refuses the link. The link does not
+        reconnect (not yet): if the broker goes, this process and its pipe children go on as
+        a bus of their own, without the remote part.
         """
         linked = any(a is not None for a in (address, path, port))
         addr = T.parse_address(address, path=path, port=port, host=host) if linked else None

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import msgpack
 from typing_extensions import Self
 
-from . import _transport as T
+from . import _broker_restart, _transport as T
 from ._handshake import LINK_POLICIES
 # The hub's names, reachable from here as before (_Endpoint, _READ, _WRITE: for tests).
 from ._hub import _READ as _READ, _WRITE as _WRITE
@@ -183,7 +183,12 @@ class IpcBusBroker:
     name; ``"spawn"`` by default, since a process with threads must not fork).
     """
 
-    def __init__(self, *, context: Any = None, **options: Any) -> None:
+    def __init__(self, *, context: Any = None, restart: bool = False, **options: Any) -> None:
+        if not isinstance(restart, bool):
+            raise TypeError("restart must be a bool")
+        self._restart = restart
+        self._supervisor: _broker_restart.Supervisor | None = None
+        self._authkey = b""
         self._options = HubOptions(**options)
         if context is None or isinstance(context, str):
             context = multiprocessing.get_context(context or "spawn")
@@ -237,6 +242,9 @@ class IpcBusBroker:
           for TLS.
         - ``context`` (a multiprocessing context or a start method name; default ``"spawn"``):
           how the broker's child process is started.
+        - ``restart`` (bool; default False): restart a broker child that dies, on the same
+          address (:attr:`process` is the live child; each restart is logged; :meth:`close`
+          stops restarting). Clients connected with ``reconnect`` come back to it.
 
         Bad values raise ``ValueError``/``TypeError`` here.
         """
@@ -285,35 +293,62 @@ class IpcBusBroker:
         with self._lock:
             if self._ctl is not None:
                 raise IpcBusConnectionError("this broker is already running")
-            parent, child = self._context.Pipe(duplex=True)
             key = bytes(authkey) if authkey is not None else T.default_authkey()
-            proc = self._context.Process(
-                target=run_broker_child, name=f"ipcbus-broker {T.format_address(addr)}",
-                args=(addr, self._options.to_dict(), key, child, os.getpid()), daemon=True)
-            proc.start()
-            child.close()
-            try:
-                if not parent.poll(wait):
-                    raise IpcBusTimeoutError("the broker process did not start in time")
-                msg = _ctl_recv(parent)
-            except (EOFError, OSError) as exc:
-                proc.join(1.0)
-                parent.close()
-                raise IpcBusConnectionError(f"the broker process died while starting"
-                                            f" (exit code {proc.exitcode}): {exc}") from None
-            except BaseException:
-                proc.kill()
-                parent.close()
-                raise
-            if msg[0] != "ready":
-                proc.join(5.0)
-                parent.close()
-                raise IpcBusConnectionError(f"the broker could not start: {msg[1]}")
-            bound = msg[2]
+            proc, parent, bound = self._start_child(addr, key, wait)
             self._address = bound if isinstance(bound, str) else (bound[0], bound[1])
-            self._process, self._ctl = proc, parent
-            self._finalizer = weakref.finalize(self, _stop_child, proc, parent)
+            self._process, self._ctl, self._authkey = proc, parent, key
+            if self._restart:
+                self._supervisor = _broker_restart.Supervisor(self)
+                self._supervisor.start()
+            self._finalizer = weakref.finalize(self, _stop_child, proc, parent, DEFAULT_TIMEOUT,
+                                               self._supervisor)
         return self
+
+    def _start_child(self, addr: Any, key: bytes, wait: float | None = 10.0
+                     ) -> tuple[Any, multiprocessing.connection.Connection, Any]:
+        """Start a broker child listening on ``addr``: (process, control pipe, bound
+        address) once it accepts peers; raises as :meth:`connect` says."""
+        parent, child = self._context.Pipe(duplex=True)
+        proc = self._context.Process(
+            target=run_broker_child, name=f"ipcbus-broker {T.format_address(addr)}",
+            args=(addr, self._options.to_dict(), key, child, os.getpid()), daemon=True)
+        proc.start()
+        child.close()
+        try:
+            if not parent.poll(wait):
+                raise IpcBusTimeoutError("the broker process did not start in time")
+            msg = _ctl_recv(parent)
+        except (EOFError, OSError) as exc:
+            proc.join(1.0)
+            parent.close()
+            raise IpcBusConnectionError(f"the broker process died while starting"
+                                        f" (exit code {proc.exitcode}): {exc}") from None
+        except BaseException:
+            proc.kill()
+            parent.close()
+            raise
+        if msg[0] != "ready":
+            proc.join(5.0)
+            parent.close()
+            raise IpcBusConnectionError(f"the broker could not start: {msg[1]}")
+        return proc, parent, msg[2]
+
+    def _replace_child(self, dead: Any, proc: Any, ctl: multiprocessing.connection.Connection,
+                       bound: Any) -> bool:
+        """The supervisor's swap (``restart=True``): ``proc`` in place of ``dead``; False
+        (and ``proc`` stopped) if the broker was closed meanwhile."""
+        with self._lock:
+            old = self._ctl
+            if old is None or self._process is not dead:
+                _stop_child(proc, ctl)
+                return False
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            old.close()
+            self._process, self._ctl = proc, ctl
+            self._finalizer = weakref.finalize(self, _stop_child, proc, ctl, DEFAULT_TIMEOUT,
+                                               self._supervisor)
+        return True
 
     def _ask(self, timeout: float | None, what: str) -> list[Any]:
         """Ask the broker process; its answer, as ``[what, value, seq]``. Each ask carries
@@ -344,7 +379,9 @@ class IpcBusBroker:
         return reply
 
     def query_state(self, timeout: float | None = None) -> dict[str, Any]:
-        """The broker's view of the bus: pid, peers, channels with subscriber counts, services."""
+        """The broker's view of the bus: pid, peers, channels with subscriber counts, groups
+        (channel -> group -> member ids), services (name -> host id, or the members' ids of
+        a service hosted by a group)."""
         reply = self._ask(timeout, "state")
         state: dict[str, Any] = reply[1]
         return state
@@ -360,6 +397,8 @@ class IpcBusBroker:
             ctl, self._ctl = self._ctl, None
             if ctl is None:
                 return
+            if self._supervisor is not None:
+                self._supervisor.stop()  # no restart from now on
             if self._finalizer is not None:
                 self._finalizer.detach()
             _stop_child(self._process, ctl, resolve_timeout(timeout))
@@ -377,7 +416,10 @@ class IpcBusBroker:
 
 
 def _stop_child(proc: Any, ctl: multiprocessing.connection.Connection,
-                timeout: float | None = DEFAULT_TIMEOUT) -> None:
+                timeout: float | None = DEFAULT_TIMEOUT,
+                supervisor: _broker_restart.Supervisor | None = None) -> None:
+    if supervisor is not None:  # restart=True: first no more restarts (at exit too)
+        supervisor.stop()
     try:
         _ctl_send(ctl, "close")
         if ctl.poll(timeout if timeout is not None else None):

@@ -134,11 +134,22 @@ def format_state(state: dict[str, Any], hide: set[str] | None = None) -> str:
         rows.append((str(channel), str(state.get("channels", {}).get(channel, 0)),
                      str(st.get("messages", 0)), str(st.get("bytes", 0))))
     lines += _table(rows)
-    lines += ["", "SERVICES"]
     names = {p["id"]: p["name"] for p in state.get("peers", [])}
-    rows = [("SERVICE", "HOST")]
+
+    def who(ids: Any) -> str:  # one peer id, or a list of them (a group, a service's pool)
+        ids = ids if isinstance(ids, list) else [ids]
+        return ", ".join(f"{names.get(i, '?')} ({i})" for i in ids)
+
+    lines += ["", "GROUPS"]
+    rows = [("CHANNEL", "GROUP", "MEMBERS")]
+    for channel, groups in sorted(state.get("groups", {}).items()):
+        for group, members in sorted(groups.items()):
+            rows.append((str(channel), str(group), who(members)))
+    lines += _table(rows)
+    lines += ["", "SERVICES"]
+    rows = [("SERVICE", "HOSTS")]
     for service, host in sorted(state.get("services", {}).items()):
-        rows.append((str(service), f"{names.get(host, '?')} ({host})"))
+        rows.append((str(service), who(host)))
     lines += _table(rows)
     return "\n".join(lines)
 

@@ -30,6 +30,7 @@ from .._types import IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest, _Ans
 from .._decoder import FrameDecoder
 from ..errors import IpcBusProtocolError
 from .cancels import Delivered, run_cancel
+from .shm_delivery import ShmFrame, deliver_shm
 
 log = logging.getLogger("ipcbus")
 
@@ -125,15 +126,43 @@ def deliver(frame: P.Frame, clients: Sequence[LocalClient],
         deliver_request_or_ports(frame, receivers, sender, refuse, delivered)
 
 
+# the headers of frames carried in GROUPED frames, decoded (as a decoder caches its own)
+_inner_headers: dict[bytes, tuple[int, str, Any, Any, int]] = {}
+
+
+def _one_frame(raw: bytes) -> P.Frame | None:
+    """``raw`` as one frame, its header decoded once per distinct header (the common case:
+    a hub hands one frame per GROUPED); None if it is not exactly one frame."""
+    size = len(raw)
+    if size < P.PREFIX_SIZE:
+        return None
+    hlen, blen, rid = P.PREFIX.unpack_from(raw, 0)
+    if not 1 <= hlen <= P.MAX_HEADER or rid >= 2**63 or P.PREFIX_SIZE + hlen + blen != size:
+        return None
+    key = raw[P.PREFIX_SIZE:P.PREFIX_SIZE + hlen]
+    fields = _inner_headers.get(key)
+    if fields is None:
+        fields = P.decode_header(key)
+        if len(_inner_headers) >= 256:
+            _inner_headers.clear()
+        _inner_headers[key] = fields
+    kind, channel, sender, target, nfds = fields
+    return P.Frame(kind, channel, sender, target, rid, nfds, raw, P.PREFIX_SIZE + hlen)
+
+
 def grouped_frames(frame: P.Frame) -> tuple[str, list[P.Frame]]:
     """The group and the frames a GROUPED frame carries; IpcBusProtocolError if malformed."""
     body = P.unpack_payload(memoryview(frame.raw)[frame.body_offset:])
     if not (isinstance(body, list) and len(body) == 2 and isinstance(body[0], str)
             and isinstance(body[1], bytes)):
         raise IpcBusProtocolError("malformed GROUPED frame")
-    decoder = FrameDecoder(max_message=2**32 - 1)
-    decoder.feed(body[1])
-    inner = list(decoder.frames())
+    one = _one_frame(body[1])
+    if one is not None:
+        inner = [one]
+    else:
+        decoder = FrameDecoder(max_message=2**32 - 1)
+        decoder.feed(body[1])
+        inner = list(decoder.frames())
     if any(f.kind not in _GROUPABLE or f.channel != frame.channel for f in inner):
         raise IpcBusProtocolError("a GROUPED frame carries a frame that cannot be grouped")
     return body[0], inner
@@ -187,6 +216,9 @@ def deliver_messages(frame: P.Frame, receivers: list[LocalClient],
     """The common case: messages without descriptors, to each receiver's listeners (of
     ``group``: a grouped delivery)."""
     channel = frame.channel
+    if frame.__class__ is ShmFrame:  # large arguments in shared memory
+        deliver_shm(frame, receivers, sender, group, _call)
+        return
     for body in _bodies(frame):
         if body.__class__ is list:
             args = body

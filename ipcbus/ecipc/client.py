@@ -22,6 +22,10 @@ What the protocol imposes:
   a listener receives what a remote one would.
 * A request has no "no listener" failure and a peer that leaves sends no notice (the protocol
   has neither): requests end with their answer or their timeout.
+* Node's broker has no groups, no gathering (every answer of a request), no readiness
+  queries and no service pools: ``on(..., group=)``, ``request_all``, ``sync``,
+  ``wait_for_listeners`` and ``IpcBusService(..., group=)`` raise NotImplementedError at
+  the call, naming that limit, rather than behaving differently from an ipcbus bus.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import concurrent.futures
 import logging
 import os
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from typing_extensions import Self
 
@@ -38,6 +42,7 @@ from .. import _schemes
 from .._pending import settle
 from .._timeouts import DEFAULT_TIMEOUT, resolve_timeout
 from .._types import IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequestResponse, target_id
+from .._client.reconnect import Reconnect
 from ..client import IpcBusClient
 from ..errors import IpcBusConnectionError, IpcBusError, IpcBusRequestError
 from . import _codec as C
@@ -75,13 +80,16 @@ class EcipcClient(IpcBusClient):
     def connect(self, address: Any = None, *, path: str | None = None, port: int | None = None,
                 host: str | None = None, peer_name: str | None = None,
                 timeout: float | None = None, socket_buffer: int | None = None,
-                authkey: bytes | None = None) -> Self:
+                authkey: bytes | None = None, reconnect: bool | Reconnect = False,
+                shm_threshold: int = 1 << 20, shm_limit: int = 256 << 20) -> Self:
         """Join the electron-common-ipc bus at ``"ecipc:PATH"``, ``"ecipc:PORT"`` or
         ``"ecipc:HOST:PORT"``; any other address connects as a plain ipcbus client.
 
         ``timeout`` bounds the socket connection (there is no handshake answer to wait for);
-        ``socket_buffer`` is accepted and ignored; ``authkey`` raises ``ValueError`` (the
-        protocol has no authentication)."""
+        ``socket_buffer``, ``shm_threshold`` and ``shm_limit`` are accepted and ignored
+        (large payloads go inline to Node); ``authkey`` raises ``ValueError`` (the
+        protocol has no authentication); ``reconnect`` (for a plain address only) raises
+        ``ValueError``: reconnection is not available on a Node bus."""
         ecipc = parse_address(address, path=path, port=port)
         if ecipc is None:
             with self._state_lock:
@@ -90,7 +98,11 @@ class EcipcClient(IpcBusClient):
                 self.__class__ = IpcBusClient  # type: ignore[assignment]
             return IpcBusClient.connect(self, address, path=path, port=port, host=host,
                                         peer_name=peer_name, timeout=timeout,
-                                        socket_buffer=socket_buffer, authkey=authkey)
+                                        socket_buffer=socket_buffer, authkey=authkey,
+                                        reconnect=reconnect, shm_threshold=shm_threshold,
+                                        shm_limit=shm_limit)
+        if reconnect:
+            raise ValueError("reconnect is not available on an electron-common-ipc (ecipc:) bus")
         if peer_name is not None and not isinstance(peer_name, str):
             raise TypeError("peer_name must be a str")
         if authkey is not None:
@@ -324,8 +336,29 @@ class EcipcClient(IpcBusClient):
             raise IpcBusConnectionError("an electron-common-ipc bus cannot carry pipes, sockets"
                                         " or descriptors; nothing was sent")
 
-    def _register_service(self, name: str, timeout: float | None) -> None:
-        """No registry on Node's bus: a name is not claimed (two hosts would both answer)."""
+    def request_all(self, channel: str, timeout: float | None, *args: Any
+                    ) -> list[IpcBusRequestResponse]:
+        _unsupported("request_all (every answer of a request)")
+
+    def sync(self, timeout: float | None = None) -> None:
+        _unsupported("sync()")
+
+    def wait_for_listeners(self, channel: str, count: int = 1,
+                           timeout: float | None = None) -> int:
+        _unsupported("wait_for_listeners()")
+
+    def _group_key(self, channel: str, group: str) -> tuple[str, str]:
+        _unsupported(f"groups (group={group!r})")
+
+    def _on_reserved_group(self, channel: str, listener: Any, group: str, on: bool) -> None:
+        _unsupported("a service hosted by a group")
+
+    def _register_service(self, name: str, timeout: float | None,
+                          group: str | None = None) -> None:
+        """No registry on Node's bus: a name is not claimed (two hosts would both answer),
+        and no pool of hosts (``group``) can share one."""
+        if group is not None:
+            _unsupported("a service hosted by a group")
         P.check_channel(name)
         self._connection()
 
@@ -347,6 +380,11 @@ class EcipcClient(IpcBusClient):
         if self._peer is None:
             return "<IpcBusClient ecipc (not connected)>"
         return f"<IpcBusClient ecipc {self._peer.name!r} id={self._peer.id}>"
+
+
+def _unsupported(what: str) -> NoReturn:
+    raise NotImplementedError(f"{what} is not available on an electron-common-ipc bus: Node's"
+                              " broker and protocol have no such thing")
 
 
 def _join(client: IpcBusClient, address: Any, path: str | None, port: int | None,

@@ -31,6 +31,8 @@ EXPECTED = [
     ["[[0, 0], [1, 1], [2, 2], [0, 3]]"],                                     # request groups
     ["['w0', 'w1', 'w2']", "True 30.0"],                                      # gathering
     ["5 2 ['add', 'div']", "calc.div() failed: ZeroDivisionError: division by zero"],  # services
+    ["['0 by w1', '1 by w0', '2 by w1']", "True"],                           # service pools
+    ["True True"],                                                            # reconnection
     ["True []"],                                                              # the broker
 ]
 
@@ -71,13 +73,24 @@ def test_readme_test_module_passes(tmp_path: pathlib.Path, index: int) -> None:
     assert re.search(r"\b[1-9]\d* passed\b", out.stdout), out.stdout
 
 
+# what an example must print (its lines, a prefix of the last one for what varies)
+EXAMPLE_OUTPUT = {
+    "pool_jobs.py": [f"job {j}: 10 steps done" for j in range(6)] + ["job 99: cancelled after "],
+}
+
+
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("example", ["pool_workers.py", "direct_channel.py"])
+@pytest.mark.parametrize("example", ["pool_workers.py", "direct_channel.py", "pool_jobs.py"])
 def test_examples_run_as_is(example: str) -> None:
     path = README.parent / "examples" / example
     out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=80)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip(), "the example printed nothing"
+    expected = EXAMPLE_OUTPUT.get(example)
+    if expected is not None:
+        lines = out.stdout.splitlines()
+        assert lines[:-1] == expected[:-1], out.stdout
+        assert lines[-1].startswith(expected[-1]), out.stdout
 
 
 # -- help() carries the reference ----------------------------------------------------------------
