@@ -164,7 +164,9 @@ class RequestRouter:
                     return f"no peer {target!r} on the bus"
                 receivers.add(UPSTREAM)
                 targets.append(upstream)
-            elif channel in peer.channels:
+            elif channel in peer.channels or peer.endpoint is core.federation:
+                # (a peer on another broker: that broker knows best whether it listens; its
+                # subscription may be announced here after its service was)
                 receivers.add(peer.id)
                 targets.append(peer.endpoint)
             else:
