@@ -3,6 +3,7 @@
     python benchmarks/run.py                 # full: ~1 s per measurement, medians of 3 rounds
     python benchmarks/run.py --smoke         # tiny sizes, 1 round, no verdicts (CI)
     python benchmarks/run.py --only W1,W4 --rounds 5 --json results.json
+    python benchmarks/run.py --only W1 --federation   # + federation over NATS (federation.py)
 
 See benchmarks/README.md for what each workload measures and how to read the table.
 """
@@ -443,6 +444,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="comma-separated alternatives to run beside ipcbus, or 'none'"
                              " (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the results there")
+    parser.add_argument("--federation", action="store_true",
+                        help="also run benchmarks/federation.py (federation over NATS beside raw"
+                             " nats-py; skipped when nats-server or nats-py is missing)")
     args = parser.parse_args(argv)
     only = [w.strip().upper() for w in args.only.split(",") if w.strip()]
     unknown = [w for w in only if w not in WORKLOADS]
@@ -521,6 +525,11 @@ def main(argv: Optional[list[str]] = None) -> int:
               f" sizes={[_size(s) for s in res.case.sizes]}:\n{res.error}")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\ntotal time {elapsed:.1f} s; {len(failures)} failure(s); load average at end {load}")
+
+    if args.federation:
+        import federation  # a workload of its own: its own NATS server and processes
+        print()
+        federation.main(["--smoke"] if cfg.smoke else [])
 
     if args.json:
         doc = {"command": command, "machine": info, "mode": "smoke" if cfg.smoke else "full",

@@ -50,6 +50,9 @@ class IpcBusBridge:
 
     def __init__(self, **options: Any) -> None:
         self._options = HubOptions(**options)
+        if self._options.federation is not None:
+            raise ValueError("federation= is an option of IpcBusBroker (a bridge joins a"
+                             " federated bus through its broker)")
         self._hub: Hub | None = None
         self._lock = threading.Lock()
         self._link_address: T.Address | None = None

@@ -102,6 +102,7 @@ def run_broker_child(address: Any, options: dict[str, Any], authkey: bytes,
     hub = Hub(HubOptions(**options), authkey=authkey, owner_pid=owner_pid)
     try:
         bound = hub.listen(address)
+        link = start_federation(hub)
     except Exception as exc:
         _ctl_send(ctl, "error", str(exc))
         return
@@ -127,10 +128,28 @@ def run_broker_child(address: Any, options: dict[str, Any], authkey: bytes,
     try:
         hub.serve_forever()
     finally:
+        if link is not None:
+            link.close()
         try:
             _ctl_send(ctl, "closed")
         except OSError:
             pass
+
+
+def start_federation(hub: Hub) -> Any:
+    """Link ``hub`` to the other brokers of its bus over NATS (``federation=``), or None."""
+    options = hub.options
+    if options.federation is None:
+        return None
+    try:
+        from ._federation_link import FederationLink
+        import nats  # noqa: F401  (the ipcbus[nats] extra)
+    except ImportError:
+        raise IpcBusConnectionError("federation needs nats-py: pip install 'ipcbus[nats]'"
+                                    ) from None
+    link = FederationLink(options.federation, options.bus, options.federation_options)
+    link.start(hub)
+    return link
 
 
 def run_broker_foreground(address: T.Address, options: HubOptions,
@@ -209,6 +228,18 @@ class IpcBusBroker:
         - ``ecipc`` (bool; default False): also serve electron-common-ipc (Node/Electron)
           clients on the same Unix socket; the first byte of a connection tells the protocols
           apart (``ipcbus.ecipc.gateway``). Not with a TCP address.
+        - ``federation`` (str URL; default None): ``"nats://[USER:PASSWORD@]HOST:PORT"``
+          (or ``nats://TOKEN@HOST:PORT``, ``tls://...``): link this broker over NATS to the
+          other brokers of the same ``bus``, on any host (``pip install 'ipcbus[nats]'``;
+          see docs/federation.md). NATS unreachable or refusing the credentials:
+          :meth:`connect` raises ``IpcBusConnectionError`` naming the cause.
+        - ``bus`` (str; default ``"default"``): the federated bus's name (brokers of other
+          names on the same NATS server never see each other's traffic).
+          Several URLs separated by commas: the servers of a NATS cluster.
+        - ``federation_options`` (dict; default None): more nats-py ``connect()`` options
+          (``user``, ``password``, ``token``, ``user_credentials`` (a .creds path),
+          ``nkeys_seed`` (a path)...), and ``tls_ca``, ``tls_cert``, ``tls_key`` (paths)
+          for TLS.
         - ``context`` (a multiprocessing context or a start method name; default ``"spawn"``):
           how the broker's child process is started.
         - ``restart`` (bool; default False): restart a broker child that dies, on the same
