@@ -169,7 +169,7 @@ class FederationLink:
         ep.can_pass_fds = False  # descriptors stay on their host
         ep.max_in = self.endpoint_limit = max(1, int(self.nc.max_payload) - _HEADER_ROOM)
         hub.router.federation = ep
-        hub.router.state_parts.append(self.snapshot)
+        hub.state_parts.append(self.snapshot)
 
     def snapshot(self) -> dict[str, Any]:
         """The link's part of the bus state (``query_state()["federation"]``)."""

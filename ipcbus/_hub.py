@@ -46,7 +46,7 @@ from ._router import Router
 from .errors import IpcBusProtocolError
 from .traffic import TrafficLog
 
-__all__ = ["Hub", "CLOSING_GRACE", "HARD_LIMIT_FACTOR"]
+__all__ = ["Hub", "CLOSING_GRACE", "HARD_LIMIT_FACTOR", "hub_state"]
 
 log = logging.getLogger("ipcbus")
 
@@ -68,7 +68,7 @@ class Hub:
                  owner_pid: int | None = None) -> None:
         self.options = options
         self.owner_pid = owner_pid  # the process that started this hub (links="owner")
-        self.router = Router(os.getpid(), state_extra=self._state_extra,
+        self.router = Router(os.getpid(), state_extra=lambda: hub_state(self),
                              max_message=options.max_message, dup_fds=T.dup_copies)
         self.selector = selectors.DefaultSelector()
         self.endpoints: set[HubEndpoint] = set()
@@ -95,6 +95,7 @@ class Hub:
         self.shm = HubShm(self)  # large payloads through shared memory (_hub_shm.py)
         self.shm_active: ActiveMessage | None = None  # the message with slots being routed
         self.shm.install(self.router._handlers)
+        self.state_parts: list[Callable[[], dict[str, Any]]] = []  # more of the state (a link's)
 
     # -- setup -----------------------------------------------------------------------------------
     def listen(self, address: T.Address) -> T.Address:
@@ -346,6 +347,8 @@ class Hub:
             return
         (log.debug if quiet else log.warning)("dropping %s: %s", ep.label, reason)
         was_upstream = ep is self.router.upstream
+        if ep is self.router.federation:  # (a protocol error of the link: logged above)
+            self.router.federation = None
         self.endpoints.discard(ep)
         self.dirty.discard(ep)
         self.forget(ep)
@@ -401,15 +404,21 @@ class Hub:
             self.traffic.close()
         _in_process_hubs.discard(self)
 
-    def _state_extra(self) -> dict[str, Any]:
-        return {
-            "address": None if self.address is None else T.format_address(self.address),
-            "connections": sum(1 for ep in self.endpoints if ep.closing is None),
-            # slow consumers kept only until their closing NOTICE is written (CLOSING_GRACE)
-            "closing_connections": sum(1 for ep in self.endpoints if ep.closing is not None),
-            "queued_bytes": sum(ep.out_bytes for ep in self.endpoints),
-            "tcp_authentications": self.acceptor.auth.state(),
-        }
+
+def hub_state(hub: Hub) -> dict[str, Any]:
+    """The hub's part of ``queryState`` (the router's state plus these), with the parts
+    others add (``Hub.state_parts``: a federation link's)."""
+    extra = {}
+    for part in hub.state_parts:
+        extra.update(part())
+    return extra | {
+        "address": None if hub.address is None else T.format_address(hub.address),
+        "connections": sum(1 for ep in hub.endpoints if ep.closing is None),
+        # slow consumers kept only until their closing NOTICE is written (CLOSING_GRACE)
+        "closing_connections": sum(1 for ep in hub.endpoints if ep.closing is not None),
+        "queued_bytes": sum(ep.out_bytes for ep in hub.endpoints),
+        "tcp_authentications": hub.acceptor.auth.state(),
+    }
 
 
 class Inbox:

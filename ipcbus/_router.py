@@ -89,7 +89,6 @@ class Router:
         # A federated broker's link to NATS (a relay for the other brokers' peers): told of
         # this side's peers, subscriptions and services (``tell_federation``).
         self.federation: Endpoint | None = None
-        self.state_parts: list[Callable[[], dict[str, Any]]] = []  # more of the state (a link's)
         self.peers: dict[str, Peer] = {}
         # Peers waiting for the broker to accept their id (a linked bridge): id ->
         # (their endpoint, or None once it has gone; recorded info; rid of their PEER_ADD)
@@ -174,8 +173,6 @@ class Router:
 
     def remove_endpoint(self, endpoint: Endpoint) -> None:
         """Forget a connection that has ended, and everything its peers owned."""
-        if endpoint is self.federation:  # cut off (logged by the hub): no longer federated
-            self.federation = None
         for peer_id in list(endpoint.peers):
             self.members.remove_peer(peer_id)
         for peer_id, (ep, recorded, rid) in list(self.joining.items()):
@@ -319,6 +316,4 @@ class Router:
                           self.stats.channels)
         if self._state_extra is not None:
             state.update(self._state_extra())
-        for part in self.state_parts:
-            state.update(part())
         return state

@@ -2,7 +2,8 @@
 started with ``restart=True`` is SIGKILLed and restarted while clients connected with
 ``reconnect`` hold listeners, a group membership, a service and a proxy: each works again
 afterwards with the same peer ids; a pending request fails with IpcBusConnectionError; calls
-while down raise it at once; ``on_disconnected``/``on_reconnected`` run once each and
+while down raise it at once (a sibling client without ``reconnect`` on the same connection is
+closed, as before); ``on_disconnected``/``on_reconnected`` run once each and
 ``on_closed`` only on ``close()``; ``give_up`` closes for good; ``connect(path, timeout=T)``
 waits for a broker that starts later (and fails cleanly when none comes); a client without
 ``reconnect`` is closed as before; reconnections leak no descriptors.
@@ -148,8 +149,9 @@ def test_while_down_calls_raise_at_once_and_listeners_are_replayed(sock_path: st
     second = None
     a = IpcBusClient.create().connect(sock_path, reconnect=FAST)
     holder = IpcBusClient.create().connect(sock_path, reconnect=FAST)  # same connection
+    plain = IpcBusClient.create().connect(sock_path)  # same connection, without reconnect
     try:
-        events = Events(a)
+        events, plain_events = Events(a), Events(plain)
         got = Collector()
         holder.on("hold", got)  # never answers
         holder.sync(5)
@@ -159,6 +161,7 @@ def test_while_down_calls_raise_at_once_and_listeners_are_replayed(sock_path: st
         with pytest.raises(IpcBusConnectionError):
             held.result(10)
         assert events.down.wait(10) and not a.connected
+        assert plain_events.closed.wait(10) and plain_events.seen == ["closed"]  # as before
         late = Collector()
         with elapsed() as took:
             for call in (lambda: a.send("x", 1), lambda: a.send_to(holder.peer, "x", 1),
@@ -189,6 +192,7 @@ def test_while_down_calls_raise_at_once_and_listeners_are_replayed(sock_path: st
     finally:
         a.close()
         holder.close()
+        plain.close()
         first.close()
         if second is not None:
             second.close()
