@@ -311,6 +311,22 @@ def pack_args(items: tuple[Any, ...] | list[Any]) -> Body:
     return parts
 
 
+def pack_small(items: tuple[Any, ...]) -> bytes | None:
+    """:func:`pack_args`'s common case alone, in one pass: exact scalars, str and buffers
+    under BIG_BYTES, packed by the shared Packer; None for anything else (a client's ``send``
+    then takes its full path: ``client._send_message``)."""
+    for item in items:  # inline: this runs for every message sent
+        cls = item.__class__
+        if cls not in _FLAT or ((cls is bytes or cls is bytearray) and len(item) >= BIG_BYTES):
+            return None
+    if not _SHARE_PACKER:
+        return None
+    try:
+        return _PACKER.pack(items)  # type: ignore[no-any-return]
+    except (OverflowError, ValueError) as exc:  # an int over 64 bits, a lone surrogate
+        raise ValueError(f"cannot send this value on the bus: {exc}") from None
+
+
 def _is_big(item: Any) -> bool:
     return (item.__class__ is bytes or item.__class__ is bytearray) and len(item) >= BIG_BYTES
 

@@ -79,7 +79,8 @@ _NOT_JOINED = _writer.NOT_JOINED
 # -- the client ------------------------------------------------------------------------------
 def _send_message(client: IpcBusClient, kind: int, channel: str, target: str | None,
                   args: tuple[Any, ...]) -> None:
-    """A SEND or SEND_TO: large buffers through shared memory (``_client/shm.py``)."""
+    """A SEND or SEND_TO that ``P.pack_small`` did not take: large buffers through shared
+    memory (``_client/shm.py``)."""
     conn = client._connection()
     threshold = client._shm_threshold
     if threshold:  # inline: this runs for every message; flat small arguments skip the arena
@@ -310,14 +311,20 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
         """Broadcast ``args`` to every listener of ``channel`` on the bus (ours included)."""
         if channel not in _valid_channels:
             _remember_channel(channel)
-        _send_message(self, _SEND, channel, None, args)
+        conn = self._connection()  # small flat arguments: packed in one pass, inline
+        if (body := P.pack_small(args)) is None or len(body) >= self._shm_threshold > 0:
+            return _send_message(self, _SEND, channel, None, args)  # large, or not flat
+        conn.send(self._member, _SEND, channel, None, 0, body)
 
     def send_to(self, target: IpcBusPeer | str, channel: str, *args: Any) -> None:
         """Send ``args`` to the listeners of ``channel`` of one peer only."""
         target_id = _target_id(target)
         if channel not in _valid_channels:
             _remember_channel(channel)
-        _send_message(self, _SEND_TO, channel, target_id, args)
+        conn = self._connection()  # as in send()
+        if (body := P.pack_small(args)) is None or len(body) >= self._shm_threshold > 0:
+            return _send_message(self, _SEND_TO, channel, target_id, args)  # large, or not flat
+        conn.send(self._member, _SEND_TO, channel, target_id, 0, body)
 
     def request(self, channel: str, timeout: float | None, *args: Any) -> IpcBusRequestResponse:
         """Ask every listener of ``channel``; return the first answer, or raise

@@ -571,6 +571,31 @@ def test_pack_args_refuses_unserializable_values_with_large_bytes() -> None:
         P.pack_args((b"x" * P.BIG_BYTES, object()))
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(_small_args, st.floats(allow_nan=False),
+                          st.binary(max_size=30).map(bytearray),
+                          st.sampled_from([P.BIG_BYTES - 1, P.BIG_BYTES]).map(lambda n: _Big(n))),
+                max_size=8))
+def test_pack_small_is_pack_args_for_small_flat_arguments_and_none_otherwise(
+        items: list[Any]) -> None:
+    """A client's ``send`` packs with pack_small and takes its full path (the arena, large
+    bytes without a copy, other types) only on None: the same bytes as pack_args, or None
+    for any argument that is not an exact scalar, str or a buffer under BIG_BYTES."""
+    args = tuple(b"b" * x.n if isinstance(x, _Big) else x for x in items)
+    body = P.pack_small(args)
+    small = all(type(a) in (int, float, str, bytes, bytearray, bool, type(None)) and
+                not (isinstance(a, (bytes, bytearray)) and len(a) >= P.BIG_BYTES) for a in args)
+    assert (body is not None) == small
+    if body is not None:
+        assert body == P.pack_args(args) == P.pack_payload(args)
+
+
+def test_pack_small_refuses_what_pack_args_refuses() -> None:
+    with pytest.raises(ValueError, match="cannot send"):
+        P.pack_small((2**64,))
+    assert P.pack_small((_MyInt(1),)) is None  # a subclass: the full path decides
+
+
 class _MyInt(int):
     pass
 
