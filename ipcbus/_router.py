@@ -61,6 +61,7 @@ from ._protocol import Frame, Kind
 from ._router_groups import GroupRouter
 from ._router_messages import MessageRouter
 from ._router_peers import PeerRouter
+from ._router_relink import Relink
 from ._router_requests import SPECIAL_CHANNELS, RequestRouter
 from ._router_services import ServiceRouter
 from ._router_view import ChannelStats, Spies, bus_state
@@ -102,6 +103,7 @@ class Router:
         self.groups = GroupRouter(self)  # _router_groups.py
         self.members = PeerRouter(self)  # joins and leaves: _router_peers.py
         self.service_hosts = ServiceRouter(self)  # _router_services.py
+        self.relink = Relink(self)  # a bridge's link that came back: _router_relink.py
         # service name -> host peer id (a linked bridge: this side's, as the broker granted)
         self.services: dict[str, str] = self.service_hosts.hosts
         # Looking in: observers see every message a peer sends (after it is routed); with none
@@ -180,6 +182,7 @@ class Router:
                 self.joining[peer_id] = (None, recorded, rid)
         if endpoint is self.upstream:
             self.upstream = None
+            self.relink.reset()
             self.requests.receiver_gone(UPSTREAM, "the link to the broker has closed")
             joining, self.joining = self.joining, {}
             for peer_id, (ep, _, rid) in joining.items():
@@ -188,8 +191,10 @@ class Router:
                                [])
 
     def join_answer(self, peer_id: str, rid: int, accepted: bool, reason: str) -> bool:
-        """The broker's answer to a PEER_ADD this bridge forwarded; False if it is not one."""
-        return self.members.join_answer(peer_id, rid, accepted, reason)
+        """The broker's answer to a PEER_ADD this bridge forwarded (or to a question of the
+        relink); False if it is not one."""
+        return self.relink.answer(peer_id, rid, accepted, reason) or \
+            self.members.join_answer(peer_id, rid, accepted, reason)
 
     def undeliverable(self, endpoint: Endpoint, raw: bytes | bytearray, reason: str) -> None:
         """An endpoint refused a frame the router gave it (over the limit of a link): fail

@@ -1,0 +1,137 @@
+"""A bridge's link that reconnects: ``IpcBusBridge.connect(address, reconnect=...)``.
+
+When the link to the broker is lost (the broker died, or restarts: ``IpcBusBroker.create(
+restart=True)``), the bridge's own bus goes on (its clients and pipe children talk among
+themselves; requests that needed the broker failed at once, as without ``reconnect``), and a
+*retry thread* (:class:`Relinker`) opens a new link with the policy's backoff (the pure
+``_client.reconnect.Reconnect`` and ``LinkState``, as a client's). Once connected and past the
+handshake, the new link is handed to the hub's thread, which makes it the router's upstream and
+re-announces this side to the broker (``_router_relink.Relink``: the same peer ids, their
+subscriptions and groups, their services, whose proxies across the bus are told "start").
+Past ``give_up`` the link stays closed (logged), as a bridge without ``reconnect``.
+
+Threads: the retry thread does the blocking work (connect, handshake) and touches the hub
+only through ``hub.call_soon``; :meth:`Relinker.close` (the bridge's ``close()``) wakes it and
+it ends without installing anything.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from . import _transport as T
+from ._client.reconnect import CLOSED, DOWN, LinkState, Reconnect
+from ._hub import Hub
+
+log = logging.getLogger("ipcbus")
+
+__all__ = ["Relinker"]
+
+
+class Relinker:
+    """The retry thread of one bridge's link (see the module docstring)."""
+
+    def __init__(self, hub: Hub, address: T.Address, policy: Reconnect, *,
+                 authkey: bytes | None, timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.hub = hub
+        self.address = address
+        self.authkey = authkey
+        self.timeout = timeout
+        self.state = LinkState(policy, clock)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.relinked = 0  # how many times the link came back (for the tests and logs)
+
+    def lost(self, reason: str) -> None:
+        """The link has closed (on the hub's thread): start retrying."""
+        with self._lock:
+            if not self.state.lost(reason):
+                return
+            self._wake.clear()
+            self._thread = threading.Thread(
+                target=self._run, name=f"ipcbus-bridge-relink {T.format_address(self.address)}",
+                daemon=True)
+            self._thread.start()
+        log.warning("bridge: the link to the broker has closed (%s); this process and its pipe"
+                    " children go on as a bus of their own, reconnecting", reason)
+
+    def close(self) -> None:
+        """The bridge closes: stop retrying (an attempt under way installs nothing)."""
+        with self._lock:
+            self.state.close()
+            thread = self._thread
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.timeout + 1.0)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                delay = self.state.next_delay()
+                if delay is None:
+                    if self.state.gave_up:
+                        log.warning("bridge: the link stays closed: %s", self.state.reason)
+                    return
+            if self._wake.wait(delay):
+                return  # closed
+            try:
+                sock, decoder, welcome = self._open()
+            except (OSError, ConnectionError, ValueError) as exc:
+                with self._lock:
+                    self.state.attempt_failed(f"{type(exc).__name__}: {exc}")
+                log.debug("bridge: relink attempt failed: %s", exc)
+                continue
+            installed = threading.Event()
+            self.hub.call_soon(lambda: self._install(sock, decoder, welcome, installed))
+            if not installed.wait(self.timeout + 5.0) and self.state.state == DOWN:
+                sock.close()  # the hub did not take it (it is stopping)
+                with self._lock:
+                    self.state.attempt_failed("the bridge's hub did not take the new link")
+                continue
+            return
+
+    def _open(self) -> tuple[Any, Any, dict[str, Any]]:
+        """Connect and do the handshake (blocking, on the retry thread)."""
+        addr = self.address
+        sock = T.connect_socket(addr, self.timeout)
+        try:
+            _, decoder, welcome = T.client_handshake(
+                sock, tcp=T.is_tcp(addr), authkey=self.authkey, timeout=self.timeout,
+                relay=True, max_message=self.hub.options.max_message)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, decoder, welcome
+
+    def _install(self, sock: Any, decoder: Any, welcome: dict[str, Any],
+                 installed: threading.Event) -> None:
+        """On the hub's thread: the new link becomes the upstream, and this side is announced
+        again (``_router_relink``)."""
+        try:
+            with self._lock:
+                if not self.state.reconnected():  # closed meanwhile
+                    sock.close()
+                    return
+            hub = self.hub
+            router = hub.router
+            if int(welcome.get("max_message", 0)) < hub.options.max_message:
+                log.warning("bridge: the new broker's max_message (%s) is below this bridge's"
+                            " (%d): larger messages from this side will be refused there",
+                            welcome.get("max_message"), hub.options.max_message)
+            router.upstream = hub.add_endpoint(
+                sock, f"link to {T.format_address(self.address)}", ptype="socket", relay=True,
+                ready=True, decoder=decoder)
+            self.relinked += 1
+            router.relink.start()
+            log.warning("bridge: the link to the broker is back (%s)",
+                        T.format_address(self.address))
+        finally:
+            installed.set()
+
+    @property
+    def closed(self) -> bool:
+        return self.state.state == CLOSED

@@ -1,0 +1,226 @@
+"""What a linked bridge sends upstream to re-announce its side after its link came back.
+
+Pure, like the router (``_router.Router`` owns one :class:`Relink`; the bridge's retry thread,
+``_bridge_relink.py``, makes the new link and calls :meth:`Relink.start` on the hub's thread).
+A restarted broker knows nothing of the bridge's side; the bridge's own clients and pipe
+children never lost their connection (to the bridge), so they do not reconnect themselves:
+the bridge's router announces them again, from its state (README "Surviving a broker
+restart", the bridge's case). In order:
+
+1. every local peer: PEER_ADD with its recorded identity (same id), asked with a rid of the
+   relink range (:data:`RID_BASE` and up: clients count their rids from 1, so the broker's
+   answer is told apart from theirs). A peer's other frames wait for the broker's answer: a
+   frame of a peer the broker does not know would be a protocol error there (the link closed).
+2. once accepted (:meth:`Relink.answer`): its plain subscriptions and its group memberships
+   (one SUBSCRIBE each, as the live path sends them: :func:`peer_frames`), and a SERVICE_ADD
+   for each service it hosts (:func:`service_claims`; a pool's with its group). A refused id
+   is logged and the peer stays local-only: it keeps talking to this side, and its frames are
+   kept from the link (:meth:`Relink.keeps_local`).
+3. once a service is granted again: a pool member's group membership of the call channel
+   (allowed only now), then the proxies across the bus are told it started. Only the host
+   knows its status (its calls), so the router asks it, as a proxy does (a status REQUEST on
+   the call channel, in the host's own name, rid of the relink range), and broadcasts
+   ``["start", status]`` on the service's event channel in the host's name (a host may speak
+   there) when the answer comes (:meth:`Relink.on_response`, the router's RESPONSE handler
+   while such questions are out). A refused name is logged and taken off this side (its
+   calls go to the bus's host).
+
+Everything pending is forgotten when the link goes again (:meth:`Relink.reset`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from . import _protocol as P
+from ._protocol import Frame, Kind
+from ._routing import Endpoint, Peer
+from .errors import IpcBusProtocolError
+
+__all__ = ["Relink", "RID_BASE", "local_peers", "peer_frames", "service_claims"]
+
+log = logging.getLogger("ipcbus")
+
+RID_BASE = 1 << 62  # rids of the relink's own questions (a client's count up from 1; rids < 2**63)
+_STATUS_CALL = "__getServiceStatus"  # = _service_common.STATUS_CALL (the router is pure)
+
+
+def local_peers(core: Any) -> list[Peer]:
+    """The peers of this side (not the broker's, seen through the link), oldest first."""
+    upstream = core.upstream
+    return [peer for peer in core.peers.values() if peer.endpoint is not upstream]
+
+
+def peer_frames(core: Any, peer: Peer) -> list[bytes]:
+    """The SUBSCRIBE frames that announce ``peer``'s listening upstream: one per channel it
+    listens to, one per group it is a member of (a pool's call channel left out: that one is
+    allowed only once the service is granted again, :meth:`Relink.answer`)."""
+    frames = [P.encode_frame(Kind.SUBSCRIBE, channel, peer.info, None, 1)
+              for channel in peer.channels]
+    for channel, group in sorted(core.groups.of_peer.get(peer.id, ())):
+        if channel.startswith(P.SERVICE_CALL_PREFIX) and \
+                channel[len(P.SERVICE_CALL_PREFIX):] in core.service_hosts.pools:
+            continue
+        frames.append(P.encode_frame(Kind.SUBSCRIBE, channel, peer.info, None, 1,
+                                     P.pack_payload(group)))
+    return frames
+
+
+def service_claims(core: Any, peer: Peer) -> list[tuple[str, str | None]]:
+    """The services ``peer`` hosts: (name, its pool's group, or None for an exclusive one)."""
+    hosts = core.service_hosts
+    claims: list[tuple[str, str | None]] = [
+        (name, None) for name, host in hosts.hosts.items()
+        if host == peer.id and name not in hosts.pools]
+    claims += [(name, group) for name, (group, members) in hosts.pools.items()
+               if peer.id in members]
+    return claims
+
+
+class Relink:
+    """A linked bridge's re-announcement in progress: the questions it asked (see the module
+    docstring), keyed like the answers that settle them, ``(peer id, rid)``."""
+
+    def __init__(self, core: Any) -> None:
+        self.core = core  # the router
+        self.asks: dict[tuple[str, int], tuple[str, str, str | None]] = {}  # (what, name, group)
+        self.local_only: set[str] = set()  # ids the broker refused: kept from the link
+        self._next = RID_BASE
+        self._plain_response: Callable[[Endpoint, Frame], None] | None = None
+
+    def _rid(self) -> int:
+        self._next += 1
+        return self._next
+
+    def start(self) -> list[bytes]:
+        """The link is back (``core.upstream`` is the new one): send a PEER_ADD for every
+        local peer; returns the frames sent (for the tests)."""
+        self.reset()
+        upstream = self.core.upstream
+        assert upstream is not None
+        frames = []
+        for peer in local_peers(self.core):
+            rid = self._rid()
+            self.asks[(peer.id, rid)] = ("peer", "", None)
+            frames.append(P.encode_frame(Kind.PEER_ADD, sender=peer.info, rid=rid))
+        for raw in frames:
+            upstream.deliver(raw, [])
+        if frames:
+            log.info("bridge: the link is back; announcing %d local peer(s) to the broker",
+                     len(frames))
+        return frames
+
+    def reset(self) -> None:
+        """Forget the questions out (the link has gone, or a new one starts)."""
+        self.asks.clear()
+        self.local_only.clear()
+        self._watch_responses(False)
+
+    def keeps_local(self, peer_id: str | None) -> bool:
+        """Whether frames of ``peer_id`` must not go upstream (the broker refused its id)."""
+        return peer_id in self.local_only
+
+    # -- answers -------------------------------------------------------------------------------
+    def answer(self, peer_id: str, rid: int, accepted: bool, reason: str) -> bool:
+        """The broker's answer (from the link) to one of our questions; False if it is not
+        one (the router goes on with it)."""
+        if rid <= RID_BASE:
+            return False
+        ask = self.asks.pop((peer_id, rid), None)
+        if ask is None:
+            return False
+        core = self.core
+        peer = core.peers.get(peer_id)
+        upstream = core.upstream
+        if peer is None or upstream is None or peer.endpoint is upstream:
+            return True  # it left meanwhile (its PEER_REMOVE followed the PEER_ADD up)
+        what, name, group = ask
+        if what == "peer":
+            self._peer_answered(peer, accepted, reason)
+        elif what == "service":
+            self._service_answered(peer, name, group, accepted, reason)
+        return True
+
+    def _peer_answered(self, peer: Peer, accepted: bool, reason: str) -> None:
+        if not accepted:
+            self.local_only.add(peer.id)
+            log.warning("bridge: the broker refused peer %r (%s) on relinking: %s; it stays"
+                        " local-only", peer.name, peer.id, reason)
+            return
+        upstream = self.core.upstream
+        for raw in peer_frames(self.core, peer):
+            upstream.deliver(raw, [])
+        for name, group in service_claims(self.core, peer):
+            rid = self._rid()
+            self.asks[(peer.id, rid)] = ("service", name, group)
+            body = b"" if group is None else P.pack_payload(group)
+            upstream.deliver(P.encode_frame(Kind.SERVICE_ADD, name, peer.info, None, rid, body),
+                             [])
+
+    def _service_answered(self, peer: Peer, name: str, group: str | None, accepted: bool,
+                          reason: str) -> None:
+        core = self.core
+        if not accepted:
+            log.warning("bridge: service %r of %s (%s) not started again on relinking: %s",
+                        name, peer.name, peer.id, reason)
+            hosts = core.service_hosts
+            if name in hosts.pools:
+                hosts._leave(name, peer.id)
+            elif hosts.hosts.get(name) == peer.id:
+                del hosts.hosts[name]
+            return
+        call_channel = P.service_call_channel(name)
+        if group is not None:
+            core.upstream.deliver(P.encode_frame(Kind.SUBSCRIBE, call_channel, peer.info, None,
+                                                 1, P.pack_payload(group)), [])
+        rid = self._rid()
+        self.asks[(peer.id, rid)] = ("status", name, group)
+        self._watch_responses(True)
+        peer.endpoint.deliver(P.encode_frame(Kind.REQUEST, call_channel, peer.info, peer.id,
+                                             rid, P.pack_payload([_STATUS_CALL])), [])
+
+    def on_response(self, endpoint: Endpoint, frame: Frame) -> None:
+        """The router's RESPONSE handler while status questions are out: a host's status
+        becomes the "start" broadcast of its service; any other answer goes on as usual."""
+        key = (frame.target or "", frame.rid)
+        ask = self.asks.get(key) if frame.rid > RID_BASE else None
+        if ask is None or ask[0] != "status" or frame.sender_id != key[0]:
+            assert self._plain_response is not None
+            return self._plain_response(endpoint, frame)
+        del self.asks[key]
+        if not any(a[0] == "status" for a in self.asks.values()):
+            self._watch_responses(False)
+        try:
+            ok, status = P.unpack_payload(frame.body)
+        except (IpcBusProtocolError, TypeError, ValueError):
+            ok, status = False, None
+        peer = self.core.peers.get(key[0])
+        if not ok or not isinstance(status, dict) or peer is None:
+            log.warning("bridge: service %r did not give its status after relinking", ask[1])
+            return
+        self.tell_started(peer, ask[1], status)
+
+    def tell_started(self, peer: Peer, name: str, status: dict[str, Any]) -> None:
+        """Broadcast ``["start", status]`` on service ``name``'s event channel, in its host's
+        name: to this side's subscribers and to the broker (which tells its side)."""
+        core = self.core
+        channel = P.service_event_channel(name)
+        raw = P.encode_frame(Kind.SEND, channel, peer.info, None, 0,
+                             P.pack_payload(["start", status]))
+        targets = set(core.channel_endpoints.get(channel, ()))
+        if core.upstream is not None:
+            targets.add(core.upstream)
+        for ep in targets:
+            ep.deliver(raw, [])
+        log.info("bridge: service %r of %s started again on the relinked bus", name, peer.name)
+
+    def _watch_responses(self, on: bool) -> None:
+        """Route RESPONSE through :meth:`on_response` only while status questions are out
+        (the plain path pays nothing otherwise)."""
+        handlers = self.core._handlers
+        if on and self._plain_response is None:
+            self._plain_response = handlers[Kind.RESPONSE]
+            handlers[Kind.RESPONSE] = self.on_response
+        elif not on and self._plain_response is not None:
+            handlers[Kind.RESPONSE] = self._plain_response
+            self._plain_response = None

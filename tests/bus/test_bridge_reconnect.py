@@ -1,0 +1,161 @@
+"""Issue 17 item 6, the bridge's part, across real processes: a bridge linked with
+``reconnect`` to a broker started with ``restart=True``, which is SIGKILLed while the bridge
+links two pipe children (under spawn, fork and forkserver: the ``ctx`` fixture).
+
+While the link is down the bridge's side is a bus of its own: the pipe children talk to each
+other, and a request that needed the broker fails at once. Once the bridge has linked again
+(its first attempt waits ``OUTAGE`` seconds, so the broker's socket clients are back first and
+the outage is long enough to be seen), its side is announced to the new broker: a socket
+client reaches a pipe child's listener, a request from a pipe child reaches a socket client's
+listener, the group member behind the bridge gets jobs, and the service hosted by a pipe child
+is callable from a socket client's proxy (which saw it stop, and is told it started again:
+the bridge asks the host its status and broadcasts "start"). A bridge without ``reconnect``
+keeps its link closed, as before.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusError, IpcBusRequestError,
+                    IpcBusService, IpcBusServiceProxy, Reconnect)
+
+from helpers import pid_of, wait_until
+
+FAST = Reconnect(initial=0.02, maximum=0.2)  # the broker's socket clients
+OUTAGE = 1.5  # the bridge's first attempt waits this long (seconds)
+BRIDGE = Reconnect(initial=OUTAGE, maximum=OUTAGE)
+
+
+class Calc:
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+
+# -- the pipe children (module level, for spawn) --------------------------------------------------
+def worker(conn: Any, report: Any, stop: Any) -> None:
+    """Pipe child "A": answers "ping" and "local", a member of group "pool" of "jobs", and the
+    host of service "calc"."""
+    client = IpcBusClient.create().connect(conn, peer_name="A")
+    client.on("ping", lambda event, x: event.request.resolve(["A", x]))
+    client.on("local", lambda event, x: event.request.resolve(["A-local", x]))
+    client.on("jobs", lambda event, x: event.request.resolve(["A-job", x]), group="pool")
+    IpcBusService(client, "calc", Calc()).start()
+    report.put(("ready", "A", client.peer.id))
+    stop.poll(60)
+    client.close()
+
+
+def asker(conn: Any, report: Any, stop: Any) -> None:
+    """Pipe child "B": on an "ask" broadcast ``(channel, x)``, requests ``channel`` and reports
+    the answer (or the error's type)."""
+    client = IpcBusClient.create().connect(conn, peer_name="B")
+
+    def ask(channel: str, x: Any) -> None:
+        try:
+            answer: Any = client.request(channel, 10, x).payload
+        except IpcBusError as exc:
+            answer = type(exc).__name__
+        report.put(("answer", channel, answer))
+
+    client.on("ask", lambda event, channel, x: threading.Thread(
+        target=ask, args=(channel, x), daemon=True).start())
+    report.put(("ready", "B", client.peer.id))
+    stop.poll(60)
+    client.close()
+
+
+def relinked(bridge: IpcBusBridge) -> int:
+    relinker = bridge._relinker
+    return 0 if relinker is None else relinker.relinked
+
+
+@pytest.mark.timeout(120)
+def test_bridge_relinks_after_a_broker_restart(ctx: Any, sock_path: str, reporters: Any) -> None:
+    kids, reports, q = reporters
+    broker = IpcBusBroker.create(restart=True, context=ctx).connect(sock_path)
+    bridge = main = local = None
+    try:
+        bridge = IpcBusBridge.create().connect(sock_path, reconnect=BRIDGE)
+        kids.start(worker, bridge.open_pipe(), q, kids.stop)
+        kids.start(asker, bridge.open_pipe(), q, kids.stop)
+        ids = {reports.next("ready")[1:] for _ in range(2)}
+        main = IpcBusClient.create().connect(sock_path, peer_name="main", reconnect=FAST)
+        main.on("socket-side", lambda event, x: event.request.resolve(["main", x]))
+        local = IpcBusClient.create().connect()  # a client of the bridge, in this process
+        proxy = IpcBusServiceProxy(main, "calc")
+        proxy.connect(20)
+        assert proxy.call("add", 1, 2) == 3
+        assert main.request("ping", 10, 1).payload == ["A", 1]
+
+        pid = pid_of(broker.process)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: bridge is not None and bridge._hub is not None
+                   and bridge._hub.router.upstream is None, 10)
+        # The outage: the bridge's side is a bus of its own.
+        local.send("ask", "local", 7)  # B asks A, through the bridge only
+        assert reports.next("answer", 10)[1:] == ("local", ["A-local", 7])
+        started = time.monotonic()
+        with pytest.raises(IpcBusRequestError):
+            local.request("socket-side", 10, 0)  # needed the broker: fails at once
+        assert time.monotonic() - started < 2.0
+        assert relinked(bridge) == 0  # all of the above happened while the link was down
+
+        main.wait_connected(30)
+        wait_until(lambda: relinked(bridge) == 1, 30)
+        wait_until(lambda: pid_of(broker.process) != pid, 10)
+        for channel in ("ping", "ask", "jobs"):
+            main.wait_for_listeners(channel, 1, 10)
+        assert main.request("ping", 10, 2).payload == ["A", 2]  # socket client -> pipe child
+        main.send("ask", "socket-side", 9)  # pipe child -> socket client
+        assert reports.next("answer", 10)[1:] == ("socket-side", ["main", 9])
+        assert main.request("jobs", 10, 3).payload == ["A-job", 3]  # the group member
+        proxy.connect(20)  # told "start" once the service was claimed again
+        assert proxy.is_started and proxy.call("add", 2, 3) == 5
+        status = proxy.status
+        assert status["host"]["name"] == "A" and "add" in status["calls"]
+        peers = {(p["name"], p["id"]) for p in broker.query_state(5)["peers"]}
+        assert ids <= peers  # the same ids
+        assert local.peer.id in {p for _, p in peers}
+    finally:
+        for c in (main, local):
+            if c is not None:
+                c.close()
+        if bridge is not None:
+            bridge.close()
+        broker.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("ipcbus-bridge-relink")]
+
+
+@pytest.mark.timeout(60)
+def test_bridge_without_reconnect_stays_unlinked(sock_path: str) -> None:
+    broker = IpcBusBroker.create(restart=True).connect(sock_path)
+    bridge = IpcBusBridge.create().connect(sock_path)
+    local = main = None
+    try:
+        local = IpcBusClient.create().connect()
+        local.on("here", lambda event: event.request.resolve("local"))
+        assert local.request("here", 5).payload == "local"
+        pid = pid_of(broker.process)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: bridge._hub is not None and bridge._hub.router.upstream is None, 10)
+        assert not [t for t in threading.enumerate()
+                    if t.name.startswith("ipcbus-bridge-relink")]  # no retry thread
+        assert local.request("here", 5).payload == "local"  # its own bus goes on
+        wait_until(lambda: pid_of(broker.process) != pid, 20)
+        main = IpcBusClient.create().connect(sock_path, timeout=10)
+        main.sync(5)
+        assert local.peer.id not in {p["id"] for p in broker.query_state(5)["peers"]}
+        with pytest.raises(IpcBusRequestError):
+            main.request("here", 5)  # nobody behind the bridge is on the new broker
+    finally:
+        for c in (main, local):
+            if c is not None:
+                c.close()
+        bridge.close()
+        broker.close()
