@@ -24,10 +24,36 @@ from typing import Any, Callable
 from . import _transport as T
 from ._client.reconnect import CLOSED, DOWN, LinkState, Reconnect
 from ._hub import Hub
+from ._hub_endpoint import HubEndpoint
+from ._transport import close_fds
 
 log = logging.getLogger("ipcbus")
 
-__all__ = ["Relinker"]
+__all__ = ["Relinker", "LinkEndpoint"]
+
+
+class LinkEndpoint(HubEndpoint):
+    """A relinked bridge's link: keeps the frames of local-only peers (ids the new broker
+    refused, ``_router_relink``) from the broker. Costs one truth test per frame otherwise."""
+
+    __slots__ = ()
+
+    def __call__(self, key: Any, mask: int) -> None:
+        """Served by the hub's loop like any callable it selects on (the loop's fast path
+        is for plain ``HubEndpoint``s only)."""
+        hub: Any = self.hub
+        hub._on_io(self, mask)
+
+    def deliver(self, raw: bytes | bytearray, fds: list[int], count: int = 1) -> None:
+        relink = self.hub.router.relink
+        if relink.local_only:
+            kept = relink.strip_local_only(raw)
+            if kept is not raw:
+                if not kept:
+                    close_fds(fds)
+                    return
+                raw, count = kept, max(1, count - 1)  # (count: statistics only)
+        super().deliver(raw, fds, count)
 
 
 class Relinker:
@@ -124,7 +150,7 @@ class Relinker:
                             welcome.get("max_message"), hub.options.max_message)
             router.upstream = hub.add_endpoint(
                 sock, f"link to {T.format_address(self.address)}", ptype="socket", relay=True,
-                ready=True, decoder=decoder)
+                ready=True, decoder=decoder, cls=LinkEndpoint)
             self.relinked += 1
             router.relink.start()
             log.warning("bridge: the link to the broker is back (%s)",

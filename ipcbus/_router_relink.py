@@ -15,7 +15,8 @@ restart", the bridge's case). In order:
    (one SUBSCRIBE each, as the live path sends them: :func:`peer_frames`), and a SERVICE_ADD
    for each service it hosts (:func:`service_claims`; a pool's with its group). A refused id
    is logged and the peer stays local-only: it keeps talking to this side, and its frames are
-   kept from the link (:meth:`Relink.keeps_local`).
+   kept from the link (:meth:`Relink.strip_local_only`; a request of its that went only to
+   the link then waits for its timeout).
 3. once a service is granted again: a pool member's group membership of the call channel
    (allowed only now), then the proxies across the bus are told it started. Only the host
    knows its status (its calls), so the router asks it, as a proxy does (a status REQUEST on
@@ -119,6 +120,27 @@ class Relink:
     def keeps_local(self, peer_id: str | None) -> bool:
         """Whether frames of ``peer_id`` must not go upstream (the broker refused its id)."""
         return peer_id in self.local_only
+
+    def strip_local_only(self, raw: bytes | bytearray) -> bytes | bytearray:
+        """``raw`` (one frame, or a run) for the link without the frames of local-only peers
+        (the broker does not know them: one would be a protocol error there). Called only
+        while there are some (the link's ``deliver``, ``_bridge_relink.LinkEndpoint``)."""
+        kept: list[bytes | bytearray] = []
+        offset, dropped = 0, False
+        view = memoryview(raw)
+        while offset < len(raw):
+            hlen, blen, _ = P.PREFIX.unpack_from(raw, offset)
+            end = offset + P.PREFIX_SIZE + hlen + blen
+            sender = P.decode_header(view[offset + P.PREFIX_SIZE:
+                                          offset + P.PREFIX_SIZE + hlen])[2]
+            if sender is not None and sender[0] in self.local_only:
+                dropped = True
+            else:
+                kept.append(raw[offset:end])
+            offset = end
+        if not dropped:
+            return raw
+        return b"".join(kept)
 
     # -- answers -------------------------------------------------------------------------------
     def answer(self, peer_id: str, rid: int, accepted: bool, reason: str) -> bool:

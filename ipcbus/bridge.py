@@ -12,7 +12,9 @@ on a daemon thread of the process that creates it. Its endpoints are:
   and their subscriptions are announced on the broker as peers of the link, so the broker
   sends a message across once per bridge however many local listeners it has, and only for
   channels someone on this side listens to; broadcasts and requests from this side cross to
-  the broker, which serves its side and never echoes them back.
+  the broker, which serves its side and never echoes them back. With ``reconnect`` the link
+  comes back after losing the broker (``_bridge_relink.py``: the retry thread;
+  ``_router_relink.py``: what the router announces to the new broker).
 
 When the parent's copy of a pipe end is still open after the child has joined, the bridge
 closes it, so that a child killed with SIGKILL is noticed at once.
@@ -113,8 +115,9 @@ class IpcBusBridge:
           announces its side to the new broker again: every local peer with the same id (one
           the broker refuses as taken is logged and stays local-only), its subscriptions and
           groups, and its services, claimed again, whose proxies across the bus see them
-          start (README "Surviving a broker restart"). Past ``give_up`` the link stays
-          closed (logged). Needs an address.
+          start (the bridge asks each host its status and broadcasts "start" in the host's
+          name). Past ``give_up`` the link stays closed (logged). ``ValueError`` without an
+          address, ``TypeError`` for another type.
 
         Raises :class:`~ipcbus.IpcBusConnectionError` if a bridge is already connected in this
         process or the broker cannot be reached or refuses the link (the first link is not

@@ -14,6 +14,7 @@ keeps its link closed, as before.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -76,7 +77,9 @@ def relinked(bridge: IpcBusBridge) -> int:
 
 
 @pytest.mark.timeout(120)
-def test_bridge_relinks_after_a_broker_restart(ctx: Any, sock_path: str, reporters: Any) -> None:
+def test_bridge_relinks_after_a_broker_restart(ctx: Any, sock_path: str, reporters: Any,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ipcbus")
     kids, reports, q = reporters
     broker = IpcBusBroker.create(restart=True, context=ctx).connect(sock_path)
     bridge = main = local = None
@@ -119,6 +122,7 @@ def test_bridge_relinks_after_a_broker_restart(ctx: Any, sock_path: str, reporte
         assert proxy.is_started and proxy.call("add", 2, 3) == 5
         status = proxy.status
         assert status["host"]["name"] == "A" and "add" in status["calls"]
+        assert "service 'calc' of A started again on the relinked bus" in caplog.text
         peers = {(p["name"], p["id"]) for p in broker.query_state(5)["peers"]}
         assert ids <= peers  # the same ids
         assert local.peer.id in {p for _, p in peers}
