@@ -71,6 +71,7 @@ class Relinker:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.relinked = 0  # how many times the link came back (for the tests and logs)
+        hub.router.relink.reconnecting = True
 
     def lost(self, reason: str) -> None:
         """The link has closed (on the hub's thread): start retrying."""

@@ -182,7 +182,7 @@ class Router:
                 self.joining[peer_id] = (None, recorded, rid)
         if endpoint is self.upstream:
             self.upstream = None
-            self.relink.reset()
+            self.relink.link_lost()
             self.requests.receiver_gone(UPSTREAM, "the link to the broker has closed")
             joining, self.joining = self.joining, {}
             for peer_id, (ep, _, rid) in joining.items():

@@ -26,6 +26,14 @@ restart", the bridge's case). In order:
    while such questions are out). A refused name is logged and taken off this side (its
    calls go to the bus's host).
 
+The proxies of this side of services hosted beyond the link (a local peer listens on the
+event channel of a service this side does not host) are told too, when the bridge reconnects
+(``reconnecting``): "stop" when the link goes (:meth:`Relink.link_lost`: the hub broadcasts
+it on this side, as it does for a host that leaves; their calls then wait for the start,
+within their timeout), and once their peer is accepted again, a status question with the
+"new proxy" flag in that peer's name, which the service's host (if it is back) answers with
+a "start" notice to that peer (its answer to the question is the relink's, dropped here).
+
 Everything pending is forgotten when the link goes again (:meth:`Relink.reset`).
 """
 from __future__ import annotations
@@ -38,7 +46,8 @@ from ._protocol import Frame, Kind
 from ._routing import Endpoint, Peer
 from .errors import IpcBusProtocolError
 
-__all__ = ["Relink", "RID_BASE", "local_peers", "peer_frames", "service_claims"]
+__all__ = ["Relink", "RID_BASE", "local_peers", "peer_frames", "service_claims",
+           "watched_remote_services"]
 
 log = logging.getLogger("ipcbus")
 
@@ -78,6 +87,17 @@ def service_claims(core: Any, peer: Peer) -> list[tuple[str, str | None]]:
     return claims
 
 
+def watched_remote_services(core: Any, channels: Any = None) -> list[str]:
+    """The services this side does not host whose event channel is listened to here (among
+    ``channels``: default, every channel with a subscriber)."""
+    hosts = core.service_hosts
+    prefix = P.SERVICE_EVENT_PREFIX
+    return [channel[len(prefix):] for channel in (core.subscribers if channels is None
+                                                  else channels)
+            if channel.startswith(prefix) and channel[len(prefix):] not in hosts.hosts
+            and channel[len(prefix):] not in hosts.pools]
+
+
 class Relink:
     """A linked bridge's re-announcement in progress: the questions it asked (see the module
     docstring), keyed like the answers that settle them, ``(peer id, rid)``."""
@@ -88,6 +108,7 @@ class Relink:
         self.local_only: set[str] = set()  # ids the broker refused: kept from the link
         self._next = RID_BASE
         self._plain_response: Callable[[Endpoint, Frame], None] | None = None
+        self.reconnecting = False  # set by a bridge whose link reconnects
 
     def _rid(self) -> int:
         self._next += 1
@@ -116,6 +137,17 @@ class Relink:
         self.asks.clear()
         self.local_only.clear()
         self._watch_responses(False)
+
+    def link_lost(self) -> None:
+        """The link has gone (``core.upstream`` is None): forget the questions out, and, for a
+        bridge that reconnects, tell this side's proxies of services hosted beyond the link
+        that they stopped."""
+        self.reset()
+        if not self.reconnecting:
+            return  # (as before: the link stays closed)
+        body = P.pack_payload(["stop", "the link to the broker was lost"])
+        for name in watched_remote_services(self.core):
+            self.core.messages.broadcast(P.service_event_channel(name), body)
 
     def keeps_local(self, peer_id: str | None) -> bool:
         """Whether frames of ``peer_id`` must not go upstream (the broker refused its id)."""
@@ -157,6 +189,8 @@ class Relink:
         if peer is None or upstream is None or peer.endpoint is upstream:
             return True  # it left meanwhile (its PEER_REMOVE followed the PEER_ADD up)
         what, name, group = ask
+        if what == "remote":
+            return True  # the host told the proxy "start" itself (or there is no host yet)
         if what == "peer":
             self._peer_answered(peer, accepted, reason)
         elif what == "service":
@@ -172,6 +206,12 @@ class Relink:
         upstream = self.core.upstream
         for raw in peer_frames(self.core, peer):
             upstream.deliver(raw, [])
+        for name in watched_remote_services(self.core, peer.channels):
+            rid = self._rid()
+            self.asks[(peer.id, rid)] = ("remote", name, None)
+            upstream.deliver(P.encode_frame(Kind.REQUEST, P.service_call_channel(name),
+                                            peer.info, None, rid,
+                                            P.pack_payload([_STATUS_CALL, True])), [])
         for name, group in service_claims(self.core, peer):
             rid = self._rid()
             self.asks[(peer.id, rid)] = ("service", name, group)

@@ -116,7 +116,8 @@ class IpcBusBridge:
           the broker refuses as taken is logged and stays local-only), its subscriptions and
           groups, and its services, claimed again, whose proxies across the bus see them
           start (the bridge asks each host its status and broadcasts "start" in the host's
-          name). Past ``give_up`` the link stays closed (logged). ``ValueError`` without an
+          name); this side's proxies of services beyond the link see them stop at the loss
+          and start again. Past ``give_up`` the link stays closed (logged). ``ValueError`` without an
           address, ``TypeError`` for another type.
 
         Raises :class:`~ipcbus.IpcBusConnectionError` if a bridge is already connected in this

@@ -9,8 +9,9 @@ the outage is long enough to be seen), its side is announced to the new broker: 
 client reaches a pipe child's listener, a request from a pipe child reaches a socket client's
 listener, the group member behind the bridge gets jobs, and the service hosted by a pipe child
 is callable from a socket client's proxy (which saw it stop, and is told it started again:
-the bridge asks the host its status and broadcasts "start"). A bridge without ``reconnect``
-keeps its link closed, as before.
+the bridge asks the host its status and broadcasts "start"); and a proxy on the bridge's side
+of a service hosted beyond the link sees it stop at the loss and start again. A bridge without
+``reconnect`` keeps its link closed, as before.
 """
 from __future__ import annotations
 
@@ -94,6 +95,9 @@ def test_bridge_relinks_after_a_broker_restart(ctx: Any, sock_path: str, reporte
         proxy = IpcBusServiceProxy(main, "calc")
         proxy.connect(20)
         assert proxy.call("add", 1, 2) == 3
+        IpcBusService(main, "far", Calc()).start()  # hosted beyond the link, for "local"
+        far = IpcBusServiceProxy(local, "far")
+        far.connect(20)
         assert main.request("ping", 10, 1).payload == ["A", 1]
 
         pid = pid_of(broker.process)
@@ -107,6 +111,7 @@ def test_bridge_relinks_after_a_broker_restart(ctx: Any, sock_path: str, reporte
         with pytest.raises(IpcBusRequestError):
             local.request("socket-side", 10, 0)  # needed the broker: fails at once
         assert time.monotonic() - started < 2.0
+        wait_until(lambda: not far.is_started, 5)  # the link's loss stopped it here
         assert relinked(bridge) == 0  # all of the above happened while the link was down
 
         main.wait_connected(30)
@@ -123,6 +128,8 @@ def test_bridge_relinks_after_a_broker_restart(ctx: Any, sock_path: str, reporte
         status = proxy.status
         assert status["host"]["name"] == "A" and "add" in status["calls"]
         assert "service 'calc' of A started again on the relinked bus" in caplog.text
+        far.connect(20)  # its host, back before the bridge, told "local"'s proxy "start"
+        assert far.call("add", 4, 5) == 9
         peers = {(p["name"], p["id"]) for p in broker.query_state(5)["peers"]}
         assert ids <= peers  # the same ids
         assert local.peer.id in {p for _, p in peers}

@@ -212,3 +212,46 @@ def _listening(bus: Bus) -> tuple[dict[str, set[str]], dict[str, dict[str, set[s
     plain = {ch: set(subs) for ch, subs in router.subscribers.items()}
     groups = {ch: {g: set(m) for g, m in gs.items()} for ch, gs in router.groups.channels.items()}
     return plain, groups
+
+
+@pytest.mark.parametrize("reconnecting", [True, False])
+def test_proxies_of_a_service_beyond_the_link(reconnecting: bool) -> None:
+    """A proxy on the bridge's side of service "far", hosted by "r" on the broker's side:
+    when the link goes it hears "stop" (a bridge that reconnects only: else as before), and
+    once relinked the host is asked, in the proxy's name, to tell it "start"."""
+    bus = Linked()
+    bus.bridge.router.relink.reconnecting = reconnecting
+    r_ep = bus.broker.endpoint("r")
+    r = bus.broker.add_peer(r_ep, "r")
+    bus.broker.handle(r_ep, Kind.SERVICE_ADD, "far", r, None, 3)
+    bus.broker.subscribe(r_ep, r, P.service_call_channel("far"))
+    p_ep = bus.bridge.endpoint("p")
+    p = bus.bridge.add_peer(p_ep, "p")
+    bus.bridge.subscribe(p_ep, p, P.service_event_channel("far"))
+    bus.pump()
+    r_ep.take()
+    p_ep.take()
+    broker_restarts(bus)
+    stops = [body_of(f) for f in p_ep.take()]
+    if not reconnecting:
+        assert stops == []
+        return
+    assert stops == [["stop", "the link to the broker was lost"]]
+    # the new broker: "r" is back first and hosts "far" again
+    bus.broker.add_peer(r_ep, "r")
+    bus.broker.handle(r_ep, Kind.SERVICE_ADD, "far", r, None, 4)
+    bus.broker.subscribe(r_ep, r, P.service_call_channel("far"))
+    r_ep.take()
+    bus.bridge.router.relink.start()
+    bus.pump()
+    (ask,) = r_ep.take()  # the status question, in p's name, with the "new proxy" flag
+    assert (ask.kind, ask.channel, ask.sender_id) == (
+        Kind.REQUEST, P.service_call_channel("far"), "p")
+    assert body_of(ask) == ["__getServiceStatus", True]
+    # the host answers as it does to a new proxy: "start" to p, and the answer to the question
+    bus.broker.handle(r_ep, Kind.SEND_TO, P.service_event_channel("far"), r, "p", 0,
+                      P.pack_payload(["start", STATUS]))
+    bus.broker.respond(r_ep, r, "p", ask.rid, STATUS)
+    bus.pump()
+    assert [body_of(f) for f in p_ep.take()] == [["start", STATUS]]  # the answer is dropped
+    assert bus.bridge.router.relink.asks == {}
