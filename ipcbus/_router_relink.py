@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 from . import _protocol as P
 from ._protocol import Frame, Kind
+from ._router_groups import grouped_frame
 from ._routing import Endpoint, Peer
 from .errors import IpcBusProtocolError
 
@@ -238,8 +239,11 @@ class Relink:
         rid = self._rid()
         self.asks[(peer.id, rid)] = ("status", name, group)
         self._watch_responses(True)
-        peer.endpoint.deliver(P.encode_frame(Kind.REQUEST, call_channel, peer.info, peer.id,
-                                             rid, P.pack_payload([_STATUS_CALL])), [])
+        ask = P.encode_frame(Kind.REQUEST, call_channel, peer.info, peer.id, rid,
+                             P.pack_payload([_STATUS_CALL]))
+        if group is not None:  # a pool's member listens as a member of its group
+            ask = grouped_frame(call_channel, peer.id, group, ask)
+        peer.endpoint.deliver(ask, [])
 
     def on_response(self, endpoint: Endpoint, frame: Frame) -> None:
         """The router's RESPONSE handler while status questions are out: a host's status

@@ -48,6 +48,7 @@ def worker(conn: Any, report: Any, stop: Any) -> None:
     client.on("local", lambda event, x: event.request.resolve(["A-local", x]))
     client.on("jobs", lambda event, x: event.request.resolve(["A-job", x]), group="pool")
     IpcBusService(client, "calc", Calc()).start()
+    IpcBusService(client, "pooled", Calc(), group="g").start()  # a pool of one member
     report.put(("ready", "A", client.peer.id))
     stop.poll(60)
     client.close()
@@ -128,6 +129,10 @@ def test_bridge_relinks_after_a_broker_restart(ctx: Any, sock_path: str, reporte
         status = proxy.status
         assert status["host"]["name"] == "A" and "add" in status["calls"]
         assert "service 'calc' of A started again on the relinked bus" in caplog.text
+        pooled = IpcBusServiceProxy(main, "pooled")  # the pool's member, started again
+        pooled.connect(20)
+        assert pooled.call("add", 3, 4) == 7 and pooled.status.get("group") == "g"
+        assert "service 'pooled' of A started again on the relinked bus" in caplog.text
         far.connect(20)  # its host, back before the bridge, told "local"'s proxy "start"
         assert far.call("add", 4, 5) == 9
         peers = {(p["name"], p["id"]) for p in broker.query_state(5)["peers"]}

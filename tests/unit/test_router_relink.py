@@ -19,7 +19,7 @@ from ipcbus._protocol import Kind
 from ipcbus._router_relink import RID_BASE, local_peers, peer_frames, service_claims
 
 from test_router import Bus, FakeEndpoint, body_of
-from test_router_groups import Linked, join
+from test_router_groups import Linked, join, unwrap
 
 STATUS = {"started": True, "calls": ["add"], "host": {"id": "h", "name": "name-h", "pid": 7}}
 
@@ -100,9 +100,13 @@ def test_a_new_broker_learns_the_bridges_side_again() -> None:
     assert new.services == {"calc": "h", "pooled": "m"}
     assert new.groups.channels[P.service_call_channel("pooled")]["calc-pool"] == {"m": 1}
     assert not any(ep.delivered for ep in (eps["a"],))  # nothing reaches a plain peer
-    # each host is asked its status, in its own name, with a rid of the relink
+    # each host is asked its status, in its own name, with a rid of the relink (a pool's
+    # member in GROUPED, as it listens in its group)
     for name, service in (("h", "calc"), ("m", "pooled")):
         (ask,) = eps[name].take()
+        if name == "m":
+            group, ask = unwrap(ask)
+            assert group == "calc-pool"
         assert (ask.kind, ask.channel, ask.sender_id, ask.target) == (
             Kind.REQUEST, P.service_call_channel(service), name, name)
         assert ask.rid > RID_BASE and body_of(ask) == ["__getServiceStatus"]
