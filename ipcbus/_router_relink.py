@@ -54,6 +54,7 @@ log = logging.getLogger("ipcbus")
 
 RID_BASE = 1 << 62  # rids of the relink's own questions (a client's count up from 1; rids < 2**63)
 _STATUS_CALL = "__getServiceStatus"  # = _service_common.STATUS_CALL (the router is pure)
+Handler = Callable[[Endpoint, Frame], None]
 
 
 def local_peers(core: Any) -> list[Peer]:
@@ -108,7 +109,8 @@ class Relink:
         self.asks: dict[tuple[str, int], tuple[str, str, str | None]] = {}  # (what, name, group)
         self.local_only: set[str] = set()  # ids the broker refused: kept from the link
         self._next = RID_BASE
-        self._plain_response: Callable[[Endpoint, Frame], None] | None = None
+        # the router's RESPONSE and REQUEST_FAIL handlers, while ours stand in for them
+        self._plain: tuple[Handler, Handler] | None = None
         self.reconnecting = False  # set by a bridge whose link reconnects
 
     def _rid(self) -> int:
@@ -245,17 +247,37 @@ class Relink:
             ask = grouped_frame(call_channel, peer.id, group, ask)
         peer.endpoint.deliver(ask, [])
 
-    def on_response(self, endpoint: Endpoint, frame: Frame) -> None:
-        """The router's RESPONSE handler while status questions are out: a host's status
-        becomes the "start" broadcast of its service; any other answer goes on as usual."""
+    def _status_answered(self, frame: Frame) -> tuple[str, str, str | None] | None:
+        """The status question ``frame`` (a RESPONSE or REQUEST_FAIL) answers, taken out;
+        None if it answers none (its sender must be the host asked)."""
         key = (frame.target or "", frame.rid)
         ask = self.asks.get(key) if frame.rid > RID_BASE else None
         if ask is None or ask[0] != "status" or frame.sender_id != key[0]:
-            assert self._plain_response is not None
-            return self._plain_response(endpoint, frame)
+            return None
         del self.asks[key]
         if not any(a[0] == "status" for a in self.asks.values()):
             self._watch_responses(False)
+        return ask
+
+    def on_request_fail(self, endpoint: Endpoint, frame: Frame) -> None:
+        """The router's REQUEST_FAIL handler while status questions are out: a host that
+        could not answer one (its service stopped meanwhile) is not told started."""
+        assert self._plain is not None
+        plain = self._plain[1]
+        ask = self._status_answered(frame)
+        if ask is None:
+            return plain(endpoint, frame)
+        log.warning("bridge: service %r did not give its status after relinking", ask[1])
+
+    def on_response(self, endpoint: Endpoint, frame: Frame) -> None:
+        """The router's RESPONSE handler while status questions are out: a host's status
+        becomes the "start" broadcast of its service; any other answer goes on as usual."""
+        assert self._plain is not None
+        plain = self._plain[0]
+        key = (frame.target or "", frame.rid)
+        ask = self._status_answered(frame)
+        if ask is None:
+            return plain(endpoint, frame)
         try:
             ok, status = P.unpack_payload(frame.body)
         except (IpcBusProtocolError, TypeError, ValueError):
@@ -281,12 +303,14 @@ class Relink:
         log.info("bridge: service %r of %s started again on the relinked bus", name, peer.name)
 
     def _watch_responses(self, on: bool) -> None:
-        """Route RESPONSE through :meth:`on_response` only while status questions are out
-        (the plain path pays nothing otherwise)."""
+        """Route RESPONSE and REQUEST_FAIL through :meth:`on_response` and
+        :meth:`on_request_fail` only while status questions are out (the plain path pays
+        nothing otherwise)."""
         handlers = self.core._handlers
-        if on and self._plain_response is None:
-            self._plain_response = handlers[Kind.RESPONSE]
+        if on and self._plain is None:
+            self._plain = (handlers[Kind.RESPONSE], handlers[Kind.REQUEST_FAIL])
             handlers[Kind.RESPONSE] = self.on_response
-        elif not on and self._plain_response is not None:
-            handlers[Kind.RESPONSE] = self._plain_response
-            self._plain_response = None
+            handlers[Kind.REQUEST_FAIL] = self.on_request_fail
+        elif not on and self._plain is not None:
+            handlers[Kind.RESPONSE], handlers[Kind.REQUEST_FAIL] = self._plain
+            self._plain = None

@@ -117,8 +117,8 @@ class IpcBusBridge:
           groups, and its services, claimed again, whose proxies across the bus see them
           start (the bridge asks each host its status and broadcasts "start" in the host's
           name); this side's proxies of services beyond the link see them stop at the loss
-          and start again. Past ``give_up`` the link stays closed (logged). ``ValueError`` without an
-          address, ``TypeError`` for another type.
+          and start again. Past ``give_up`` the link stays closed (logged). ``ValueError``
+          without an address, ``TypeError`` for another type.
 
         Raises :class:`~ipcbus.IpcBusConnectionError` if a bridge is already connected in this
         process or the broker cannot be reached or refuses the link (the first link is not

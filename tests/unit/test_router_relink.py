@@ -259,3 +259,29 @@ def test_proxies_of_a_service_beyond_the_link(reconnecting: bool) -> None:
     bus.pump()
     assert [body_of(f) for f in p_ep.take()] == [["start", STATUS]]  # the answer is dropped
     assert bus.bridge.router.relink.asks == {}
+
+
+def test_a_host_that_cannot_give_its_status_is_not_told_started(
+        caplog: pytest.LogCaptureFixture) -> None:
+    bus = Linked()
+    eps, peers = bridge_side(bus)
+    broker_restarts(bus)
+    bus.bridge.router.relink.start()
+    bus.pump()
+    proxy_ep = bus.broker.endpoint("proxy")
+    proxy = bus.broker.add_peer(proxy_ep, "p")
+    bus.broker.subscribe(proxy_ep, proxy, P.service_event_channel("calc"))
+    (ask,) = eps["h"].take()
+    with caplog.at_level(logging.WARNING, logger="ipcbus"):
+        bus.bridge.fail(eps["h"], peers["h"], "h", ask.rid, "no listener")  # stopped meanwhile
+    assert "service 'calc' did not give its status" in caplog.text
+    assert eps["h"].take() == []
+    bus.pump()
+    assert proxy_ep.take() == []  # no "start"
+    (ask,) = eps["m"].take()  # the other question is still out: the handlers stay ours
+    router = bus.bridge.router
+    assert router._handlers[Kind.REQUEST_FAIL] == router.relink.on_request_fail
+    group, ask = unwrap(ask)
+    bus.bridge.respond(eps["m"], peers["m"], "m", ask.rid, STATUS)
+    assert router._handlers[Kind.REQUEST_FAIL] == router.requests.on_request_fail
+    assert router._handlers[Kind.RESPONSE] == router.requests.on_response
