@@ -61,7 +61,7 @@ from ._protocol import Frame, Kind
 from ._router_groups import GroupRouter
 from ._router_messages import MessageRouter
 from ._router_peers import PeerRouter
-from ._router_relink import Relink
+from ._router_relink import RID_BASE as RELINK_RIDS, Relink
 from ._router_requests import SPECIAL_CHANNELS, RequestRouter
 from ._router_services import ServiceRouter
 from ._router_view import ChannelStats, Spies, bus_state
@@ -193,8 +193,10 @@ class Router:
     def join_answer(self, peer_id: str, rid: int, accepted: bool, reason: str) -> bool:
         """The broker's answer to a PEER_ADD this bridge forwarded (or to a question of the
         relink); False if it is not one."""
-        return self.relink.answer(peer_id, rid, accepted, reason) or \
-            self.members.join_answer(peer_id, rid, accepted, reason)
+        # (a test, not a call, on the path of every answer from the link)
+        if rid > RELINK_RIDS and self.relink.answer(peer_id, rid, accepted, reason):
+            return True
+        return self.members.join_answer(peer_id, rid, accepted, reason)
 
     def undeliverable(self, endpoint: Endpoint, raw: bytes | bytearray, reason: str) -> None:
         """An endpoint refused a frame the router gave it (over the limit of a link): fail
