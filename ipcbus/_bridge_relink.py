@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable
 
 from . import _transport as T
-from ._client.reconnect import CLOSED, DOWN, LinkState, Reconnect
+from ._client.reconnect import LinkState, Reconnect
 from ._hub import Hub
 from ._hub_endpoint import HubEndpoint
 from ._transport import close_fds
@@ -54,6 +54,17 @@ class LinkEndpoint(HubEndpoint):
                     return
                 raw, count = kept, max(1, count - 1)  # (count: statistics only)
         super().deliver(raw, fds, count)
+
+
+class _Handover:
+    """A new link on its way from the retry thread to the hub's thread: taken by the hub,
+    or abandoned by the retry thread (which then closes it), never both (the relinker's
+    lock)."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.taken = False
+        self.abandoned = False
 
 
 class Relinker:
@@ -112,14 +123,16 @@ class Relinker:
                     self.state.attempt_failed(f"{type(exc).__name__}: {exc}")
                 log.debug("bridge: relink attempt failed: %s", exc)
                 continue
-            installed = threading.Event()
-            self.hub.call_soon(lambda: self._install(sock, decoder, welcome, installed))
-            if not installed.wait(self.timeout + 5.0) and self.state.state == DOWN:
-                sock.close()  # the hub did not take it (it is stopping)
-                with self._lock:
-                    self.state.attempt_failed("the bridge's hub did not take the new link")
-                continue
-            return
+            handover = _Handover()
+            self.hub.call_soon(lambda: self._install(sock, decoder, welcome, handover))
+            if handover.done.wait(self.timeout + 5.0):
+                return
+            with self._lock:
+                if handover.taken:  # (just now)
+                    return
+                handover.abandoned = True  # the hub did not take it (it is stopping)
+                self.state.attempt_failed("the bridge's hub did not take the new link")
+            sock.close()
 
     def _open(self) -> tuple[Any, Any, dict[str, Any]]:
         """Connect and do the handshake (blocking, on the retry thread)."""
@@ -135,11 +148,14 @@ class Relinker:
         return sock, decoder, welcome
 
     def _install(self, sock: Any, decoder: Any, welcome: dict[str, Any],
-                 installed: threading.Event) -> None:
+                 handover: _Handover) -> None:
         """On the hub's thread: the new link becomes the upstream, and this side is announced
         again (``_router_relink``)."""
         try:
             with self._lock:
+                if handover.abandoned:  # the retry thread gave up on this one (closed it)
+                    return
+                handover.taken = True
                 if not self.state.reconnected():  # closed meanwhile
                     sock.close()
                     return
@@ -154,11 +170,7 @@ class Relinker:
                 ready=True, decoder=decoder, cls=LinkEndpoint)
             self.relinked += 1
             router.relink.start()
-            log.warning("bridge: the link to the broker is back (%s)",
-                        T.format_address(self.address))
+            log.info("bridge: the link to the broker is back (%s)",
+                     T.format_address(self.address))
         finally:
-            installed.set()
-
-    @property
-    def closed(self) -> bool:
-        return self.state.state == CLOSED
+            handover.done.set()

@@ -11,7 +11,7 @@ listener, the group member behind the bridge gets jobs, and the service hosted b
 is callable from a socket client's proxy (which saw it stop, and is told it started again:
 the bridge asks the host its status and broadcasts "start"); and a proxy on the bridge's side
 of a service hosted beyond the link sees it stop at the loss and start again. A bridge without
-``reconnect`` keeps its link closed, as before.
+``reconnect`` keeps its link closed, as before, and one that gives up keeps its own bus.
 """
 from __future__ import annotations
 
@@ -173,5 +173,31 @@ def test_bridge_without_reconnect_stays_unlinked(sock_path: str) -> None:
         for c in (main, local):
             if c is not None:
                 c.close()
+        bridge.close()
+        broker.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_bridge_that_gives_up_keeps_its_own_bus(sock_path: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """No broker comes back (not restarted): past ``give_up`` the link stays closed, logged;
+    the retry thread ends and the bridge's own bus goes on."""
+    broker = IpcBusBroker.create().connect(sock_path)
+    bridge = IpcBusBridge.create().connect(
+        sock_path, reconnect=Reconnect(initial=0.05, maximum=0.1, give_up=0.5))
+    local = None
+    try:
+        local = IpcBusClient.create().connect()
+        local.on("here", lambda event: event.request.resolve("local"))
+        os.kill(pid_of(broker.process), signal.SIGKILL)
+        wait_until(lambda: "the link stays closed: gave up reconnecting after 0.5 s"
+                   in caplog.text, 10)
+        wait_until(lambda: not [t for t in threading.enumerate()
+                                if t.name.startswith("ipcbus-bridge-relink")], 5)
+        assert relinked(bridge) == 0
+        assert local.request("here", 5).payload == "local"
+    finally:
+        if local is not None:
+            local.close()
         bridge.close()
         broker.close()
