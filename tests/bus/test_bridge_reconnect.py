@@ -11,7 +11,9 @@ listener, the group member behind the bridge gets jobs, and the service hosted b
 is callable from a socket client's proxy (which saw it stop, and is told it started again:
 the bridge asks the host its status and broadcasts "start"); and a proxy on the bridge's side
 of a service hosted beyond the link sees it stop at the loss and start again. A bridge without
-``reconnect`` keeps its link closed, as before, and one that gives up keeps its own bus.
+``reconnect`` keeps its link closed, as before, and one that gives up keeps its own bus. A
+peer whose id a peer of the new broker took meanwhile stays local-only, without harm to the
+link.
 """
 from __future__ import annotations
 
@@ -27,7 +29,11 @@ import pytest
 from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusError, IpcBusRequestError,
                     IpcBusService, IpcBusServiceProxy, Reconnect)
 
-from helpers import pid_of, wait_until
+from ipcbus import _protocol as P
+from ipcbus._protocol import Kind
+
+from helpers import Collector, pid_of, wait_until
+from helpers.rawpeer import RawPeer
 
 FAST = Reconnect(initial=0.02, maximum=0.2)  # the broker's socket clients
 OUTAGE = 1.5  # the bridge's first attempt waits this long (seconds)
@@ -199,5 +205,54 @@ def test_a_bridge_that_gives_up_keeps_its_own_bus(sock_path: str,
     finally:
         if local is not None:
             local.close()
+        bridge.close()
+        broker.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_id_taken_meanwhile_stays_local_only(sock_path: str,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """While the link is down a peer of the new broker takes the id of a bridge's peer "L":
+    on relinking the broker refuses it, and "L" stays local-only: its frames are kept from
+    the link (one would make the broker close it), the other peers are announced as usual."""
+    broker = IpcBusBroker.create().connect(sock_path)
+    bridge = IpcBusBridge.create().connect(sock_path, reconnect=Reconnect(initial=0.5,
+                                                                          maximum=0.5))
+    thief = main = None
+    clients: list[IpcBusClient] = []
+    try:
+        local_l, local_m = (IpcBusClient.create().connect(peer_name=n) for n in "LM")
+        clients += [local_l, local_m]
+        got = Collector()
+        local_m.on("news", got)
+        local_m.on("m-here", lambda event: event.request.resolve("M"))
+        os.kill(pid_of(broker.process), signal.SIGKILL)
+        wait_until(lambda: bridge._hub is not None and bridge._hub.router.upstream is None, 10)
+        broker.close()
+        broker = IpcBusBroker.create().connect(sock_path)  # a new broker, at once
+        thief = RawPeer.unix(sock_path)
+        thief.handshake()
+        thief.send(P.encode_frame(Kind.PEER_ADD, sender=[local_l.peer.id, "thief", "socket",
+                                                         os.getpid()], rid=1))
+        assert thief.expect(Kind.RESPONSE).target == local_l.peer.id
+        wait_until(lambda: relinked(bridge) == 1, 20)
+        wait_until(lambda: "local-only" in caplog.text, 10)
+        upstream = bridge._hub.router.upstream if bridge._hub is not None else None
+        assert upstream is not None
+        local_l.send("news", "from L")  # to M here; not to the broker (kept from the link)
+        got.wait(1, 5)
+        assert got.args == [("from L",)]
+        local_m.sync(5)  # the broker has seen everything the bridge sent before: still linked
+        main = IpcBusClient.create().connect(sock_path)
+        main.wait_for_listeners("m-here", 1, 10)
+        assert main.request("m-here", 5).payload == "M"  # M was announced again
+        assert bridge._hub is not None and bridge._hub.router.upstream is upstream
+        assert relinked(bridge) == 1
+    finally:
+        for c in (main, *clients):
+            if c is not None:
+                c.close()
+        if thief is not None:
+            thief.close()
         bridge.close()
         broker.close()
