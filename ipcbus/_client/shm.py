@@ -165,28 +165,35 @@ class ConnectionShm:
         if total > self.conn.max_message:  # the bus's limit holds for the message as a whole
             raise ValueError(f"message of {total} bytes exceeds the bus limit of"
                              f" {self.conn.max_message} bytes")
-        if sum(-(-n // 4096) * 4096 for n in sizes) > limit:
+        arena = self.slots.size if self.slots is not None else limit  # made by the first
+        if sum(-(-n // 4096) * 4096 for n in sizes) > arena:
             return False
         offsets = self._alloc(sizes, limit, member)
         try:
-            assert self.view is not None
+            target_view = self.view
+            if target_view is None:
+                raise IpcBusConnectionError("the bus connection has closed")
             for offset, view in zip(offsets, views):
-                self.view[offset:offset + len(view)] = view
+                target_view[offset:offset + len(view)] = view
             inner = P.encode_frame(kind, channel, member.info, target, 0, body)
             outer = P.encode_frame(Kind.SHM_MESSAGE, "", member.info, None, 0, P.pack_payload(
                 [[[o, n] for o, n in zip(offsets, sizes)], inner]))
-            self.conn.writer.write_now(outer, member)
-        except BaseException as exc:
-            with self.lock:  # never reached the hub: ours again
-                for offset in offsets:
-                    if self.slots is not None and offset in self.slots.used:
-                        self.slots.free(offset)
-                self.freed.notify_all()
-            if isinstance(exc, OSError):
-                self.conn.check_usable()
-                raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
+        except BaseException:
+            self._give_back(offsets)  # never reached the hub: ours again
             raise
+        try:  # (an interrupt here may come after the frame was written: the slots stay
+            self.conn.writer.write_now(outer, member)  # the hub's until it frees them)
+        except OSError as exc:
+            self.conn.check_usable()
+            raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
         return True
+
+    def _give_back(self, offsets: list[int]) -> None:
+        with self.lock:
+            for offset in offsets:
+                if self.slots is not None and offset in self.slots.used:
+                    self.slots.free(offset)
+            self.freed.notify_all()
 
     def _alloc(self, sizes: list[int], limit: int, member: Any) -> list[int]:
         """Slots for ``sizes``, all or none; waits while the arena is full."""
