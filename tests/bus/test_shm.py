@@ -243,7 +243,7 @@ def test_forged_slot_references_are_the_senders_protocol_error_only(
 
 
 @pytest.mark.timeout(30)
-def test_a_forged_slot_reference_from_the_hub_side_never_reaches_another_arena(
+def test_a_peers_slots_are_read_from_its_own_arena_only(
         broker: IpcBusBroker, sock_path: str, clients: Any) -> None:
     """A raw peer may name only slots of its own arena: the slots it declares are checked
     against its arena; a receiver sees its bytes, never another connection's."""
