@@ -271,3 +271,29 @@ def test_a_peers_slots_are_read_from_its_own_arena_only(
         mapping.close()
         os.close(fd)
         peer.sock.close()
+
+
+@pytest.mark.timeout(30)
+def test_without_memfd_large_payloads_go_inline(broker: IpcBusBroker, sock_path: str,
+                                                clients: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a platform without ``os.memfd_create`` (macOS) does: the arena is off."""
+    from ipcbus._client import shm as client_shm
+    monkeypatch.setattr(client_shm, "AVAILABLE", False)
+    sender = clients(sock_path)
+    receiver = clients(sock_path)
+    got = Collector()
+    receiver.on(CHANNEL, got)
+    sync(receiver)
+    data = os.urandom(2 * MiB)
+    sender.send(CHANNEL, data)
+    assert got.wait()[0][1] == (data,)
+    assert arena_fds() == 0 and arena_maps() == 0
+
+
+def test_bad_shm_arguments_are_refused_at_the_call(sock_path: str) -> None:
+    client = IpcBusClient.create()
+    for kwargs, error in (({"shm_threshold": -1}, ValueError), ({"shm_limit": 10}, ValueError),
+                          ({"shm_threshold": 1.5}, TypeError), ({"shm_limit": "1"}, TypeError)):
+        with pytest.raises(error):
+            client.connect(sock_path, **kwargs)
