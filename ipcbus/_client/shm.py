@@ -65,8 +65,8 @@ def check_shm_args(threshold: object, limit: object) -> None:
         if value < 0:
             raise ValueError(f"{name} must be >= 0")
     assert isinstance(limit, int)
-    if threshold and limit < 4096:
-        raise ValueError("shm_limit must be at least 4096 bytes")
+    if threshold and not 4096 <= limit <= A.MAX_ARENA:
+        raise ValueError(f"shm_limit must be 4096 to {A.MAX_ARENA} bytes")
 
 
 def settings(conn: Any, threshold: int, limit: int) -> tuple[int, int]:
@@ -277,6 +277,8 @@ class ConnectionShm:
                 if len(fds) == 1 and frame.rid not in self.maps:
                     size = P.unpack_control(frame.body)[0]
                     self.maps[frame.rid] = A.map_readonly(fds[0], size)
+            except (OSError, ValueError, TypeError, IndexError) as exc:  # its messages drop
+                log.error("cannot map a shared-memory arena of the bus: %s", exc)
             finally:
                 for fd in fds:
                     os.close(fd)
