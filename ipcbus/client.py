@@ -169,8 +169,8 @@ class IpcBusClient(_groups.GroupedEmitter):
           answers and control frames are never held back.
         - ``authkey`` (bytes; default None = ``$IPCBUS_AUTHKEY`` if set, else
           ``multiprocessing.current_process().authkey``): the key a TCP broker expects.
-        - ``shm_threshold`` (int, bytes; default 1 MiB; 0: off): larger buffers of
-          ``send``/``send_to`` travel through a shared-memory arena (off on TCP).
+        - ``shm_threshold`` (int, bytes; default 1 MiB; 0: off, on a first client both
+          ways): larger buffers of ``send``/``send_to`` go through shared memory.
         - ``shm_limit`` (int, bytes; default 256 MiB): that arena's size (per connection).
 
         Raises ``ValueError``/``TypeError`` for bad arguments (e.g. a path over 107 bytes), and
@@ -196,7 +196,8 @@ class IpcBusClient(_groups.GroupedEmitter):
                                     authkey=bytes(authkey) if authkey is not None else None,
                                     socket_buffer=socket_buffer)
             _joining.join(self, conn, _new_peer(peer_name, conn.ptype), wait)
-            self._shm_threshold, self._shm_limit = _shm.settings(conn, shm_threshold, shm_limit)
+            self._shm_threshold, self._shm_limit = _shm.settings(conn, shm_threshold, shm_limit,
+                                                                 self._member)
         return self
 
     def _set_peer(self, info: list[Any]) -> None:

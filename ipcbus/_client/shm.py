@@ -69,10 +69,24 @@ def check_shm_args(threshold: object, limit: object) -> None:
         raise ValueError(f"shm_limit must be 4096 to {A.MAX_ARENA} bytes")
 
 
-def settings(conn: Any, threshold: int, limit: int) -> tuple[int, int]:
-    """A client's (threshold, limit) on ``conn``: off where descriptors cannot pass (TCP) or
-    there is no memfd."""
-    return (threshold if conn.can_pass_fds and AVAILABLE else 0), limit
+def settings(conn: Any, threshold: int, limit: int, member: Any) -> tuple[int, int]:
+    """A client's (threshold, limit) on ``conn``, just joined as ``member``: off where
+    descriptors cannot pass (TCP) or there is no memfd. The first client of a connection
+    decides for it: with ``shm_threshold=0`` the connection sends and receives everything
+    inline (the hub is told: an arena of size 0), whatever later clients ask."""
+    shm: ConnectionShm = conn.shm
+    if not conn.can_pass_fds or not AVAILABLE:
+        return 0, limit
+    with shm.lock:
+        first, shm.decided = not shm.decided, True
+        if first and not threshold:
+            shm.inline = True
+            try:
+                conn.writer.write_now(P.encode_frame(Kind.SHM_ARENA, sender=member.info,
+                                                     body=P.pack_payload({"size": 0})), member)
+            except (OSError, IpcBusConnectionError):  # the connection's next use says so
+                pass
+    return (0 if shm.inline else threshold), limit
 
 
 def _size(item: Any) -> int:
@@ -149,6 +163,8 @@ class ConnectionShm:
         self.maps: dict[int, mmap.mmap] = {}
         self.pending: tuple[int, list[Any]] | None = None
         self.ended = False
+        self.decided = False  # the first client has joined (``settings``)
+        self.inline = False  # ...with shm_threshold=0: everything inline, both ways
 
     # -- sending -----------------------------------------------------------------------------
     def send(self, member: Any, kind: int, channel: str, target: str | None,

@@ -58,6 +58,17 @@ def receiver(path: str, q: Any, stop: Any, name: str) -> None:
         stop.poll(30)
 
 
+def inline_receiver(path: str, q: Any, stop: Any) -> None:
+    """A child whose connection takes everything inline (``shm_threshold=0``)."""
+    with IpcBusClient.create().connect(path, peer_name="inline", shm_threshold=0) as client:
+        def on(event: Any, data: Any) -> None:
+            q.put(("got", type(data).__name__, digest(data), arena_maps(), arena_fds()))
+        client.on(CHANNEL, on)
+        sync(client)
+        q.put(("ready", "inline"))
+        stop.poll(30)
+
+
 def _start_receivers(children: Children, path: str, q: Any, count: int) -> None:
     for i in range(count):
         children.start(receiver, path, q, children.stop, f"r{i}")
@@ -297,3 +308,19 @@ def test_bad_shm_arguments_are_refused_at_the_call(sock_path: str) -> None:
                           ({"shm_threshold": 1.5}, TypeError), ({"shm_limit": "1"}, TypeError)):
         with pytest.raises(error):
             client.connect(sock_path, **kwargs)
+
+
+@pytest.mark.timeout(60)
+def test_a_receiver_with_threshold_zero_maps_nothing(
+        reporters: tuple[Children, Reports, Any], broker: IpcBusBroker, sock_path: str,
+        clients: Any) -> None:
+    """shm_threshold=0 turns it all off for that connection: it sends inline and the hub
+    gives it the bytes inline (it never maps another's arena)."""
+    children, reports, q = reporters
+    children.start(inline_receiver, sock_path, q, children.stop)
+    reports.ready(1)
+    sender = clients(sock_path)
+    data = os.urandom(2 * MiB)
+    sender.send(CHANNEL, data)
+    assert reports.next("got")[1:] == ("bytes", digest(data), 0, 0)
+    assert arena_fds() == 1  # the sender did use its arena
