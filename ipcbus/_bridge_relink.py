@@ -161,13 +161,16 @@ class Relinker:
                     return
             hub = self.hub
             router = hub.router
-            if int(welcome.get("max_message", 0)) < hub.options.max_message:
-                log.warning("bridge: the new broker's max_message (%s) is below this bridge's"
-                            " (%d): larger messages from this side will be refused there",
-                            welcome.get("max_message"), hub.options.max_message)
-            router.upstream = hub.add_endpoint(
+            link = hub.add_endpoint(
                 sock, f"link to {T.format_address(self.address)}", ptype="socket", relay=True,
                 ready=True, decoder=decoder, cls=LinkEndpoint)
+            limit = int(welcome.get("max_message", 0))
+            if 0 < limit < link.max_in:  # the new broker takes less than the first one did
+                log.warning("bridge: the new broker's max_message (%d) is below this bridge's"
+                            " (%d): larger messages from this side are refused at the link",
+                            limit, link.max_in)
+                link.max_in = limit  # (the sender is told, a request fails: never the link)
+            router.upstream = link
             self.relinked += 1
             router.relink.start()
             log.info("bridge: the link to the broker is back (%s)",

@@ -13,7 +13,7 @@ the bridge asks the host its status and broadcasts "start"); and a proxy on the 
 of a service hosted beyond the link sees it stop at the loss and start again. A bridge without
 ``reconnect`` keeps its link closed, as before, and one that gives up keeps its own bus. A
 peer whose id a peer of the new broker took meanwhile stays local-only, without harm to the
-link.
+link; a new broker with a smaller message limit is never sent more than it takes.
 """
 from __future__ import annotations
 
@@ -254,5 +254,36 @@ def test_an_id_taken_meanwhile_stays_local_only(sock_path: str,
                 c.close()
         if thief is not None:
             thief.close()
+        bridge.close()
+        broker.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_new_broker_with_a_smaller_limit_is_not_sent_more(sock_path: str) -> None:
+    """The new broker takes smaller messages than the first: the relinked link refuses a
+    larger one from this side (the request fails at once) and stays up."""
+    broker = IpcBusBroker.create().connect(sock_path)
+    bridge = IpcBusBridge.create().connect(sock_path, reconnect=Reconnect(initial=0.2,
+                                                                          maximum=0.2))
+    local = main = None
+    try:
+        local = IpcBusClient.create().connect()
+        os.kill(pid_of(broker.process), signal.SIGKILL)
+        wait_until(lambda: bridge._hub is not None and bridge._hub.router.upstream is None, 10)
+        broker.close()
+        broker = IpcBusBroker.create(max_message=1 << 20).connect(sock_path)
+        main = IpcBusClient.create().connect(sock_path)
+        main.on("big", lambda event, data: event.request.resolve(len(data)))
+        main.on("small", lambda event, data: event.request.resolve(len(data)))
+        wait_until(lambda: relinked(bridge) == 1, 20)
+        local.wait_for_listeners("big", 1, 10)
+        with pytest.raises(IpcBusRequestError):
+            local.request("big", 10, b"x" * (2 << 20))
+        assert local.request("small", 10, b"x" * 1000).payload == 1000
+        assert relinked(bridge) == 1  # the link was never dropped
+    finally:
+        for c in (main, local):
+            if c is not None:
+                c.close()
         bridge.close()
         broker.close()
