@@ -159,17 +159,20 @@ class Relink:
     def strip_local_only(self, raw: bytes | bytearray) -> bytes | bytearray:
         """``raw`` (one frame, or a run) for the link without the frames of local-only peers
         (the broker does not know them: one would be a protocol error there). Called only
-        while there are some (the link's ``deliver``, ``_bridge_relink.LinkEndpoint``)."""
+        while there are some (the link's ``deliver``, ``_bridge_relink.LinkEndpoint``). The
+        PEER_REMOVE of one (it left) ends its being local-only: its id may join again."""
         kept: list[bytes | bytearray] = []
         offset, dropped = 0, False
         view = memoryview(raw)
         while offset < len(raw):
             hlen, blen, _ = P.PREFIX.unpack_from(raw, offset)
             end = offset + P.PREFIX_SIZE + hlen + blen
-            sender = P.decode_header(view[offset + P.PREFIX_SIZE:
-                                          offset + P.PREFIX_SIZE + hlen])[2]
+            kind, _, sender, _, _ = P.decode_header(view[offset + P.PREFIX_SIZE:
+                                                         offset + P.PREFIX_SIZE + hlen])
             if sender is not None and sender[0] in self.local_only:
                 dropped = True
+                if kind == Kind.PEER_REMOVE:
+                    self.local_only.discard(sender[0])
             else:
                 kept.append(raw[offset:end])
             offset = end

@@ -150,6 +150,14 @@ def test_a_refused_id_stays_local_only(caplog: pytest.LogCaptureFixture) -> None
     assert [_sender(r) for r in map(relink.strip_local_only, raws) if r] == ["h"]
     assert relink.strip_local_only(raws[0]) is raws[0]  # nothing to strip: the same bytes
     assert relink.strip_local_only(raws[1] + raws[0] + raws[1]) == raws[0]
+    # "a" leaves: its PEER_REMOVE is kept from the link too, and its id may join again
+    bus.bridge.router.remove_endpoint(eps["a"])
+    leaving = bus.up.take_raw()  # its UNSUBSCRIBEs, then its PEER_REMOVE
+    assert {_sender(r) for r in leaving} == {"a"} and _kind_channel(leaving[-1])[0] == \
+        Kind.PEER_REMOVE
+    assert not any(relink.strip_local_only(r) for r in leaving)
+    assert not relink.keeps_local("a") and not relink.local_only
+    bus.bridge.add_peer(bus.bridge.endpoint("a2"), "a")  # asked of the broker as usual
 
 
 def test_a_refused_service_is_taken_off_this_side(caplog: pytest.LogCaptureFixture) -> None:
