@@ -31,8 +31,9 @@ DIRECT = "bench.direct"
 SETUP_TIMEOUT = 10.0
 
 
-def _join(address: Any, name: str) -> IpcBusClient:
-    return IpcBusClient.create().connect(address, peer_name=name, timeout=SETUP_TIMEOUT)
+def _join(address: Any, name: str, **options: Any) -> IpcBusClient:
+    return IpcBusClient.create().connect(address, peer_name=name, timeout=SETUP_TIMEOUT,
+                                         **options)
 
 
 def _sync(client: IpcBusClient) -> None:
@@ -43,7 +44,7 @@ def _sync(client: IpcBusClient) -> None:
 class Subscriber:
     """Receives ``(seq, payload)`` on DATA; checks order and size; acks on ACK if asked."""
 
-    def __init__(self, address: Any, index: int = 0) -> None:
+    def __init__(self, address: Any, index: int = 0, zero_copy: bool = False) -> None:
         self.client = _join(address, f"subscriber-{index}")
         self.done = threading.Event()
         self.cmd: Optional[Round] = None
@@ -51,7 +52,7 @@ class Subscriber:
         self.t_first = self.t_last = 0.0
         self.error: Optional[str] = None
         self.stray: Optional[str] = None  # a message outside a round: sticky, fails the next
-        self.client.on(DATA, self._on_data)
+        self.client.on(DATA, self._on_data, zero_copy=zero_copy)
         _sync(self.client)
 
     def _on_data(self, event: IpcBusEvent, seq: int, payload: bytes) -> None:
@@ -96,8 +97,8 @@ class Subscriber:
 class Publisher:
     """Sends ``(seq, payload)`` on DATA; with a window, waits for ACKs to bound what is queued."""
 
-    def __init__(self, address: Any) -> None:
-        self.client = _join(address, "publisher")
+    def __init__(self, address: Any, shm_threshold: int = 1 << 20) -> None:
+        self.client = _join(address, "publisher", shm_threshold=shm_threshold)
         self.cond = threading.Condition()
         self.acked = -1
         self.client.on(ACK, self._on_ack)
@@ -225,8 +226,10 @@ class DirectSender:
 
 
 # -- topologies ----------------------------------------------------------------------------------
-def _roles(kind: str, nsubs: int, addresses: list[Any]) -> tuple[list[RoleSpec], list[RoleSpec]]:
-    """Receivers get ``addresses[:-1]``, the sender ``addresses[-1]``."""
+def _roles(kind: str, nsubs: int, addresses: list[Any], zero_copy: bool = False,
+           shm_threshold: int = 1 << 20) -> tuple[list[RoleSpec], list[RoleSpec]]:
+    """Receivers get ``addresses[:-1]``, the sender ``addresses[-1]`` (``zero_copy``: the
+    subscribers' listeners; ``shm_threshold``: the publisher's, 0 = inline)."""
     if kind == "rtt" and nsubs > 1:  # W1G: the responders are one group
         return ([RoleSpec(f"ipcbus group responder {i}", Responder,
                           {"address": addresses[i], "group": "pool", "index": i})
@@ -236,17 +239,30 @@ def _roles(kind: str, nsubs: int, addresses: list[Any]) -> tuple[list[RoleSpec],
         return ([RoleSpec("ipcbus responder", Responder, {"address": addresses[0]})],
                 [RoleSpec("ipcbus requester", Requester, {"address": addresses[1]})])
     receivers = [RoleSpec(f"ipcbus subscriber {i}", Subscriber,
-                          {"address": addresses[i], "index": i}) for i in range(nsubs)]
-    return receivers, [RoleSpec("ipcbus publisher", Publisher, {"address": addresses[-1]})]
+                          {"address": addresses[i], "index": i, "zero_copy": zero_copy})
+                 for i in range(nsubs)]
+    return receivers, [RoleSpec("ipcbus publisher", Publisher,
+                                {"address": addresses[-1], "shm_threshold": shm_threshold})]
 
 
-def broker_topology(kind: str, nsubs: int, tmpdir: str) -> Topology:
+def broker_topology(kind: str, nsubs: int, tmpdir: str, zero_copy: bool = False,
+                    shm_threshold: int = 1 << 20) -> Topology:
     path = os.path.join(tmpdir, "bus")
     broker = IpcBusBroker.create().connect(path)
-    receivers, senders = _roles(kind, nsubs, [path] * (nsubs + 1))
+    receivers, senders = _roles(kind, nsubs, [path] * (nsubs + 1), zero_copy, shm_threshold)
     return Topology(receivers=receivers, senders=senders, broker_pid=broker.process.pid,
                     broker_label="ipcbus broker", watch=[("the ipcbus broker", broker.process)],
                     close=broker.close)
+
+
+def zero_copy_topology(kind: str, nsubs: int, tmpdir: str) -> Topology:
+    """Through the broker, large arguments as zero_copy views (issue 18)."""
+    return broker_topology(kind, nsubs, tmpdir, zero_copy=True)
+
+
+def inline_topology(kind: str, nsubs: int, tmpdir: str) -> Topology:
+    """Through the broker with the shared-memory arena off (``shm_threshold=0``)."""
+    return broker_topology(kind, nsubs, tmpdir, shm_threshold=0)
 
 
 def bridge_topology(kind: str, nsubs: int, tmpdir: str) -> Topology:

@@ -3,6 +3,7 @@
     python benchmarks/run.py                 # full: ~1 s per measurement, medians of 3 rounds
     python benchmarks/run.py --smoke         # tiny sizes, 1 round, no verdicts (CI)
     python benchmarks/run.py --only W1,W4 --rounds 5 --json results.json
+    python benchmarks/run.py --only W1 --federation   # + federation over NATS (federation.py)
 
 See benchmarks/README.md for what each workload measures and how to read the table.
 """
@@ -50,6 +51,9 @@ class Impl:
 IPCBUS = Impl("ipcbus", impl_ipcbus.broker_topology, windowed=True)
 BRIDGE = Impl("ipcbus bridge", impl_ipcbus.bridge_topology, windowed=True)
 DIRECT = Impl("ipcbus direct", impl_ipcbus.direct_topology, windowed=False)
+# large payloads (issue 18): listeners with zero_copy=True; the arena turned off (inline)
+ZERO_COPY = Impl("ipcbus zero_copy", impl_ipcbus.zero_copy_topology, windowed=True)
+INLINE = Impl("ipcbus inline", impl_ipcbus.inline_topology, windowed=True)
 RELAY = Impl("mp-relay", impl_relay.topology, windowed=True)
 ZMQ = Impl("zmq", impl_zmq.topology, windowed=True, available=impl_zmq.AVAILABLE)
 PIPE = Impl("Pipe", impl_floor.pipe_topology, windowed=False)
@@ -79,6 +83,7 @@ class Row:
     subject: Impl  # what the "ipcbus" column measures
     alternatives: tuple[Impl, ...]
     target: Optional[tuple[str, float]] = None  # (">=" or "<=", value)
+    ratio_target: Optional[float] = None  # ipcbus/best broker at least this (same run)
 
     @property
     def lower_is_better(self) -> bool:
@@ -90,6 +95,7 @@ W1G = Case("rtt", 4, (SMALL,))  # ipcbus only: 4 responders in one group, each r
 W2 = Case("stream", 1, (SMALL,))
 W3 = Case("stream", 4, (SMALL,))
 W4 = Case("stream", 1, LARGE_SIZES)
+W6 = Case("stream", 4, (16 * MiB,))
 ALL_ALTS = tuple(ALTERNATIVES)
 BROKER_ALTS = (RELAY, ZMQ)
 
@@ -109,8 +115,20 @@ def workload_rows(name: str) -> list[Row]:
                     (">=", 600e3))]
     if name == "W4":
         return [Row("W4", "1 -> 1, 1 MiB", W4, 1 * MiB, "MB/s", IPCBUS, ALL_ALTS),
+                Row("W4", "1 -> 1, 1 MiB zero_copy", W4, 1 * MiB, "MB/s", ZERO_COPY, ALL_ALTS),
+                Row("W4", "1 -> 1, 1 MiB inline", W4, 1 * MiB, "MB/s", INLINE, ALL_ALTS),
                 Row("W4", "1 -> 1, 16 MiB", W4, 16 * MiB, "MB/s", IPCBUS, ALL_ALTS,
-                    (">=", 1500.0))]
+                    (">=", 1500.0)),
+                Row("W4", "1 -> 1, 16 MiB zero_copy", W4, 16 * MiB, "MB/s", ZERO_COPY,
+                    ALL_ALTS, ratio_target=3.0),
+                Row("W4", "1 -> 1, 16 MiB inline", W4, 16 * MiB, "MB/s", INLINE, ALL_ALTS)]
+    if name == "W6":
+        return [Row("W6", "1 -> 4, 16 MiB", W6, 16 * MiB, "MB/s", IPCBUS, BROKER_ALTS,
+                    ratio_target=4.0),
+                Row("W6", "1 -> 4, 16 MiB zero_copy", W6, 16 * MiB, "MB/s", ZERO_COPY,
+                    BROKER_ALTS, ratio_target=4.0),
+                Row("W6", "1 -> 4, 16 MiB inline", W6, 16 * MiB, "MB/s", INLINE,
+                    BROKER_ALTS)]
     if name == "W5":
         rows = []
         for subject, how in ((BRIDGE, "bridge"), (DIRECT, "direct")):
@@ -124,7 +142,7 @@ def workload_rows(name: str) -> list[Row]:
     raise ValueError(f"unknown workload {name!r}")
 
 
-WORKLOADS = ["W1", "W1G", "W2", "W3", "W4", "W5"]
+WORKLOADS = ["W1", "W1G", "W2", "W3", "W4", "W5", "W6"]
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -327,6 +345,11 @@ def table(rows: list[Row], results: dict[tuple[str, Case], CaseResult], cfg: Con
             if subject is not None and not cfg.smoke:
                 verdict = subject <= goal if op == "<=" else subject >= goal
                 target_text += " ok" if verdict else " MISS"
+        if row.ratio_target is not None:
+            target_text = f"x >= {row.ratio_target:.1f}"
+            if ratio_b is not None and not cfg.smoke:
+                verdict = ratio_b >= row.ratio_target
+                target_text += " ok" if verdict else " MISS"
         lines.append([f"{row.workload} {row.label}", METRIC_TEXT[row.metric], subject_text] + cells
                      + [f"{best[0]} {fmt(best[1], row.metric)}" if best else "-",
                         f"{ratio:.2f}" if ratio is not None else "-",
@@ -421,6 +444,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="comma-separated alternatives to run beside ipcbus, or 'none'"
                              " (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the results there")
+    parser.add_argument("--federation", action="store_true",
+                        help="also run benchmarks/federation.py (federation over NATS beside raw"
+                             " nats-py; skipped when nats-server or nats-py is missing)")
     args = parser.parse_args(argv)
     only = [w.strip().upper() for w in args.only.split(",") if w.strip()]
     unknown = [w for w in only if w not in WORKLOADS]
@@ -499,6 +525,11 @@ def main(argv: Optional[list[str]] = None) -> int:
               f" sizes={[_size(s) for s in res.case.sizes]}:\n{res.error}")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\ntotal time {elapsed:.1f} s; {len(failures)} failure(s); load average at end {load}")
+
+    if args.federation:
+        import federation  # a workload of its own: its own NATS server and processes
+        print()
+        federation.main(["--smoke"] if cfg.smoke else [])
 
     if args.json:
         doc = {"command": command, "machine": info, "mode": "smoke" if cfg.smoke else "full",

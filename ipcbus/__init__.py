@@ -9,6 +9,7 @@ from __future__ import annotations
 from .bridge import IpcBusBridge
 from ._timeouts import DEFAULT_TIMEOUT
 from .broker import IpcBusBroker
+from ._client.reconnect import Reconnect
 from .client import (IpcBusClient, IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
                      IpcBusRequestResponse)
 from .service import IpcBusService, IpcBusServiceProxy, IpcBusServiceWrapper
@@ -39,6 +40,7 @@ __all__ = [
     "IpcBusServiceProxy",
     "IpcBusServiceWrapper",
     "IpcBusTimeoutError",
+    "Reconnect",
     "__version__",
     "create_channel",
 ]

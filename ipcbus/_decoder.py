@@ -40,6 +40,7 @@ from typing import Any, Iterator
 
 import msgpack
 
+from ._arrays import ext_hook
 from ._bigbytes import new_bytes as _new_bytes
 from ._protocol import (BIG_BYTES, DEFAULT_MAX_MESSAGE, MAX_HEADER, PREFIX, PREFIX_SIZE,
                         DecodedFrame, Frame, Kind, decode_header)
@@ -60,7 +61,8 @@ def _find_big_bytes(body: memoryview) -> tuple[list[Any], int, int, int] | bool:
     bin32 of BIG_BYTES or more, the array's length, and where that bin's data starts and how
     long it is. True if more bytes are needed to tell; False if there is none within the
     first _SCAN bytes, or anything is unusual."""
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, use_list=True)
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, use_list=True,
+                                ext_hook=ext_hook)
     unpacker.feed(body[:_SCAN])
     try:
         count = unpacker.read_array_header()
@@ -121,7 +123,8 @@ class _Direct:
         if len(args) < self.count or self.tail:
             try:
                 unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, use_list=True,
-                                            max_buffer_size=max(len(self.tail), 1))
+                                            max_buffer_size=max(len(self.tail), 1),
+                                            ext_hook=ext_hook)
                 unpacker.feed(self.tail)
                 for _ in range(self.count - len(args)):
                     args.append(unpacker.unpack())

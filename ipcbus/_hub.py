@@ -41,6 +41,7 @@ from ._hub_accept import Acceptor
 from ._hub_endpoint import HubEndpoint
 from ._hub_flow import Flow
 from ._hub_options import HubOptions
+from ._hub_shm import ActiveMessage, HubShm
 from ._router import Router
 from .errors import IpcBusProtocolError
 from .traffic import TrafficLog
@@ -67,7 +68,7 @@ class Hub:
                  owner_pid: int | None = None) -> None:
         self.options = options
         self.owner_pid = owner_pid  # the process that started this hub (links="owner")
-        self.router = Router(os.getpid(), state_extra=self._state_extra,
+        self.router = Router(os.getpid(), state_extra=lambda: _hub_state(self),
                              max_message=options.max_message, dup_fds=T.dup_copies)
         self.selector = selectors.DefaultSelector()
         self.endpoints: set[HubEndpoint] = set()
@@ -91,6 +92,10 @@ class Hub:
             self.router.observers.append(self.traffic)
         self.on_drop: Callable[[str, str, bool], None] | None = None  # (label, reason, upstream)
         self.thread: threading.Thread | None = None
+        self.shm = HubShm(self)  # large payloads through shared memory (_hub_shm.py)
+        self.shm_active: ActiveMessage | None = None  # the message with slots being routed
+        self.shm.install(self.router._handlers)
+        self.state_parts: list[Callable[[], dict[str, Any]]] = []  # more of the state (a link's)
 
     # -- setup -----------------------------------------------------------------------------------
     def listen(self, address: T.Address) -> T.Address:
@@ -342,6 +347,8 @@ class Hub:
             return
         (log.debug if quiet else log.warning)("dropping %s: %s", ep.label, reason)
         was_upstream = ep is self.router.upstream
+        if ep is self.router.federation:  # (a protocol error of the link: logged above)
+            self.router.federation = None
         self.endpoints.discard(ep)
         self.dirty.discard(ep)
         self.forget(ep)
@@ -365,6 +372,7 @@ class Hub:
         """The router forgets ``ep``'s peers (telling the bus); an error there is logged and
         never stops the hub, nor keeps the endpoint."""
         current, self.current = self.current, None  # frames the router makes now: no source
+        self.shm.forget(ep)  # its slots released, its arena closed (contained: _hub_shm.py)
         try:
             self.router.remove_endpoint(ep)
         except Exception as exc:
@@ -388,6 +396,7 @@ class Hub:
         for ep in list(self.endpoints):
             self.drop(ep, "the bus is closing", quiet=True)
         self._closed = True
+        self.shm.close()
         self.acceptor.close()
         self.selector.close()
         self.inbox.close()
@@ -395,15 +404,21 @@ class Hub:
             self.traffic.close()
         _in_process_hubs.discard(self)
 
-    def _state_extra(self) -> dict[str, Any]:
-        return {
-            "address": None if self.address is None else T.format_address(self.address),
-            "connections": sum(1 for ep in self.endpoints if ep.closing is None),
-            # slow consumers kept only until their closing NOTICE is written (CLOSING_GRACE)
-            "closing_connections": sum(1 for ep in self.endpoints if ep.closing is not None),
-            "queued_bytes": sum(ep.out_bytes for ep in self.endpoints),
-            "tcp_authentications": self.acceptor.auth.state(),
-        }
+
+def _hub_state(hub: Hub) -> dict[str, Any]:
+    """The hub's part of ``queryState`` (the router's state plus these), with the parts
+    others add (``Hub.state_parts``: a federation link's)."""
+    extra = {}
+    for part in hub.state_parts:
+        extra.update(part())
+    return extra | {
+        "address": None if hub.address is None else T.format_address(hub.address),
+        "connections": sum(1 for ep in hub.endpoints if ep.closing is None),
+        # slow consumers kept only until their closing NOTICE is written (CLOSING_GRACE)
+        "closing_connections": sum(1 for ep in hub.endpoints if ep.closing is not None),
+        "queued_bytes": sum(ep.out_bytes for ep in hub.endpoints),
+        "tcp_authentications": hub.acceptor.auth.state(),
+    }
 
 
 class Inbox:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import os
 import time
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from . import _protocol as P
 from ._decoder import FrameDecoder
@@ -38,6 +38,8 @@ class EndpointOwner(Protocol):
     router: Router
     queue_limit: int
     dirty: set[HubEndpoint]  # endpoints with output to flush
+    shm_active: Any  # the message with shared-memory slots being routed (_hub_shm.py)
+    shm: Any  # _hub_shm.HubShm
 
     def over_limit(self, ep: HubEndpoint) -> None:
         """``ep``'s queue just went over ``queue_limit`` (back-pressure decides)."""
@@ -84,6 +86,8 @@ class HubEndpoint(OutQueue):
         if self.closing is not None:
             close_fds(fds)
             return
+        if self.hub.shm_active is not None:  # slots go first (_hub_shm.py)
+            raw = self.hub.shm.attach(self, raw)
         size = len(raw)
         if size > self.max_in and self._over_limit(raw):
             close_fds(fds)

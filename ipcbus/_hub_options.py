@@ -27,7 +27,8 @@ class HubOptions:
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  allowed_uids: list[int] | None = None,
                  traffic_log: str | None = None, links: str = "owner",
-                 ecipc: bool = False) -> None:
+                 ecipc: bool = False, federation: str | None = None, bus: str = "default",
+                 federation_options: dict[str, Any] | None = None) -> None:
         for name, value in (("max_message", max_message), ("queue_limit", queue_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -47,6 +48,19 @@ class HubOptions:
             raise ValueError(f"links must be one of {sorted(LINK_POLICIES)}, got {links!r}")
         self.links = links
         self.ecipc = bool(ecipc)  # also serve electron-common-ipc clients (ipcbus.ecipc.gateway)
+        # a broker linked to other brokers of bus ``bus`` over NATS (_federation_link)
+        if federation is not None and (not isinstance(federation, str) or not all(
+                u.strip().startswith(("nats://", "tls://")) for u in federation.split(","))):
+            raise ValueError(f"federation must be a NATS URL (nats://HOST:PORT or"
+                             f" tls://HOST:PORT, or several separated by commas), got"
+                             f" {federation!r}")
+        if not isinstance(bus, str) or not bus:
+            raise ValueError(f"bus must be a non-empty str, got {bus!r}")
+        if federation_options is not None and not isinstance(federation_options, dict):
+            raise TypeError("federation_options must be a dict of nats-py connect() options")
+        self.federation = federation
+        self.bus = bus
+        self.federation_options = dict(federation_options) if federation_options else None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))

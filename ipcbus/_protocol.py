@@ -73,6 +73,7 @@ from typing import Any, List, Union
 
 import msgpack
 
+from . import _arrays
 from .errors import IpcBusProtocolError
 
 MAGIC = "ipcbus"
@@ -139,11 +140,24 @@ class Kind(enum.IntEnum):
     # the routed frame (or run) as they came]. Only the target's listeners of that group run
     # for it. A peer never sends one (a protocol error for its connection).
     GROUPED = 20
+    # 0.2: large payloads through shared memory (``_hub_shm.py``, ``_client/shm.py``).
+    # SHM_ARENA: peer -> hub, one sealed memfd (nfds 1), body {"size": n}: its arena, once;
+    # hub -> peer: rid = the arena's id, with the memfd (nfds 1): map it; without: it is gone.
+    # SHM_MESSAGE: peer -> hub, body [[[offset, length], ...], the bytes of a SEND/SEND_TO
+    # frame whose body holds placeholders (``_shm_slots.EXT_CODE``) for those slots].
+    # SHM_SLOTS: hub -> peer, rid = arena id, body [[offset, length], ...]: the slots of the
+    # next frame. SHM_RELEASE: peer -> hub, rid = arena id, body [offset, ...]: done with
+    # them. SHM_FREE: hub -> the arena's peer, body [offset, ...]: free again.
+    SHM_ARENA = 25
+    SHM_MESSAGE = 26
+    SHM_SLOTS = 27
+    SHM_RELEASE = 28
+    SHM_FREE = 29
 
 
 KINDS = frozenset(int(k) for k in Kind)
 # the only kinds that may carry descriptors (messages; a hub refuses them on any other frame)
-FD_KINDS = frozenset({int(Kind.SEND), int(Kind.SEND_TO)})
+FD_KINDS = frozenset({int(Kind.SEND), int(Kind.SEND_TO), int(Kind.SHM_ARENA)})
 # the kinds a spy or a traffic log sees: messages between peers, not the bus's own bookkeeping
 MESSAGE_KINDS = frozenset(int(k) for k in (Kind.SEND, Kind.SEND_TO, Kind.REQUEST, Kind.RESPONSE,
                                           Kind.REQUEST_FAIL, Kind.REQUEST_ALL))
@@ -237,7 +251,8 @@ def check_group(group: object) -> str:
 def pack_payload(value: Any) -> bytes:
     """Encode user data; TypeError/ValueError (nothing sent) if it is not serializable."""
     try:
-        return msgpack.packb(value, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+        return msgpack.packb(value, use_bin_type=True, datetime=False,  # type: ignore[no-any-return]
+                             default=_arrays.encode_default)  # numpy arrays: _arrays.py
     except TypeError as exc:
         raise TypeError(f"cannot send this value on the bus: {exc}") from None
     except (OverflowError, ValueError) as exc:
@@ -318,11 +333,13 @@ def unpack_payload(data: bytes | bytearray | memoryview) -> Any:
     A dict whose keys were tuples comes back with tuple keys (decoded on a slower path, taken
     only when the fast one meets such a key)."""
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                               ext_hook=_arrays.ext_hook)
     except TypeError:  # an array used as a map key: unhashable as a list
         try:
             return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
-                                   object_pairs_hook=_map_with_tuple_keys)
+                                   object_pairs_hook=_map_with_tuple_keys,
+                                   ext_hook=_arrays.ext_hook)
         except Exception as exc:
             raise IpcBusProtocolError(
                 f"malformed message body: {type(exc).__name__}: {exc}") from None

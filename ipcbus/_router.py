@@ -88,6 +88,9 @@ class Router:
         self.pid = pid
         self.max_message = max_message  # the largest body of a frame the router builds
         self.upstream: Endpoint | None = None
+        # A federated broker's link to NATS (a relay for the other brokers' peers): told of
+        # this side's peers, subscriptions and services (``tell_federation``).
+        self.federation: Endpoint | None = None
         self.peers: dict[str, Peer] = {}
         # Peers waiting for the broker to accept their id (a linked bridge): id ->
         # (their endpoint, or None once it has gone; recorded info; rid of their PEER_ADD)
@@ -150,7 +153,7 @@ class Router:
             sender = frame.sender
             if sender is None:
                 # Only a relay speaks for its side without being a peer itself.
-                if not (endpoint.relay and kind in (Kind.REQUEST_FAIL, Kind.NOTICE)):
+                if not (endpoint.relay and kind in (Kind.REQUEST_FAIL, Kind.NOTICE, Kind.GROUPED)):
                     raise IpcBusProtocolError(f"{Kind(kind).name} without a sender")
             else:
                 peer = endpoint.peers.get(sender[0])
@@ -248,6 +251,8 @@ class Router:
             if self.upstream is not None and endpoint is not self.upstream:
                 self.upstream.deliver(P.encode_frame(Kind.SUBSCRIBE, channel, peer.info, None, 1),
                                       [])
+            if self.federation is not None and endpoint is not self.federation:
+                self.federation.deliver(P.encode_frame(Kind.SUBSCRIBE, channel, peer.info), [])
             if self.requests.waits:  # held wait_for_listeners requests (_router_readiness)
                 self.requests.special.listeners_added(channel)
 
@@ -279,6 +284,8 @@ class Router:
                 del self.channel_endpoints[channel]
         if self.upstream is not None and peer.endpoint is not self.upstream:
             self.upstream.deliver(P.encode_frame(Kind.UNSUBSCRIBE, channel, peer.info, None, 0), [])
+        if self.federation is not None and peer.endpoint is not self.federation:
+            self.federation.deliver(P.encode_frame(Kind.UNSUBSCRIBE, channel, peer.info), [])
 
     def sender_of(self, endpoint: Endpoint, frame: Frame) -> Peer:
         sid = frame.sender_id

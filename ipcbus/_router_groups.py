@@ -133,6 +133,10 @@ class GroupRouter:
         if first and upstream is not None and peer.endpoint is not upstream:
             upstream.deliver(P.encode_frame(Kind.SUBSCRIBE, channel, peer.info, None, 1,
                                             P.pack_payload(group)), [])
+        federation = self.core.federation
+        if first and federation is not None and peer.endpoint is not federation:
+            federation.deliver(P.encode_frame(Kind.SUBSCRIBE, channel, peer.info, None, 1,
+                                              P.pack_payload(group)), [])
 
     def on_unsubscribe(self, peer: Peer, frame: Frame) -> bool:
         """An UNSUBSCRIBE: True if it was for a group (handled), False if plain."""
@@ -140,11 +144,11 @@ class GroupRouter:
         if group is None:
             return False
         self.leave(peer.id, frame.channel, group, frame.rid)
-        upstream = self.core.upstream
-        if upstream is not None and peer.endpoint is not upstream and \
-                peer.id not in self.channels.get(frame.channel, {}).get(group, {}):
-            upstream.deliver(P.encode_frame(Kind.UNSUBSCRIBE, frame.channel, peer.info, None,
-                                            0, P.pack_payload(group)), [])
+        left = peer.id not in self.channels.get(frame.channel, {}).get(group, {})
+        for above in (self.core.upstream, self.core.federation):
+            if above is not None and peer.endpoint is not above and left:
+                above.deliver(P.encode_frame(Kind.UNSUBSCRIBE, frame.channel, peer.info, None,
+                                             0, P.pack_payload(group)), [])
         return True
 
     def answered_below(self, key: Key, answerer: str, raw: bytes | bytearray) -> None:
@@ -244,8 +248,8 @@ class GroupRouter:
         subscribes its members upstream and hands on the broker's choices
         (``answered_below``), and the broker chooses among every member, those behind the
         link a message came from included (the bridge did not serve them)."""
-        if self.core.upstream is not None:
-            return
+        if self.core.upstream is not None or source is self.core.federation:
+            return  # (a federated message: its origin broker chose among every member)
         for group, member in self.choose(channel):
             receivers.add(member)
             grouped.append((group, member))

@@ -110,7 +110,7 @@ class MessageRouter:
     def on_grouped(self, endpoint: Endpoint, frame: Frame) -> None:
         """A linked bridge: the broker chose a member of this side (_router_groups.py)."""
         core = self.core
-        if endpoint is not core.upstream:
+        if endpoint is not core.upstream and endpoint is not core.federation:
             raise IpcBusProtocolError("GROUPED is made by a hub only")
         peer = core.peers.get(frame.target) if frame.target is not None else None
         if peer is None or peer.endpoint is endpoint:
@@ -180,7 +180,10 @@ class MessageRouter:
         if frame.nfds and upstream is not None and not upstream.can_pass_fds:
             unable.append(upstream)
         failure = None
-        if unable:
+        if unable and self.core.federation in unable:
+            failure = ("cannot pass descriptors to a listener on another host of the federation"
+                       " (descriptors stay on their host); nothing was sent")
+        elif unable:
             names = ", ".join(sorted({p.name for ep in unable for p in ep.peers.values()}
                                      or {ep.label for ep in unable}))
             failure = (f"cannot pass descriptors to {names}: not connected by a Unix socket or"

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import _protocol as P
 from ._protocol import Frame, Kind
-from ._routing import Endpoint, Peer, answer_frame, fail_frame
+from ._routing import Endpoint, Peer, answer_frame, fail_frame, tell_federation
 from .errors import IpcBusProtocolError
 
 __all__ = ["PeerRouter"]
@@ -76,6 +76,8 @@ class PeerRouter:
         peer = Peer(recorded, endpoint)
         self.core.peers[peer.id] = peer
         endpoint.peers[peer.id] = peer
+        if self.core.federation is not None:
+            tell_federation(self.core, endpoint, P.encode_frame(Kind.PEER_ADD, sender=recorded))
 
     def joined_frame(self, recorded: list[Any], rid: int) -> bytes:
         """The answer to PEER_ADD: this hub's pid and the peer as recorded (which the client
@@ -116,5 +118,7 @@ class PeerRouter:
         core.service_hosts.peer_gone(peer)
         core.requests.receiver_gone(peer_id, f"peer {peer.name!r} ({peer_id}) has left the bus")
         core.requests.requester_gone(peer)
+        if core.federation is not None:
+            tell_federation(core, peer.endpoint, P.encode_frame(Kind.PEER_REMOVE, sender=peer.info))
         if core.upstream is not None and peer.endpoint is not core.upstream:
             core.upstream.deliver(P.encode_frame(Kind.PEER_REMOVE, sender=peer.info), [])

@@ -34,7 +34,8 @@ from typing import Any
 from . import _protocol as P
 from ._protocol import Frame
 from ._router_groups import group_of
-from ._routing import UPSTREAM, Endpoint, Peer, Pending, answer_frame, fail_frame
+from ._routing import (UPSTREAM, Endpoint, Peer, Pending, answer_frame, fail_frame,
+                       tell_federation)
 from .errors import IpcBusProtocolError
 
 __all__ = ["ServiceRouter", "pool_refusal"]
@@ -118,7 +119,8 @@ class ServiceRouter:
         if group is None:
             self.hosts[name] = peer.id
             endpoint.deliver(answer_frame(peer.id, frame.rid, None), [])
-        else:
+            tell_federation(core, endpoint, P.encode_frame(P.Kind.SERVICE_ADD, name, peer.info))
+        else:  # (a pool is this broker's own: not told to a federation, docs/federation.md)
             endpoint.deliver(answer_frame(peer.id, frame.rid, self._join(name, group, peer.id)),
                              [])
 
@@ -179,6 +181,7 @@ class ServiceRouter:
             core.upstream.deliver(frame.raw, [], frame.count)
         elif self.hosts.get(name) == peer.id:
             del self.hosts[name]
+            tell_federation(core, endpoint, P.encode_frame(P.Kind.SERVICE_REMOVE, name, peer.info))
             # The hub, not the host, tells the proxies: only the hub (and a host) may send on
             # the event channel, and the name is free by the time they hear it.
             self._tell_stopped(name, f"service {name!r} was stopped by its host")

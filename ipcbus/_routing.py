@@ -17,7 +17,7 @@ from ._protocol import Frame, Kind
 from ._router_groups import GroupRouter
 
 __all__ = ["UPSTREAM", "Endpoint", "Peer", "Pending", "RouterCore", "RateLimitedLog", "DupFds", "Observer",
-           "copies", "fail_frame", "answer_frame"]
+           "copies", "fail_frame", "answer_frame", "tell_federation"]
 
 log = logging.getLogger("ipcbus")
 
@@ -84,6 +84,14 @@ def copies(fds: list[int], n: int) -> list[list[int]]:
     return [list(fds) for _ in range(n)]
 
 
+def tell_federation(core: Any, source: Endpoint, raw: bytes) -> None:
+    """A federated broker: tell its NATS link of a change on this side (a peer, a
+    subscription, a service of an endpoint other than the link itself)."""
+    federation = core.federation
+    if federation is not None and source is not federation:
+        federation.deliver(raw, [])
+
+
 def fail_frame(target: str, rid: int, reason: str) -> bytes:
     return P.encode_frame(Kind.REQUEST_FAIL, target=target, rid=rid, body=P.pack_payload(reason))
 
@@ -126,6 +134,7 @@ class RouterCore(Protocol):
     pid: int
     max_message: int  # the largest body of a frame the router builds
     upstream: Endpoint | None
+    federation: Endpoint | None  # a federated broker's link to NATS (_federation_link)
     peers: dict[str, Peer]
     subscribers: dict[str, dict[str, int]]  # channel -> peer id -> count
     channel_endpoints: dict[str, dict[Endpoint, int]]  # channel -> endpoint -> peers

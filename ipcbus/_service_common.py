@@ -13,7 +13,7 @@ from ._timer import Timer
 from .client import IpcBusClient
 
 __all__ = ["STATUS_CALL", "SERVICE_EVENT_START", "SERVICE_EVENT_STOP", "RESERVED_EVENTS",
-           "check_name", "on_closed_weak", "timer", "wait"]
+           "check_name", "on_closed_weak", "on_reconnection_weak", "timer", "wait"]
 
 STATUS_CALL = "__getServiceStatus"
 """The reserved call that answers the service's status dict."""
@@ -74,3 +74,23 @@ def on_closed_weak(client: IpcBusClient, obj: Any, method: str) -> Callable[[], 
 
     client.on_closed(handler)
     return handler
+
+
+def on_reconnection_weak(client: IpcBusClient, obj: Any) -> None:
+    """``client.on_disconnected`` / ``on_reconnected`` calling ``obj._on_bus_lost(reason)`` /
+    ``obj._on_bus_back()``, without keeping ``obj`` alive (a client connected with
+    ``reconnect``: the services follow it, README "Surviving a broker restart")."""
+    ref = weakref.ref(obj)
+
+    def lost(reason: str) -> None:
+        target = ref()
+        if target is not None:
+            target._on_bus_lost(reason)
+
+    def back() -> None:
+        target = ref()
+        if target is not None:
+            target._on_bus_back()
+
+    client.on_disconnected(lost)
+    client.on_reconnected(back)

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable
 from typing_extensions import Self
 
 from . import _protocol as P
-from ._service_common import RESERVED_EVENTS, STATUS_CALL, check_name, on_closed_weak
+from ._service_common import (RESERVED_EVENTS, STATUS_CALL, check_name, on_closed_weak,
+                              on_reconnection_weak)
 from ._types import IpcBusEvent, IpcBusRequest
 from .client import IpcBusClient
 from .errors import (IpcBusError, IpcBusRequestError, IpcBusRequestTimeoutError,
@@ -201,6 +202,7 @@ class IpcBusService:
                 raise
             if not self._watching:
                 on_closed_weak(client, self, "_on_client_closed")
+                on_reconnection_weak(client, self)  # see _on_bus_back
                 self._watching = True
             self._started = True
             try:
@@ -260,6 +262,31 @@ class IpcBusService:
                 with _hosted_lock:
                     for key in [k for k, v in _hosted.items() if v is self]:
                         del _hosted[key]
+
+    # -- reconnection (a client connected with reconnect: README "Surviving a broker restart") --
+    def _on_bus_lost(self, reason: str) -> None:
+        """The bus is down: the service stays started here and starts again on the bus once
+        the client is back (``_on_bus_back``); its proxies see it stopped meanwhile."""
+        log.debug("service %r: the bus is down (%s)", self._name, reason)
+
+    def _on_bus_back(self) -> None:
+        """The client joined the bus again (on its dispatch thread): the new bus knows no
+        service, so claim the name again and tell every proxy (a proxy that joins later asks
+        for the status, as always). Another peer holding the name by now stops this one."""
+        with self._state_lock:
+            if not self._started:
+                return
+            try:
+                self._client._register_service(self._name, None, self._group)
+                if self._group is not None:  # the pool's membership, once the name is ours
+                    self._client._rejoin_reserved_group(self._call_channel, self._group)
+                self._client._send_reserved(self._event_channel, "start", self.get_status())
+            except IpcBusError as exc:
+                log.warning("service %r not started again after reconnection: %s",
+                            self._name, exc)
+                self._on_client_closed()  # stopped here (the bus never knew it started)
+                return
+            log.debug("service %r started again after reconnection", self._name)
 
     # -- events -----------------------------------------------------------------------------
     def send_event(self, event_name: str, *args: Any) -> bool:

@@ -21,14 +21,14 @@ from . import _protocol as P
 from ._pending import settle
 from ._service_calls import CallQueue, ServiceCall
 from ._service_common import (SERVICE_EVENT_START, SERVICE_EVENT_STOP, STATUS_CALL, check_name,
-                              on_closed_weak, timer, wait)
+                              on_closed_weak, on_reconnection_weak, timer, wait)
 from ._service_wrapper import IpcBusServiceWrapper
 from ._timeouts import resolve_timeout
 from ._types import IpcBusEvent
 from .client import IpcBusClient
 from .emitter import Emitter
-from .errors import (IpcBusConnectionError, IpcBusRequestError, IpcBusRequestTimeoutError,
-                     IpcBusTimeoutError)
+from .errors import (IpcBusConnectionError, IpcBusError, IpcBusRequestError,
+                     IpcBusRequestTimeoutError, IpcBusTimeoutError)
 
 log = logging.getLogger("ipcbus")
 
@@ -69,6 +69,7 @@ class IpcBusServiceProxy(Emitter[str]):
         if not client.connected:
             raise IpcBusConnectionError("the proxy's client is not connected")
         self._closed_handler = on_closed_weak(client, self, "_on_client_closed")
+        on_reconnection_weak(client, self)  # see _on_bus_lost, _on_bus_back
         # Notices first, then the status: a start can never fall in between. A started host
         # answers with a "start" notice to this peer; with none, the request fails at once.
         client.on(self._event_channel, self._on_notice)
@@ -188,6 +189,7 @@ class IpcBusServiceProxy(Emitter[str]):
             if self._started:
                 self._send(call, direct=True)
                 return call
+            self._check_bus()
             P.pack_payload([call_name, *args])  # bad arguments raise now, nothing is queued
             self._calls.queue(call)
         if call.deadline is not None:
@@ -308,6 +310,28 @@ class IpcBusServiceProxy(Emitter[str]):
             except Exception:
                 log.exception("handler %r of event %r of service %r raised", listener, key,
                               self._name)
+
+    # -- reconnection (a client connected with reconnect: README "Surviving a broker restart") --
+    def _check_bus(self) -> None:
+        """A call while the client's bus is down raises at once (not queued: nothing waits
+        for a bus that may not come back)."""
+        if not self._client.connected:
+            raise IpcBusConnectionError(f"cannot call service {self._name!r}: the bus is down")
+
+    def _on_bus_lost(self, reason: str) -> None:
+        """The bus is down: the service is stopped as far as this proxy knows (calls in
+        flight have failed with IpcBusConnectionError already, with the bus's requests)."""
+        self._set_stopped(f"the bus connection was lost: {reason}")
+
+    def _on_bus_back(self) -> None:
+        """The client joined the bus again: ask for the status as a new proxy does (a started
+        host answers with a "start" notice; a host that starts later broadcasts one)."""
+        if self._closed:
+            return
+        try:
+            self._client._request_async_reserved(self._call_channel, -1, STATUS_CALL, True)
+        except IpcBusError as exc:
+            log.debug("proxy of %r: status not asked after reconnection: %s", self._name, exc)
 
     # -- closing ----------------------------------------------------------------------------
     def _shutdown(self, reason: str) -> bool:

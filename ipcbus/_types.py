@@ -6,7 +6,7 @@ so this module imports nothing of the package: the client and the errors import 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
 __all__ = ["IpcBusPeer", "IpcBusProcess", "IpcBusEvent", "IpcBusRequest",
@@ -64,6 +64,31 @@ class IpcBusEvent:
     sender: Optional[IpcBusPeer]
     request: Optional[IpcBusRequest] = None
     ports: Optional[list[Any]] = None
+    lease: Any = field(default=None, repr=False, compare=False)  # zero_copy views' slots
+
+    def retain(self) -> Any:
+        """Keep the read-only memoryviews a ``zero_copy=True`` listener got valid after it
+        returns: the object returned keeps them valid until its ``release()`` (or the end of
+        its ``with`` block). For any other event, an object whose release does nothing."""
+        if self.lease is None:
+            return _NOT_HELD
+        return self.lease.retain()
+
+
+class _NotHeld:
+    """What ``retain()`` returns for an event without shared-memory views."""
+
+    def release(self) -> None:
+        pass
+
+    def __enter__(self) -> _NotHeld:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+_NOT_HELD = _NotHeld()
 
 
 @dataclass

@@ -50,6 +50,9 @@ class IpcBusBridge:
 
     def __init__(self, **options: Any) -> None:
         self._options = HubOptions(**options)
+        if self._options.federation is not None:
+            raise ValueError("federation= is an option of IpcBusBroker (a bridge joins a"
+                             " federated bus through its broker)")
         self._hub: Hub | None = None
         self._lock = threading.Lock()
         self._link_address: T.Address | None = None
@@ -100,7 +103,9 @@ class IpcBusBridge:
           ``multiprocessing.current_process().authkey``): the key of a TCP link.
 
         Raises :class:`~ipcbus.IpcBusConnectionError` if a bridge is already connected in this
-        process or the broker cannot be reached or refuses the link.
+        process or the broker cannot be reached or refuses the link. The link does not
+        reconnect (not yet): if the broker goes, this process and its pipe children go on as
+        a bus of their own, without the remote part.
         """
         linked = any(a is not None for a in (address, path, port))
         addr = T.parse_address(address, path=path, port=port, host=host) if linked else None

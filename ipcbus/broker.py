@@ -26,7 +26,7 @@ from typing import Any, Callable
 import msgpack
 from typing_extensions import Self
 
-from . import _transport as T
+from . import _broker_restart, _transport as T
 from ._handshake import LINK_POLICIES
 # The hub's names, reachable from here as before (_Endpoint, _READ, _WRITE: for tests).
 from ._hub import _READ as _READ, _WRITE as _WRITE
@@ -102,6 +102,7 @@ def run_broker_child(address: Any, options: dict[str, Any], authkey: bytes,
     hub = Hub(HubOptions(**options), authkey=authkey, owner_pid=owner_pid)
     try:
         bound = hub.listen(address)
+        link = start_federation(hub)
     except Exception as exc:
         _ctl_send(ctl, "error", str(exc))
         return
@@ -127,10 +128,28 @@ def run_broker_child(address: Any, options: dict[str, Any], authkey: bytes,
     try:
         hub.serve_forever()
     finally:
+        if link is not None:
+            link.close()
         try:
             _ctl_send(ctl, "closed")
         except OSError:
             pass
+
+
+def start_federation(hub: Hub) -> Any:
+    """Link ``hub`` to the other brokers of its bus over NATS (``federation=``), or None."""
+    options = hub.options
+    if options.federation is None:
+        return None
+    try:
+        from ._federation_link import FederationLink
+        import nats  # noqa: F401  (the ipcbus[nats] extra)
+    except ImportError:
+        raise IpcBusConnectionError("federation needs nats-py: pip install 'ipcbus[nats]'"
+                                    ) from None
+    link = FederationLink(options.federation, options.bus, options.federation_options)
+    link.start(hub)
+    return link
 
 
 def run_broker_foreground(address: T.Address, options: HubOptions,
@@ -164,7 +183,12 @@ class IpcBusBroker:
     name; ``"spawn"`` by default, since a process with threads must not fork).
     """
 
-    def __init__(self, *, context: Any = None, **options: Any) -> None:
+    def __init__(self, *, context: Any = None, restart: bool = False, **options: Any) -> None:
+        if not isinstance(restart, bool):
+            raise TypeError("restart must be a bool")
+        self._restart = restart
+        self._supervisor: _broker_restart.Supervisor | None = None
+        self._authkey = b""
         self._options = HubOptions(**options)
         if context is None or isinstance(context, str):
             context = multiprocessing.get_context(context or "spawn")
@@ -204,8 +228,23 @@ class IpcBusBroker:
         - ``ecipc`` (bool; default False): also serve electron-common-ipc (Node/Electron)
           clients on the same Unix socket; the first byte of a connection tells the protocols
           apart (``ipcbus.ecipc.gateway``). Not with a TCP address.
+        - ``federation`` (str URL; default None): ``"nats://[USER:PASSWORD@]HOST:PORT"``
+          (or ``nats://TOKEN@HOST:PORT``, ``tls://...``): link this broker over NATS to the
+          other brokers of the same ``bus``, on any host (``pip install 'ipcbus[nats]'``;
+          see docs/federation.md). NATS unreachable or refusing the credentials:
+          :meth:`connect` raises ``IpcBusConnectionError`` naming the cause.
+        - ``bus`` (str; default ``"default"``): the federated bus's name (brokers of other
+          names on the same NATS server never see each other's traffic).
+          Several URLs separated by commas: the servers of a NATS cluster.
+        - ``federation_options`` (dict; default None): more nats-py ``connect()`` options
+          (``user``, ``password``, ``token``, ``user_credentials`` (a .creds path),
+          ``nkeys_seed`` (a path)...), and ``tls_ca``, ``tls_cert``, ``tls_key`` (paths)
+          for TLS.
         - ``context`` (a multiprocessing context or a start method name; default ``"spawn"``):
           how the broker's child process is started.
+        - ``restart`` (bool; default False): restart a broker child that dies, on the same
+          address (:attr:`process` is the live child; each restart is logged; :meth:`close`
+          stops restarting). Clients connected with ``reconnect`` come back to it.
 
         Bad values raise ``ValueError``/``TypeError`` here.
         """
@@ -254,35 +293,62 @@ class IpcBusBroker:
         with self._lock:
             if self._ctl is not None:
                 raise IpcBusConnectionError("this broker is already running")
-            parent, child = self._context.Pipe(duplex=True)
             key = bytes(authkey) if authkey is not None else T.default_authkey()
-            proc = self._context.Process(
-                target=run_broker_child, name=f"ipcbus-broker {T.format_address(addr)}",
-                args=(addr, self._options.to_dict(), key, child, os.getpid()), daemon=True)
-            proc.start()
-            child.close()
-            try:
-                if not parent.poll(wait):
-                    raise IpcBusTimeoutError("the broker process did not start in time")
-                msg = _ctl_recv(parent)
-            except (EOFError, OSError) as exc:
-                proc.join(1.0)
-                parent.close()
-                raise IpcBusConnectionError(f"the broker process died while starting"
-                                            f" (exit code {proc.exitcode}): {exc}") from None
-            except BaseException:
-                proc.kill()
-                parent.close()
-                raise
-            if msg[0] != "ready":
-                proc.join(5.0)
-                parent.close()
-                raise IpcBusConnectionError(f"the broker could not start: {msg[1]}")
-            bound = msg[2]
+            proc, parent, bound = self._start_child(addr, key, wait)
             self._address = bound if isinstance(bound, str) else (bound[0], bound[1])
-            self._process, self._ctl = proc, parent
-            self._finalizer = weakref.finalize(self, _stop_child, proc, parent)
+            self._process, self._ctl, self._authkey = proc, parent, key
+            if self._restart:
+                self._supervisor = _broker_restart.Supervisor(self)
+                self._supervisor.start()
+            self._finalizer = weakref.finalize(self, _stop_child, proc, parent, DEFAULT_TIMEOUT,
+                                               self._supervisor)
         return self
+
+    def _start_child(self, addr: Any, key: bytes, wait: float | None = 10.0
+                     ) -> tuple[Any, multiprocessing.connection.Connection, Any]:
+        """Start a broker child listening on ``addr``: (process, control pipe, bound
+        address) once it accepts peers; raises as :meth:`connect` says."""
+        parent, child = self._context.Pipe(duplex=True)
+        proc = self._context.Process(
+            target=run_broker_child, name=f"ipcbus-broker {T.format_address(addr)}",
+            args=(addr, self._options.to_dict(), key, child, os.getpid()), daemon=True)
+        proc.start()
+        child.close()
+        try:
+            if not parent.poll(wait):
+                raise IpcBusTimeoutError("the broker process did not start in time")
+            msg = _ctl_recv(parent)
+        except (EOFError, OSError) as exc:
+            proc.join(1.0)
+            parent.close()
+            raise IpcBusConnectionError(f"the broker process died while starting"
+                                        f" (exit code {proc.exitcode}): {exc}") from None
+        except BaseException:
+            proc.kill()
+            parent.close()
+            raise
+        if msg[0] != "ready":
+            proc.join(5.0)
+            parent.close()
+            raise IpcBusConnectionError(f"the broker could not start: {msg[1]}")
+        return proc, parent, msg[2]
+
+    def _replace_child(self, dead: Any, proc: Any, ctl: multiprocessing.connection.Connection,
+                       bound: Any) -> bool:
+        """The supervisor's swap (``restart=True``): ``proc`` in place of ``dead``; False
+        (and ``proc`` stopped) if the broker was closed meanwhile."""
+        with self._lock:
+            old = self._ctl
+            if old is None or self._process is not dead:
+                _stop_child(proc, ctl)
+                return False
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            old.close()
+            self._process, self._ctl = proc, ctl
+            self._finalizer = weakref.finalize(self, _stop_child, proc, ctl, DEFAULT_TIMEOUT,
+                                               self._supervisor)
+        return True
 
     def _ask(self, timeout: float | None, what: str) -> list[Any]:
         """Ask the broker process; its answer, as ``[what, value, seq]``. Each ask carries
@@ -331,6 +397,8 @@ class IpcBusBroker:
             ctl, self._ctl = self._ctl, None
             if ctl is None:
                 return
+            if self._supervisor is not None:
+                self._supervisor.stop()  # no restart from now on
             if self._finalizer is not None:
                 self._finalizer.detach()
             _stop_child(self._process, ctl, resolve_timeout(timeout))
@@ -348,7 +416,10 @@ class IpcBusBroker:
 
 
 def _stop_child(proc: Any, ctl: multiprocessing.connection.Connection,
-                timeout: float | None = DEFAULT_TIMEOUT) -> None:
+                timeout: float | None = DEFAULT_TIMEOUT,
+                supervisor: _broker_restart.Supervisor | None = None) -> None:
+    if supervisor is not None:  # restart=True: first no more restarts (at exit too)
+        supervisor.stop()
     try:
         _ctl_send(ctl, "close")
         if ctl.poll(timeout if timeout is not None else None):

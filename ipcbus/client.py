@@ -11,7 +11,10 @@ The client is the public face; the machinery behind it lives in ``ipcbus._client
 * ``_client/requests.py`` and ``_client/answers.py``: requests in flight and their answers;
 * ``_client/delivery.py``: a received frame to the listeners of this process's clients;
 * ``_client/opening.py``: finding or opening the process's connection for ``connect()``;
-* ``_client/readiness.py``: ``sync()`` and ``wait_for_listeners()``.
+* ``_client/readiness.py``: ``sync()`` and ``wait_for_listeners()``;
+* ``_client/reconnect.py`` and ``_client/reconnecting.py``: ``on_closed``, and surviving the
+  loss of the bus (``connect(reconnect=...)``, ``wait_connected()``, ``on_disconnected``,
+  ``on_reconnected``): the policy as a pure unit, the retry thread.
 
 A client's frames carry one *membership* per ``connect()`` (``writer.Membership``): the hub's
 record of the peer, adopted from the answer to PEER_ADD before anything else of it is
@@ -26,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 import uuid
 from typing import Any, Callable
 
@@ -39,10 +43,12 @@ from ._pending import settle as _settle
 from ._client import answers as _answers, connection as _connection, delivery as _delivery
 from ._client import joining as _joining, opening as _opening, readiness as _readiness
 from ._client import gathering as _gathering, groups as _groups, writer as _writer
+from ._client import reconnect as _reconnect, reconnecting as _reconnecting
+from ._client import shm as _shm
+from ._client.reconnect import Reconnect
 from ._timeouts import resolve_timeout
 from ._types import (IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
                      IpcBusRequestResponse, target_id)
-from .emitter import Callbacks
 from .errors import (IpcBusConnectionError, IpcBusError, IpcBusRequestError,
                      IpcBusRequestTimeoutError)
 
@@ -71,6 +77,27 @@ _NOT_JOINED = _writer.NOT_JOINED
 
 
 # -- the client ------------------------------------------------------------------------------
+def _send_message(client: IpcBusClient, kind: int, channel: str, target: str | None,
+                  args: tuple[Any, ...]) -> None:
+    """A SEND or SEND_TO: large buffers through shared memory (``_client/shm.py``)."""
+    conn = client._connection()
+    threshold = client._shm_threshold
+    if threshold:  # inline: this runs for every message; flat small arguments skip the arena
+        for item in args:
+            cls = item.__class__
+            if cls is bytes or cls is bytearray:
+                if len(item) >= threshold:
+                    break
+            elif cls is not int and cls is not str and cls is not float and item is not None:
+                break
+        else:
+            threshold = 0
+        if threshold and conn.shm.send(client._member, kind, channel, target, args, threshold,
+                                       client._shm_limit):
+            return
+    conn.send(client._member, kind, channel, target, 0, P.pack_args(args))
+
+
 def _post_and_wait(self: IpcBusClient, kind: int, channel: str, target: str | None,
                    message: Any, ports: list[Any] | None) -> None:
     """A post: a request the hub answers once every receiver has the message (or fails)."""
@@ -86,11 +113,13 @@ def _post_and_wait(self: IpcBusClient, kind: int, channel: str, target: str | No
                                  exc.response) from None
 
 
-class IpcBusClient(_groups.GroupedEmitter):
+class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
     """A peer on the bus: an EventEmitter of channels whose events come from other processes.
 
     Every method may be called from any thread. Listeners are called as
-    ``listener(event, *args)`` on the connection's dispatch thread.
+    ``listener(event, *args)`` on the connection's dispatch thread. Adding or removing
+    listeners never needs the bus: before ``connect()``, or while a client connected with
+    ``reconnect`` is down, the registry changes here and is subscribed on (re)joining.
     """
 
     def __init__(self) -> None:
@@ -100,10 +129,9 @@ class IpcBusClient(_groups.GroupedEmitter):
         self._peer_id: str | None = None
         self._spy_handler: Callable[[P.Frame], None] | None = None
         self._member = _NOT_JOINED  # who our frames say we are; see _Membership
-        self._closed_handlers = Callbacks()
-        self._closed_fired = False
-        self._fire_lock = threading.Lock()
+        self._spy_pattern: str | None = None
         self._state_lock = threading.Lock()  # connect/close; never taken by the dispatch thread
+        self._shm_threshold, self._shm_limit = 0, _shm.SHM_LIMIT  # see _client/shm.py
 
     @classmethod
     def create(cls) -> IpcBusClient:
@@ -124,7 +152,9 @@ class IpcBusClient(_groups.GroupedEmitter):
     def connect(self, address: Any = None, *, path: str | None = None, port: int | None = None,
                 host: str | None = None, peer_name: str | None = None,
                 timeout: float | None = None, socket_buffer: int | None = None,
-                authkey: bytes | None = None) -> Self:
+                authkey: bytes | None = None, reconnect: bool | Reconnect = False,
+                shm_threshold: int = _shm.SHM_THRESHOLD, shm_limit: int = _shm.SHM_LIMIT
+                ) -> Self:
         """Join the bus at ``address``; return ``self`` (``with ... as client:`` closes it).
 
         - ``address``: a ``str`` Unix socket path; an ``int`` TCP port on 127.0.0.1; a
@@ -138,24 +168,39 @@ class IpcBusClient(_groups.GroupedEmitter):
           peers see in ``event.sender.name`` (free text, at most 4096 bytes of UTF-8; ids are
           unique, names need not be).
         - ``timeout`` (float, seconds; default None = 2.0 s, a negative value waits forever):
-          how long connecting, the TCP authentication and the handshake may take.
+          how long connecting, the TCP authentication and the handshake may take. Given
+          (not None) with a Unix path, ``connect()`` also waits that long for a broker to
+          appear there (a path that does not exist yet; a dead broker's file fails at once).
         - ``socket_buffer`` (int, bytes; default None = 64 KiB; 0 writes every message on its
           own): the write-coalescing buffer of a new connection. Sends that follow each other
           within 50 µs are written together; a lone send is written at once, and requests,
           answers and control frames are never held back.
         - ``authkey`` (bytes; default None = ``$IPCBUS_AUTHKEY`` if set, else
           ``multiprocessing.current_process().authkey``): the key a TCP broker expects.
+        - ``reconnect`` (bool or :class:`~ipcbus.Reconnect`; default False: the client is
+          closed when its bus goes): survive the loss of the bus. Pending requests fail and
+          calls raise IpcBusConnectionError while it is down; a retry thread joins again
+          with the same peer id, listeners, groups, spy and services (``on_disconnected``,
+          ``on_reconnected``, ``wait_connected()``). True = ``Reconnect(initial=0.05,
+          maximum=2.0, give_up=None)``: seconds before the first attempt, doubling up to
+          ``maximum``; closed for good ``give_up`` seconds after the loss (None: never).
+        - ``shm_threshold`` (int, bytes; default 1 MiB; 0: off): larger buffers of
+          ``send``/``send_to`` travel through a shared-memory arena (off on TCP).
+        - ``shm_limit`` (int, bytes; default 256 MiB): that arena's size (per connection;
+          a new connection after a reconnection makes its own).
 
         Raises ``ValueError``/``TypeError`` for bad arguments (e.g. a path over 107 bytes), and
         :class:`~ipcbus.IpcBusConnectionError` when there is no bus at the address, the key is
         wrong, the handshake times out or the client is already connected.
         """
-        joined = _schemes.join(self, address, path, port, dict(  # e.g. "ecipc:...": Node's bus
+        policy = _reconnect.policy_of(reconnect)
+        joined = policy is None and _schemes.join(self, address, path, port, dict(  # e.g. "ecipc:...": Node's bus
             host=host, peer_name=peer_name, timeout=timeout, socket_buffer=socket_buffer,
             authkey=authkey))
-        if joined is not None:
+        if joined:
             return joined  # type: ignore[no-any-return]
         _check_connect_args(peer_name, socket_buffer, authkey)
+        _shm.check_shm_args(shm_threshold, shm_limit)
         wait = resolve_timeout(timeout)
         with self._state_lock:
             if self._conn is not None and not self._conn.closed:
@@ -164,10 +209,17 @@ class IpcBusClient(_groups.GroupedEmitter):
             key, make_socket, tcp, ptype = _resolve(
                 address, path, port, host, limit,
                 bytes(authkey) if authkey is not None else None)
-            conn = _open_connection(key, make_socket, tcp=tcp, ptype=ptype, timeout=limit,
-                                    authkey=bytes(authkey) if authkey is not None else None,
-                                    socket_buffer=socket_buffer)
+            opening: dict[str, Any] = dict(tcp=tcp, ptype=ptype, timeout=limit, socket_buffer=socket_buffer,
+                           authkey=bytes(authkey) if authkey is not None else None)
+            link = _reconnecting.make_link(self, policy, key, make_socket, wait, opening)
+            if timeout is not None and isinstance(key, str):  # a path: wait for its broker
+                conn = _opening.reopen_connection(key, _opening.waiting_socket(
+                    key, time.monotonic() + limit), **opening)
+            else:
+                conn = _open_connection(key, make_socket, **opening)
             _joining.join(self, conn, _new_peer(peer_name, conn.ptype), wait)
+            self._link = link
+            self._shm_threshold, self._shm_limit = _shm.settings(conn, shm_threshold, shm_limit)
         return self
 
     def _set_peer(self, info: list[Any]) -> None:
@@ -178,6 +230,8 @@ class IpcBusClient(_groups.GroupedEmitter):
         """Leave the bus: what was sent is delivered, pending requests fail. Idempotent."""
         wait = resolve_timeout(timeout)
         interrupted: BaseException | None = None
+        if (link := self._link) is not None:
+            link.close()  # before anything: a loss now is no reconnection
         with self._state_lock:
             conn = self._conn
             if conn is None:
@@ -200,35 +254,6 @@ class IpcBusClient(_groups.GroupedEmitter):
         """Remove this client from a connection's ``clients`` (under its lock)."""
         if clients.get(self._peer_id or "") is self:
             del clients[self._peer_id or ""]
-
-    def on_closed(self, handler: Callable[[], None]) -> Self:
-        """Call ``handler()`` (on the dispatch thread) when this client's connection ends."""
-        self._closed_handlers.add(handler)
-        return self
-
-    def off_closed(self, handler: Callable[[], None]) -> Self:
-        """Forget a handler given to :meth:`on_closed`."""
-        self._closed_handlers.remove(handler)
-        return self
-
-    def _connection_ended(self, conn: _Connection) -> None:
-        with self._fire_lock:  # never held while waiting: safe from the dispatch thread
-            if self._closed_fired:
-                return
-            self._closed_fired = True
-        # self._conn stays: later calls then raise IpcBusConnectionError with the reason
-
-        def fire() -> None:
-            for handler in self._closed_handlers.snapshot():
-                try:
-                    handler()
-                except BaseException:  # like a listener's (see _dispatch_frame)
-                    log.exception("on_closed handler %r raised", handler)
-
-        if conn.on_dispatch_thread() or conn.dispatch_done.is_set():
-            fire()
-        else:
-            conn.call_soon(fire)
 
     # -- emitter hooks: keep the bus's subscriptions in step with our listeners --------------
     def _check_key(self, key: object) -> str:
@@ -264,7 +289,8 @@ class IpcBusClient(_groups.GroupedEmitter):
         conn = self._conn
         if conn is None:
             raise IpcBusConnectionError("the client is not connected")
-        conn.check_usable()
+        if conn.closed:  # ended (or inherited through fork): the reason, raised
+            self._down(conn)
         return conn
 
     def _pack_answer(self, resolved: bool, value: Any) -> P.Body:
@@ -284,14 +310,14 @@ class IpcBusClient(_groups.GroupedEmitter):
         """Broadcast ``args`` to every listener of ``channel`` on the bus (ours included)."""
         if channel not in _valid_channels:
             _remember_channel(channel)
-        self._connection().send(self._member, _SEND, channel, None, 0, P.pack_args(args))
+        _send_message(self, _SEND, channel, None, args)
 
     def send_to(self, target: IpcBusPeer | str, channel: str, *args: Any) -> None:
         """Send ``args`` to the listeners of ``channel`` of one peer only."""
         target_id = _target_id(target)
         if channel not in _valid_channels:
             _remember_channel(channel)
-        self._send_frame(Kind.SEND_TO, channel, target_id, 0, P.pack_args(args))
+        _send_message(self, _SEND_TO, channel, target_id, args)
 
     def request(self, channel: str, timeout: float | None, *args: Any) -> IpcBusRequestResponse:
         """Ask every listener of ``channel``; return the first answer, or raise
@@ -406,7 +432,7 @@ class IpcBusClient(_groups.GroupedEmitter):
     def _start_spy(self, pattern: str, handler: Callable[[P.Frame], None],
                    timeout: float | None) -> None:
         """Ask the router for copies of the traffic on channels matching ``pattern``."""
-        self._spy_handler = handler
+        self._spy_handler, self._spy_pattern = handler, pattern
         self._wait(self._start_request(Kind.SPY_ADD, pattern, None, resolve_timeout(timeout),
                                        b""))
 

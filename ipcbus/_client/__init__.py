@@ -19,7 +19,10 @@ One module per concern; the concurrency model is on one page at the top of
 * ``delivery.py``: a received frame to the listeners of this process's clients;
 * ``joining.py``: a client joining the bus (PEER_ADD, the hub's record) and leaving it;
 * ``opening.py``: finding or opening the process's connection for ``connect()`` (the shared
-  ``ConnectionRegistry``).
+  ``ConnectionRegistry``);
+* ``reconnect.py``: the reconnection policy and a client's link state machine (pure, clock
+  injected); ``reconnecting.py``: the retry thread, the client's ``on_closed`` /
+  ``on_disconnected`` / ``on_reconnected`` handlers and ``wait_connected()``.
 
 Nothing here imports ``ipcbus.client``: what the machinery needs of a client is a Protocol
 (``delivery.LocalClient``, ``joining.Joiner``).

@@ -46,7 +46,9 @@ The concurrency model, whole:
 * **How it ends.** Whatever ends the reading (the end of the stream, a protocol error, a
   bug) fails every pending request, shuts the socket down (so the hub forgets this
   connection's peers at once) and queues the end; the dispatcher tells the clients
-  (``on_closed``) and both threads finish. ``close()`` shuts the writing side first, lets
+  (``on_closed``; a client connected with ``reconnect`` runs ``on_disconnected`` instead and
+  its retry thread opens a new connection: ``reconnecting.py``) and both threads finish. A
+  connection never comes back: a reconnection is a new one. ``close()`` shuts the writing side first, lets
   the reader see the bus's end of stream, then waits for both (from a listener: for the
   reading only).
 * **Interrupts** (a signal handler raising in the main thread, Ctrl-C): only callers run in
@@ -90,6 +92,7 @@ from .delivery import LocalClient, PeerCache, deliver
 from .fastpath import FAST_PATH, FastPath, Seat
 from .inbox import Inbox
 from .requests import Requests
+from .shm import ConnectionShm
 from .writer import Membership, Writer
 
 log = logging.getLogger("ipcbus")
@@ -102,6 +105,7 @@ IDLE = 0.05  # seconds of an empty inbox after which the large receive buffer is
 _STOP = object()  # queued when the connection has ended
 _RESPONSE, _REQUEST_FAIL = int(Kind.RESPONSE), int(Kind.REQUEST_FAIL)
 _NOTICE, _SPY_COPY = int(Kind.NOTICE), int(Kind.SPY_COPY)
+_SHM_FIRST = int(Kind.SHM_ARENA)  # kinds from here on are shared memory's (shm.py)
 _RECYCLE = FrameDecoder.CHUNK  # larger frames get a buffer of their own, which is reused
 _get_ident = threading.get_ident
 perf_counter = time.perf_counter
@@ -166,6 +170,7 @@ class Connection:
         self.dispatch_done = threading.Event()  # ...and everything queued was dispatched
         self.forget: Callable[[], None] = _nothing  # drops it from the process's registry
         self.exit_flush: Any = None  # a multiprocessing.util.Finalize, cancelled at the end
+        self.shm = ConnectionShm(self)  # large payloads through shared memory (shm.py)
         self._threads = [threading.Thread(target=self._io_loop, daemon=True,
                                           name=f"ipcbus-io-{i} {key}") for i in (1, 2)]
 
@@ -297,6 +302,7 @@ class Connection:
         the dispatcher and their size."""
         batch: list[P.Frame] = []
         size = 0
+        shm = self.shm
         try:
             for frame in frames:
                 if frame.nfds:
@@ -310,6 +316,10 @@ class Connection:
                 elif kind == _NOTICE:
                     T.close_fds(frame.fds)
                     self.close_reason = notice_closing(frame) or self.close_reason
+                elif kind >= _SHM_FIRST or shm.pending is not None:  # see shm.py
+                    for one in shm.on_frame(frame):
+                        batch.append(one)
+                        size += len(one.raw)
                 else:
                     batch.append(frame)
                     size += len(frame.raw)
@@ -340,6 +350,7 @@ class Connection:
                 f"request on {p.channel!r} failed: {self.close_reason}"))
         T.close_fds(self.fd_queue)
         self.fd_queue.clear()
+        self.shm.close()
         self.fast.drop()
         self.transport.shutdown()
         self.writer.stop()

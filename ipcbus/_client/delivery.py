@@ -30,6 +30,7 @@ from .._types import IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest, _Ans
 from .._decoder import FrameDecoder
 from ..errors import IpcBusProtocolError
 from .cancels import Delivered, run_cancel
+from .shm_delivery import ShmFrame, deliver_shm
 
 log = logging.getLogger("ipcbus")
 
@@ -215,6 +216,9 @@ def deliver_messages(frame: P.Frame, receivers: list[LocalClient],
     """The common case: messages without descriptors, to each receiver's listeners (of
     ``group``: a grouped delivery)."""
     channel = frame.channel
+    if frame.__class__ is ShmFrame:  # large arguments in shared memory
+        deliver_shm(frame, receivers, sender, group, _call)
+        return
     for body in _bodies(frame):
         if body.__class__ is list:
             args = body

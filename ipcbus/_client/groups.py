@@ -26,6 +26,7 @@ from .. import _protocol as P
 from .._protocol import Kind
 from ..emitter import Emitter, Listener
 from ..errors import IpcBusError
+from .shm_delivery import ZeroCopyListener
 
 __all__ = ["GroupedEmitter", "GroupListeners"]
 
@@ -91,12 +92,28 @@ class GroupedEmitter(Emitter[str]):
         else:
             self._groups.off(key, listener)
 
+    def _rejoin_reserved_group(self, channel: str, group: str) -> None:
+        """Subscribe again the membership of a reserved channel after a reconnection (the
+        replay of ``joining.join`` leaves those out: the hub takes a pooled service's
+        membership only once its host has claimed the name again)."""
+        key = (channel, group)
+        with self._lock:
+            if self._groups._listeners.get(key):
+                self._group_subscription(Kind.SUBSCRIBE, key)
+
     def _group_take(self, channel: str, group: str) -> list[Listener]:
         return self._groups._take((channel, group))
 
-    def on(self, channel: str, listener: Listener, group: str | None = None) -> Self:
+    def on(self, channel: str, listener: Listener, group: str | None = None,
+           zero_copy: bool = False) -> Self:
         """Call ``listener`` for every event of ``channel`` (``group``: for those the hub
-        gives this client as the chosen member of that group)."""
+        gives this client as the chosen member of that group; ``zero_copy``: large
+        arguments that came through shared memory as read-only memoryviews, valid until it
+        returns or a ``event.retain()`` is released: ``shm_delivery.py``). While the bus is
+        down (a client connected with ``reconnect``) this changes the registry only: it is
+        subscribed again on reconnection (nothing raises)."""
+        if zero_copy:
+            listener = ZeroCopyListener(listener)
         if group is None:
             return super().on(channel, listener)
         self._groups.on(self._group_key(channel, group), listener)

@@ -14,6 +14,7 @@ import os
 import threading
 from typing import Any, Protocol
 
+from .. import _protocol as P
 from .._protocol import Kind
 from .._types import IpcBusPeer
 from ..errors import IpcBusConnectionError, IpcBusError, IpcBusRequestError
@@ -99,7 +100,9 @@ def join(client: Joiner, conn: Connection, info: list[Any], wait: float | None) 
             for channel in client._listeners:
                 conn.send(member, Kind.SUBSCRIBE, channel, None, 1, b"")
             for key in client._groups._listeners:  # groups: _client/groups.py
-                conn.send_surely(member, group_frame(Kind.SUBSCRIBE, key, member.info))
+                if not key[0].startswith(P.RESERVED_PREFIX):  # a pooled service's: its
+                    # host joins again once it has claimed the name (_service_host)
+                    conn.send_surely(member, group_frame(Kind.SUBSCRIBE, key, member.info))
     except BaseException as exc:
         client._conn = None
         conn.set_clients(client._drop_from)

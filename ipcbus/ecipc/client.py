@@ -42,6 +42,7 @@ from .. import _schemes
 from .._pending import settle
 from .._timeouts import DEFAULT_TIMEOUT, resolve_timeout
 from .._types import IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequestResponse, target_id
+from .._client.reconnect import Reconnect
 from ..client import IpcBusClient
 from ..errors import IpcBusConnectionError, IpcBusError, IpcBusRequestError
 from . import _codec as C
@@ -79,13 +80,16 @@ class EcipcClient(IpcBusClient):
     def connect(self, address: Any = None, *, path: str | None = None, port: int | None = None,
                 host: str | None = None, peer_name: str | None = None,
                 timeout: float | None = None, socket_buffer: int | None = None,
-                authkey: bytes | None = None) -> Self:
+                authkey: bytes | None = None, reconnect: bool | Reconnect = False,
+                shm_threshold: int = 1 << 20, shm_limit: int = 256 << 20) -> Self:
         """Join the electron-common-ipc bus at ``"ecipc:PATH"``, ``"ecipc:PORT"`` or
         ``"ecipc:HOST:PORT"``; any other address connects as a plain ipcbus client.
 
         ``timeout`` bounds the socket connection (there is no handshake answer to wait for);
-        ``socket_buffer`` is accepted and ignored; ``authkey`` raises ``ValueError`` (the
-        protocol has no authentication)."""
+        ``socket_buffer``, ``shm_threshold`` and ``shm_limit`` are accepted and ignored
+        (large payloads go inline to Node); ``authkey`` raises ``ValueError`` (the
+        protocol has no authentication); ``reconnect`` (for a plain address only) raises
+        ``ValueError``: reconnection is not available on a Node bus."""
         ecipc = parse_address(address, path=path, port=port)
         if ecipc is None:
             with self._state_lock:
@@ -94,7 +98,11 @@ class EcipcClient(IpcBusClient):
                 self.__class__ = IpcBusClient  # type: ignore[assignment]
             return IpcBusClient.connect(self, address, path=path, port=port, host=host,
                                         peer_name=peer_name, timeout=timeout,
-                                        socket_buffer=socket_buffer, authkey=authkey)
+                                        socket_buffer=socket_buffer, authkey=authkey,
+                                        reconnect=reconnect, shm_threshold=shm_threshold,
+                                        shm_limit=shm_limit)
+        if reconnect:
+            raise ValueError("reconnect is not available on an electron-common-ipc (ecipc:) bus")
         if peer_name is not None and not isinstance(peer_name, str):
             raise TypeError("peer_name must be a str")
         if authkey is not None:

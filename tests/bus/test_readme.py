@@ -32,6 +32,7 @@ EXPECTED = [
     ["['w0', 'w1', 'w2']", "True 30.0"],                                      # gathering
     ["5 2 ['add', 'div']", "calc.div() failed: ZeroDivisionError: division by zero"],  # services
     ["['0 by w1', '1 by w0', '2 by w1']", "True"],                           # service pools
+    ["True True"],                                                            # reconnection
     ["True []"],                                                              # the broker
 ]
 
@@ -118,6 +119,7 @@ def test_create_docstrings_list_every_option() -> None:
     options = _parameters(HubOptions.__init__)
     _documented(IpcBusBroker.create, options + ["context"])
     _documented(IpcBusBridge.create, [o for o in options
-                                      if o not in ("allowed_uids", "traffic_log", "links", "ecipc")])
+                                      if o not in ("allowed_uids", "traffic_log", "links", "ecipc",
+                                                   "federation", "bus", "federation_options")])
     for unit in ("bytes", "seconds"):
         assert unit in (IpcBusBroker.create.__doc__ or "")

@@ -90,7 +90,9 @@ def test_three_hosts_share_the_calls_each_runs_once(broker: IpcBusBroker, report
         assert [job for _, job in answers] == list(range(60))
         seen = {n: caller.request(f"done/{n}", 20.0).payload for n in names}
         assert sorted(j for got in seen.values() for j in got) == list(range(60))  # once each
-        assert all(len(got) >= 10 for got in seen.values()), {n: len(g) for n, g in seen.items()}
+        # every member got work (not a share: a member starved by a loaded machine holds its
+        # calls longer, and the fewest-in-progress rule rightly gives it fewer)
+        assert all(got for got in seen.values()), {n: len(g) for n, g in seen.items()}
         for n in names:  # any member's events reach the proxy
             assert caller.request(f"tell/{n}", 20.0).payload is True
         events.wait(3, 20)
