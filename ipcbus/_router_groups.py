@@ -165,13 +165,12 @@ class GroupRouter:
         Its answer goes to the broker only (True), which drops the member from its own
         gathering and hands the answer back as one of its side's (so it reaches the
         requester once, and the broker's end is not held up by an answer it never saw)."""
-        if (key, answerer) not in self.via_upstream:
-            return False
+        upstream = self.core.upstream
+        if upstream is None or (key, answerer) not in self.via_upstream:
+            return False  # (a federated broker's choices are answered here: no upstream)
         self.via_upstream.discard((key, answerer))
         self.core.requests.table.drop_receiver(key, answerer)  # UPSTREAM stays: not the last
-        upstream = self.core.upstream
-        if upstream is not None:
-            upstream.deliver(raw, [])
+        upstream.deliver(raw, [])
         return True
 
     def failed_below(self, key: Key, endpoint: Endpoint, raw: bytes | bytearray) -> None:
