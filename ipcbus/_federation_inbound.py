@@ -85,16 +85,18 @@ class Inbound:
             elif op == "bye":
                 self.link.remote_gone(link)
             elif op == "state":
-                if link in self.link.state.remotes:  # it came back: its side is new
-                    self.link.remote_gone(link)
-                self.apply(link, data)
+                self.apply(link, data, whole=True)
                 answer = headers.get("Reply")
                 if answer:  # tell the newcomer this side
                     self.link.spawn(self.link.send_state(answer))
             elif op == "ann":
                 self.apply(link, data)
 
-    def apply(self, link: str, data: bytes) -> None:
+    def apply(self, link: str, data: bytes, whole: bool = False) -> None:
+        """Announcements of ``link`` to the hub. ``whole``: its whole side (when it joins,
+        comes back, or was asked): what is new is added, its peers missing from it leave;
+        what the hub knows already is not taken away and given back (a proxy would see its
+        service stop)."""
         decoder = FrameDecoder(P.MAX_CONTROL_BODY)
         try:
             decoder.feed(data)
@@ -102,12 +104,18 @@ class Inbound:
         except Exception as exc:
             log.warning("federation: bad announcement from %s: %s", link, exc)
             return
+        state = self.link.state
+        listed = set()
         for frame in frames:
             if frame.sender is None or not announcement(frame.kind):
                 continue
-            if self.link.state.remote(link, frame.kind, frame.channel, frame.sender, frame.raw,
-                                 frame.body_offset):
+            listed.add(frame.sender[0])
+            if state.remote(link, frame.kind, frame.channel, frame.sender, frame.raw,
+                            frame.body_offset):
                 self.link.to_hub(bytes(frame.raw))
+        if whole:
+            for info in state.keep_only(link, listed):
+                self.link.to_hub(P.encode_frame(Kind.PEER_REMOVE, sender=info))
 
     def on_channel(self, subject: bytes, reply: bytes, data: bytes,
                     raw_headers: bytes | None) -> None:
@@ -123,10 +131,8 @@ class Inbound:
             op = headers.get(OP)
             if link and op == "state":
                 with self.link.lock:
-                    if link in self.link.state.remotes:
-                        self.link.remote_gone(link)
                     self.link.state.heard(link, time.monotonic())
-                    self.apply(link, data)
+                    self.apply(link, data, whole=True)
             elif link and op == "sync" and headers.get("Reply"):
                 self.link.spawn(self.link.send_state(headers["Reply"]))
             return

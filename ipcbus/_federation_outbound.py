@@ -124,8 +124,13 @@ class Outbound:
         key = (frame.sender[0], frame.rid)
         state = self.link.state
         with self.link.lock:
-            if frame.target is not None:
-                link = state.knows(frame.target)
+            # to one peer: its broker; a call of a service: its host's broker (the hub chose
+            # the host, the frame does not say); else every broker listening on the channel
+            target = frame.target
+            if target is None and frame.channel.startswith(P.SERVICE_CALL_PREFIX):
+                target = state.service_host(frame.channel[len(P.SERVICE_CALL_PREFIX):])
+            if target is not None:
+                link = state.knows(target)
                 links = {link} if link is not None else set()
             else:
                 links = state.interest(frame.channel)
@@ -133,11 +138,11 @@ class Outbound:
                 self.link.to_hub(fail_frame(key[0], key[1], "no listener on the other brokers"))
                 return
             n, evicted = state.send_out(key, links, frame.kind == Kind.REQUEST_ALL,
-                                        frame.channel, frame.target is None)
+                                        frame.channel, target is None)
             for old in evicted:
                 self.link.to_hub(fail_frame(old[0], old[1], "too many requests across the"
                                         " federation link"))
-        subject = (self.link.subjects.channel(frame.channel) if frame.target is None
+        subject = (self.link.subjects.channel(frame.channel) if target is None
                    else self.link.subjects.to_link(next(iter(links))))
         await self.publish(subject, raw, reply=self.link.subjects.reply(n))
 

@@ -193,6 +193,15 @@ class FederationState:
                     del side.plain[channel]
         return True
 
+    def keep_only(self, link: str, listed: set[str]) -> list[list[Any]]:
+        """``link``'s whole side lists ``listed``: it is known (even with no peer), and its
+        other peers have left (their infos, for the broker)."""
+        side = self.remotes.setdefault(link, RemoteSide())
+        gone = [info for peer_id, info in side.peers.items() if peer_id not in listed]
+        for info in gone:
+            self._forget_peer(side, info[0])
+        return gone
+
     def _forget_peer(self, side: RemoteSide, peer_id: str) -> None:
         side.peers.pop(peer_id, None)
         self.peer_link.pop(peer_id, None)
@@ -225,6 +234,14 @@ class FederationState:
         for peer_id in side.peers:
             self.peer_link.pop(peer_id, None)
         return list(side.peers.values())
+
+    def service_host(self, name: str) -> str | None:
+        """The remote host of service ``name`` (None: not hosted on another broker)."""
+        for side in self.remotes.values():
+            host = side.services.get(name)
+            if host is not None:
+                return host
+        return None
 
     def interest(self, channel: str) -> set[str]:
         """The links with a peer listening plainly on ``channel``."""

@@ -46,7 +46,7 @@ from ._router import Router
 from .errors import IpcBusProtocolError
 from .traffic import TrafficLog
 
-__all__ = ["Hub", "CLOSING_GRACE", "HARD_LIMIT_FACTOR"]
+__all__ = ["Hub", "CLOSING_GRACE", "HARD_LIMIT_FACTOR", "hub_state"]
 
 log = logging.getLogger("ipcbus")
 
@@ -68,7 +68,7 @@ class Hub:
                  owner_pid: int | None = None) -> None:
         self.options = options
         self.owner_pid = owner_pid  # the process that started this hub (links="owner")
-        self.router = Router(os.getpid(), state_extra=lambda: _hub_state(self),
+        self.router = Router(os.getpid(), state_extra=lambda: hub_state(self),
                              max_message=options.max_message, dup_fds=T.dup_copies)
         self.selector = selectors.DefaultSelector()
         self.endpoints: set[HubEndpoint] = set()
@@ -405,7 +405,7 @@ class Hub:
         _in_process_hubs.discard(self)
 
 
-def _hub_state(hub: Hub) -> dict[str, Any]:
+def hub_state(hub: Hub) -> dict[str, Any]:
     """The hub's part of ``queryState`` (the router's state plus these), with the parts
     others add (``Hub.state_parts``: a federation link's)."""
     extra = {}

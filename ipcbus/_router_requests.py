@@ -84,8 +84,9 @@ class RequestRouter:
                         break
                     listener.endpoint.deliver(frame.raw, [], frame.count)
                     return
-            elif subs is None and channel in self.grouped and self.to_members(key, endpoint, frame):
-                return  # only groups listen: the member chosen in each
+            elif subs is None and channel in self.grouped and endpoint is not core.federation \
+                    and self.to_members(key, endpoint, frame):
+                return  # only groups listen: the member chosen in each (by the origin broker)
         if key in self.table:
             raise IpcBusProtocolError(f"request id {frame.rid} reused while pending")
         if target is None and channel in READINESS_CHANNELS:  # (linked: the broker answers)
@@ -163,7 +164,9 @@ class RequestRouter:
                     return f"no peer {target!r} on the bus"
                 receivers.add(UPSTREAM)
                 targets.append(upstream)
-            elif channel in peer.channels:
+            elif channel in peer.channels or peer.endpoint is core.federation:
+                # (a peer on another broker: that broker knows best whether it listens; its
+                # subscription may be announced here after its service was)
                 receivers.add(peer.id)
                 targets.append(peer.endpoint)
             else:

@@ -119,10 +119,12 @@ class ServiceRouter:
         if group is None:
             self.hosts[name] = peer.id
             endpoint.deliver(answer_frame(peer.id, frame.rid, None), [])
-            tell_federation(core, endpoint, P.encode_frame(P.Kind.SERVICE_ADD, name, peer.info))
-        else:  # (a pool is this broker's own: not told to a federation, docs/federation.md)
+        else:
             endpoint.deliver(answer_frame(peer.id, frame.rid, self._join(name, group, peer.id)),
                              [])
+        if core.federation is not None:  # (rid 0: the other brokers answer the link)
+            tell_federation(core, endpoint, P.encode_frame(
+                P.Kind.SERVICE_ADD, name, peer.info, None, 0, bytes(frame.body)))
 
     def _remember_asked(self, key: Key, group: str) -> None:
         if len(self._asked) > 1024:  # refused or abandoned asks: forget those settled
@@ -173,7 +175,11 @@ class ServiceRouter:
             last = self._leave(name, peer.id)
             if core.upstream is not None:
                 core.upstream.deliver(frame.raw, [], frame.count)
-            elif last:
+                return
+            if last is not None:
+                tell_federation(core, endpoint, P.encode_frame(P.Kind.SERVICE_REMOVE, name,
+                                                               peer.info))
+            if last:
                 self._tell_stopped(name, f"service {name!r} was stopped by its last host")
         elif core.upstream is not None:  # the broker releases the name and tells the bus
             if self.hosts.get(name) == peer.id:

@@ -11,6 +11,7 @@ is not installed (CI installs both).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pathlib
 import shutil
@@ -215,6 +216,50 @@ def test_services_and_state_across(pair: list[IpcBusBroker]) -> None:
         service.stop()
         wait_until(lambda: not a.is_service_available("clock"))
         proxy.close()
+
+
+class Where:
+    def __init__(self, here: str) -> None:
+        self.here = here
+
+    def where(self) -> str:
+        return self.here
+
+
+def test_a_pooled_service_across_brokers(pair: list[IpcBusBroker]) -> None:
+    """A service hosted by a group with a member on each broker: each call runs once."""
+    a, b = pair
+    with IpcBusClient.create().connect(a.address) as near_host, \
+            IpcBusClient.create().connect(b.address) as far_host, \
+            IpcBusClient.create().connect(a.address) as user:
+        near = IpcBusService.create(near_host, "where", Where("A"), group="pool").start()
+        wait_until(lambda: a.is_service_available("where") and b.is_service_available("where"))
+        far = IpcBusService.create(far_host, "where", Where("B"), group="pool").start()
+        wait_until(lambda: len(a.query_state(5.0)["services"]["where"]) == 2)
+        proxy = IpcBusServiceProxy.create(user, "where", call_timeout=5.0)
+        calc = proxy.connect(5.0)
+        assert {calc.where() for _ in range(8)} == {"A", "B"}
+        proxy.close()
+        far.stop()
+        near.stop()
+
+
+def test_large_bytes_cross_inline(tmp_path: Any) -> None:
+    """Above the shared-memory threshold, bytes reach a remote listener inline."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 4194304\n")
+    server = NatsServer("-c", str(conf))
+    try:
+        with federated(server.url, "t", "t") as (a, b), \
+                IpcBusClient.create().connect(a.address) as near, \
+                IpcBusClient.create().connect(b.address) as far:
+            far.on("big", lambda event, data: event.request.resolve(
+                hashlib.sha256(data).hexdigest()))
+            near.wait_for_listeners("big", 1, timeout=10.0)
+            data = os.urandom(3 << 19)  # 1.5 MiB: through the sender's arena locally
+            assert near.request("big", 10.0, data).payload == hashlib.sha256(data).hexdigest()
+    finally:
+        server.stop()
 
 
 def test_nats_outage_keeps_the_local_bus(nats_server: NatsServer,

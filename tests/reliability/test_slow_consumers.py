@@ -27,6 +27,7 @@ import pytest
 from ipcbus import IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusConnectionError
 from ipcbus import _protocol as P
 from ipcbus._decoder import FrameDecoder
+from ipcbus._hub import hub_state
 from ipcbus._protocol import Kind
 
 from helpers import pid_of, sync, wait_until
@@ -439,7 +440,7 @@ def test_slow_consumer_disconnect_completes_the_partly_written_frame() -> None:
         assert tail < 250_000, tail  # at most the rest of one frame, never a whole run
         with pytest.raises(BrokenPipeError):
             theirs.send(b"x")  # reading from it has stopped
-        state = hub._state_extra()
+        state = hub_state(hub)
         assert state["connections"] == 0 and state["closing_connections"] == 1, state
         data, how = _read_all(theirs, first, lambda: hub._flush(ep)
                               if ep in hub.endpoints else None)
@@ -480,7 +481,7 @@ def test_slow_consumer_still_stopped_is_dropped_after_the_grace(
         hub._check_deadlines()
         assert ep not in hub.endpoints
         assert sock.fileno() == -1 and not ep.out and ep.out_fds == 0
-        assert hub._state_extra()["closing_connections"] == 0
+        assert hub_state(hub)["closing_connections"] == 0
     finally:
         theirs.close()
         hub._shutdown()

@@ -175,3 +175,14 @@ def test_a_gathering_ends_once_when_its_last_link_fails(events: list[tuple[str, 
             finished = True
     assert ended <= 1
     assert finished == (n not in s.pending)
+
+
+def test_a_whole_side_again_keeps_what_is_known() -> None:
+    s = FederationState("A")
+    assert s.keep_only("B", set()) == [] and "B" in s.remotes  # known, with no peer yet
+    assert s.heard("B", 0.0)
+    ann(s, Kind.PEER_ADD, "", info(2), link="B")
+    ann(s, Kind.PEER_ADD, "", info(3), link="B")
+    assert not ann(s, Kind.PEER_ADD, "", info(2), link="B")  # listed again: nothing new
+    assert s.keep_only("B", {info(2)[0]}) == [info(3)]  # the one missing has left
+    assert s.knows(info(2)[0]) == "B" and s.knows(info(3)[0]) is None

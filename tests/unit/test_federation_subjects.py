@@ -9,7 +9,7 @@ from ipcbus._federation_subjects import MAX_TOKEN, Subjects, decode_token, encod
 _FORBIDDEN = set(". \t\r\n*>")
 
 
-@given(st.text(max_size=200))
+@given(st.text(max_size=42))  # at most 12 characters of token each: never hashed
 def test_round_trip(name: str) -> None:
     token = encode_token(name)
     assert token and not (_FORBIDDEN & set(token))
