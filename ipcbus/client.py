@@ -184,8 +184,8 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
           ``on_reconnected``, ``wait_connected()``). True = ``Reconnect(initial=0.05,
           maximum=2.0, give_up=None)``: seconds before the first attempt, doubling up to
           ``maximum``; closed for good ``give_up`` seconds after the loss (None: never).
-        - ``shm_threshold`` (int, bytes; default 1 MiB; 0: off): larger buffers of
-          ``send``/``send_to`` travel through a shared-memory arena (off on TCP).
+        - ``shm_threshold`` (int, bytes; default 1 MiB; 0: off, on a first client both
+          ways): larger buffers of ``send``/``send_to`` go through shared memory.
         - ``shm_limit`` (int, bytes; default 256 MiB): that arena's size (per connection;
           a new connection after a reconnection makes its own).
 
@@ -219,7 +219,8 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
                 conn = _open_connection(key, make_socket, **opening)
             _joining.join(self, conn, _new_peer(peer_name, conn.ptype), wait)
             self._link = link
-            self._shm_threshold, self._shm_limit = _shm.settings(conn, shm_threshold, shm_limit)
+            self._shm_threshold, self._shm_limit = _shm.settings(conn, shm_threshold, shm_limit,
+                                                                 self._member)
         return self
 
     def _set_peer(self, info: list[Any]) -> None:
