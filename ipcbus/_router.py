@@ -35,8 +35,10 @@ Trust (SPEC "Trust", "Resources"): the router, not a frame, decides who a peer i
 * An answer is taken only from a peer the request was delivered to (or from the upstream
   link, for a request forwarded there); any other answer is dropped and counted.
 * Channels under ``/ipcbus/`` are reserved (``_protocol.RESERVED_PREFIX``): a service's
-  event channel takes broadcasts only from the service's host; requests on its call channel
-  go to its host only; direct channels may be listened to only by the peer they name.
+  event channel takes broadcasts only from the service's host (any member of a pool: a
+  service hosted by a group); requests on its call channel go to its host only (a pool's:
+  to one member, ``_router_services.route_call``); direct channels may be listened to only
+  by the peer they name.
 * Descriptors: the router hands every receiving endpoint its own duplicates (``dup_fds``,
   injected); if they cannot all be made, nothing is delivered and the sender is told.
 * Frames the router builds obey the size limits: an answer or a spy copy over
