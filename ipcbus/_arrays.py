@@ -14,7 +14,6 @@ bytes]``, the bytes in C order: a non-contiguous slice is packed as its contiguo
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import msgpack
@@ -54,7 +53,7 @@ def decode_array(dtype: object, shape: object, data: bytes | memoryview) -> Any:
     """A new writable array of ``dtype`` and ``shape`` holding ``data``; ValueError if they do
     not agree (or numpy is not installed)."""
     try:
-        np = importlib.import_module("numpy")
+        import numpy as np  # only here: a process that receives no array never imports it
     except ImportError:
         raise ValueError("a numpy array arrived, and numpy is not installed here") from None
     if type(dtype) is not str or type(shape) is not list or \

@@ -141,7 +141,7 @@ class Hub:
                         if self.dirty:
                             self._flush_dirty()
                     except Exception as exc:  # serving one connection never stops the hub
-                        self._contain(data if data.__class__ is HubEndpoint else None, exc)
+                        self._contain(data if isinstance(data, HubEndpoint) else None, exc)
                 now = monotonic()
                 if now >= next_check:
                     next_check = now + _CHECK_INTERVAL
@@ -159,17 +159,19 @@ class Hub:
 
     def add_endpoint(self, sock: socket.socket, label: str, *, ptype: str, pid: int = 0,
                      cred_pid: int | None = None, relay: bool = False,
-                     ready: bool = False, decoder: FrameDecoder | None = None) -> HubEndpoint:
+                     ready: bool = False, decoder: FrameDecoder | None = None,
+                     cls: type[HubEndpoint] = HubEndpoint) -> HubEndpoint:
         """Serve a connected socket (on the loop thread). ``ptype``/``pid``: who its peers are
         (``cred_pid``: the pid the kernel reported; else the HELLO's is taken); ``relay``: a
         link this hub made; ``ready``: handshake already done; ``decoder``: the one that read
-        the handshake, with any bytes that followed it."""
+        the handshake, with any bytes that followed it; ``cls``: a subclass (a relinked
+        bridge's link, ``_bridge_relink``: served by calling it, off the loop's fast path)."""
         sock.setblocking(False)
         T.tune_socket(sock)
         self.owned.add(sock)
         self._next_endpoint += 1
-        ep = HubEndpoint(self, T.StreamTransport(sock), f"#{self._next_endpoint} ({label})",
-                         ptype, pid, cred_pid)
+        ep = cls(self, T.StreamTransport(sock), f"#{self._next_endpoint} ({label})", ptype,
+                 pid, cred_pid)
         ep.relay = relay
         ep.ready = ready
         if ready:

@@ -35,8 +35,10 @@ Trust (SPEC "Trust", "Resources"): the router, not a frame, decides who a peer i
 * An answer is taken only from a peer the request was delivered to (or from the upstream
   link, for a request forwarded there); any other answer is dropped and counted.
 * Channels under ``/ipcbus/`` are reserved (``_protocol.RESERVED_PREFIX``): a service's
-  event channel takes broadcasts only from the service's host; requests on its call channel
-  go to its host only; direct channels may be listened to only by the peer they name.
+  event channel takes broadcasts only from the service's host (any member of a pool: a
+  service hosted by a group); requests on its call channel go to its host only (a pool's:
+  to one member, ``_router_services.route_call``); direct channels may be listened to only
+  by the peer they name.
 * Descriptors: the router hands every receiving endpoint its own duplicates (``dup_fds``,
   injected); if they cannot all be made, nothing is delivered and the sender is told.
 * Frames the router builds obey the size limits: an answer or a spy copy over
@@ -61,6 +63,7 @@ from ._protocol import Frame, Kind
 from ._router_groups import GroupRouter
 from ._router_messages import MessageRouter
 from ._router_peers import PeerRouter
+from ._router_relink import RID_BASE as RELINK_RIDS, Relink
 from ._router_requests import SPECIAL_CHANNELS, RequestRouter
 from ._router_services import ServiceRouter
 from ._router_view import ChannelStats, Spies, bus_state
@@ -102,6 +105,7 @@ class Router:
         self.groups = GroupRouter(self)  # _router_groups.py
         self.members = PeerRouter(self)  # joins and leaves: _router_peers.py
         self.service_hosts = ServiceRouter(self)  # _router_services.py
+        self.relink = Relink(self)  # a bridge's link that came back: _router_relink.py
         # service name -> host peer id (a linked bridge: this side's, as the broker granted)
         self.services: dict[str, str] = self.service_hosts.hosts
         # Looking in: observers see every message a peer sends (after it is routed); with none
@@ -180,6 +184,7 @@ class Router:
                 self.joining[peer_id] = (None, recorded, rid)
         if endpoint is self.upstream:
             self.upstream = None
+            self.relink.link_lost()
             self.requests.receiver_gone(UPSTREAM, "the link to the broker has closed")
             joining, self.joining = self.joining, {}
             for peer_id, (ep, _, rid) in joining.items():
@@ -188,7 +193,11 @@ class Router:
                                [])
 
     def join_answer(self, peer_id: str, rid: int, accepted: bool, reason: str) -> bool:
-        """The broker's answer to a PEER_ADD this bridge forwarded; False if it is not one."""
+        """The broker's answer to a PEER_ADD this bridge forwarded (or to a question of the
+        relink); False if it is not one."""
+        # (a test, not a call, on the path of every answer from the link)
+        if rid > RELINK_RIDS and self.relink.answer(peer_id, rid, accepted, reason):
+            return True
         return self.members.join_answer(peer_id, rid, accepted, reason)
 
     def undeliverable(self, endpoint: Endpoint, raw: bytes | bytearray, reason: str) -> None:

@@ -160,6 +160,30 @@ class GroupRouter:
             if upstream is not None:
                 upstream.deliver(raw, [])
 
+    def gathered_below(self, key: Key, answerer: str, raw: bytes | bytearray) -> bool:
+        """A linked bridge: a member the broker chose answered a REQUEST_ALL of this side.
+        Its answer goes to the broker only (True), which drops the member from its own
+        gathering and hands the answer back as one of its side's (so it reaches the
+        requester once, and the broker's end is not held up by an answer it never saw)."""
+        upstream = self.core.upstream
+        if upstream is None or (key, answerer) not in self.via_upstream:
+            return False  # (a federated broker's choices are answered here: no upstream)
+        self.via_upstream.discard((key, answerer))
+        self.core.requests.table.drop_receiver(key, answerer)  # UPSTREAM stays: not the last
+        upstream.deliver(raw, [])
+        return True
+
+    def failed_below(self, key: Key, endpoint: Endpoint, raw: bytes | bytearray) -> None:
+        """A linked bridge: a receiving process failed ``key`` (REQUEST_FAIL ``raw``, its
+        listeners raised): a member the broker chose there is a receiver of the broker's
+        entry too, which must hear it (else it waits for the timeout)."""
+        chosen = [m for m in endpoint.peers if (key, m) in self.via_upstream]
+        upstream = self.core.upstream
+        if chosen and upstream is not None:
+            for member in chosen:
+                self.via_upstream.discard((key, member))
+            upstream.deliver(raw, [])
+
     def handed_below(self, key: Key, member: str) -> None:
         if len(self.via_upstream) > 4096:  # settled otherwise (a timeout, a cancel)
             table = self.core.requests.table

@@ -237,9 +237,15 @@ class RequestRouter:
 
     def _gathered(self, key: Key, pending: Pending, answerer: str, frame: Frame) -> None:
         """An answer of a REQUEST_ALL: to the requester; then the end if it was the last (an
-        answer from UPSTREAM drops nobody: the broker ends its side itself)."""
+        answer from UPSTREAM drops nobody: the broker ends its side itself). A linked
+        bridge: the answer of a member the broker chose goes to the broker only, which
+        counts it and hands it back (``GroupRouter.gathered_below``); that of a member given
+        a broker's request ends nothing upstream (the broker saw the answer)."""
+        if self.via_upstream and self.core.groups.gathered_below(key, answerer, frame.raw):
+            return
         pending.endpoint.deliver(frame.raw, [], frame.count)
-        if answerer != UPSTREAM and self.table.drop_receiver(key, answerer) is not None:
+        if answerer != UPSTREAM and self.table.drop_receiver(key, answerer) is not None \
+                and pending.endpoint is not self.core.upstream:
             pending.endpoint.deliver(fail_frame(key[0], key[1], "every receiver has answered"),
                                      [])
 
@@ -255,6 +261,8 @@ class RequestRouter:
                 self.core.join_answer(frame.target, frame.rid, False, str(reason)):
             return
         key = (frame.target, frame.rid)
+        if self.via_upstream and frame.sender is not None:  # the broker's choice failed here
+            self.core.groups.failed_below(key, endpoint, frame.raw)
         if frame.sender is not None:  # a receiving process's own report: its listener's error
             pending = self.table.get(key)
             if pending is not None and \

@@ -24,7 +24,7 @@ AVAILABLE = hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS")
 SEALS = (getattr(fcntl, "F_SEAL_SHRINK", 2) | getattr(fcntl, "F_SEAL_GROW", 4)
          | getattr(fcntl, "F_SEAL_SEAL", 1))
 _NEEDED = getattr(fcntl, "F_SEAL_SHRINK", 2) | getattr(fcntl, "F_SEAL_GROW", 4)
-MAX_ARENA = 1 << 40  # the largest arena a hub accepts (bytes of address space, not memory)
+MAX_ARENA = 16 << 30  # the largest arena (bytes of address space each receiver maps)
 
 
 def create_arena(size: int) -> tuple[int, mmap.mmap]:

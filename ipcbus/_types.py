@@ -64,15 +64,15 @@ class IpcBusEvent:
     sender: Optional[IpcBusPeer]
     request: Optional[IpcBusRequest] = None
     ports: Optional[list[Any]] = None
-    lease: Any = field(default=None, repr=False, compare=False)  # zero_copy views' slots
+    _lease: Any = field(default=None, repr=False, compare=False)  # zero_copy views' slots
 
     def retain(self) -> Any:
         """Keep the read-only memoryviews a ``zero_copy=True`` listener got valid after it
         returns: the object returned keeps them valid until its ``release()`` (or the end of
         its ``with`` block). For any other event, an object whose release does nothing."""
-        if self.lease is None:
+        if self._lease is None:
             return _NOT_HELD
-        return self.lease.retain()
+        return self._lease.retain()
 
 
 class _NotHeld:

@@ -12,7 +12,9 @@ on a daemon thread of the process that creates it. Its endpoints are:
   and their subscriptions are announced on the broker as peers of the link, so the broker
   sends a message across once per bridge however many local listeners it has, and only for
   channels someone on this side listens to; broadcasts and requests from this side cross to
-  the broker, which serves its side and never echoes them back.
+  the broker, which serves its side and never echoes them back. With ``reconnect`` the link
+  comes back after losing the broker (``_bridge_relink.py``: the retry thread;
+  ``_router_relink.py``: what the router announces to the new broker).
 
 When the parent's copy of a pipe end is still open after the child has joined, the bridge
 closes it, so that a child killed with SIGKILL is noticed at once.
@@ -33,6 +35,8 @@ from typing_extensions import Self
 
 from . import _transport as T
 from . import _local
+from ._bridge_relink import Relinker
+from ._client.reconnect import Reconnect, policy_of
 from ._timeouts import resolve_timeout
 from ._hub import Hub
 from ._hub_options import HubOptions
@@ -58,6 +62,7 @@ class IpcBusBridge:
         self._link_address: T.Address | None = None
         self._handed_out: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._probe_client: Any = None
+        self._relinker: Relinker | None = None
 
     @classmethod
     def create(cls, **options: Any) -> IpcBusBridge:
@@ -88,7 +93,7 @@ class IpcBusBridge:
 
     def connect(self, address: Any = None, *, path: str | None = None, port: int | None = None,
                 host: str | None = None, timeout: float | None = None,
-                authkey: bytes | None = None) -> Self:
+                authkey: bytes | None = None, reconnect: bool | Reconnect = False) -> Self:
         """Start the hub on a thread of this process; with an address, also link it to the
         broker there. Returns ``self`` (``with IpcBusBridge.create().connect() as bridge:``
         closes it at the end). One bridge per process at a time.
@@ -102,14 +107,29 @@ class IpcBusBridge:
         - ``authkey`` (bytes; default None = ``$IPCBUS_AUTHKEY`` if set, else
           ``multiprocessing.current_process().authkey``): the key of a TCP link.
 
+        - ``reconnect`` (bool or :class:`~ipcbus.Reconnect`; default False): what happens
+          when the link is lost. False: it stays closed, and this process and its pipe
+          children go on as a bus of their own, without the remote part. True (the default
+          policy) or a ``Reconnect``: the same meanwhile (requests that needed the broker fail
+          at once), and the bridge links again with the policy's backoff; on relinking it
+          announces its side to the new broker again: every local peer with the same id (one
+          the broker refuses as taken is logged and stays local-only), its subscriptions and
+          groups, and its services, claimed again, whose proxies across the bus see them
+          start (the bridge asks each host its status and broadcasts "start" in the host's
+          name); this side's proxies of services beyond the link see them stop at the loss
+          and start again. Past ``give_up`` the link stays closed (logged). ``ValueError``
+          without an address, ``TypeError`` for another type.
+
         Raises :class:`~ipcbus.IpcBusConnectionError` if a bridge is already connected in this
-        process or the broker cannot be reached or refuses the link. The link does not
-        reconnect (not yet): if the broker goes, this process and its pipe children go on as
-        a bus of their own, without the remote part.
+        process or the broker cannot be reached or refuses the link (the first link is not
+        retried: ``reconnect`` is about losing it later).
         """
         linked = any(a is not None for a in (address, path, port))
         addr = T.parse_address(address, path=path, port=port, host=host) if linked else None
         wait = resolve_timeout(timeout)
+        policy = policy_of(reconnect)
+        if policy is not None and addr is None:
+            raise ValueError("reconnect needs the address of a broker")
         with self._lock, _local.lock:
             if self._hub is not None:
                 raise IpcBusConnectionError("this bridge is already connected")
@@ -136,6 +156,9 @@ class IpcBusBridge:
                     sock, f"link to {T.format_address(addr)}", ptype="socket", relay=True,
                     ready=True, decoder=decoder)
                 self._link_address = addr
+                if policy is not None:
+                    self._relinker = Relinker(hub, addr, policy, authkey=authkey,
+                                              timeout=wait if wait is not None else 3600.0)
             hub.on_drop = self._on_drop
             hub.start_thread(f"ipcbus-bridge {T.format_address(addr) if addr else 'local'}")
             self._hub = hub
@@ -146,7 +169,11 @@ class IpcBusBridge:
         return self
 
     def _on_drop(self, label: str, reason: str, was_upstream: bool) -> None:
-        if was_upstream and self._hub is not None:  # not when the bridge itself is closing
+        if not was_upstream or self._hub is None:  # not when the bridge itself is closing
+            return
+        if self._relinker is not None:
+            self._relinker.lost(reason)
+        else:
             log.warning("bridge: the link to the broker has closed (%s); this process and its"
                         " pipe children go on as a bus of their own", reason)
 
@@ -227,6 +254,9 @@ class IpcBusBridge:
     def close(self, timeout: float | None = None) -> None:
         """Close every pipe, every local client connection and the link. Idempotent."""
         atexit.unregister(self.close)
+        relinker, self._relinker = self._relinker, None
+        if relinker is not None:
+            relinker.close()
         with self._lock:
             probe, self._probe_client = self._probe_client, None
         if probe is not None:

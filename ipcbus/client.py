@@ -185,8 +185,8 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
           ``on_reconnected``, ``wait_connected()``). True = ``Reconnect(initial=0.05,
           maximum=2.0, give_up=None)``: seconds before the first attempt, doubling up to
           ``maximum``; closed for good ``give_up`` seconds after the loss (None: never).
-        - ``shm_threshold`` (int, bytes; default 1 MiB; 0: off): larger buffers of
-          ``send``/``send_to`` travel through a shared-memory arena (off on TCP).
+        - ``shm_threshold`` (int, bytes; default 1 MiB; 0: off, on a first client both
+          ways): larger buffers of ``send``/``send_to`` go through shared memory.
         - ``shm_limit`` (int, bytes; default 256 MiB): that arena's size (per connection;
           a new connection after a reconnection makes its own).
 
@@ -220,7 +220,8 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
                 conn = _open_connection(key, make_socket, **opening)
             _joining.join(self, conn, _new_peer(peer_name, conn.ptype), wait)
             self._link = link
-            self._shm_threshold, self._shm_limit = _shm.settings(conn, shm_threshold, shm_limit)
+            self._shm_threshold, self._shm_limit = _shm.settings(conn, shm_threshold, shm_limit,
+                                                                 self._member)
         return self
 
     def _set_peer(self, info: list[Any]) -> None:
@@ -321,10 +322,9 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
         target_id = _target_id(target)
         if channel not in _valid_channels:
             _remember_channel(channel)
-        conn = self._connection()  # as in send()
         if (body := P.pack_small(args)) is None or len(body) >= self._shm_threshold > 0:
-            return _send_message(self, _SEND_TO, channel, target_id, args)  # large, or not flat
-        conn.send(self._member, _SEND_TO, channel, target_id, 0, body)
+            return _send_message(self, _SEND_TO, channel, target_id, args)  # as in send()
+        self._connection().send(self._member, _SEND_TO, channel, target_id, 0, body)
 
     def request(self, channel: str, timeout: float | None, *args: Any) -> IpcBusRequestResponse:
         """Ask every listener of ``channel``; return the first answer, or raise

@@ -42,6 +42,7 @@ from . import joining
 from .connection import Connection
 from .opening import forget, reopen_connection
 from .reconnect import CLOSED, DOWN, LinkState, Reconnect
+from .shm import settings as shm_settings
 
 log = logging.getLogger("ipcbus")
 
@@ -179,6 +180,9 @@ class Link:
                 conn.close(0.5)
             return f"joining again failed: {exc}"
         self._restore_spy(client)
+        # the new connection's shared memory: a client that asked for none tells the hub again
+        client._shm_threshold, client._shm_limit = shm_settings(
+            conn, client._shm_threshold, client._shm_limit, client._member)
         with self.lock:
             ok = self.up_pending = self.state.reconnected()
             self.changed.notify_all()

@@ -65,14 +65,28 @@ def check_shm_args(threshold: object, limit: object) -> None:
         if value < 0:
             raise ValueError(f"{name} must be >= 0")
     assert isinstance(limit, int)
-    if threshold and limit < 4096:
-        raise ValueError("shm_limit must be at least 4096 bytes")
+    if threshold and not 4096 <= limit <= A.MAX_ARENA:
+        raise ValueError(f"shm_limit must be 4096 to {A.MAX_ARENA} bytes")
 
 
-def settings(conn: Any, threshold: int, limit: int) -> tuple[int, int]:
-    """A client's (threshold, limit) on ``conn``: off where descriptors cannot pass (TCP) or
-    there is no memfd."""
-    return (threshold if conn.can_pass_fds and AVAILABLE else 0), limit
+def settings(conn: Any, threshold: int, limit: int, member: Any) -> tuple[int, int]:
+    """A client's (threshold, limit) on ``conn``, just joined as ``member``: off where
+    descriptors cannot pass (TCP) or there is no memfd. The first client of a connection
+    decides for it: with ``shm_threshold=0`` the connection sends and receives everything
+    inline (the hub is told: an arena of size 0), whatever later clients ask."""
+    shm: ConnectionShm = conn.shm
+    if not conn.can_pass_fds or not AVAILABLE:
+        return 0, limit
+    with shm.lock:
+        first, shm.decided = not shm.decided, True
+        if first and not threshold:
+            shm.inline = True
+            try:
+                conn.writer.write_now(P.encode_frame(Kind.SHM_ARENA, sender=member.info,
+                                                     body=P.pack_payload({"size": 0})), member)
+            except (OSError, IpcBusConnectionError):  # the connection's next use says so
+                pass
+    return (0 if shm.inline else threshold), limit
 
 
 def _size(item: Any) -> int:
@@ -149,6 +163,8 @@ class ConnectionShm:
         self.maps: dict[int, mmap.mmap] = {}
         self.pending: tuple[int, list[Any]] | None = None
         self.ended = False
+        self.decided = False  # the first client has joined (``settings``)
+        self.inline = False  # ...with shm_threshold=0: everything inline, both ways
 
     # -- sending -----------------------------------------------------------------------------
     def send(self, member: Any, kind: int, channel: str, target: str | None,
@@ -165,28 +181,35 @@ class ConnectionShm:
         if total > self.conn.max_message:  # the bus's limit holds for the message as a whole
             raise ValueError(f"message of {total} bytes exceeds the bus limit of"
                              f" {self.conn.max_message} bytes")
-        if sum(-(-n // 4096) * 4096 for n in sizes) > limit:
+        arena = self.slots.size if self.slots is not None else limit  # made by the first
+        if sum(-(-n // 4096) * 4096 for n in sizes) > arena:
             return False
         offsets = self._alloc(sizes, limit, member)
         try:
-            assert self.view is not None
+            target_view = self.view
+            if target_view is None:
+                raise IpcBusConnectionError("the bus connection has closed")
             for offset, view in zip(offsets, views):
-                self.view[offset:offset + len(view)] = view
+                target_view[offset:offset + len(view)] = view
             inner = P.encode_frame(kind, channel, member.info, target, 0, body)
             outer = P.encode_frame(Kind.SHM_MESSAGE, "", member.info, None, 0, P.pack_payload(
                 [[[o, n] for o, n in zip(offsets, sizes)], inner]))
-            self.conn.writer.write_now(outer, member)
-        except BaseException as exc:
-            with self.lock:  # never reached the hub: ours again
-                for offset in offsets:
-                    if self.slots is not None and offset in self.slots.used:
-                        self.slots.free(offset)
-                self.freed.notify_all()
-            if isinstance(exc, OSError):
-                self.conn.check_usable()
-                raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
+        except BaseException:
+            self._give_back(offsets)  # never reached the hub: ours again
             raise
+        try:  # (an interrupt here may come after the frame was written: the slots stay
+            self.conn.writer.write_now(outer, member)  # the hub's until it frees them)
+        except OSError as exc:
+            self.conn.check_usable()
+            raise IpcBusConnectionError(f"cannot write to the bus: {exc}") from None
         return True
+
+    def _give_back(self, offsets: list[int]) -> None:
+        with self.lock:
+            for offset in offsets:
+                if self.slots is not None and offset in self.slots.used:
+                    self.slots.free(offset)
+            self.freed.notify_all()
 
     def _alloc(self, sizes: list[int], limit: int, member: Any) -> list[int]:
         """Slots for ``sizes``, all or none; waits while the arena is full."""
@@ -270,6 +293,8 @@ class ConnectionShm:
                 if len(fds) == 1 and frame.rid not in self.maps:
                     size = P.unpack_control(frame.body)[0]
                     self.maps[frame.rid] = A.map_readonly(fds[0], size)
+            except (OSError, ValueError, TypeError, IndexError) as exc:  # its messages drop
+                log.error("cannot map a shared-memory arena of the bus: %s", exc)
             finally:
                 for fd in fds:
                     os.close(fd)

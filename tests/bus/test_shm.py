@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 from typing import Any
 
 import pytest
 
-from ipcbus import IpcBusBridge, IpcBusBroker, IpcBusClient
+from ipcbus import IpcBusBridge, IpcBusBroker, IpcBusClient, Reconnect
 from ipcbus import _protocol as P
 from ipcbus._protocol import Kind
 from ipcbus._shm_arena import AVAILABLE, create_arena
 
-from helpers import Children, Collector, Reports, sync, wait_until
+from helpers import Children, Collector, Reports, pid_of, sync, wait_until
 from helpers.bus import tcp_address
 from helpers.rawpeer import RawPeer
 
@@ -55,6 +56,17 @@ def receiver(path: str, q: Any, stop: Any, name: str) -> None:
         client.on(CHANNEL, on)
         sync(client)
         q.put(("ready", name))
+        stop.poll(30)
+
+
+def inline_receiver(path: str, q: Any, stop: Any) -> None:
+    """A child whose connection takes everything inline (``shm_threshold=0``)."""
+    with IpcBusClient.create().connect(path, peer_name="inline", shm_threshold=0) as client:
+        def on(event: Any, data: Any) -> None:
+            q.put(("got", type(data).__name__, digest(data), arena_maps(), arena_fds()))
+        client.on(CHANNEL, on)
+        sync(client)
+        q.put(("ready", "inline"))
         stop.poll(30)
 
 
@@ -243,7 +255,7 @@ def test_forged_slot_references_are_the_senders_protocol_error_only(
 
 
 @pytest.mark.timeout(30)
-def test_a_forged_slot_reference_from_the_hub_side_never_reaches_another_arena(
+def test_a_peers_slots_are_read_from_its_own_arena_only(
         broker: IpcBusBroker, sock_path: str, clients: Any) -> None:
     """A raw peer may name only slots of its own arena: the slots it declares are checked
     against its arena; a receiver sees its bytes, never another connection's."""
@@ -271,3 +283,87 @@ def test_a_forged_slot_reference_from_the_hub_side_never_reaches_another_arena(
         mapping.close()
         os.close(fd)
         peer.sock.close()
+
+
+@pytest.mark.timeout(30)
+def test_without_memfd_large_payloads_go_inline(broker: IpcBusBroker, sock_path: str,
+                                                clients: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a platform without ``os.memfd_create`` (macOS) does: the arena is off."""
+    from ipcbus._client import shm as client_shm
+    monkeypatch.setattr(client_shm, "AVAILABLE", False)
+    sender = clients(sock_path)
+    receiver = clients(sock_path)
+    got = Collector()
+    receiver.on(CHANNEL, got)
+    sync(receiver)
+    data = os.urandom(2 * MiB)
+    sender.send(CHANNEL, data)
+    assert got.wait()[0][1] == (data,)
+    assert arena_fds() == 0 and arena_maps() == 0
+
+
+def test_bad_shm_arguments_are_refused_at_the_call(sock_path: str) -> None:
+    client = IpcBusClient.create()
+    for kwargs, error in (({"shm_threshold": -1}, ValueError), ({"shm_limit": 10}, ValueError),
+                          ({"shm_threshold": 1.5}, TypeError), ({"shm_limit": "1"}, TypeError)):
+        with pytest.raises(error):
+            client.connect(sock_path, **kwargs)
+
+
+@pytest.mark.timeout(60)
+def test_a_receiver_with_threshold_zero_maps_nothing(
+        reporters: tuple[Children, Reports, Any], broker: IpcBusBroker, sock_path: str,
+        clients: Any) -> None:
+    """shm_threshold=0 turns it all off for that connection: it sends inline and the hub
+    gives it the bytes inline (it never maps another's arena)."""
+    children, reports, q = reporters
+    children.start(inline_receiver, sock_path, q, children.stop)
+    reports.ready(1)
+    sender = clients(sock_path)
+    data = os.urandom(2 * MiB)
+    sender.send(CHANNEL, data)
+    assert reports.next("got")[1:] == ("bytes", digest(data), 0, 0)
+    assert arena_fds() == 1  # the sender did use its arena
+
+
+def reconnecting_inline_receiver(path: str, q: Any, stop: Any) -> None:
+    """``inline_receiver`` with ``reconnect``: it reports again once back on the bus."""
+    client = IpcBusClient.create().connect(path, peer_name="inline", shm_threshold=0,
+                                           reconnect=Reconnect(initial=0.02, maximum=0.2))
+
+    def on(event: Any, data: Any) -> None:
+        q.put(("got", type(data).__name__, digest(data), arena_maps(), arena_fds()))
+
+    def back() -> None:
+        sync(client)
+        q.put(("back", "inline"))
+
+    client.on(CHANNEL, on)
+    client.on_reconnected(back)
+    sync(client)
+    q.put(("ready", "inline"))
+    stop.poll(30)
+    client.close()
+
+
+@pytest.mark.skipif(not AVAILABLE, reason="no memfd here")
+@pytest.mark.timeout(60)
+def test_threshold_zero_holds_on_a_new_connection_after_a_reconnection(
+        reporters: tuple[Children, Reports, Any], sock_path: str, clients: Any) -> None:
+    """A reconnecting client that asked for no shared memory tells the restarted broker
+    again: its new connection still gets large payloads inline."""
+    children, reports, q = reporters
+    broker = IpcBusBroker.create(restart=True).connect(sock_path)
+    try:
+        children.start(reconnecting_inline_receiver, sock_path, q, children.stop)
+        reports.ready(1)
+        first = pid_of(broker.process)
+        os.kill(first, signal.SIGKILL)
+        reports.next("back", 30)
+        sender = clients(sock_path)
+        data = os.urandom(2 * MiB)
+        sender.send(CHANNEL, data)
+        assert reports.next("got", 20)[1:] == ("bytes", digest(data), 0, 0)
+    finally:
+        broker.close()

@@ -36,7 +36,8 @@ def test_the_wire_protocol_and_the_router_are_pure() -> None:
 # The router's parts and the policies the hub carries out are pure like the router itself.
 PURE_PARTS = ("_routing", "_router_requests", "_router_messages", "_router_view", "_pending",
               "_backpressure", "_handshake", "_router_readiness", "_router_groups", "_groups",
-              "_router_peers", "_router_services", "_router_special", "_arrays")
+              "_router_peers", "_router_services", "_router_special", "_arrays",
+              "_router_relink")
 
 
 def test_the_routers_parts_and_the_hubs_policies_are_pure() -> None:
