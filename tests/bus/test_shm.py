@@ -19,6 +19,7 @@ from ipcbus._shm_arena import AVAILABLE, create_arena
 
 from helpers import Children, Collector, Reports, pid_of, sync, wait_until
 from helpers.bus import tcp_address
+from helpers.measure import arena_fds, arena_maps
 from helpers.rawpeer import RawPeer
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="no memfd on this platform")
@@ -29,23 +30,6 @@ CHANNEL = "big"
 
 def digest(data: Any) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def arena_fds(pid: int | None = None) -> int:
-    """How many memfd arenas a process holds open."""
-    base = f"/proc/{pid or os.getpid()}/fd"
-    count = 0
-    for name in os.listdir(base):
-        try:
-            count += "ipcbus-arena" in os.readlink(f"{base}/{name}")
-        except OSError:
-            pass
-    return count
-
-
-def arena_maps(pid: int | None = None) -> int:
-    with open(f"/proc/{pid or os.getpid()}/maps") as f:
-        return sum("ipcbus-arena" in line for line in f)
 
 
 def receiver(path: str, q: Any, stop: Any, name: str) -> None:

@@ -73,3 +73,21 @@ class RssSampler:
         self._stop.set()
         self._thread.join(2)
         return self.peak
+
+
+def arena_fds(pid: int | None = None) -> int:
+    """How many shared-memory arenas (memfds named ``ipcbus-arena``) a process holds open."""
+    base = f"/proc/{pid or os.getpid()}/fd"
+    count = 0
+    for name in os.listdir(base):
+        try:
+            count += "ipcbus-arena" in os.readlink(f"{base}/{name}")
+        except OSError:
+            pass
+    return count
+
+
+def arena_maps(pid: int | None = None) -> int:
+    """How many mappings of shared-memory arenas a process has."""
+    with open(f"/proc/{pid or os.getpid()}/maps") as f:
+        return sum("ipcbus-arena" in line for line in f)

@@ -17,27 +17,11 @@ from ipcbus._client import shm as client_shm
 from ipcbus._shm_arena import AVAILABLE
 
 from helpers import Children, Collector, Reports, pid_of, sync, wait_until
-from helpers.measure import MiB, fd_count, report, rss
+from helpers.measure import MiB, arena_fds, arena_maps, fd_count, report, rss
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="no memfd on this platform")
 
 CHANNEL = "big"
-
-
-def arena_maps(pid: int | None = None) -> int:
-    with open(f"/proc/{pid or os.getpid()}/maps") as f:
-        return sum("ipcbus-arena" in line for line in f)
-
-
-def arena_fds(pid: int | None = None) -> int:
-    base = f"/proc/{pid or os.getpid()}/fd"
-    count = 0
-    for name in os.listdir(base):
-        try:
-            count += "ipcbus-arena" in os.readlink(f"{base}/{name}")
-        except OSError:
-            pass
-    return count
 
 
 def streaming_sender(path: str, q: Any, stop: Any) -> None:
