@@ -1,7 +1,8 @@
 """A connection's side of large payloads through shared memory (SPEC "Large payloads through
 shared memory"; the frames: ``_protocol.Kind.SHM_ARENA``; the hub's side: ``_hub_shm.py``).
 
-*Sending* (:meth:`ConnectionShm.send`, from ``IpcBusClient.send``/``send_to``): a
+*Sending* (:meth:`ConnectionShm.send`, from ``IpcBusClient.send``/``send_to``, and the
+requests: ``shm_requests.py``): a
 ``bytes``/``bytearray``/``memoryview`` argument of at least the client's ``shm_threshold``
 bytes, at the top level or one level down in a list, tuple or dict, is copied into a slot of
 the connection's arena (one sealed memfd of ``shm_limit`` bytes, made at the first large
@@ -46,7 +47,7 @@ from .shm_delivery import Lease, ShmFrame
 log = logging.getLogger("ipcbus")
 
 __all__ = ["ConnectionShm", "SHM_THRESHOLD", "SHM_LIMIT", "FULL_WAIT", "check_shm_args",
-           "AVAILABLE"]
+           "wants", "AVAILABLE"]
 
 AVAILABLE = A.AVAILABLE
 
@@ -54,7 +55,9 @@ SHM_THRESHOLD = 1 << 20  # default: arguments this large go through the arena
 SHM_LIMIT = 256 << 20  # default: the arena's size
 FULL_WAIT = float(os.environ.get("IPCBUS_SHM_WAIT", "30"))  # seconds a full arena is waited for
 _SHM_ARENA, _SHM_SLOTS, _SHM_FREE = int(Kind.SHM_ARENA), int(Kind.SHM_SLOTS), int(Kind.SHM_FREE)
-_MESSAGES = frozenset({int(Kind.SEND), int(Kind.SEND_TO)})
+# what may carry slots (SHM_MESSAGE's inner frame): messages, requests (shm_requests.py)
+_MESSAGES = frozenset({int(Kind.SEND), int(Kind.SEND_TO), int(Kind.REQUEST),
+                       int(Kind.REQUEST_ALL)})
 
 
 def check_shm_args(threshold: object, limit: object) -> None:
@@ -98,7 +101,7 @@ def _size(item: Any) -> int:
     return -1
 
 
-def _wants(args: tuple[Any, ...], threshold: int) -> bool:
+def wants(args: tuple[Any, ...], threshold: int) -> bool:
     """Whether any argument (or an item one level down) is a buffer of ``threshold`` bytes."""
     for item in args:
         cls = item.__class__
@@ -168,10 +171,12 @@ class ConnectionShm:
 
     # -- sending -----------------------------------------------------------------------------
     def send(self, member: Any, kind: int, channel: str, target: str | None,
-             args: tuple[Any, ...], threshold: int, limit: int) -> bool:
-        """Send a message through the arena if it has large buffers (False: it has none, or
-        they could never fit: the caller sends it inline)."""
-        if not _wants(args, threshold):
+             args: tuple[Any, ...], threshold: int, limit: int, rid: int = 0,
+             timeout: float | None = None) -> bool:
+        """Send a message (or a request: ``rid``, ``timeout``; ``shm_requests.py``) through
+        the arena if it has large buffers (False: it has none, or they could never fit: the
+        caller sends it inline)."""
+        if not wants(args, threshold):
             return False
         found: list[Any] = []
         body = P.pack_payload(_replace(args, threshold, found))
@@ -191,7 +196,9 @@ class ConnectionShm:
                 raise IpcBusConnectionError("the bus connection has closed")
             for offset, view in zip(offsets, views):
                 target_view[offset:offset + len(view)] = view
-            inner = P.encode_frame(kind, channel, member.info, target, 0, body)
+            header = P.encode_header(kind, channel, member.info, target, 0,
+                                     None if timeout is None else P.wire_timeout(timeout))
+            inner = P.PREFIX.pack(len(header), len(body), rid) + header + body
             outer = P.encode_frame(Kind.SHM_MESSAGE, "", member.info, None, 0, P.pack_payload(
                 [[[o, n] for o, n in zip(offsets, sizes)], inner]))
         except BaseException:

@@ -1,0 +1,103 @@
+"""Requests whose arguments carry large buffers go through shared memory (SPEC "Large
+payloads through shared memory"; ``ipcbus/_client/shm_requests.py``): intact (hashes) to
+one receiver in another process and to several (``request_all``); ``zero_copy`` listeners
+get views; a TCP receiver gets them inline; a timed-out request's slots come back once its
+receiver's listener returns (the arena's used bytes return to 0)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Any
+
+import pytest
+
+from ipcbus import IpcBusBroker, IpcBusClient, IpcBusRequestTimeoutError
+from ipcbus._shm_arena import AVAILABLE
+
+from helpers import Children, Reports, sync, wait_until
+
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason="no memfd on this platform")
+
+MiB = 1 << 20
+CHANNEL = "big-req"
+
+
+def digest(data: Any) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def answerer(path: str, q: Any, stop: Any, name: str) -> None:
+    """A child that answers every request with its name and the hash of its arguments."""
+    with IpcBusClient.create().connect(path, peer_name=name) as client:
+        def on(event: Any, data: Any, nested: Any) -> None:
+            assert event.request is not None
+            event.request.resolve([name, type(data).__name__, digest(data),
+                                   digest(nested["x"])])
+        client.on(CHANNEL, on)
+        sync(client)
+        q.put(("ready", name))
+        stop.poll(30)
+
+
+def used(client: IpcBusClient) -> int:
+    slots = client._connection().shm.slots
+    return slots.used_bytes if slots is not None else 0
+
+
+@pytest.mark.timeout(60)
+def test_request_arguments_arrive_intact_to_one_and_to_several_processes(
+        reporters: tuple[Children, Reports, Any], broker: IpcBusBroker, sock_path: str) -> None:
+    children, reports, q = reporters
+    children.start(answerer, sock_path, q, children.stop, "r0")
+    assert reports.ready(1) == ["r0"]
+    with IpcBusClient.create().connect(sock_path, peer_name="asker",
+                                       shm_limit=32 * MiB) as asker:
+        data, nested = os.urandom(2 * MiB + 1), os.urandom(MiB + 3)
+        expected = ["bytes", digest(data), digest(nested)]
+        response = asker.request(CHANNEL, 10, data, {"x": nested})
+        assert response.payload == ["r0", *expected]
+        assert asker._connection().shm.slots is not None  # it went through the arena
+        future = asker.request_async(CHANNEL, 10, data, {"x": nested})
+        assert future.result(10).payload == ["r0", *expected]
+        children.start(answerer, sock_path, q, children.stop, "r1")
+        assert reports.ready(1) == ["r1"]
+        answers = asker.request_all(CHANNEL, 10, data, {"x": nested})
+        assert sorted(a.payload for a in answers) == [["r0", *expected], ["r1", *expected]]
+        wait_until(lambda: used(asker) == 0, timeout=10)  # every slot given back
+
+
+@pytest.mark.timeout(30)
+def test_zero_copy_request_listeners_get_views(broker: IpcBusBroker, sock_path: str) -> None:
+    with IpcBusClient.create().connect(sock_path, peer_name="asker") as asker, \
+            IpcBusClient.create().connect(sock_path, peer_name="viewer") as viewer:
+        def on(event: Any, data: Any) -> None:
+            event.request.resolve([type(data).__name__, digest(data)])
+        viewer.on(CHANNEL, on, zero_copy=True)
+        sync(viewer)
+        data = os.urandom(2 * MiB)
+        assert asker.request(CHANNEL, 10, data).payload == ["memoryview", digest(data)]
+        wait_until(lambda: used(asker) == 0, timeout=10)
+
+
+@pytest.mark.timeout(30)
+def test_a_timed_out_request_gives_its_slots_back(broker: IpcBusBroker,
+                                                  sock_path: str) -> None:
+    with IpcBusClient.create().connect(sock_path, peer_name="asker") as asker, \
+            IpcBusClient.create().connect(sock_path, peer_name="slow") as slow:
+        entered, go_on = threading.Event(), threading.Event()
+
+        def on(event: Any, data: Any) -> None:
+            entered.set()
+            go_on.wait(20)
+            event.request.resolve(len(data))  # too late: dropped
+        slow.on(CHANNEL, on)
+        sync(slow)
+        with pytest.raises(IpcBusRequestTimeoutError):
+            asker.request(CHANNEL, 0.3, os.urandom(2 * MiB))
+        assert entered.is_set()
+        assert used(asker) >= 2 * MiB  # its receiver still holds them
+        go_on.set()
+        wait_until(lambda: used(asker) == 0, timeout=10)
+        sync(asker)
+        assert used(asker) == 0
