@@ -296,14 +296,14 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
             self._down(conn)
         return conn
 
-    def _pack_answer(self, resolved: bool, value: Any) -> P.Body:
+    def _pack_answer(self, resolved: bool, value: Any) -> Any:
         """The body of an answer (for :class:`IpcBusRequest`); raises if it cannot be sent."""
-        return P.pack_args([resolved, value])
+        return _shm_requests.request_body(self, (resolved, value))  # (large: through shm)
 
-    def _send_answer(self, channel: str, requester: str, rid: int, body: P.Body,
+    def _send_answer(self, channel: str, requester: str, rid: int, body: Any,
                      member: _Membership) -> None:
         """Send an answer (for :class:`IpcBusRequest`), in the name of ``member``."""
-        self._connection().send(member, _RESPONSE, channel, requester, rid, body)
+        _shm_requests.send_answer(self._connection(), member, channel, requester, rid, body)
 
     def _send_frame(self, kind: int, channel: str, target: str | None, rid: int,
                     body: P.Body) -> None:

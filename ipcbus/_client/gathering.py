@@ -37,7 +37,8 @@ def gathered(pending: Pending, frame: P.Frame, sender: IpcBusPeer | None) -> Non
         return
     event = IpcBusEvent(pending.channel, sender)
     try:
-        body = P.unpack_payload(frame.body)
+        # (decoded already: an answer from shared memory, ``ConnectionShm.answer``)
+        body = frame.args if isinstance(frame, P.DecodedFrame) else P.unpack_payload(frame.body)
         if not (isinstance(body, list) and len(body) == 2):
             raise IpcBusProtocolError("malformed answer")
     except IpcBusProtocolError as exc:

@@ -55,6 +55,7 @@ SHM_THRESHOLD = 1 << 20  # default: arguments this large go through the arena
 SHM_LIMIT = 256 << 20  # default: the arena's size
 FULL_WAIT = float(os.environ.get("IPCBUS_SHM_WAIT", "30"))  # seconds a full arena is waited for
 _SHM_ARENA, _SHM_SLOTS, _SHM_FREE = int(Kind.SHM_ARENA), int(Kind.SHM_SLOTS), int(Kind.SHM_FREE)
+_RESPONSE = int(Kind.RESPONSE)
 # what may carry slots (SHM_MESSAGE's inner frame): messages, requests (shm_requests.py)
 _MESSAGES = frozenset({int(Kind.SEND), int(Kind.SEND_TO), int(Kind.REQUEST),
                        int(Kind.REQUEST_ALL)})
@@ -336,38 +337,14 @@ class ConnectionShm:
         slots, body = pending[1], bytes(frame.body)
         base = memoryview(mapping)
         views: list[memoryview] = []
-
-        def slot(data: bytes) -> tuple[int, int]:
-            offset, length = slots[ext_index(data)]
-            if offset < 0 or length < 0 or offset + length > len(mapping):
-                raise ValueError("a slot outside the arena")
-            return offset, length
-
-        def as_array(data: bytes) -> Any:  # always the receiver's own array
-            fields = msgpack.unpackb(data)
-            offset, length = slot(ext_data(fields[2]))
-            view = memoryview(mapping)[offset:offset + length]
-            try:
-                return decode_array(fields[0], fields[1], view)
-            finally:
-                view.release()
+        slot, as_bytes = _hooks(mapping, slots)
 
         def as_view(code: int, data: bytes) -> Any:
-            if code == ARRAY_SLOT_EXT:
-                return as_array(data)
             if code != EXT_CODE:
-                return ext_hook(code, data)
+                return as_bytes(code, data)  # an array, or another ext type
             offset, length = slot(data)
             views.append(base[offset:offset + length])
             return views[-1]
-
-        def as_bytes(code: int, data: bytes) -> Any:
-            if code == ARRAY_SLOT_EXT:
-                return as_array(data)
-            if code != EXT_CODE:
-                return ext_hook(code, data)
-            offset, length = slot(data)
-            return mapping[offset:offset + length]
 
         def decode(hook: Callable[[int, bytes], Any]) -> list[Any]:
             args = msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=True,
@@ -389,6 +366,30 @@ class ConnectionShm:
         biggest = max(views, key=len) if views else b""
         return [ShmFrame(frame, args, lease, functools.partial(decode, as_bytes), biggest),
                 *rest]
+
+    def answer(self, frame: P.Frame) -> P.Frame:
+        """The frame announced by the last SHM_SLOTS, an answer (the reader's
+        ``_handle_frames``; ``shm_requests.py``): decoded at once with ``bytes`` copied out
+        of its slots (a requester gets bytes, as from an inline answer), which are released
+        now. An answer that cannot be decoded settles its request with an error."""
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        mapping = self.maps.get(pending[0])
+        args: Any = None  # (settle_answer: "undecodable answer")
+        try:
+            if mapping is None or frame.kind != _RESPONSE:
+                log.error("dropped the shared memory of an answer on %r: not mapped here",
+                          frame.channel)
+            else:
+                args = msgpack.unpackb(bytes(frame.body), raw=False, strict_map_key=False,
+                                       use_list=True, ext_hook=_hooks(mapping, pending[1])[1])
+        except Exception as exc:
+            log.error("malformed shared-memory answer on %r from %s: %s: %s", frame.channel,
+                      frame.sender_id, type(exc).__name__, exc)
+        finally:
+            self._release(pending)
+        return P.DecodedFrame(frame.kind, frame.channel, frame.sender, frame.target,
+                              frame.rid, bytes(frame.raw), args)
 
     def _release(self, pending: tuple[int, list[Any]]) -> None:
         """Tell the hub we are done with the slots (in the name of any client of ours)."""
@@ -419,6 +420,34 @@ class ConnectionShm:
                 self.mapping = None
         for mapping in maps.values():
             _unmap(mapping)
+
+
+def _hooks(mapping: mmap.mmap, slots: list[Any]
+           ) -> tuple[Callable[[bytes], tuple[int, int]], Callable[[int, bytes], Any]]:
+    """For a body whose placeholders name ``slots`` of ``mapping``: the slot of a
+    placeholder (checked), and msgpack's ext hook that gives ``bytes`` copied out of them
+    (an array: always the receiver's own)."""
+    def slot(data: bytes) -> tuple[int, int]:
+        offset, length = slots[ext_index(data)]
+        if offset < 0 or length < 0 or offset + length > len(mapping):
+            raise ValueError("a slot outside the arena")
+        return offset, length
+
+    def as_bytes(code: int, data: bytes) -> Any:
+        if code == ARRAY_SLOT_EXT:
+            fields = msgpack.unpackb(data)
+            offset, length = slot(ext_data(fields[2]))
+            view = memoryview(mapping)[offset:offset + length]
+            try:
+                return decode_array(fields[0], fields[1], view)
+            finally:
+                view.release()
+        if code != EXT_CODE:
+            return ext_hook(code, data)
+        offset, length = slot(data)
+        return mapping[offset:offset + length]
+
+    return slot, as_bytes
 
 
 def _unmap(mapping: mmap.mmap) -> None:

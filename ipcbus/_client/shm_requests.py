@@ -16,15 +16,26 @@ request inline from the hub, ``zero_copy`` listeners get views (``shm_delivery.p
 The slots of a request's arguments are held by its receivers until their listeners return
 (or a ``retain()`` ends), whatever becomes of the request: an answer, a cancel or a timeout
 does not change when they come back.
+
+*Answers* (``event.request.resolve(payload)``): ``IpcBusClient._pack_answer`` makes
+``[resolved, payload]`` with :func:`request_body` and :func:`send_answer` sends a
+:class:`ShmArgs` as a SHM_MESSAGE wrapping the RESPONSE. The requester's reader decodes it at
+once (``ConnectionShm.answer``): the payload arrives as ``bytes``, the slots are released
+then. An answer the hub drops (a second one, a late one, a forged one) has its slots freed
+by the hub at once. Unlike an inline answer, a large one that cannot be encoded raises in
+``resolve`` after the request was marked answered (the encoding happens as it is sent).
 """
 from __future__ import annotations
 
 from typing import Any
 
 from .. import _protocol as P
+from .._protocol import Kind
 from .shm import wants
 
-__all__ = ["ShmArgs", "request_body", "send_request"]
+__all__ = ["ShmArgs", "request_body", "send_request", "send_answer"]
+
+_RESPONSE = int(Kind.RESPONSE)
 
 
 class ShmArgs:
@@ -58,3 +69,13 @@ def send_request(conn: Any, member: Any, kind: int, channel: str, target: str | 
     if not conn.shm.send(member, kind, channel, target, body.args, body.threshold,
                          body.limit, rid, timeout):
         conn.send(member, kind, channel, target, rid, P.pack_args(body.args), None, timeout)
+
+
+def send_answer(conn: Any, member: Any, channel: str, requester: str, rid: int,
+                body: Any) -> None:
+    """Write an answer (RESPONSE) whose body :func:`request_body` made of ``[resolved,
+    value]``: through the arena if it is a :class:`ShmArgs`."""
+    if body.__class__ is ShmArgs:
+        send_request(conn, member, _RESPONSE, channel, requester, rid, body, None)
+    else:
+        conn.send(member, _RESPONSE, channel, requester, rid, body)

@@ -2,7 +2,9 @@
 payloads through shared memory"; ``ipcbus/_client/shm_requests.py``): intact (hashes) to
 one receiver in another process and to several (``request_all``); ``zero_copy`` listeners
 get views; a TCP receiver gets them inline; a timed-out request's slots come back once its
-receiver's listener returns (the arena's used bytes return to 0)."""
+receiver's listener returns (the arena's used bytes return to 0); answers: a large payload
+(or one nested one level) reaches the requester as ``bytes`` through the answerer's arena,
+whose slots come back once delivered; a late answer's slots are freed, never leaked."""
 from __future__ import annotations
 
 import hashlib
@@ -101,3 +103,89 @@ def test_a_timed_out_request_gives_its_slots_back(broker: IpcBusBroker,
         wait_until(lambda: used(asker) == 0, timeout=10)
         sync(asker)
         assert used(asker) == 0
+
+
+def big_answerer(path: str, q: Any, stop: Any, name: str) -> None:
+    """A child that answers with ``size`` random bytes (and, nested, their hash)."""
+    with IpcBusClient.create().connect(path, peer_name=name) as client:
+        def on(event: Any, size: int, nested: bool) -> None:
+            data = os.urandom(size)
+            event.request.resolve({"data": data, "hash": digest(data)} if nested else data)
+            q.put(("answered", name, digest(data),
+                   client._connection().shm.slots is not None))  # its arena exists
+        client.on(CHANNEL, on)
+        sync(client)
+        q.put(("ready", name))
+        stop.poll(30)
+
+
+@pytest.mark.timeout(60)
+def test_large_answers_arrive_as_bytes_and_their_slots_come_back(
+        reporters: tuple[Children, Reports, Any], broker: IpcBusBroker, sock_path: str) -> None:
+    children, reports, q = reporters
+    children.start(big_answerer, sock_path, q, children.stop, "a0")
+    assert reports.ready(1) == ["a0"]
+    with IpcBusClient.create().connect(sock_path, peer_name="asker") as asker:
+        payload = asker.request(CHANNEL, 10, 2 * MiB, False).payload
+        _, name, hashed, through_arena = reports.next("answered")
+        assert type(payload) is bytes and digest(payload) == hashed
+        assert through_arena
+        nested = asker.request_async(CHANNEL, 10, 3 * MiB, True).result(10).payload
+        assert type(nested["data"]) is bytes and digest(nested["data"]) == nested["hash"]
+        assert reports.next("answered")[2] == nested["hash"]
+        children.start(big_answerer, sock_path, q, children.stop, "a1")
+        assert reports.ready(1) == ["a1"]
+        answers = asker.request_all(CHANNEL, 10, MiB, True)
+        assert len(answers) == 2
+        for answer in answers:
+            assert digest(answer.payload["data"]) == answer.payload["hash"]
+        assert asker.request(CHANNEL, 10, 10, False).payload.__class__ is bytes  # small
+        sync(asker)
+
+
+def late_answerer(path: str, q: Any, stop: Any) -> None:
+    """A child that holds the requests it gets and answers each with 2 MiB when told ("go");
+    "late-used" answers with the bytes its arena still has in use."""
+    with IpcBusClient.create().connect(path, peer_name="late") as client:
+        held: list[Any] = []
+
+        def on(event: Any) -> None:
+            held.append(event.request)
+            q.put(("held", len(held)))
+
+        def go(event: Any) -> None:
+            q.put(("sent", held.pop(0).resolve(os.urandom(2 * MiB))))
+        client.on(CHANNEL, on)
+        client.on("go", go)
+        client.on("late-used", lambda event: event.request.resolve(used(client)))
+        sync(client)
+        q.put(("ready", "late"))
+        stop.poll(30)
+
+
+@pytest.mark.timeout(60)
+def test_second_and_timed_out_answers_leak_no_slot(
+        reporters: tuple[Children, Reports, Any], broker: IpcBusBroker, sock_path: str) -> None:
+    children, reports, q = reporters
+    children.start(late_answerer, sock_path, q, children.stop)
+    assert reports.ready(1) == ["late"]
+    with IpcBusClient.create().connect(sock_path, peer_name="asker") as asker:
+        first = IpcBusClient.create().connect(sock_path, peer_name="first")
+
+        def on_first(event: Any) -> None:
+            event.request.resolve(b"1" * (2 * MiB))
+        first.on(CHANNEL, on_first)
+        sync(first)
+        assert asker.request(CHANNEL, 10).payload == b"1" * (2 * MiB)  # the first wins
+        wait_until(lambda: used(first) == 0, timeout=10)  # released once delivered
+        reports.next("held")
+        asker.send("go")  # the second answer: dropped by the hub, its slots freed
+        assert reports.next("sent") == ("sent", True)
+        wait_until(lambda: asker.request("late-used", 5).payload == 0, timeout=10)
+        first.close()
+        with pytest.raises(IpcBusRequestTimeoutError):
+            asker.request(CHANNEL, 0.3)
+        reports.next("held")
+        asker.send("go")  # an answer after the timeout: dropped, its slots freed
+        assert reports.next("sent") == ("sent", True)
+        wait_until(lambda: asker.request("late-used", 5).payload == 0, timeout=10)
