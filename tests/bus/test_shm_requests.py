@@ -2,7 +2,9 @@
 payloads through shared memory"; ``ipcbus/_client/shm_requests.py``): intact (hashes) to
 one receiver in another process and to several (``request_all``); ``zero_copy`` listeners
 get views; a TCP receiver gets them inline; a timed-out request's slots come back once its
-receiver's listener returns (the arena's used bytes return to 0); answers: a large payload
+receiver's listener returns (the arena's used bytes return to 0); a receiver that cannot map
+gets the request inline; a forged slot of a request or answer is its sender's protocol
+error only; answers: a large payload
 (or one nested one level) reaches the requester as ``bytes`` through the answerer's arena,
 whose slots come back once delivered; a late answer's slots are freed, never leaked."""
 from __future__ import annotations
@@ -15,9 +17,12 @@ from typing import Any
 import pytest
 
 from ipcbus import IpcBusBroker, IpcBusClient, IpcBusRequestTimeoutError
-from ipcbus._shm_arena import AVAILABLE
+from ipcbus import _protocol as P
+from ipcbus._protocol import Kind
+from ipcbus._shm_arena import AVAILABLE, create_arena
 
 from helpers import Children, Reports, sync, wait_until
+from helpers.rawpeer import RawPeer
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="no memfd on this platform")
 
@@ -29,9 +34,10 @@ def digest(data: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def answerer(path: str, q: Any, stop: Any, name: str) -> None:
-    """A child that answers every request with its name and the hash of its arguments."""
-    with IpcBusClient.create().connect(path, peer_name=name) as client:
+def answerer(path: str, q: Any, stop: Any, name: str, threshold: int = 1 << 20) -> None:
+    """A child that answers every request with its name and the hash of its arguments
+    (``threshold`` 0: its connection takes everything inline, as a TCP peer does)."""
+    with IpcBusClient.create().connect(path, peer_name=name, shm_threshold=threshold) as client:
         def on(event: Any, data: Any, nested: Any) -> None:
             assert event.request is not None
             event.request.resolve([name, type(data).__name__, digest(data),
@@ -67,6 +73,49 @@ def test_request_arguments_arrive_intact_to_one_and_to_several_processes(
         answers = asker.request_all(CHANNEL, 10, data, {"x": nested})
         assert sorted(a.payload for a in answers) == [["r0", *expected], ["r1", *expected]]
         wait_until(lambda: used(asker) == 0, timeout=10)  # every slot given back
+
+
+@pytest.mark.timeout(60)
+def test_a_receiver_that_cannot_map_gets_the_request_inline(
+        reporters: tuple[Children, Reports, Any], broker: IpcBusBroker, sock_path: str) -> None:
+    children, reports, q = reporters
+    children.start(answerer, sock_path, q, children.stop, "inline", 0)
+    assert reports.ready(1) == ["inline"]
+    with IpcBusClient.create().connect(sock_path, peer_name="asker") as asker:
+        data, nested = os.urandom(2 * MiB), os.urandom(MiB)
+        assert asker.request(CHANNEL, 10, data, {"x": nested}).payload == \
+            ["inline", "bytes", digest(data), digest(nested)]
+        assert asker._connection().shm.slots is not None  # sent through the arena
+        wait_until(lambda: used(asker) == 0, timeout=10)
+
+
+def _forged(peer: RawPeer, kind: int, slots: Any) -> bytes:
+    target = None if kind == Kind.REQUEST else "someone"
+    inner = P.encode_frame(kind, CHANNEL, peer.info, target, 7, P.pack_payload([1]))
+    return peer.frame(Kind.SHM_MESSAGE, body=P.pack_payload([slots, inner]))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", [Kind.REQUEST, Kind.RESPONSE])
+def test_a_forged_slot_of_a_request_or_answer_is_its_senders_protocol_error_only(
+        broker: IpcBusBroker, sock_path: str, clients: Any, kind: Kind) -> None:
+    canary = clients(sock_path, peer_name="canary")
+    canary.on(CHANNEL, lambda event: event.request.resolve("still here"))
+    sync(canary)
+    peer = RawPeer.unix(sock_path)
+    peer.join()
+    fd, mapping = create_arena(1 << 16)
+    try:
+        peer.send(peer.frame(Kind.SHM_ARENA, nfds=1, body=P.pack_payload({"size": 1 << 16})),
+                  [fd])
+        peer.send(_forged(peer, int(kind), [[1 << 16, 1]]))  # outside its arena
+        assert peer.wait_eof(5) is not None  # its connection is dropped...
+    finally:
+        mapping.close()
+        os.close(fd)
+        peer.sock.close()
+    asker = clients(sock_path, peer_name="asker")
+    assert asker.request(CHANNEL, 5).payload == "still here"  # ...and nobody else's
 
 
 @pytest.mark.timeout(30)
