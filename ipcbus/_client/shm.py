@@ -103,17 +103,23 @@ def _size(item: Any) -> int:
 
 
 def wants(args: tuple[Any, ...], threshold: int) -> bool:
-    """Whether any argument (or an item one level down) is a buffer of ``threshold`` bytes."""
+    """Whether any argument (or an item one level down) is a buffer of ``threshold`` bytes
+    (plain loops, scalars skipped first: requests and answers run this when ``pack_small``
+    did not take their arguments)."""
     for item in args:
         cls = item.__class__
         if cls is list or cls is tuple:
-            if any(_size(x) >= threshold for x in item):
-                return True
+            values = item
         elif cls is dict:
-            if any(_size(x) >= threshold for x in item.values()):
+            values = item.values()
+        else:
+            values = (item,)
+        for value in values:
+            cls = value.__class__
+            if cls is int or cls is str or cls is float or cls is bool or value is None:
+                continue
+            if _size(value) >= threshold:
                 return True
-        elif _size(item) >= threshold:
-            return True
     return False
 
 
