@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from ipcbus import IpcBusBroker, IpcBusClient, IpcBusRequestTimeoutError
+from ipcbus import IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusRequestTimeoutError
 from ipcbus import _protocol as P
 from ipcbus._protocol import Kind
 from ipcbus._shm_arena import AVAILABLE, create_arena
@@ -238,3 +238,25 @@ def test_second_and_timed_out_answers_leak_no_slot(
         asker.send("go")  # an answer after the timeout: dropped, its slots freed
         assert reports.next("sent") == ("sent", True)
         wait_until(lambda: asker.request("late-used", 5).payload == 0, timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_requests_and_answers_through_a_bridge_and_its_link(sock_path: str) -> None:
+    """A request of a bridge's client to the broker's and back: through the arenas on each
+    side, inline over the link; every slot comes back."""
+    data = os.urandom(2 * MiB)
+    with IpcBusBroker.create().connect(sock_path) as broker, \
+            IpcBusBridge.create().connect(sock_path):
+        near = IpcBusClient.create().connect(peer_name="near")
+        far = IpcBusClient.create().connect(sock_path, peer_name="far")
+        for name, client in (("near", near), ("far", far)):
+            def on(event: Any, arg: Any, name: str = name) -> None:
+                event.request.resolve([name, digest(arg), data])
+            client.on(f"{name}-ch", on)
+            sync(client)
+        wait_until(lambda: broker.query_state()["channels"].get("near-ch") == 1)
+        assert near.request("far-ch", 10, data).payload == ["far", digest(data), data]
+        assert far.request("near-ch", 10, data).payload == ["near", digest(data), data]
+        wait_until(lambda: used(near) == 0 and used(far) == 0, timeout=10)
+        for client in (far, near):
+            client.close()
