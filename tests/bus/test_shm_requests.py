@@ -260,3 +260,32 @@ def test_requests_and_answers_through_a_bridge_and_its_link(sock_path: str) -> N
         wait_until(lambda: used(near) == 0 and used(far) == 0, timeout=10)
         for client in (far, near):
             client.close()
+
+
+def quitter(path: str, q: Any, stop: Any) -> None:
+    """A child whose listener removes itself at its first call: what was routed to it before
+    the hub saw that arrives with no listener left here."""
+    with IpcBusClient.create().connect(path, peer_name="quitter") as client:
+        def on(event: Any, data: Any) -> None:
+            client.off(CHANNEL, on)
+            if event.request is not None:
+                event.request.resolve(len(data))
+        client.on(CHANNEL, on)
+        sync(client)
+        q.put(("ready", "quitter"))
+        stop.poll(30)
+
+
+@pytest.mark.timeout(60)
+def test_requests_that_find_no_listener_left_give_their_slots_back(
+        reporters: tuple[Children, Reports, Any], broker: IpcBusBroker, sock_path: str) -> None:
+    children, reports, q = reporters
+    children.start(quitter, sock_path, q, children.stop)
+    assert reports.ready(1) == ["quitter"]
+    with IpcBusClient.create().connect(sock_path, peer_name="asker") as asker:
+        data = os.urandom(MiB)
+        futures = [asker.request_async(CHANNEL, 10, data) for _ in range(4)]
+        for future in futures:
+            future.exception(10)  # answered, or failed: its listener went away
+        assert futures[0].result().payload == MiB
+        wait_until(lambda: used(asker) == 0, timeout=10)
