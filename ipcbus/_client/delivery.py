@@ -117,7 +117,7 @@ def deliver(frame: P.Frame, clients: Sequence[LocalClient],
         if frame.fds:
             T.close_fds(frame.fds)
         if frame.__class__ is ShmFrame:  # its slots go back now (shm_delivery.py)
-            cast(ShmFrame, frame).done()
+            frame.done()
         if kind == _REQUEST or kind == _REQUEST_ALL:
             refuse(frame)  # our listeners went away after the router sent it: say so at once
         return
