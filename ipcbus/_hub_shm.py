@@ -7,11 +7,13 @@ The hub hands slot references on and keeps the books; it never reads a payload i
   descriptor (``_shm_arena.check_arena``: a memfd sealed against shrinking and growing, of
   the size announced), gives the arena an id and keeps the descriptor.
 * SHM_MESSAGE carries the slots of the connection's *own* arena (no connection can name
-  another's) and a SEND/SEND_TO frame with placeholders. The slots are checked
-  (``_shm_slots.SlotTable``: inside the arena, no overlap with a slot in flight) and the
+  another's) and a SEND, SEND_TO, REQUEST, REQUEST_ALL or RESPONSE frame with
+  placeholders. The slots are checked (``_shm_slots.SlotTable``: inside the arena, no overlap with a slot in flight) and the
   inner frame is routed as any message, while :attr:`Hub.shm_active` is set: every receiving
   endpoint (``HubEndpoint.deliver`` calls :meth:`HubShm.attach`) first gets the arena's
   descriptor if it never had it (SHM_ARENA), then the slots (SHM_SLOTS), then the message.
+  An answer the router drops (a late one: the first answer won; one from a peer that was
+  not a receiver; its requester has gone) reaches nobody: its slots are freed at once.
   A broadcast to N receivers writes the payload once, in the sender.
 * A receiver holds each slot it was given until its SHM_RELEASE; what it holds counts in its
   queue's bytes (``out_bytes``): a stuck receiver holds the sender through back-pressure and
@@ -50,7 +52,9 @@ __all__ = ["HubShm", "ActiveMessage"]
 log = logging.getLogger("ipcbus")
 
 _GROUPED, _SPY_COPY = int(Kind.GROUPED), int(Kind.SPY_COPY)
-_MESSAGES = frozenset({int(Kind.SEND), int(Kind.SEND_TO)})
+# what SHM_MESSAGE may wrap: messages, requests and answers (their receivers hold the slots)
+_MESSAGES = frozenset({int(Kind.SEND), int(Kind.SEND_TO), int(Kind.REQUEST),
+                       int(Kind.REQUEST_ALL), int(Kind.RESPONSE)})
 
 
 class _Arena:
@@ -132,7 +136,8 @@ class HubShm:
         inner = decoder.frames()
         if (len(inner) != 1 or decoder.pending_bytes or inner[0].kind not in _MESSAGES
                 or inner[0].nfds):
-            raise IpcBusProtocolError("a shared-memory message carries one SEND or SEND_TO")
+            raise IpcBusProtocolError("a shared-memory message carries one SEND, SEND_TO,"
+                                      " REQUEST, REQUEST_ALL or RESPONSE")
         try:
             slots = arena.table.add(body[0])
         except ValueError as exc:

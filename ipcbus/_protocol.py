@@ -143,8 +143,8 @@ class Kind(enum.IntEnum):
     # 0.2: large payloads through shared memory (``_hub_shm.py``, ``_client/shm.py``).
     # SHM_ARENA: peer -> hub, one sealed memfd (nfds 1), body {"size": n}: its arena, once;
     # hub -> peer: rid = the arena's id, with the memfd (nfds 1): map it; without: it is gone.
-    # SHM_MESSAGE: peer -> hub, body [[[offset, length], ...], the bytes of a SEND/SEND_TO
-    # frame whose body holds placeholders (``_shm_slots.EXT_CODE``) for those slots].
+    # SHM_MESSAGE: peer -> hub, body [[[offset, length], ...], the bytes of a SEND, SEND_TO,
+    # REQUEST, REQUEST_ALL or RESPONSE frame, its body with placeholders (EXT_CODE)].
     # SHM_SLOTS: hub -> peer, rid = arena id, body [[offset, length], ...]: the slots of the
     # next frame. SHM_RELEASE: peer -> hub, rid = arena id, body [offset, ...]: done with
     # them. SHM_FREE: hub -> the arena's peer, body [offset, ...]: free again.

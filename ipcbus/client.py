@@ -45,6 +45,7 @@ from ._client import joining as _joining, opening as _opening, readiness as _rea
 from ._client import gathering as _gathering, groups as _groups, writer as _writer
 from ._client import reconnect as _reconnect, reconnecting as _reconnecting
 from ._client import shm as _shm
+from ._client import shm_requests as _shm_requests
 from ._client.reconnect import Reconnect
 from ._timeouts import resolve_timeout
 from ._types import (IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest,
@@ -295,14 +296,14 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
             self._down(conn)
         return conn
 
-    def _pack_answer(self, resolved: bool, value: Any) -> P.Body:
+    def _pack_answer(self, resolved: bool, value: Any) -> Any:
         """The body of an answer (for :class:`IpcBusRequest`); raises if it cannot be sent."""
-        return P.pack_args([resolved, value])
+        return _shm_requests.request_body(self, (resolved, value))  # (large: through shm)
 
-    def _send_answer(self, channel: str, requester: str, rid: int, body: P.Body,
+    def _send_answer(self, channel: str, requester: str, rid: int, body: Any,
                      member: _Membership) -> None:
         """Send an answer (for :class:`IpcBusRequest`), in the name of ``member``."""
-        self._connection().send(member, _RESPONSE, channel, requester, rid, body)
+        _shm_requests.send_answer(self._connection(), member, channel, requester, rid, body)
 
     def _send_frame(self, kind: int, channel: str, target: str | None, rid: int,
                     body: P.Body) -> None:
@@ -332,7 +333,7 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
         if channel not in _valid_channels:
             _remember_channel(channel, _HUB_QUERIES)
         timeout = resolve_timeout(timeout)
-        body = P.pack_args(args)
+        body = _shm_requests.request_body(self, args)
         return self._connection().requests.request(  # type: ignore[no-any-return]
             self, _REQUEST, channel, None, timeout, body)
 
@@ -343,7 +344,7 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
         if channel not in _valid_channels:
             _remember_channel(channel, _HUB_QUERIES)
         timeout = resolve_timeout(timeout)
-        body = P.pack_args(args)
+        body = _shm_requests.request_body(self, args)
         return self._connection().requests.request(  # type: ignore[no-any-return]
             self, _REQUEST, channel, target_id, timeout, body)
 
@@ -358,7 +359,7 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
         if channel not in _valid_channels:
             _remember_channel(channel, _HUB_QUERIES)
         return self._start_request(Kind.REQUEST, channel, None, resolve_timeout(timeout),
-                                   P.pack_args(args))
+                                   _shm_requests.request_body(self, args))
 
     def request_all(self, channel: str, timeout: float | None, *args: Any
                     ) -> list[IpcBusRequestResponse]:
@@ -366,7 +367,7 @@ class IpcBusClient(_reconnecting.Lifecycle, _groups.GroupedEmitter):
         answered or left, or at the timeout what came (``[]``: nobody listens)."""
         _remember_channel(channel)
         return _gathering.request_all(self, self._connection(), channel,
-                                      resolve_timeout(timeout), P.pack_args(args))
+                                      resolve_timeout(timeout), args)
 
     def _start_request(self, kind: int, channel: str, target: str | None,
                        timeout: float | None, body: P.Body, fds: list[int] | None = None

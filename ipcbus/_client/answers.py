@@ -109,7 +109,8 @@ def settle_answer(pending: Pending, frame: P.Frame, sender: IpcBusPeer | None) -
     channel = pending.channel
     event = IpcBusEvent(channel, sender)
     try:
-        body = P.unpack_payload(frame.body)
+        # (decoded already: an answer from shared memory, ``ConnectionShm.answer``)
+        body = frame.args if isinstance(frame, P.DecodedFrame) else P.unpack_payload(frame.body)
         if frame.kind == _REQUEST_FAIL:
             response = IpcBusRequestResponse(event, err=str(body))
             settle(pending.future, exc=IpcBusRequestError(

@@ -114,7 +114,10 @@ rids = itertools.count(1)  # request ids, unique in the process
 
 def on_answer(conn: Connection, frame: P.Frame) -> None:
     """A RESPONSE or REQUEST_FAIL, on the reader: settle the request it answers (a
-    ``request_all``'s gathering takes each answer: ``gathering.py``)."""
+    ``request_all``'s gathering takes each answer: ``gathering.py``; one announced with
+    slots is decoded out of them first: ``ConnectionShm.answer``)."""
+    if conn.shm.pending is not None:
+        frame = conn.shm.answer(frame)
     pending = conn.requests.take_answer((frame.target, frame.rid),  # type: ignore[arg-type]
                                         frame.kind)
     if frame.fds:

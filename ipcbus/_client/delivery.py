@@ -30,7 +30,7 @@ from .._types import IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest, _Ans
 from .._decoder import FrameDecoder
 from ..errors import IpcBusProtocolError
 from .cancels import Delivered, run_cancel
-from .shm_delivery import ShmFrame, deliver_shm
+from .shm_delivery import ShmFrame, call_shm_request, deliver_shm
 
 log = logging.getLogger("ipcbus")
 
@@ -116,6 +116,8 @@ def deliver(frame: P.Frame, clients: Sequence[LocalClient],
     if not receivers:
         if frame.fds:
             T.close_fds(frame.fds)
+        if frame.__class__ is ShmFrame:  # its slots go back now (shm_delivery.py)
+            frame.done()
         if kind == _REQUEST or kind == _REQUEST_ALL:
             refuse(frame)  # our listeners went away after the router sent it: say so at once
         return
@@ -283,9 +285,10 @@ def deliver_request_or_ports(frame: P.Frame, receivers: list[LocalClient],
     of a REQUEST_ALL answer each; a request is kept in ``delivered`` until answered."""
     channel = frame.channel
     fds = frame.fds
+    shm = frame if frame.__class__ is ShmFrame else None  # large arguments in shared memory
     try:
         try:
-            args, kinds = _args_and_kinds(frame)
+            args, kinds = ([], None) if shm is not None else _args_and_kinds(frame)
         except IpcBusProtocolError as exc:
             log.error("dropped a message on %r from %s: %s", channel, frame.sender_id, exc)
             return
@@ -307,13 +310,18 @@ def deliver_request_or_ports(frame: P.Frame, receivers: list[LocalClient],
                     ports = ports_of(given, kinds, dup=False)
                 else:
                     ports = ports_of(fds, kinds, dup=True)
-            raised = _call(listeners, IpcBusEvent(channel, sender, request, ports), args)
+            if shm is not None:
+                raised = call_shm_request(shm, listeners, sender, request, _call)
+            else:
+                raised = _call(listeners, IpcBusEvent(channel, sender, request, ports), args)
             if raised is not None and answered is not None:
                 failed.append(raised)
         if failed and len(failed) == len(takers) and answered is not None:
             fail_unanswered(frame, answered, failed[0], takers[0][0], refuse)
     finally:
         T.close_fds(fds)  # descriptors no listener took
+        if shm is not None:
+            shm.done()
 
 
 def fail_unanswered(frame: P.Frame, answered: _Answered, exc: BaseException,
@@ -342,8 +350,8 @@ def _answer_state(frame: P.Frame, sender: IpcBusPeer | None, takers: int,
     if delivered is None or sender is None or not takers:
         return _Answered()
     answers = takers if kind == _REQUEST_ALL else 1
-    return _Answered(delivered.add((sender.id, frame.rid), P.request_timeout(frame.raw),
-                                   answers))
+    timeout = frame.timeout if frame.__class__ is ShmFrame else P.request_timeout(frame.raw)
+    return _Answered(delivered.add((sender.id, frame.rid), timeout, answers))
 
 
 def ports_of(fds: list[int], kinds: list[str], dup: bool) -> list[Any]:

@@ -22,6 +22,7 @@ from .._types import IpcBusEvent, IpcBusPeer, IpcBusRequestResponse
 from ..errors import IpcBusProtocolError
 from .answers import Pending
 from .delivery import LocalClient
+from .shm_requests import request_body
 
 __all__ = ["gathered", "request_all"]
 
@@ -36,7 +37,8 @@ def gathered(pending: Pending, frame: P.Frame, sender: IpcBusPeer | None) -> Non
         return
     event = IpcBusEvent(pending.channel, sender)
     try:
-        body = P.unpack_payload(frame.body)
+        # (decoded already: an answer from shared memory, ``ConnectionShm.answer``)
+        body = frame.args if isinstance(frame, P.DecodedFrame) else P.unpack_payload(frame.body)
         if not (isinstance(body, list) and len(body) == 2):
             raise IpcBusProtocolError("malformed answer")
     except IpcBusProtocolError as exc:
@@ -49,9 +51,11 @@ def gathered(pending: Pending, frame: P.Frame, sender: IpcBusPeer | None) -> Non
 
 
 def request_all(client: LocalClient, conn: Any, channel: str, timeout: float | None,
-                body: P.Body) -> list[IpcBusRequestResponse]:
-    """Send a REQUEST_ALL as ``client`` on ``conn``; wait for every answer, or the timeout.
-    An interrupt gives the request up (its receivers are told)."""
+                args: tuple[Any, ...]) -> list[IpcBusRequestResponse]:
+    """Send a REQUEST_ALL of ``args`` as ``client`` on ``conn`` (large buffers through
+    shared memory: ``shm_requests.py``); wait for every answer, or the timeout. An
+    interrupt gives the request up (its receivers are told)."""
+    body = request_body(client, args)
     requests = conn.requests
     future: concurrent.futures.Future[Any] = requests.start(
         client, int(Kind.REQUEST_ALL), channel, None, timeout, body)

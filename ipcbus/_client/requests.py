@@ -28,6 +28,7 @@ from ..errors import IpcBusConnectionError, IpcBusRequestTimeoutError
 from .answers import AnswerFuture, Pending, SyncAnswer
 from .delivery import LocalClient
 from .fastpath import Seat
+from .shm_requests import ShmArgs, send_request
 from .writer import Membership
 
 __all__ = ["Requests", "Key"]
@@ -105,7 +106,7 @@ class Requests:
         return [p for _, p in self.table.close(reason)]
 
     def request(self, client: LocalClient, kind: int, channel: str, target: str | None,
-                timeout: float | None, body: P.Body) -> Any:
+                timeout: float | None, body: Any) -> Any:
         """A blocking request from ``client``: its answer's result, or its error raised. The
         caller sleeps until its deadline (no Future, no timer: each would cost time on
         every request); a listener's request dispatches while it waits (:meth:`wait`)."""
@@ -121,8 +122,8 @@ class Requests:
             try:
                 seat.begins(answer)  # it may read its answer: see fastpath.py
                 self.add(key, Pending(client, channel, answer))
-                link.send(client._member, kind, channel, target, key[1], body, None,
-                          timeout if kind == _REQUEST else None)
+                self._send(client._member, kind, channel, target, key[1], body, None,
+                           timeout if kind == _REQUEST else None)
             except BaseException as exc:
                 self.abandon(client, key, channel, cancel=not isinstance(exc, Exception))
                 raise
@@ -141,7 +142,7 @@ class Requests:
         return answer.result()
 
     def start(self, client: LocalClient, kind: int, channel: str, target: str | None,
-              timeout: float | None, body: P.Body, fds: list[int] | None = None,
+              timeout: float | None, body: Any, fds: list[int] | None = None,
               future: AnswerFuture | None = None) -> concurrent.futures.Future[Any]:
         """Send a request; its Future gets the answer (failed by the timer at the
         deadline; a REQUEST_ALL's gets the list of answers: ``gathering.py``). An interrupt
@@ -162,8 +163,8 @@ class Requests:
                                                  lambda: self.expire(key, timeout))
         try:
             self.add(key, pending)
-            self.link.send(client._member, kind, channel, target, rid, body, fds,
-                           timeout if kind == _REQUEST or kind == _REQUEST_ALL else None)
+            self._send(client._member, kind, channel, target, rid, body, fds,
+                       timeout if kind == _REQUEST or kind == _REQUEST_ALL else None)
         except BaseException as exc:
             if isinstance(exc, Exception):  # not written
                 self.abandon(client, key, channel, cancel=False)
@@ -171,6 +172,13 @@ class Requests:
                 self.abandon(client, key, channel, cancel=True)
             raise
         return future
+
+    def _send(self, member: Membership, kind: int, channel: str, target: str | None,
+              rid: int, body: Any, fds: list[int] | None, timeout: float | None) -> None:
+        if body.__class__ is ShmArgs:  # large arguments through shared memory
+            send_request(self.link, member, kind, channel, target, rid, body, timeout)
+        else:
+            self.link.send(member, kind, channel, target, rid, body, fds, timeout)
 
     def wait(self, future: concurrent.futures.Future[Any]) -> Any:
         """Wait for ``future`` (dispatching meanwhile on the dispatch thread); its result."""

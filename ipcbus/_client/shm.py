@@ -1,7 +1,8 @@
 """A connection's side of large payloads through shared memory (SPEC "Large payloads through
 shared memory"; the frames: ``_protocol.Kind.SHM_ARENA``; the hub's side: ``_hub_shm.py``).
 
-*Sending* (:meth:`ConnectionShm.send`, from ``IpcBusClient.send``/``send_to``): a
+*Sending* (:meth:`ConnectionShm.send`, from ``IpcBusClient.send``/``send_to``, and the
+requests: ``shm_requests.py``): a
 ``bytes``/``bytearray``/``memoryview`` argument of at least the client's ``shm_threshold``
 bytes, at the top level or one level down in a list, tuple or dict, is copied into a slot of
 the connection's arena (one sealed memfd of ``shm_limit`` bytes, made at the first large
@@ -46,7 +47,7 @@ from .shm_delivery import Lease, ShmFrame
 log = logging.getLogger("ipcbus")
 
 __all__ = ["ConnectionShm", "SHM_THRESHOLD", "SHM_LIMIT", "FULL_WAIT", "check_shm_args",
-           "AVAILABLE"]
+           "wants", "AVAILABLE"]
 
 AVAILABLE = A.AVAILABLE
 
@@ -54,7 +55,10 @@ SHM_THRESHOLD = 1 << 20  # default: arguments this large go through the arena
 SHM_LIMIT = 256 << 20  # default: the arena's size
 FULL_WAIT = float(os.environ.get("IPCBUS_SHM_WAIT", "30"))  # seconds a full arena is waited for
 _SHM_ARENA, _SHM_SLOTS, _SHM_FREE = int(Kind.SHM_ARENA), int(Kind.SHM_SLOTS), int(Kind.SHM_FREE)
-_MESSAGES = frozenset({int(Kind.SEND), int(Kind.SEND_TO)})
+_RESPONSE = int(Kind.RESPONSE)
+# what may carry slots (SHM_MESSAGE's inner frame): messages, requests (shm_requests.py)
+_MESSAGES = frozenset({int(Kind.SEND), int(Kind.SEND_TO), int(Kind.REQUEST),
+                       int(Kind.REQUEST_ALL)})
 
 
 def check_shm_args(threshold: object, limit: object) -> None:
@@ -98,18 +102,24 @@ def _size(item: Any) -> int:
     return -1
 
 
-def _wants(args: tuple[Any, ...], threshold: int) -> bool:
-    """Whether any argument (or an item one level down) is a buffer of ``threshold`` bytes."""
+def wants(args: tuple[Any, ...], threshold: int) -> bool:
+    """Whether any argument (or an item one level down) is a buffer of ``threshold`` bytes
+    (plain loops, scalars skipped first: requests and answers run this when ``pack_small``
+    did not take their arguments)."""
     for item in args:
         cls = item.__class__
         if cls is list or cls is tuple:
-            if any(_size(x) >= threshold for x in item):
-                return True
+            values = item
         elif cls is dict:
-            if any(_size(x) >= threshold for x in item.values()):
+            values = item.values()
+        else:
+            values = (item,)
+        for value in values:
+            cls = value.__class__
+            if cls is int or cls is str or cls is float or cls is bool or value is None:
+                continue
+            if _size(value) >= threshold:
                 return True
-        elif _size(item) >= threshold:
-            return True
     return False
 
 
@@ -168,10 +178,12 @@ class ConnectionShm:
 
     # -- sending -----------------------------------------------------------------------------
     def send(self, member: Any, kind: int, channel: str, target: str | None,
-             args: tuple[Any, ...], threshold: int, limit: int) -> bool:
-        """Send a message through the arena if it has large buffers (False: it has none, or
-        they could never fit: the caller sends it inline)."""
-        if not _wants(args, threshold):
+             args: tuple[Any, ...], threshold: int, limit: int, rid: int = 0,
+             timeout: float | None = None) -> bool:
+        """Send a message (or a request: ``rid``, ``timeout``; ``shm_requests.py``) through
+        the arena if it has large buffers (False: it has none, or they could never fit: the
+        caller sends it inline)."""
+        if not wants(args, threshold):
             return False
         found: list[Any] = []
         body = P.pack_payload(_replace(args, threshold, found))
@@ -191,7 +203,9 @@ class ConnectionShm:
                 raise IpcBusConnectionError("the bus connection has closed")
             for offset, view in zip(offsets, views):
                 target_view[offset:offset + len(view)] = view
-            inner = P.encode_frame(kind, channel, member.info, target, 0, body)
+            header = P.encode_header(kind, channel, member.info, target, 0,
+                                     None if timeout is None else P.wire_timeout(timeout))
+            inner = P.PREFIX.pack(len(header), len(body), rid) + header + body
             outer = P.encode_frame(Kind.SHM_MESSAGE, "", member.info, None, 0, P.pack_payload(
                 [[[o, n] for o, n in zip(offsets, sizes)], inner]))
         except BaseException:
@@ -329,38 +343,14 @@ class ConnectionShm:
         slots, body = pending[1], bytes(frame.body)
         base = memoryview(mapping)
         views: list[memoryview] = []
-
-        def slot(data: bytes) -> tuple[int, int]:
-            offset, length = slots[ext_index(data)]
-            if offset < 0 or length < 0 or offset + length > len(mapping):
-                raise ValueError("a slot outside the arena")
-            return offset, length
-
-        def as_array(data: bytes) -> Any:  # always the receiver's own array
-            fields = msgpack.unpackb(data)
-            offset, length = slot(ext_data(fields[2]))
-            view = memoryview(mapping)[offset:offset + length]
-            try:
-                return decode_array(fields[0], fields[1], view)
-            finally:
-                view.release()
+        slot, as_bytes = _hooks(mapping, slots)
 
         def as_view(code: int, data: bytes) -> Any:
-            if code == ARRAY_SLOT_EXT:
-                return as_array(data)
             if code != EXT_CODE:
-                return ext_hook(code, data)
+                return as_bytes(code, data)  # an array, or another ext type
             offset, length = slot(data)
             views.append(base[offset:offset + length])
             return views[-1]
-
-        def as_bytes(code: int, data: bytes) -> Any:
-            if code == ARRAY_SLOT_EXT:
-                return as_array(data)
-            if code != EXT_CODE:
-                return ext_hook(code, data)
-            offset, length = slot(data)
-            return mapping[offset:offset + length]
 
         def decode(hook: Callable[[int, bytes], Any]) -> list[Any]:
             args = msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=True,
@@ -382,6 +372,30 @@ class ConnectionShm:
         biggest = max(views, key=len) if views else b""
         return [ShmFrame(frame, args, lease, functools.partial(decode, as_bytes), biggest),
                 *rest]
+
+    def answer(self, frame: P.Frame) -> P.Frame:
+        """The frame announced by the last SHM_SLOTS, an answer (the reader's
+        ``_handle_frames``; ``shm_requests.py``): decoded at once with ``bytes`` copied out
+        of its slots (a requester gets bytes, as from an inline answer), which are released
+        now. An answer that cannot be decoded settles its request with an error."""
+        pending, self.pending = self.pending, None
+        assert pending is not None
+        mapping = self.maps.get(pending[0])
+        args: Any = None  # (settle_answer: "undecodable answer")
+        try:
+            if mapping is None or frame.kind != _RESPONSE:
+                log.error("dropped the shared memory of an answer on %r: not mapped here",
+                          frame.channel)
+            else:
+                args = msgpack.unpackb(bytes(frame.body), raw=False, strict_map_key=False,
+                                       use_list=True, ext_hook=_hooks(mapping, pending[1])[1])
+        except Exception as exc:
+            log.error("malformed shared-memory answer on %r from %s: %s: %s", frame.channel,
+                      frame.sender_id, type(exc).__name__, exc)
+        finally:
+            self._release(pending)
+        return P.DecodedFrame(frame.kind, frame.channel, frame.sender, frame.target,
+                              frame.rid, bytes(frame.raw), args)
 
     def _release(self, pending: tuple[int, list[Any]]) -> None:
         """Tell the hub we are done with the slots (in the name of any client of ours)."""
@@ -412,6 +426,34 @@ class ConnectionShm:
                 self.mapping = None
         for mapping in maps.values():
             _unmap(mapping)
+
+
+def _hooks(mapping: mmap.mmap, slots: list[Any]
+           ) -> tuple[Callable[[bytes], tuple[int, int]], Callable[[int, bytes], Any]]:
+    """For a body whose placeholders name ``slots`` of ``mapping``: the slot of a
+    placeholder (checked), and msgpack's ext hook that gives ``bytes`` copied out of them
+    (an array: always the receiver's own)."""
+    def slot(data: bytes) -> tuple[int, int]:
+        offset, length = slots[ext_index(data)]
+        if offset < 0 or length < 0 or offset + length > len(mapping):
+            raise ValueError("a slot outside the arena")
+        return offset, length
+
+    def as_bytes(code: int, data: bytes) -> Any:
+        if code == ARRAY_SLOT_EXT:
+            fields = msgpack.unpackb(data)
+            offset, length = slot(ext_data(fields[2]))
+            view = memoryview(mapping)[offset:offset + length]
+            try:
+                return decode_array(fields[0], fields[1], view)
+            finally:
+                view.release()
+        if code != EXT_CODE:
+            return ext_hook(code, data)
+        offset, length = slot(data)
+        return mapping[offset:offset + length]
+
+    return slot, as_bytes
 
 
 def _unmap(mapping: mmap.mmap) -> None:

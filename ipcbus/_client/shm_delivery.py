@@ -22,11 +22,14 @@ import threading
 from typing import Any, Callable, Sequence
 
 from .. import _protocol as P
+from .._protocol import Kind
 from .._types import IpcBusEvent, IpcBusPeer
 
 log = logging.getLogger("ipcbus")
 
-__all__ = ["ShmFrame", "Lease", "ZeroCopyListener", "deliver_shm"]
+_REQUESTS = frozenset({int(Kind.REQUEST), int(Kind.REQUEST_ALL)})
+
+__all__ = ["ShmFrame", "Lease", "ZeroCopyListener", "deliver_shm", "call_shm_request"]
 
 
 class ZeroCopyListener:
@@ -108,9 +111,10 @@ class Retained:
 
 
 class ShmFrame(P.DecodedFrame):
-    """A message whose ``args`` hold views of an arena; ``copied()`` gives them as bytes."""
+    """A message (or request) whose ``args`` hold views of an arena; ``copied()`` gives
+    them as bytes. ``timeout``: a request's, from its header (``raw`` is not the frame)."""
 
-    __slots__ = ("lease", "copy_args", "_copied")
+    __slots__ = ("lease", "copy_args", "_copied", "timeout")
 
     def __init__(self, frame: P.Frame, args: list[Any], lease: Lease,
                  copy_args: Callable[[], list[Any]], size: Any) -> None:
@@ -119,11 +123,18 @@ class ShmFrame(P.DecodedFrame):
         self.lease = lease
         self.copy_args = copy_args
         self._copied: list[Any] | None = None
+        self.timeout = P.request_timeout(frame.raw) if frame.kind in _REQUESTS else None
 
     def copied(self) -> list[Any]:
         if self._copied is None:
             self._copied = self.copy_args()
         return self._copied
+
+    def done(self) -> None:
+        """Its delivery is over: the copy goes, the lease's delivery hold ends."""
+        self._copied = None  # freed now: the next message's copy reuses its memory
+        self.args = []
+        self.lease.done()
 
 
 Call = Callable[[list[Callable[..., Any]], IpcBusEvent, list[Any]], Any]
@@ -145,6 +156,24 @@ def deliver_shm(frame: ShmFrame, receivers: Sequence[Any], sender: IpcBusPeer | 
                 else:
                     call([listener], IpcBusEvent(channel, sender, None, None), frame.copied())
     finally:
-        frame._copied = None  # freed now: the next message's copy reuses its memory
-        frame.args = []
-        frame.lease.done()
+        frame.done()
+
+
+def call_shm_request(frame: ShmFrame, listeners: list[Callable[..., Any]],
+                     sender: IpcBusPeer | None, request: Any, call: Call
+                     ) -> BaseException | None:
+    """Run one receiving client's ``listeners`` of a request whose arguments are in shared
+    memory (as :func:`deliver_shm`: views for ``zero_copy`` listeners, bytes for the
+    others); the first exception one raised, or None. The caller ends the delivery
+    (``frame.done()``) once every client's listeners ran."""
+    raised = None
+    channel = frame.channel
+    for listener in listeners:
+        if listener.__class__ is ZeroCopyListener:
+            event = IpcBusEvent(channel, sender, request, None, frame.lease)
+            exc = call([listener], event, frame.args)
+        else:
+            exc = call([listener], IpcBusEvent(channel, sender, request, None), frame.copied())
+        if raised is None:
+            raised = exc
+    return raised
