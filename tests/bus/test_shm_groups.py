@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ipcbus import (IpcBusBroker, IpcBusClient, IpcBusRequestError, IpcBusService,
+from ipcbus import (IpcBusBridge, IpcBusBroker, IpcBusClient, IpcBusRequestError, IpcBusService,
                     IpcBusServiceProxy)
 from ipcbus._shm_arena import AVAILABLE
 
@@ -40,7 +40,7 @@ def used(client: IpcBusClient) -> int:
     return slots.used_bytes if slots is not None else 0
 
 
-# -- children (module level, for spawn) -----------------------------------------------------------
+# -- children (module level, for spawn) ---------------------------------------------------------
 def member(path: str, q: Any, stop: Any, name: str, threshold: int = MiB) -> None:
     """A member of GROUP: reports each large message it gets (with the arena mappings of its
     process), answers each request with its name, the hash and the payload reversed."""
@@ -89,7 +89,7 @@ def service_host(path: str, q: Any, stop: Any, name: str) -> None:
         stop.poll(30)
 
 
-# -- through a group ---------------------------------------------------------------------------------
+# -- through a group ------------------------------------------------------------------------------
 @pytest.mark.timeout(90)
 def test_messages_requests_and_request_all_through_a_group_keep_their_slots(
         reporters: tuple[Children, Reports, Any], broker: IpcBusBroker, sock_path: str) -> None:
@@ -247,3 +247,46 @@ def test_a_pooled_service_call_with_a_large_argument(
             hosts.add(name)
         assert hosts == {"h0", "h1"}
         wait_until(lambda: used(caller) == 0, timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_a_group_across_a_bridge_and_its_link(sock_path: str) -> None:
+    """A group with a member on each side of a bridge's link: from either side every large
+    message and request reaches the chosen member intact; a member local to the broker
+    gets a broker-side sender's slots (it maps that arena), the link and what crossed it
+    the bytes inline; every slot comes back."""
+    data = os.urandom(2 * MiB)
+    with IpcBusBroker.create().connect(sock_path) as broker, \
+            IpcBusBridge.create().connect(sock_path):
+        near = IpcBusClient.create().connect(peer_name="near")  # the bridge's side
+        far = IpcBusClient.create().connect(sock_path, peer_name="far")  # the broker's
+        senders = {"near-sender": IpcBusClient.create().connect(peer_name="near-sender"),
+                   "far-sender": IpcBusClient.create().connect(sock_path,
+                                                               peer_name="far-sender")}
+        got = Collector()
+        for name, client in (("near", near), ("far", far)):
+            def on(event: Any, seq: int, arg: Any, name: str = name) -> None:
+                got(event, name, seq, digest(arg))
+
+            def ask(event: Any, arg: Any, name: str = name) -> None:
+                event.request.resolve([name, digest(arg), arg])
+
+            client.on(CHANNEL, on, group=GROUP)
+            client.on(ASK, ask, group=GROUP)
+            sync(client)
+        wait_until(lambda: len(broker.query_state()["groups"].get(ASK, {}).get(GROUP, ()))
+                   == 2)
+        for sender in senders.values():
+            for seq in range(2):
+                sender.send(CHANNEL, seq, data)
+        items = got.wait(4)
+        assert sorted(a[0] for _, a in items) == ["far", "far", "near", "near"]
+        assert {a[2] for _, a in items} == {digest(data)}
+        for sender in senders.values():
+            for _ in range(2):
+                name, hashed, back = sender.request(ASK, 10, data).payload
+                assert name in ("near", "far") and (hashed, back) == (digest(data), data)
+        assert far._connection().shm.maps  # far-sender's slots reached it: mapped its arena
+        wait_until(lambda: all(used(s) == 0 for s in senders.values()), timeout=10)
+        for client in (*senders.values(), far, near):
+            client.close()
