@@ -19,7 +19,10 @@ next frame (SHM_SLOTS) become read-only views of the mapping in the message's ar
 (``shm_delivery.py``: listeners get ``bytes`` copied out of them, or the views themselves
 with ``zero_copy=True``), and are released (SHM_RELEASE) once the message is delivered: a
 receiver holds a slot from the hub's queueing to the end of its listeners (or of a
-``retain()``). An arena whose owner has gone is unmapped.
+``retain()``). A GROUPED frame announced by SHM_SLOTS (this process has a group's chosen
+member) carries the message with its placeholders: the carried frame is resolved the same
+way (``ShmGrouped``); one that is malformed gives its slots back at once. An arena whose
+owner has gone is unmapped.
 
 Locks: ``lock`` guards the allocator and the arena's creation; held briefly, never while
 writing to the socket except for the arena's one announcement.

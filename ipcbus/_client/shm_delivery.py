@@ -9,6 +9,10 @@ read-only ``memoryview``s of the mapped arena in place of the placeholders, and 
   released (``release()`` or the end of a ``with`` block);
 * every other listener ``bytes``: one copy out of the arena per message (made once, shared).
 
+A message or request handed to a group's chosen member comes as a :class:`ShmGrouped`
+(the GROUPED frame, its group, and the carried message as a ``ShmFrame``):
+``delivery.deliver_grouped`` runs the member's listeners of that group the same way.
+
 When the delivery is over and nothing retains them, the views are released (a view used
 after that raises ``ValueError``) and the slots given back to the hub (SHM_RELEASE). An
 object that still exports a view's buffer then (``numpy.frombuffer`` of it kept past the
