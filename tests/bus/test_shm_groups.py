@@ -6,7 +6,9 @@ arena and the broker never maps it (it builds no inline copy); a ``zero_copy`` g
 listener gets read-only views and ``event.retain()`` keeps them; no slot leaks once the
 members return, when a member holding slots is SIGKILLed, or when the member leaves between
 the hub's choice and the delivery (a request then fails at once); a member connected with
-``shm_threshold=0`` gets the bytes inline; a pooled service's call with a large argument."""
+``shm_threshold=0`` gets the bytes inline; a pooled service's call with a large argument;
+a group across a bridge's link (inline over the link) and among a bridge's pipe children
+(slots)."""
 from __future__ import annotations
 
 import hashlib
@@ -290,3 +292,31 @@ def test_a_group_across_a_bridge_and_its_link(sock_path: str) -> None:
         wait_until(lambda: all(used(s) == 0 for s in senders.values()), timeout=10)
         for client in (*senders.values(), far, near):
             client.close()
+
+
+@pytest.mark.timeout(60)
+def test_pipe_children_of_a_bridge_as_a_group_get_slots(
+        reporters: tuple[Children, Reports, Any]) -> None:
+    """A bridge without a link chooses among its own members: its pipe children map the
+    sender's arena (slots), as a broker's socket children do."""
+    children, reports, q = reporters
+    bridge = IpcBusBridge.create().connect()
+    try:
+        names = ["p0", "p1"]
+        for name in names:
+            children.start(member, bridge.open_pipe(), q, children.stop, name)
+        assert reports.ready(2) == names
+        with IpcBusClient.create().connect(peer_name="sender") as sender:
+            data = os.urandom(2 * MiB)
+            for seq in range(2):
+                sender.send(CHANNEL, seq, data)
+            got = sorted(reports.next("got")[1:] for _ in range(2))
+            assert sorted(name for name, *_ in got) == names  # ties in turn: one each
+            assert sorted(seq for _, seq, *_ in got) == [0, 1]
+            assert all(g[2:4] == ("bytes", digest(data)) for g in got)
+            assert all(maps >= 1 for *_, maps in got)  # given slots: mapped the arena
+            name, hashed, back = sender.request(ASK, 10, data).payload
+            assert name in names and (hashed, back) == (digest(data), data[::-1])
+            wait_until(lambda: used(sender) == 0, timeout=10)
+    finally:
+        bridge.close()
