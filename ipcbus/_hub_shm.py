@@ -12,6 +12,10 @@ The hub hands slot references on and keeps the books; it never reads a payload i
   inner frame is routed as any message, while :attr:`Hub.shm_active` is set: every receiving
   endpoint (``HubEndpoint.deliver`` calls :meth:`HubShm.attach`) first gets the arena's
   descriptor if it never had it (SHM_ARENA), then the slots (SHM_SLOTS), then the message.
+  A group's chosen member (SEND, REQUEST, REQUEST_ALL on a channel with groups) is given
+  the slots the same way, then the GROUPED frame that carries the message with its
+  placeholders (``_router_groups.carried_at`` finds it without copying): its client
+  resolves them as for a plain message.
   An answer the router drops (a late one: the first answer won; one from a peer that was
   not a receiver; its requester has gone) reaches nobody: its slots are freed at once.
   A broadcast to N receivers writes the payload once, in the sender.
@@ -20,8 +24,11 @@ The hub hands slot references on and keeps the books; it never reads a payload i
   becomes a slow consumer as with any queue. Releasing what it does not hold is its protocol
   error. When nobody holds a slot any more, SHM_FREE gives it back to the arena's owner.
 * Receivers that cannot map the memfd (TCP, a bridge's link, a connection that asked for
-  inline delivery with an arena of size 0) get the message with its bytes inline: for them
-  only, the hub maps the arena and builds the inline frame once per message.
+  inline delivery with an arena of size 0) get the message with its bytes inline, in the
+  GROUPED frame too when one is a group's member: for them only, the hub maps the arena
+  and builds the inline frame once per message (and its GROUPED around it per member). A
+  spy's copy (SPY_COPY) always gets the bytes inline: spies are rare, and keeping them
+  simple costs nothing to anyone else.
 * A connection that ends releases what it held; an arena whose owner ends is closed here
   and its holders are told (SHM_ARENA without descriptor) so they unmap it: the memfd's pages
   go with the last mapping.
@@ -39,6 +46,7 @@ from . import _protocol as P
 from ._arrays import ARRAY_EXT, ARRAY_SLOT_EXT
 from ._decoder import FrameDecoder
 from ._protocol import Kind
+from ._router_groups import carried_at
 from ._shm_arena import check_arena, map_readonly
 from ._shm_slots import EXT_CODE, SlotTable, ext_index
 from ._transport import close_fds
@@ -185,36 +193,24 @@ class HubShm:
     def attach(self, ep: HubEndpoint, raw: bytes | bytearray) -> bytes | bytearray:
         """``raw`` is being queued for ``ep`` while a message with slots is routed: what to
         queue instead (the inline form), after queueing what it needs first (the arena's
-        descriptor, the slots)."""
+        descriptor, the slots). A GROUPED frame that carries the message (a group's chosen
+        member) is the message for this: a member that can map gets the slots and the
+        GROUPED frame as it is (its client resolves the carried frame's placeholders); one
+        that cannot, and a spy (SPY_COPY: rare, kept simple), the bytes inline."""
         active: ActiveMessage = self.hub.shm_active
         if raw is not active.raw:
             if len(raw) > 15 and raw[15] in (_GROUPED, _SPY_COPY):
+                if raw[15] == _GROUPED and self._can_map(ep) and _carries(raw, active.raw):
+                    if ep.closing is None:
+                        self._give(ep, active)
+                    return raw
                 return self._inline_wrapped(raw, active)
             return raw  # a failure, a notice: nothing to do with the slots
         if ep.closing is not None:
             return raw
-        if not ep.can_pass_fds or ep.relay or ep in self.inline_only:
+        if not self._can_map(ep):
             return self._inline(active)
-        arena = active.arena
-        given = self.given.setdefault(ep, set())
-        if arena.id not in given:
-            fd = os.dup(arena.fd)
-            ep.deliver(P.encode_frame(Kind.SHM_ARENA, rid=arena.id, nfds=1,
-                                      body=P.pack_payload([arena.size])), [fd])
-            given.add(arena.id)
-            arena.holders.add(ep)
-        ep.deliver(active.slots_frame, [])
-        held = self.held.setdefault(ep, {})
-        pinned = 0
-        for offset, length in active.slots:
-            entry = held.get((arena.id, offset))
-            if entry is None:
-                held[(arena.id, offset)] = [1, length]
-            else:
-                entry[0] += 1
-            arena.table.hold(offset)
-            pinned += length
-        ep.out_bytes += pinned  # what it holds counts toward its queue limit
+        self._give(ep, active)
         return raw
 
     def _inline(self, active: ActiveMessage) -> bytes:
@@ -319,3 +315,42 @@ class HubShm:
         """For queryState: arenas known, slots in flight."""
         return {"arenas": len(self.arenas),
                 "slots_in_flight": sum(len(a.table.slots) for a in self.arenas.values())}
+
+    def _can_map(self, ep: HubEndpoint) -> bool:
+        """Whether ``ep`` maps arenas (else it takes large payloads inline)."""
+        return ep.can_pass_fds and not ep.relay and ep not in self.inline_only
+
+    def _give(self, ep: HubEndpoint, active: ActiveMessage) -> None:
+        """Queue for ``ep`` the arena's descriptor if it never had it, then the slots of the
+        message that follows; ``ep`` holds them until its SHM_RELEASE (or its end), and
+        they count in its queue."""
+        arena = active.arena
+        given = self.given.setdefault(ep, set())
+        if arena.id not in given:
+            fd = os.dup(arena.fd)
+            ep.deliver(P.encode_frame(Kind.SHM_ARENA, rid=arena.id, nfds=1,
+                                      body=P.pack_payload([arena.size])), [fd])
+            given.add(arena.id)
+            arena.holders.add(ep)
+        ep.deliver(active.slots_frame, [])
+        held = self.held.setdefault(ep, {})
+        pinned = 0
+        for offset, length in active.slots:
+            entry = held.get((arena.id, offset))
+            if entry is None:
+                held[(arena.id, offset)] = [1, length]
+            else:
+                entry[0] += 1
+            arena.table.hold(offset)
+            pinned += length
+        ep.out_bytes += pinned  # what it holds counts toward its queue limit
+
+
+def _carries(grouped: bytes | bytearray, raw: bytes | bytearray) -> bool:
+    """Whether the GROUPED frame ``grouped`` carries the frame ``raw`` (same length, same
+    prefix and header: a hub makes GROUPED frames around the message it routes only)."""
+    at = carried_at(grouped)
+    if at is None or len(grouped) - at != len(raw):
+        return False
+    end = P.PREFIX_SIZE + P.PREFIX.unpack_from(raw, 0)[0]
+    return grouped[at:at + end] == raw[:end]

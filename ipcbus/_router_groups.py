@@ -39,7 +39,7 @@ from .errors import IpcBusProtocolError
 Endpoint = Any  # _routing.Endpoint and Peer (not imported: _routing names this module)
 Peer = Any
 
-__all__ = ["GroupRouter", "group_of"]
+__all__ = ["GroupRouter", "group_of", "grouped_frame", "carried_at"]
 
 Key = tuple[str, int]
 _U8, _U16, _U32 = struct.Struct(">B"), struct.Struct(">H"), struct.Struct(">I")
@@ -285,6 +285,39 @@ def grouped_frame(channel: str, target: str, group: str, raw: bytes | bytearray,
         else b"\xc6" + _U32.pack(n)  # msgpack bin 8 / 16 / 32
     body_len = len(start) + len(size) + n
     return b"".join((P.PREFIX.pack(len(header), body_len, 0), header, start, size, raw))
+
+
+def carried_at(raw: bytes | bytearray) -> int | None:
+    """Where the frame that the GROUPED frame ``raw`` carries starts in ``raw`` (the form
+    :func:`grouped_frame` builds: a body of fixarray 2, the group as a msgpack str, the
+    frame as a msgpack bin that ends the frame), or None if ``raw`` is not of that form. A
+    hub (``_hub_shm``) looks at the carried frame this way without copying it."""
+    try:
+        hlen, blen, _ = P.PREFIX.unpack_from(raw, 0)
+        at = P.PREFIX_SIZE + hlen
+        if at + blen != len(raw) or raw[at] != 0x92:
+            return None
+        tag = raw[at + 1]
+        if 0xA0 <= tag <= 0xBF:  # fixstr, str 8 / 16
+            at += 2 + (tag & 0x1F)
+        elif tag == 0xD9:
+            at += 3 + raw[at + 2]
+        elif tag == 0xDA:
+            at += 4 + _U16.unpack_from(raw, at + 2)[0]
+        else:
+            return None
+        tag = raw[at]
+        if tag == 0xC4:  # bin 8 / 16 / 32
+            n, at = raw[at + 1], at + 2
+        elif tag == 0xC5:
+            n, at = _U16.unpack_from(raw, at + 1)[0], at + 3
+        elif tag == 0xC6:
+            n, at = _U32.unpack_from(raw, at + 1)[0], at + 5
+        else:
+            return None
+    except (IndexError, struct.error):
+        return None
+    return at if at + n == len(raw) else None
 
 
 def frame_bytes(frame: Frame) -> list[bytes | bytearray]:

@@ -30,7 +30,7 @@ from .._types import IpcBusEvent, IpcBusPeer, IpcBusProcess, IpcBusRequest, _Ans
 from .._decoder import FrameDecoder
 from ..errors import IpcBusProtocolError
 from .cancels import Delivered, run_cancel
-from .shm_delivery import ShmFrame, call_shm_request, deliver_shm
+from .shm_delivery import ShmFrame, ShmGrouped, call_shm_request, deliver_shm
 
 log = logging.getLogger("ipcbus")
 
@@ -174,11 +174,14 @@ def deliver_grouped(frame: P.Frame, clients: Sequence[LocalClient],
                     peer_of: Callable[[Any], IpcBusPeer | None], refuse: Refuse,
                     delivered: Delivered | None = None) -> None:
     """A message or request the hub gave the client ``frame.target`` as the chosen member of
-    a group: only that client's listeners of that group run (``_client/groups.py``)."""
+    a group: only that client's listeners of that group run (``_client/groups.py``). One
+    whose large arguments are in shared memory came as a ``ShmGrouped`` (``shm.py``): its
+    slots are given back when its listeners return, or now if none is left to run."""
     client: Any = next((c for c in clients if c._peer_id == frame.target), None)  # a
     # GroupedEmitter (_client/groups.py): its _groups and _group_take
     try:
-        group, inner = grouped_frames(frame)
+        group, inner = (frame.group, [frame.inner]) if frame.__class__ is ShmGrouped \
+            else grouped_frames(frame)
     except IpcBusProtocolError as exc:
         log.error("dropped a grouped frame on %r: %s", frame.channel, exc)
         return
@@ -187,6 +190,8 @@ def deliver_grouped(frame: P.Frame, clients: Sequence[LocalClient],
         if client is None or not client._groups.listener_count((one.channel, group)):
             if is_request:
                 refuse(one, None, client)  # our members went away after the hub chose us
+            if one.__class__ is ShmFrame:
+                one.done()
             continue
         sender = peer_of(one.sender)
         if is_request:

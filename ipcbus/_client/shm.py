@@ -19,7 +19,10 @@ next frame (SHM_SLOTS) become read-only views of the mapping in the message's ar
 (``shm_delivery.py``: listeners get ``bytes`` copied out of them, or the views themselves
 with ``zero_copy=True``), and are released (SHM_RELEASE) once the message is delivered: a
 receiver holds a slot from the hub's queueing to the end of its listeners (or of a
-``retain()``). An arena whose owner has gone is unmapped.
+``retain()``). A GROUPED frame announced by SHM_SLOTS (this process has a group's chosen
+member) carries the message with its placeholders: the carried frame is resolved the same
+way (``ShmGrouped``); one that is malformed gives its slots back at once. An arena whose
+owner has gone is unmapped.
 
 Locks: ``lock`` guards the allocator and the arena's creation; held briefly, never while
 writing to the socket except for the arena's one announcement.
@@ -42,7 +45,8 @@ from .._arrays import ARRAY_SLOT_EXT, array_header, decode_array, ext_hook, is_a
 from .._protocol import Kind
 from .._shm_slots import EXT_CODE, SlotAllocator, ext_data, ext_index
 from ..errors import IpcBusConnectionError, IpcBusProtocolError, IpcBusTimeoutError
-from .shm_delivery import Lease, ShmFrame
+from .delivery import grouped_frames
+from .shm_delivery import Lease, ShmFrame, ShmGrouped
 
 log = logging.getLogger("ipcbus")
 
@@ -55,7 +59,7 @@ SHM_THRESHOLD = 1 << 20  # default: arguments this large go through the arena
 SHM_LIMIT = 256 << 20  # default: the arena's size
 FULL_WAIT = float(os.environ.get("IPCBUS_SHM_WAIT", "30"))  # seconds a full arena is waited for
 _SHM_ARENA, _SHM_SLOTS, _SHM_FREE = int(Kind.SHM_ARENA), int(Kind.SHM_SLOTS), int(Kind.SHM_FREE)
-_RESPONSE = int(Kind.RESPONSE)
+_RESPONSE, _GROUPED = int(Kind.RESPONSE), int(Kind.GROUPED)
 # what may carry slots (SHM_MESSAGE's inner frame): messages, requests (shm_requests.py)
 _MESSAGES = frozenset({int(Kind.SEND), int(Kind.SEND_TO), int(Kind.REQUEST),
                        int(Kind.REQUEST_ALL)})
@@ -332,6 +336,13 @@ class ConnectionShm:
         rest = _split_run(frame) if frame.count > 1 else []
         if rest:
             frame = rest.pop(0)
+        one = self._grouped(frame, pending) if frame.kind == _GROUPED else \
+            self._shm_frame(frame, pending)
+        return [one, *rest] if one is not None else rest
+
+    def _shm_frame(self, frame: P.Frame, pending: tuple[int, list[Any]]) -> P.Frame | None:
+        """A message with views of its slots (None: dropped, its slots given back; a frame
+        that is not a message: as it is, the slots given back)."""
         mapping = self.maps.get(pending[0])
         if frame.kind not in _MESSAGES or mapping is None:
             if frame.kind in _MESSAGES:
@@ -339,7 +350,7 @@ class ConnectionShm:
                           frame.channel)
                 frame = None  # type: ignore[assignment]
             self._release(pending)
-            return [frame, *rest] if frame is not None else rest
+            return frame
         slots, body = pending[1], bytes(frame.body)
         base = memoryview(mapping)
         views: list[memoryview] = []
@@ -365,13 +376,12 @@ class ConnectionShm:
             for view in views:
                 view.release()
             self._release(pending)
-            return rest
+            return None
         finally:
             base.release()
         lease = Lease(views, functools.partial(self._release, pending))
         biggest = max(views, key=len) if views else b""
-        return [ShmFrame(frame, args, lease, functools.partial(decode, as_bytes), biggest),
-                *rest]
+        return ShmFrame(frame, args, lease, functools.partial(decode, as_bytes), biggest)
 
     def answer(self, frame: P.Frame) -> P.Frame:
         """The frame announced by the last SHM_SLOTS, an answer (the reader's
@@ -426,6 +436,23 @@ class ConnectionShm:
                 self.mapping = None
         for mapping in maps.values():
             _unmap(mapping)
+
+    # -- receiving: a group's member ----------------------------------------------------------
+    def _grouped(self, frame: P.Frame, pending: tuple[int, list[Any]]) -> P.Frame | None:
+        """A GROUPED frame announced by SHM_SLOTS (this process has the group's chosen
+        member): the frame it carries is resolved as a plain message is (its placeholders
+        name the slots) and handed on as a :class:`ShmGrouped`; a malformed one is dropped
+        and its slots given back."""
+        try:
+            group, inner = grouped_frames(frame)
+            if len(inner) != 1:
+                raise IpcBusProtocolError("a GROUPED frame with slots carries one frame")
+        except IpcBusProtocolError as exc:
+            log.error("dropped a grouped frame on %r: %s", frame.channel, exc)
+            self._release(pending)
+            return None
+        one = self._shm_frame(inner[0], pending)
+        return ShmGrouped(frame, group, one) if one.__class__ is ShmFrame else None
 
 
 def _hooks(mapping: mmap.mmap, slots: list[Any]

@@ -9,6 +9,10 @@ read-only ``memoryview``s of the mapped arena in place of the placeholders, and 
   released (``release()`` or the end of a ``with`` block);
 * every other listener ``bytes``: one copy out of the arena per message (made once, shared).
 
+A message or request handed to a group's chosen member comes as a :class:`ShmGrouped`
+(the GROUPED frame, its group, and the carried message as a ``ShmFrame``):
+``delivery.deliver_grouped`` runs the member's listeners of that group the same way.
+
 When the delivery is over and nothing retains them, the views are released (a view used
 after that raises ``ValueError``) and the slots given back to the hub (SHM_RELEASE). An
 object that still exports a view's buffer then (``numpy.frombuffer`` of it kept past the
@@ -29,7 +33,8 @@ log = logging.getLogger("ipcbus")
 
 _REQUESTS = frozenset({int(Kind.REQUEST), int(Kind.REQUEST_ALL)})
 
-__all__ = ["ShmFrame", "Lease", "ZeroCopyListener", "deliver_shm", "call_shm_request"]
+__all__ = ["ShmFrame", "ShmGrouped", "Lease", "ZeroCopyListener", "deliver_shm",
+           "call_shm_request"]
 
 
 class ZeroCopyListener:
@@ -135,6 +140,21 @@ class ShmFrame(P.DecodedFrame):
         self._copied = None  # freed now: the next message's copy reuses its memory
         self.args = []
         self.lease.done()
+
+
+class ShmGrouped(P.Frame):
+    """A GROUPED frame (a group's chosen member, ``delivery.deliver_grouped``) whose carried
+    message or request has its large arguments in shared memory: ``group``, and ``inner``
+    that message as a :class:`ShmFrame` (whoever drops it calls ``inner.done()``, which
+    gives the slots back)."""
+
+    __slots__ = ("group", "inner")
+
+    def __init__(self, frame: P.Frame, group: str, inner: ShmFrame) -> None:
+        super().__init__(frame.kind, frame.channel, None, frame.target, 0, 0, inner.raw,
+                         len(inner.raw))
+        self.group = group
+        self.inner = inner
 
 
 Call = Callable[[list[Callable[..., Any]], IpcBusEvent, list[Any]], Any]
